@@ -1,0 +1,254 @@
+"""Run specifications: one frozen, validated description of a training run.
+
+A RunSpec is the unit of identity in rankbias: its canonical JSON form is hashed
+into ``run_id``, which names the run's output directory and deduplicates runs
+across figures. Packs group runs that can train as one batched model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
+ARCHS = ("mlp", "mlp_bn", "res", "res_bn")
+LOSSES = ("ce", "mse")
+SCHEDULES = ("constant", "multistep")
+
+_ARCH_NAMES = {"mlp": "MLP", "mlp_bn": "MLP-BN", "res": "RES", "res_bn": "RES-BN"}
+_MODEL_RE = re.compile(r"^(MLP|RES)(-BN)?-(\d+)-(\d+)$", re.IGNORECASE)
+
+
+class SpecError(ValueError):
+    """A run specification is invalid; the message names the key and what is allowed."""
+
+
+def parse_model_name(name: str) -> tuple[str, int, int]:
+    """'MLP-BN-10-100' -> ('mlp_bn', 10, 100)."""
+    m = _MODEL_RE.match(str(name).strip())
+    if not m:
+        raise SpecError(
+            f"model: {name!r} is not a model name; expected MLP-L-H, MLP-BN-L-H, RES-L-H "
+            "or RES-BN-L-H with integers L (depth) and H (width), e.g. MLP-BN-10-100")
+    arch = m.group(1).lower() + ("_bn" if m.group(2) else "")
+    return arch, int(m.group(3)), int(m.group(4))
+
+
+def model_name(arch: str, depth: int, width: int) -> str:
+    """('mlp_bn', 10, 100) -> 'MLP-BN-10-100'."""
+    if arch not in _ARCH_NAMES:
+        raise SpecError(f"arch: {arch!r} is not one of {', '.join(ARCHS)}")
+    return f"{_ARCH_NAMES[arch]}-{depth}-{width}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    dataset: str = "mnist"
+    arch: str = "mlp_bn"
+    depth: int = 5
+    width: int = 100
+    loss: str = "ce"
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "constant"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.2
+    epochs: int = 20
+    seed: int = 0
+    log_every: int = 1
+    train_subset: int = 0
+    test_subset: int = 0
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # -- identity -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def run_id(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+
+    @property
+    def model(self) -> str:
+        return model_name(self.arch, self.depth, self.width)
+
+    def pack_key(self) -> tuple:
+        """Runs with equal pack keys can train together as one batched model.
+
+        Learning rate, momentum, weight decay, seed and batch size are per member.
+        """
+        return (self.dataset, self.arch, self.depth, self.width, self.loss, self.epochs,
+                self.schedule, self.milestones, self.gamma, self.log_every,
+                self.train_subset, self.test_subset)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate used during 0-based training epoch `epoch` (MultiStepLR semantics)."""
+        if self.schedule == "constant":
+            return self.lr
+        drops = sum(1 for m in self.milestones if epoch >= m)
+        return self.lr * self.gamma ** drops
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "RunSpec":
+        if not isinstance(raw, Mapping):
+            raise SpecError(f"run spec must be a mapping of keys to values, got {type(raw).__name__}")
+        d = dict(raw)
+        if "model" in d:
+            arch, depth, width = parse_model_name(d.pop("model"))
+            for key, val in (("arch", arch), ("depth", depth), ("width", width)):
+                if key in d and d[key] != val:
+                    raise SpecError(f"{key}: {d[key]!r} contradicts model name ({key}={val!r})")
+                d[key] = val
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SpecError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed keys: "
+                            f"model, {', '.join(sorted(known))}")
+        return cls(**{k: _coerce(k, v) for k, v in d.items()})
+
+
+_INT_KEYS = {"depth", "width", "batch_size", "epochs", "seed", "log_every",
+             "train_subset", "test_subset"}
+_FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Normalise types so that equal runs hash equally (lr=1 and lr=1.0 are one run)."""
+    if key in _INT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise SpecError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if key in _FLOAT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if key == "milestones":
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise SpecError(f"milestones: expected a list of epochs, got {value!r}")
+        out = []
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SpecError(f"milestones: expected integer epochs, got {v!r}")
+            out.append(v)
+        return tuple(sorted(out))
+    return value
+
+
+def _validate(s: RunSpec) -> None:
+    def choice(key, allowed):
+        if getattr(s, key) not in allowed:
+            raise SpecError(f"{key}: {getattr(s, key)!r} is not one of {', '.join(allowed)}")
+
+    choice("dataset", DATASETS)
+    choice("arch", ARCHS)
+    choice("loss", LOSSES)
+    choice("schedule", SCHEDULES)
+    for key in _INT_KEYS:
+        v = getattr(s, key)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise SpecError(f"{key}: expected an integer, got {v!r}")
+    for key in ("depth", "width", "batch_size", "epochs", "log_every"):
+        if getattr(s, key) < 1:
+            raise SpecError(f"{key}: must be >= 1, got {getattr(s, key)!r}")
+    for key in ("seed", "train_subset", "test_subset"):
+        if getattr(s, key) < 0:
+            raise SpecError(f"{key}: must be >= 0, got {getattr(s, key)!r}")
+    for key in _FLOAT_KEYS:
+        v = getattr(s, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            raise SpecError(f"{key}: expected a finite number, got {v!r}")
+    if not s.lr > 0:
+        raise SpecError(f"lr: must be > 0, got {s.lr!r}")
+    if not 0 <= s.momentum < 1:
+        raise SpecError(f"momentum: must be in [0, 1), got {s.momentum!r}")
+    if s.weight_decay < 0:
+        raise SpecError(f"weight_decay: must be >= 0, got {s.weight_decay!r}")
+    if not 0 < s.gamma <= 1:
+        raise SpecError(f"gamma: must be in (0, 1], got {s.gamma!r}")
+    if not isinstance(s.milestones, tuple):
+        raise SpecError(f"milestones: expected a tuple of epochs, got {s.milestones!r}")
+    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in s.milestones):
+        raise SpecError(f"milestones: expected positive integer epochs, got {list(s.milestones)!r}")
+    if list(s.milestones) != sorted(set(s.milestones)):
+        raise SpecError(f"milestones: must be strictly increasing, got {list(s.milestones)!r}")
+    if s.schedule == "constant" and s.milestones:
+        raise SpecError("milestones: only allowed with schedule 'multistep'")
+    if s.schedule == "multistep" and not s.milestones:
+        raise SpecError("milestones: schedule 'multistep' needs at least one milestone epoch")
+    if s.batch_size == 1 and s.arch.endswith("_bn"):
+        raise SpecError("batch_size: BatchNorm architectures need batch_size >= 2")
+
+
+# -- packs -----------------------------------------------------------------------
+
+def pack_id(specs: Iterable[RunSpec]) -> str:
+    ids = sorted(s.run_id for s in specs)
+    return hashlib.sha256(",".join(ids).encode()).hexdigest()[:12]
+
+
+def make_packs(specs: Iterable[RunSpec], max_pack: int = 64) -> list[list[RunSpec]]:
+    """Deduplicate runs by run_id and group them into packs.
+
+    Runs in a pack share everything but per-member hyperparameters. Batch size is
+    grouped too: the engine handles mixed batch sizes by masking, but a pack runs
+    as many steps as its smallest batch needs, each as wide as its largest batch,
+    so mixing B=8 with B=128 would cost 16x the compute of training them apart.
+    """
+    unique = {s.run_id: s for s in specs}
+    groups: dict[tuple, list[RunSpec]] = {}
+    for s in sorted(unique.values(), key=lambda s: s.run_id):
+        groups.setdefault(s.pack_key() + (s.batch_size,), []).append(s)
+    packs = []
+    for key in sorted(groups, key=repr):
+        members = groups[key]
+        for i in range(0, len(members), max_pack):
+            packs.append(members[i:i + max_pack])
+    return packs
+
+
+def load_pack(path: str | Path) -> list[RunSpec]:
+    """Read a pack file: JSON or YAML, either a list of specs or {"runs": [...]}."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"pack file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        raw = yaml.safe_load(text)
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"pack file {path}: not valid JSON ({e})") from None
+    if isinstance(raw, Mapping):
+        if "runs" not in raw:
+            raise SpecError(f"pack file {path}: expected a list of run specs or a mapping with key 'runs'")
+        raw = raw["runs"]
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(f"pack file {path}: expected a non-empty list of run specs")
+    specs = []
+    for i, r in enumerate(raw):
+        try:
+            specs.append(RunSpec.from_dict(r))
+        except SpecError as e:
+            raise SpecError(f"pack file {path}, run {i}: {e}") from None
+    keys = {s.pack_key() for s in specs}
+    if len(keys) > 1:
+        raise SpecError(f"pack file {path}: runs differ in dataset, architecture, loss, epochs, "
+                        "schedule, log_every or subsets and cannot train as one pack")
+    return specs
