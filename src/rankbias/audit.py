@@ -1,0 +1,378 @@
+"""`rankbias audit FIGURE`: show what made a figure and check the tree still matches.
+
+The figure's provenance (embedded in the PNG/PDF, and in the sidecar
+``<stem>.provenance.json``) names every run it drew from with the sha256 of each of
+the run's files, the code commit, the datasets' checksums and the environment. The
+audit prints that record as a tree and then checks, against the tree as it is now:
+
+  * the sidecar exists and equals what is embedded in the PNG and the PDF;
+  * every run directory exists, passes ``Run.verify()`` (files match run.json, run_id
+    matches its spec) and holds exactly the files, hashes and spec the figure recorded;
+  * the datasets' recorded checksums equal the published ones and the local manifest;
+  * ``dvc.lock`` (when present) records the figure's files with their current md5, and
+    the run files with the md5 in the recorded ``results/runs`` manifest;
+  * the code that made the figure equals the working tree (``git diff`` against the
+    recorded commit, ignoring DVC bookkeeping and Markdown).
+
+Exit status: 0 everything matches, 1 a mismatch (one line per differing file or fact),
+2 bad usage or a missing figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from . import restore as dvcstate
+from . import provenance as P
+from .results import Run, sha256_file
+
+# Paths whose changes cannot change a figure: DVC bookkeeping and prose.
+CODE_EXCLUDES = (":(exclude)dvc.lock", ":(exclude,glob)**/*.dvc", ":(exclude).dvc",
+                 ":(exclude,glob)**/*.md", ":(exclude).dvcignore")
+
+
+class Audit:
+    def __init__(self, figure: Path, root: Path):
+        self.figure, self.root = figure, root
+        self.problems: list[str] = []
+        self.notes: list[str] = []
+        self.checked = 0
+
+    def rel(self, p: Path) -> str:
+        try:
+            return str(p.resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(p)
+
+    def fail(self, what: str, detail: str) -> None:
+        self.problems.append(f"{what}: {detail}")
+
+    def ok(self) -> None:
+        self.checked += 1
+
+    # -- the checks ----------------------------------------------------------------
+    def images(self) -> dict | None:
+        try:
+            record = P.read_embedded(self.figure)
+        except P.ProvenanceError as e:
+            self.fail(self.rel(self.figure), f"embedded provenance unreadable ({e})")
+            record = None
+        side = P.sidecar_path(self.figure)
+        if not side.exists():
+            self.fail(self.rel(side), "provenance sidecar missing")
+        else:
+            try:
+                sidecar = json.loads(side.read_text())
+            except ValueError as e:
+                self.fail(self.rel(side), f"not valid JSON ({e})")
+                sidecar = None
+            if sidecar is not None and record is not None:
+                if sidecar != record:
+                    self.fail(self.rel(side), f"differs from the provenance embedded in "
+                                              f"{self.rel(self.figure)}")
+                else:
+                    self.ok()
+            record = record if record is not None else sidecar
+        other = self.figure.with_suffix(".pdf" if self.figure.suffix.lower() == ".png" else ".png")
+        if other.exists() and record is not None:
+            try:
+                if P.read_embedded(other) != record:
+                    self.fail(self.rel(other), f"its embedded provenance differs from "
+                                               f"{self.rel(self.figure)}'s")
+                else:
+                    self.ok()
+            except P.ProvenanceError as e:
+                self.fail(self.rel(other), f"embedded provenance unreadable ({e})")
+        return record
+
+    def run_dir(self, rec: dict) -> Path:
+        p = Path(rec.get("path") or Path("results/runs") / str(rec.get("run_id")))
+        return p if p.is_absolute() else self.root / p
+
+    def runs(self, record: dict) -> None:
+        for rec in record.get("runs", []):
+            d = self.run_dir(rec)
+            if not (d / "run.json").exists():
+                self.fail(self.rel(d / "run.json") if d.exists() else self.rel(d),
+                          f"missing (run {rec.get('run_id')} of this figure)")
+                continue
+            run = Run(d)
+            problems = run.verify()
+            for p in problems:
+                self.problems.append(p.replace(str(d), self.rel(d), 1))
+            try:
+                info = run.info
+            except ValueError as e:
+                self.fail(self.rel(d / "run.json"), f"not valid JSON ({e})")
+                continue
+            if info.get("run_id") != rec.get("run_id") or info.get("spec") != rec.get("spec"):
+                self.fail(self.rel(d / "run.json"), "run_id or spec differs from the figure's record")
+            recorded = rec.get("files") or {}
+            now = info.get("files") or {}
+            for name in sorted(set(recorded) | set(now)):
+                f = d / name
+                if name not in now:
+                    self.fail(self.rel(f), "recorded by the figure but not listed in run.json")
+                elif name not in recorded:
+                    self.fail(self.rel(f), "listed in run.json but not recorded by the figure")
+                elif not f.exists():
+                    if not any(str(f) in p or self.rel(f) in p for p in problems):
+                        self.fail(self.rel(f), "missing")
+                elif sha256_file(f) != recorded[name]:
+                    if not any(self.rel(f) in p for p in self.problems):
+                        self.fail(self.rel(f), "sha256 differs from the one the figure recorded")
+                else:
+                    self.ok()
+            if rec.get("run_json_sha256") and sha256_file(d / "run.json") != rec["run_json_sha256"]:
+                self.fail(self.rel(d / "run.json"), "differs from the run.json the figure was made from")
+            elif not problems:
+                self.ok()
+
+    def datasets(self, record: dict) -> None:
+        for name, ds in sorted((record.get("datasets") or {}).items()):
+            recorded = (ds or {}).get("checksums")
+            if not isinstance(recorded, dict):
+                self.notes.append(f"dataset {name}: no checksums recorded")
+                continue
+            published = {}
+            if name in ("mnist", "fashion_mnist", "cifar10"):  # importing data loads torch
+                from .data import expected_md5
+                published = expected_md5(name)
+            for f, md5 in sorted(published.items()):
+                if recorded.get(f) != md5:
+                    self.fail(f"dataset {name}", f"{f} checksum {recorded.get(f)} is not the "
+                                                 f"published {md5}")
+                else:
+                    self.ok()
+            manifest = self.root / "data" / name / "manifest.json"
+            if manifest.exists():
+                try:
+                    files = json.loads(manifest.read_text()).get("files") or {}
+                except ValueError as e:
+                    self.fail(self.rel(manifest), f"not valid JSON ({e})")
+                    continue
+                for f in sorted(set(files) | set(recorded)):
+                    if files.get(f) != recorded.get(f):
+                        self.fail(self.rel(manifest), f"{f} checksum {files.get(f)} differs from "
+                                                      f"the figure's {recorded.get(f)}")
+                    else:
+                        self.ok()
+
+    def dvc_lock(self, record: dict) -> None:
+        lock = self.root / "dvc.lock"
+        if not lock.exists():
+            self.notes.append("dvc.lock: absent (nothing committed to DVC yet)")
+            return
+        try:
+            entries = dvcstate.lock_entries(self.root)
+        except dvcstate.DvcStateError as e:
+            self.fail("dvc.lock", str(e))
+            return
+        mine = [self.figure, self.figure.with_suffix(".pdf" if self.figure.suffix == ".png" else ".png"),
+                P.sidecar_path(self.figure)]
+        found = False
+        for f in mine:
+            rel = self.rel(f)
+            outs = [e for e in entries if e.path == rel and e.kind == "out"]
+            if not outs or not f.exists():
+                continue
+            found = True
+            digest = dvcstate.md5_file(f)
+            for e in outs:
+                if e.md5 != digest:
+                    self.fail(rel, f"md5 {digest} differs from {e.md5} recorded in dvc.lock "
+                                   f"(stage {e.stage})")
+                else:
+                    self.ok()
+        if not found:
+            self.notes.append(f"dvc.lock: {self.rel(self.figure)} not recorded "
+                              f"(run `dvc commit` after the pipeline)")
+            return
+        # Run files against the runs-directory manifest the figure's stage depended on.
+        fig_stages = {e.stage for e in entries if e.path == self.rel(self.figure) and e.kind == "out"}
+        for e in entries:
+            if e.stage not in fig_stages or e.kind != "dep" or not e.md5.endswith(".dir"):
+                continue
+            manifest = dvcstate.dir_manifest(self.root, e.md5)
+            if manifest is None:
+                self.notes.append(f"dvc.lock: manifest {e.md5} of {e.path} is not in the DVC "
+                                  f"cache (dvc pull), run files not checked against it")
+                continue
+            base = self.root / e.path
+            for rec in record.get("runs", []):
+                d = self.run_dir(rec)
+                for name in ["run.json", *sorted(rec.get("files") or {})]:
+                    f = d / name
+                    try:
+                        relpath = str(f.resolve().relative_to(base.resolve()))
+                    except ValueError:
+                        continue
+                    want = manifest.get(relpath)
+                    if want is None:
+                        self.fail(self.rel(f), f"not in {e.path} as recorded in dvc.lock "
+                                               f"(stage {e.stage})")
+                    elif f.exists() and dvcstate.md5_file(f) != want:
+                        self.fail(self.rel(f), f"md5 differs from {e.path} as recorded in "
+                                               f"dvc.lock (stage {e.stage})")
+                    elif f.exists():
+                        self.ok()
+
+    def code(self, record: dict) -> None:
+        code = (record.get("environment") or {}).get("code") or {}
+        commit = code.get("commit")
+        now = P.code_version(self.root)
+        if commit is None:
+            self.notes.append("code: the figure was not made inside a git repository")
+            return
+        if now["commit"] is None:
+            self.fail("code", f"figure made at commit {commit[:12]}, but {self.root} is not "
+                              f"a git repository")
+            return
+        if code.get("dirty"):
+            self.fail("code", f"the figure was made from commit {commit[:12]} with uncommitted "
+                              f"changes, so its code cannot be verified")
+        known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=self.root,
+                               capture_output=True).returncode == 0
+        if not known:
+            self.fail("code", f"commit {commit[:12]} that made the figure is not in this repository")
+            return
+        diff = subprocess.run(["git", "diff", "--name-only", commit, "--", ".", *CODE_EXCLUDES],
+                              cwd=self.root, capture_output=True, text=True)
+        changed = [line for line in diff.stdout.splitlines() if line.strip()]
+        for f in changed:
+            self.fail(f, f"differs from commit {commit[:12]} that made the figure "
+                         f"(HEAD is {now['commit'][:12]}{', dirty' if now['dirty'] else ''})")
+        if not changed:
+            self.ok()
+
+
+# -- the readable tree ---------------------------------------------------------------
+
+def _tree(label: str, children: list) -> list[str]:
+    """children: strings or (label, children) pairs."""
+    lines = [label]
+
+    def walk(items: list, prefix: str) -> None:
+        for i, item in enumerate(items):
+            last = i == len(items) - 1
+            head, kids = (item, []) if isinstance(item, str) else item
+            lines.append(prefix + ("└── " if last else "├── ") + head)
+            if kids:
+                walk(kids, prefix + ("    " if last else "│   "))
+    walk(children, "")
+    return lines
+
+
+def _code(code: dict) -> str:
+    if not code or not code.get("commit"):
+        return "not in a git repository"
+    describe = code.get("describe") or ""
+    extra = f"  ({describe})" if describe and not code["commit"].startswith(describe) else ""
+    return f"{code['commit'][:12]}{' dirty' if code.get('dirty') else ''}{extra}"
+
+
+def _env_items(env: dict) -> list:
+    host, dev, cont = env.get("host") or {}, env.get("device") or {}, env.get("container") or {}
+    pk = env.get("packages") or {}
+    return [
+        f"code: {_code(env.get('code') or {})}",
+        f"created: {env.get('created')}",
+        f"host: {host.get('hostname')} ({host.get('platform')}, {host.get('cpu_count')} CPUs)",
+        f"device: {dev.get('type')} {dev.get('name') or ''}".rstrip(),
+        f"container: {cont.get('image') or '-'} {cont.get('image_digest') or '(no image digest)'}",
+        ("packages", [f"{k} {v}" for k, v in sorted(pk.items())]),
+    ]
+
+
+def render(figure: Path, record: dict) -> list[str]:
+    env = record.get("environment") or {}
+    rank = record.get("rank") or {}
+    runs = []
+    for r in record.get("runs", []):
+        s, prov = r.get("spec") or {}, r.get("provenance") or {}
+        div = r.get("diverged")
+        head = (f"{r.get('run_id')}  {r.get('model') or s.get('arch')}  {s.get('dataset')}  "
+                f"{s.get('loss')}  lr={s.get('lr')} wd={s.get('weight_decay')} "
+                f"mom={s.get('momentum')} B={s.get('batch_size')} seed={s.get('seed')} "
+                f"epochs={r.get('epochs_completed')}/{s.get('epochs')}"
+                + (f"  diverged at epoch {div.get('epoch')}" if isinstance(div, dict) else ""))
+        kids = [f"path: {r.get('path')}", f"pack: {r.get('pack_id')}",
+                ("files", [f"{n}  sha256 {h[:16]}…" for n, h in sorted((r.get('files') or {}).items())]),
+                f"trained with code {_code(prov.get('code') or {})}",
+                f"trained on {(prov.get('host') or {}).get('hostname')}, device "
+                f"{(prov.get('device') or {}).get('type')} {(prov.get('device') or {}).get('name') or ''}".rstrip(),
+                f"trained at {prov.get('created')}"]
+        if r.get("wall_time_s") is not None:
+            kids.append(f"wall time {r['wall_time_s']:.1f} s (pack {r.get('pack_id')})")
+        if r.get("seeds"):
+            kids.append("seeds: " + "; ".join(f"{k} {v}" for k, v in sorted(r["seeds"].items())))
+        runs.append((head, kids))
+    datasets = [(f"{n}: {(d or {}).get('source')}",
+                 [f"{f}  md5 {c}" for f, c in sorted(((d or {}).get('checksums') or {}).items())])
+                for n, d in sorted((record.get("datasets") or {}).items())]
+    return _tree(f"{figure}  ({record.get('figure')})", [
+        ("made by", _env_items(env)),
+        f"ranks: normalise={rank.get('normalise')} tol={rank.get('tol')}",
+        ("datasets", datasets or ["none recorded"]),
+        (f"runs ({len(runs)})", runs),
+    ])
+
+
+# -- CLI ------------------------------------------------------------------------------
+
+def audit(figure: str | Path, root: str | Path = ".") -> tuple[dict | None, Audit]:
+    root = Path(root)
+    fig = Path(figure)
+    if not fig.is_absolute() and not fig.exists() and (root / fig).exists():
+        fig = root / fig
+    a = Audit(fig, root)
+    record = a.images()
+    if record is not None:
+        a.runs(record)
+        a.datasets(record)
+        a.dvc_lock(record)
+        a.code(record)
+    return record, a
+
+
+def run(args: argparse.Namespace) -> int:
+    fig = Path(args.figure)
+    if not fig.exists() and not (Path(args.root) / fig).exists():
+        print(f"rankbias audit: error: {fig}: no such figure", file=sys.stderr)
+        return 2
+    if fig.suffix.lower() not in (".png", ".pdf"):
+        print(f"rankbias audit: error: {fig}: expected a .png or .pdf figure", file=sys.stderr)
+        return 2
+    if not Path(args.root).is_dir():
+        print(f"rankbias audit: error: --root {args.root}: not a directory", file=sys.stderr)
+        return 2
+    record, a = audit(fig, args.root)
+    if args.json:
+        print(json.dumps({"figure": str(fig), "ok": not a.problems, "mismatches": a.problems,
+                          "notes": a.notes, "checks_passed": a.checked, "provenance": record},
+                         indent=2, sort_keys=True))
+    else:
+        if record is not None:
+            print("\n".join(render(fig, record)))
+            print()
+        for n in a.notes:
+            print(f"note: {n}")
+        for p in a.problems:
+            print(f"MISMATCH {p}")
+        if a.problems:
+            print(f"audit: {len(a.problems)} mismatch(es); {a.checked} check(s) passed")
+        else:
+            print(f"audit: OK, {a.checked} check(s) passed")
+    return 1 if a.problems else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("audit", help="show a figure's provenance and check it against the tree",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("figure", help="a figure written by `rankbias figure` (.png or .pdf)")
+    p.add_argument("--root", default=".", help="repository root the recorded paths are relative to")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)

@@ -1,0 +1,553 @@
+"""Measured verdicts on the paper's claims C1-C7, from whatever runs exist.
+
+Each claim gets a verdict -- ``holds``, ``fails`` or ``insufficient`` (not enough
+runs of the right kind to judge) -- with the effect measured, the runs and seeds it
+rests on and the thresholds used. Ranks are read off the stored spectra with the
+config's ``rank`` settings. Diverged runs are counted and excluded.
+
+"Final rank" is a run's average hidden-matrix rank at its last logged epoch;
+"relative rank" divides it by the same run's average rank at epoch 0. A group whose
+final ranks differ by less than ``flat`` (relative range) shows no effect: it is
+reported as flat and left out of the correlations. A claim that predicts an effect
+fails when every group it could be judged on is flat.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import metrics as M
+from .cluster import TRAIN_SIZE
+from .results import Run, RunError, atomic_write_bytes, atomic_write_json
+
+HOLDS, FAILS, INSUFFICIENT = "holds", "fails", "insufficient"
+
+DEFAULT_THRESHOLDS: dict[str, float] = {
+    "min_spearman": 0.5,       # C1-C3: mean Spearman correlation (right sign) over non-flat groups
+    "flat": 0.02,              # C1-C3: relative range of final ranks below which a group is flat
+    "c3_lambda0_ratio": 0.9,   # C3: with lambda = 0, final rank >= this x initial rank
+    "c4_min_ratio": 2.0,       # C4: late d(W_t, W_t+1) with lambda > 0 >= this x the lambda = 0 one
+    "c4_min_persist": 0.5,     # C4: with lambda > 0, late d >= this x d in the second quarter
+    "c5_low_rank": 0.5,        # C5: relative rank below this counts as very low
+    "c5_high_rank": 0.9,       # C5: relative rank at least this counts as high
+    "c5_acc_drop": 0.01,       # C5: low-rank runs' train accuracy lower by at least this
+    "c5_gen_margin": 0.01,     # C5: low rank improves test accuracy by at most this
+    "c6_min_reduction": 0.9,   # C6: only runs whose relative rank fell below this are judged
+    "c6_bottleneck": 0.9,      # C6: MLP middle-layer minimum <= this x min(first, last hidden)
+    "c6_balance": 0.5,         # C6: ResNet min/max of per-block ranks >= this
+    "c6_min_fraction": 0.5,    # C6: fraction of judged runs that must show the pattern
+    "c7_ratio": 0.9,           # C7: full-batch GD final rank >= this x initial rank
+    "c7_tiny_data": 1000,      # C7: training sets smaller than this are 'tiny' (exempt)
+}
+
+STATEMENTS = {
+    "C1": "Smaller batch size gives lower rank (weight decay and learning rate fixed).",
+    "C2": "Larger learning rate gives lower rank.",
+    "C3": "Larger weight decay gives lower rank; with weight decay 0 there is no rank reduction.",
+    "C4": "With weight decay > 0 SGD does not converge: d(W_t, W_t+1) stays bounded below; "
+          "with weight decay 0 it is much smaller.",
+    "C5": "Very low rank hurts training accuracy; the rank bias has a marginal effect on "
+          "generalisation.",
+    "C6": "MLPs learn a bottleneck (middle layers lower rank than the first and last); "
+          "ResNets balance rank across blocks.",
+    "C7": "Full-batch gradient descent does not reduce rank (except on tiny data).",
+}
+
+
+# -- numerics ------------------------------------------------------------------------
+
+def rankdata(x: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n, ties given their average rank."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation; NaN when either side is constant or n < 2."""
+    if len(x) != len(y):
+        raise ValueError("spearman: x and y differ in length")
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+# -- run summaries ---------------------------------------------------------------------
+
+@dataclass
+class RunSummary:
+    run_id: str
+    spec: dict
+    diverged: dict | None
+    initial_rank: float
+    final_rank: float
+    final_layers: list[tuple[str, float]]      # hidden matrices at the last logged epoch
+    metrics: pd.DataFrame
+
+    @property
+    def relative_rank(self) -> float:
+        return self.final_rank / self.initial_rank if self.initial_rank > 0 else float("nan")
+
+    def final(self, col: str) -> float:
+        if col not in self.metrics:
+            return float("nan")
+        s = self.metrics[col].dropna()
+        return float(s.iloc[-1]) if len(s) else float("nan")
+
+    def train_size(self) -> int:
+        return self.spec["train_subset"] or TRAIN_SIZE.get(self.spec["dataset"], 0)
+
+
+def summarise(run: Run, normalise: str, tol: float) -> RunSummary:
+    ranks = run.ranks(normalise, tol)
+    hidden = ranks[ranks["kind"] == "hidden"].copy()
+    hidden.loc[hidden["rank"] < 0, "rank"] = np.nan
+    mean = hidden.groupby("epoch")["rank"].mean()
+    last = int(mean.index.max())
+    fl = hidden[hidden["epoch"] == last].sort_values("index")
+    return RunSummary(run.run_id, run.spec.to_dict(), run.info.get("diverged"),
+                      float(mean.iloc[0]), float(mean.loc[last]),
+                      [(str(n), float(r)) for n, r in zip(fl["layer"], fl["rank"])],
+                      run.metrics.set_index("epoch").sort_index())
+
+
+def _key_without(spec: dict, *keys: str) -> str:
+    return json.dumps({k: v for k, v in spec.items() if k not in keys}, sort_keys=True)
+
+
+def _seeds(runs: Sequence[RunSummary]) -> list[int]:
+    return sorted({r.spec["seed"] for r in runs})
+
+
+def _combine(parts: Sequence[str]) -> str:
+    if FAILS in parts:
+        return FAILS
+    if INSUFFICIENT in parts:
+        return INSUFFICIENT
+    return HOLDS
+
+
+def _r(x: float, nd: int = 3):
+    return None if x is None or not np.isfinite(x) else round(float(x), nd)
+
+
+# -- the claims ------------------------------------------------------------------------
+
+def _trend(runs: Sequence[RunSummary], key: str, sign: int, min_points: int, t: dict,
+           extra_filter: Callable[[RunSummary], bool] = lambda r: True) -> dict:
+    """Spearman(key, final rank) within groups equal but for `key`; `sign` is the claimed
+    direction (+1: rank grows with key)."""
+    groups: dict[str, list[RunSummary]] = {}
+    for r in runs:
+        if extra_filter(r):
+            groups.setdefault(_key_without(r.spec, key), []).append(r)
+    judged, flat, contradicting = [], [], []
+    details, used = [], []
+    for members in groups.values():
+        members = sorted(members, key=lambda r: r.spec[key])
+        if len({r.spec[key] for r in members}) < min_points:
+            continue
+        xs = [r.spec[key] for r in members]
+        ys = [r.final_rank for r in members]
+        rng = (max(ys) - min(ys)) / max(ys) if max(ys) > 0 else 0.0
+        rho = spearman(xs, ys)
+        first = members[0].spec
+        d = {"fixed": {k: first[k] for k in ("model", "dataset", "loss", "lr", "batch_size",
+                                              "weight_decay", "seed") if k in first and k != key},
+             key: xs, "final_rank": [round(y, 2) for y in ys], "spearman": _r(rho),
+             "relative_range": _r(rng), "flat": bool(rng < t["flat"] or not np.isfinite(rho))}
+        d["fixed"]["model"] = _model(first)
+        details.append(d)
+        used += members
+        if d["flat"]:
+            flat.append(d)
+            continue
+        judged.append(sign * rho)
+        if sign * rho <= -t["min_spearman"]:
+            contradicting.append(d)
+    n_groups = len(details)
+    mean_rho = float(np.mean(judged)) if judged else float("nan")
+    if n_groups == 0:
+        verdict = INSUFFICIENT
+    elif not judged:
+        verdict = FAILS  # every group flat: the predicted effect is absent
+    elif mean_rho >= t["min_spearman"] and not contradicting:
+        verdict = HOLDS
+    else:
+        verdict = FAILS
+    return {"verdict": verdict, "groups": details, "n_groups": n_groups, "n_flat": len(flat),
+            "mean_spearman_in_claimed_direction": _r(mean_rho),
+            "n_contradicting": len(contradicting), "n_runs": len(used),
+            "run_ids": [r.run_id for r in used], "seeds": _seeds(used)}
+
+
+def _model(spec: dict) -> str:
+    from .spec import model_name
+    return model_name(spec["arch"], spec["depth"], spec["width"])
+
+
+def claim_c1(runs, t):
+    res = _trend(runs, "batch_size", +1, 3, t, lambda r: r.spec["weight_decay"] > 0)
+    res.pop("run_ids")
+    res["rule"] = (f"Groups of runs equal in every setting but batch size (weight decay > 0, one seed "
+                   f"each) with >= 3 batch sizes. Per group, Spearman correlation of final rank with "
+                   f"batch size. Holds when the mean over non-flat groups is >= {t['min_spearman']} "
+                   f"and no group has <= -{t['min_spearman']}.")
+    return res
+
+
+def claim_c2(runs, t):
+    res = _trend(runs, "lr", -1, 2, t, lambda r: r.spec["weight_decay"] > 0)
+    res.pop("run_ids")
+    res["rule"] = (f"Groups equal in every setting but learning rate (weight decay > 0) with >= 2 "
+                   f"learning rates. Per group, Spearman correlation of final rank with learning "
+                   f"rate, sign flipped. Holds when the mean over non-flat groups is >= "
+                   f"{t['min_spearman']} and no group contradicts with <= -{t['min_spearman']}.")
+    return res
+
+
+def claim_c3(runs, t):
+    trend = _trend(runs, "weight_decay", -1, 3, t)
+    zero = [r for r in runs if r.spec["weight_decay"] == 0]
+    ratios = [r.relative_rank for r in zero]
+    if not zero:
+        zero_verdict = INSUFFICIENT
+    elif all(np.isfinite(x) and x >= t["c3_lambda0_ratio"] for x in ratios):
+        zero_verdict = HOLDS
+    else:
+        zero_verdict = FAILS
+    res = dict(trend)
+    res["verdict"] = _combine([trend["verdict"], zero_verdict])
+    res["trend_verdict"] = trend["verdict"]
+    res["lambda0"] = {"verdict": zero_verdict, "n_runs": len(zero),
+                      "final_over_initial_rank": [_r(x) for x in ratios],
+                      "min_final_over_initial": _r(min(ratios)) if ratios else None}
+    res["n_runs"] = len(set(trend.pop("run_ids")) | {r.run_id for r in zero})
+    res["seeds"] = sorted(set(trend["seeds"]) | set(_seeds(zero)))
+    res["rule"] = (f"(a) Groups equal but for weight decay with >= 3 values: mean Spearman "
+                   f"correlation of final rank with weight decay, sign flipped, >= "
+                   f"{t['min_spearman']} over non-flat groups, none contradicting. (b) Every run "
+                   f"with weight decay 0 ends with rank >= {t['c3_lambda0_ratio']} x its initial "
+                   f"rank. Holds when both hold.")
+    return res
+
+
+def _window_mean(s: pd.Series, lo: float, hi: float) -> float:
+    s = s.dropna()
+    s = s[s.index >= 1]
+    if s.empty:
+        return float("nan")
+    e = int(s.index.max())
+    w = s[(s.index > lo * e) & (s.index <= hi * e)]
+    return float(w.mean()) if len(w) else float("nan")
+
+
+def claim_c4(runs, t):
+    groups: dict[str, list[RunSummary]] = {}
+    for r in runs:
+        if r.spec["epochs"] >= 4 and "distance" in r.metrics:
+            groups.setdefault(_key_without(r.spec, "weight_decay"), []).append(r)
+    pairs, persist = [], []
+    for members in groups.values():
+        zero = [r for r in members if r.spec["weight_decay"] == 0]
+        pos = [r for r in members if r.spec["weight_decay"] > 0]
+        if not zero or not pos:
+            continue
+        d0 = _window_mean(zero[0].metrics["distance"], 0.75, 1.0)
+        for r in pos:
+            late = _window_mean(r.metrics["distance"], 0.75, 1.0)
+            early = _window_mean(r.metrics["distance"], 0.25, 0.5)
+            ratio = late / d0 if d0 > 0 else float("inf")
+            q = late / early if early > 0 else float("nan")
+            pairs.append({"model": _model(r.spec), "dataset": r.spec["dataset"], "loss": r.spec["loss"],
+                          "batch_size": r.spec["batch_size"], "lr": r.spec["lr"], "seed": r.spec["seed"],
+                          "weight_decay": r.spec["weight_decay"], "d_late": _r(late, 5),
+                          "d_late_lambda0": _r(d0, 5), "ratio": _r(ratio),
+                          "log10_ratio": _r(math.log10(ratio)) if ratio > 0 and np.isfinite(ratio) else None,
+                          "persistence": _r(q)})
+            persist.append(q)
+    if not pairs:
+        verdict = INSUFFICIENT
+        med = float("nan")
+    else:
+        ratios = [p["ratio"] if p["ratio"] is not None else float("nan") for p in pairs]
+        med = float(np.nanmedian(ratios)) if np.isfinite(ratios).any() else float("nan")
+        ok_ratio = med >= t["c4_min_ratio"] and all(np.isfinite(x) and x > 1 for x in ratios)
+        ok_persist = all(np.isfinite(q) and q >= t["c4_min_persist"] for q in persist)
+        verdict = HOLDS if ok_ratio and ok_persist else FAILS
+    used = [r for g in groups.values() for r in g
+            if any(x.spec["weight_decay"] == 0 for x in g) and any(x.spec["weight_decay"] > 0 for x in g)]
+    return {"verdict": verdict, "pairs": pairs, "median_ratio": _r(med),
+            "n_runs": len(used), "seeds": _seeds(used),
+            "rule": (f"d = mean relative change of every weight matrix between consecutive epochs, "
+                     f"averaged over the last quarter of epochs ('late') and the second quarter "
+                     f"('early'). Each run with weight decay > 0 is paired with the run equal but "
+                     f"for weight decay 0. Holds when the median late-d ratio (lambda > 0 over "
+                     f"lambda = 0) is >= {t['c4_min_ratio']} with every ratio > 1, and every "
+                     f"lambda > 0 run keeps late d >= {t['c4_min_persist']} x early d (bounded "
+                     f"below). The paper's 'orders of magnitude' refers to 500-epoch runs; "
+                     f"log10_ratio reports how many are measured here.")}
+
+
+def claim_c5(runs, t):
+    groups: dict[str, list[RunSummary]] = {}
+    for r in runs:
+        key = json.dumps({k: r.spec[k] for k in ("dataset", "arch", "depth", "width", "loss", "epochs",
+                                                 "train_subset", "test_subset")}, sort_keys=True)
+        groups.setdefault(key, []).append(r)
+    details, parts = [], []
+    for members in groups.values():
+        low = [r for r in members if r.relative_rank < t["c5_low_rank"]]
+        high = [r for r in members if r.relative_rank >= t["c5_high_rank"]]
+        if not low or not high:
+            continue
+        tr_low = float(np.mean([r.final("train_acc") for r in low]))
+        tr_high = float(np.mean([r.final("train_acc") for r in high]))
+        te_low = float(np.mean([r.final("test_acc") for r in low]))
+        te_high = float(np.mean([r.final("test_acc") for r in high]))
+        hurt = tr_high - tr_low >= t["c5_acc_drop"]
+        marginal = te_low - te_high <= t["c5_gen_margin"]
+        parts.append(HOLDS if hurt and marginal else FAILS)
+        details.append({"model": _model(members[0].spec), "dataset": members[0].spec["dataset"],
+                        "n_low_rank": len(low), "n_high_rank": len(high),
+                        "train_acc_low": _r(tr_low), "train_acc_high": _r(tr_high),
+                        "test_acc_low": _r(te_low), "test_acc_high": _r(te_high),
+                        "train_acc_drop": _r(tr_high - tr_low), "test_acc_gain": _r(te_low - te_high),
+                        "hurts_training": bool(hurt), "marginal_generalisation": bool(marginal)})
+    verdict = INSUFFICIENT if not parts else (HOLDS if all(p == HOLDS for p in parts) else FAILS)
+    used = [r for g in groups.values() for r in g
+            if any(x.relative_rank < t["c5_low_rank"] for x in g)
+            and any(x.relative_rank >= t["c5_high_rank"] for x in g)]
+    return {"verdict": verdict, "groups": details, "n_runs": len(used), "seeds": _seeds(used),
+            "rule": (f"Within runs of one model, dataset, loss and length: runs whose final rank is "
+                     f"< {t['c5_low_rank']} x their initial rank ('very low') against runs at >= "
+                     f"{t['c5_high_rank']} x ('high'). Holds when, in every such group, the very "
+                     f"low-rank runs' final train accuracy is lower by >= {t['c5_acc_drop']} and "
+                     f"their test accuracy is higher by at most {t['c5_gen_margin']}.")}
+
+
+def claim_c6(runs, t):
+    mlp, res = [], []
+    for r in runs:
+        if r.relative_rank >= t["c6_min_reduction"] or r.spec["weight_decay"] == 0:
+            continue
+        ranks = [x for _, x in r.final_layers]
+        names = [n for n, _ in r.final_layers]
+        if r.spec["arch"] in ("mlp", "mlp_bn") and len(ranks) >= 3:
+            ends = min(ranks[0], ranks[-1])
+            middle = min(ranks[1:-1])
+            mlp.append({"run_id": r.run_id, "model": _model(r.spec), "batch_size": r.spec["batch_size"],
+                        "lr": r.spec["lr"], "layer_ranks": [round(x, 1) for x in ranks],
+                        "middle_min": middle, "ends_min": ends,
+                        "bottleneck": bool(middle <= t["c6_bottleneck"] * ends)})
+        elif r.spec["arch"] in ("res", "res_bn"):
+            blocks: dict[str, list[float]] = {}
+            for n, x in zip(names, ranks):
+                if n.startswith("block"):
+                    blocks.setdefault(n.split(".")[0], []).append(x)
+            if len(blocks) < 2:
+                continue
+            per_block = [float(np.mean(v)) for v in blocks.values()]
+            bal = min(per_block) / max(per_block) if max(per_block) > 0 else float("nan")
+            res.append({"run_id": r.run_id, "model": _model(r.spec), "batch_size": r.spec["batch_size"],
+                        "lr": r.spec["lr"], "block_ranks": [round(x, 1) for x in per_block],
+                        "balance": _r(bal), "balanced": bool(np.isfinite(bal) and bal >= t["c6_balance"])})
+
+    def part(items, flag):
+        if not items:
+            return INSUFFICIENT, None
+        frac = sum(i[flag] for i in items) / len(items)
+        return (HOLDS if frac >= t["c6_min_fraction"] else FAILS), round(frac, 3)
+
+    v_mlp, f_mlp = part(mlp, "bottleneck")
+    v_res, f_res = part(res, "balanced")
+    ids = {i["run_id"] for i in mlp + res}
+    return {"verdict": _combine([v_mlp, v_res]), "mlp": {"verdict": v_mlp, "fraction_bottleneck": f_mlp,
+                                                         "runs": mlp},
+            "resnet": {"verdict": v_res, "fraction_balanced": f_res, "runs": res},
+            "n_runs": len(ids), "seeds": _seeds([r for r in runs if r.run_id in ids]),
+            "rule": (f"Runs with weight decay > 0 whose rank fell below {t['c6_min_reduction']} x "
+                     f"its initial value, at their last logged epoch. MLPs (>= 3 hidden matrices): "
+                     f"bottleneck when the lowest middle-layer rank is <= {t['c6_bottleneck']} x the "
+                     f"lower of the first and last hidden layers. ResNets (>= 2 blocks): balanced "
+                     f"when min/max of the per-block mean ranks is >= {t['c6_balance']}. Each part "
+                     f"holds when at least {t['c6_min_fraction']} of its runs show the pattern; the "
+                     f"claim holds when both parts hold.")}
+
+
+def claim_c7(runs, t):
+    full = [r for r in runs if r.spec["batch_size"] >= r.train_size() > 0]
+    judged = [r for r in full if r.train_size() >= t["c7_tiny_data"]]
+    ratios = [r.relative_rank for r in judged]
+    if not judged:
+        verdict = INSUFFICIENT
+    elif all(np.isfinite(x) and x >= t["c7_ratio"] for x in ratios):
+        verdict = HOLDS
+    else:
+        verdict = FAILS
+    return {"verdict": verdict, "n_runs": len(judged), "seeds": _seeds(judged),
+            "n_tiny_data_runs": len(full) - len(judged),
+            "runs": [{"run_id": r.run_id, "model": _model(r.spec), "train_size": r.train_size(),
+                      "epochs": r.spec["epochs"], "weight_decay": r.spec["weight_decay"],
+                      "final_over_initial_rank": _r(r.relative_rank)} for r in judged],
+            "min_final_over_initial": _r(min(ratios)) if ratios else None,
+            "rule": (f"Runs whose batch is the whole training set (at least {int(t['c7_tiny_data'])} "
+                     f"examples; smaller sets are exempt as 'tiny data'). Holds when every such run "
+                     f"ends with rank >= {t['c7_ratio']} x its initial rank.")}
+
+
+CLAIMS: dict[str, Callable] = {"C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4,
+                               "C5": claim_c5, "C6": claim_c6, "C7": claim_c7}
+
+
+def thresholds(overrides: dict | None) -> dict:
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(DEFAULT_THRESHOLDS))
+    if unknown:
+        raise ValueError(f"claims: unknown threshold(s) {', '.join(map(repr, unknown))}; allowed: "
+                         f"{', '.join(DEFAULT_THRESHOLDS)}")
+    for k, v in overrides.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"claims.{k}: expected a number, got {v!r}")
+    return {**DEFAULT_THRESHOLDS, **overrides}
+
+
+def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
+          overrides: dict | None = None, missing: Sequence[str] = ()) -> dict:
+    t = thresholds(overrides)
+    summaries, diverged = [], []
+    for run in runs:
+        if run.diverged:
+            diverged.append({"run_id": run.run_id, **(run.info.get("diverged") or {})})
+            continue
+        summaries.append(summarise(run, normalise, tol))
+    claims = []
+    for cid, fn in CLAIMS.items():
+        res = fn(summaries, t)
+        claims.append({"id": cid, "statement": STATEMENTS[cid], **res})
+    return {"claims": claims, "rank": {"normalise": normalise, "tol": tol}, "thresholds": t,
+            "runs": {"available": len(runs), "judged": len(summaries), "diverged": len(diverged),
+                     "missing": len(missing)},
+            "diverged_runs": diverged, "missing_runs": list(missing)}
+
+
+# -- report ----------------------------------------------------------------------------
+
+def _effect(c: dict) -> str:
+    cid = c["id"]
+    if cid in ("C1", "C2"):
+        return (f"mean Spearman {c['mean_spearman_in_claimed_direction']} over "
+                f"{c['n_groups'] - c['n_flat']} non-flat of {c['n_groups']} groups")
+    if cid == "C3":
+        return (f"mean Spearman {c['mean_spearman_in_claimed_direction']} over "
+                f"{c['n_groups'] - c['n_flat']} non-flat of {c['n_groups']} groups; lambda=0: final/initial "
+                f"rank >= {c['lambda0']['min_final_over_initial']} ({c['lambda0']['n_runs']} runs)")
+    if cid == "C4":
+        return f"median d ratio (lambda>0 / lambda=0) {c['median_ratio']} over {len(c['pairs'])} pairs"
+    if cid == "C5":
+        return "; ".join(f"{g['model']}: train acc -{g['train_acc_drop']}, test acc +{g['test_acc_gain']}"
+                         for g in c["groups"]) or "no group with both very low and high rank"
+    if cid == "C6":
+        return (f"MLP bottleneck in {c['mlp']['fraction_bottleneck']} of {len(c['mlp']['runs'])} runs; "
+                f"ResNet balanced in {c['resnet']['fraction_balanced']} of {len(c['resnet']['runs'])}")
+    if cid == "C7":
+        return f"min final/initial rank {c['min_final_over_initial']} over {c['n_runs']} full-batch runs"
+    return ""
+
+
+def markdown(result: dict) -> str:
+    r = result["runs"]
+    lines = ["# Claims", "",
+             f"Judged on {r['judged']} run(s) ({r['diverged']} diverged and excluded, "
+             f"{r['missing']} not available). Rank: normalise={result['rank']['normalise']}, "
+             f"tol={result['rank']['tol']:g}.", "",
+             "| id | claim | verdict | effect measured | runs | seeds |",
+             "|---|---|---|---|---|---|"]
+    for c in result["claims"]:
+        lines.append(f"| {c['id']} | {c['statement']} | **{c['verdict']}** | {_effect(c)} | "
+                     f"{c['n_runs']} | {', '.join(map(str, c['seeds'])) or '-'} |")
+    lines += ["", "## How each verdict is reached", "",
+              "`insufficient` means the runs needed to judge the claim are not there. "
+              "A group is *flat* when its final ranks differ by less than "
+              f"{result['thresholds']['flat']:g} (relative range).", ""]
+    for c in result["claims"]:
+        lines += [f"### {c['id']}: {c['verdict']}", "", c["rule"], ""]
+    if result["diverged_runs"]:
+        lines += ["## Diverged runs (excluded)", ""]
+        for d in result["diverged_runs"]:
+            lines.append(f"- {d['run_id']}: epoch {d.get('epoch')}, {d.get('reason', '')}")
+        lines.append("")
+    lines += ["## Thresholds", "", "| name | value |", "|---|---|"]
+    lines += [f"| {k} | {v:g} |" for k, v in result["thresholds"].items()]
+    lines += ["", "Full per-group numbers: claims.json.", ""]
+    return "\n".join(lines)
+
+
+def write(result: dict, out_stem: str | Path) -> tuple[Path, Path]:
+    out = Path(out_stem)
+    md, js = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
+    atomic_write_json(js, result)
+    atomic_write_bytes(md, markdown(result).encode())
+    return md, js
+
+
+def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | Path) -> dict:
+    from . import sweep
+    from .results import load_runs
+
+    if config_path is not None:
+        p = sweep.plan_from_file(config_path)
+        ids = list(p.specs)
+        present = [i for i in ids if (Path(runs_dir) / i / "run.json").exists()]
+        missing = [i for i in ids if i not in present]
+        runs = load_runs(runs_dir, present)
+        rank, overrides = p.config["rank"], p.config["claims"]
+    else:
+        runs, missing = load_runs(runs_dir), []
+        rank, overrides = {"normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL}, {}
+    if missing:
+        print(f"warning: {len(missing)} run(s) of the config are not in {runs_dir}", file=sys.stderr)
+    result = judge(runs, rank["normalise"], rank["tol"], overrides, missing)
+    write(result, out)
+    return result
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 on the stored runs",
+                              description="Judge claims C1-C7 on whatever runs exist; writes "
+                                          "OUT.md and OUT.json. Thresholds (config key `claims`): "
+                                          + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items()))
+    p.add_argument("--config", default=None,
+                   help="config file: judge its runs with its rank settings and thresholds "
+                        "(default: every run in --runs, default settings)")
+    p.add_argument("--runs", default="results/runs", help="runs directory (default: %(default)s)")
+    p.add_argument("--out", default="results/claims", help="output stem (default: %(default)s)")
+    p.set_defaults(func=_cmd_claims)
+
+
+def _cmd_claims(args: argparse.Namespace) -> int:
+    result = run_claims(args.config, args.runs, args.out)
+    for c in result["claims"]:
+        print(f"{c['id']}: {c['verdict']:<12} {_effect(c)}")
+    print(f"written: {args.out}.md, {args.out}.json")
+    return 0

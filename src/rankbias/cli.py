@@ -1,0 +1,46 @@
+"""The `rankbias` command. Each subcommand lives in its own module, which exposes
+``register(subparsers)``; the module adds a parser and sets ``func`` on it."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands, in the order `rankbias --help` lists them.
+SUBCOMMAND_MODULES = (
+    "rankbias.train",
+    "rankbias.bench",
+    "rankbias.data",
+    "rankbias.sweep",
+    "rankbias.figures",
+    "rankbias.claims",
+    "rankbias.audit",
+    "rankbias.restore",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankbias", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print("rankbias: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"rankbias {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Wall-time estimates for cluster jobs.
+
+A SLURM job needs a time limit before it starts. `estimate_runtime_minutes` turns a
+pack (runs that train together as one batched model) into a conservative limit: the
+work is counted exactly from the specs (steps, parameters, logged epochs, matrices
+whose spectra are stored), and converted to seconds with a small cost model.
+
+Origin of the constants: they are deliberately pessimistic order-of-magnitude figures,
+not measurements on a particular machine. The GPU throughput (2 TFLOP/s effective,
+fp32) is about 4% of an A100/H100's fp32 peak, which is where small batched matmuls
+(widths 100-2000, batches 2-128) with elementwise BatchNorm/ReLU/SGD kernels between
+them actually land; the per-kernel launch cost (10 us) is CUDA's typical launch
+latency plus PyTorch dispatch. The CPU figures (20 GFLOP/s, 20 us per op) are a
+two-core laptop running PyTorch's MKL/OpenBLAS kernels. `rankbias bench` measures the
+real throughput of a machine; if it is far below these numbers, raise
+`SAFETY_FACTOR` (or the profile's runtime) rather than trusting the estimate.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import MutableMapping, Sequence
+
+from .spec import RunSpec, SpecError
+
+# Full training/test set sizes; `train_subset` / `test_subset` > 0 replace them.
+TRAIN_SIZE = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "synthetic": 1024}
+TEST_SIZE = {"mnist": 10000, "fashion_mnist": 10000, "cifar10": 10000, "synthetic": 1024}
+# Flattened input dimension and number of classes. The synthetic task is small; 784
+# is an upper bound for it, which only makes the estimate more conservative.
+INPUT_DIM = {"mnist": 784, "fashion_mnist": 784, "cifar10": 3072, "synthetic": 784}
+N_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class CostModel:
+    flops_per_second: float       # effective dense throughput (fp32) for these small matmuls
+    seconds_per_op: float         # launch + dispatch cost of one kernel/op
+    svd_seconds: float            # fixed cost of one singular-value decomposition call
+    svd_flops_per_second: float   # throughput of the SVD itself
+    startup_seconds: float        # interpreter, imports, dataset to device, CUDA context
+
+
+COST_MODELS = {
+    "cuda": CostModel(flops_per_second=2e12, seconds_per_op=10e-6, svd_seconds=2e-3,
+                      svd_flops_per_second=5e10, startup_seconds=120.0),
+    "cpu": CostModel(flops_per_second=2e10, seconds_per_op=20e-6, svd_seconds=1e-4,
+                     svd_flops_per_second=5e9, startup_seconds=60.0),
+}
+# Ops per layer per training step: forward (matmul, bias, BN, ReLU), backward (about
+# twice that), and the SGD update (weight decay, momentum, step) per parameter tensor.
+OPS_PER_LAYER_STEP = 16
+SAFETY_FACTOR = 2.0       # the limit is twice the estimate ...
+MIN_MINUTES = 10          # ... and never below ten minutes (queueing, slow file systems)
+
+
+def _matrices(spec: RunSpec) -> list[tuple[int, int]]:
+    """(out, in) shapes of every weight matrix of the model, output layer included."""
+    d_in, h = INPUT_DIM[spec.dataset], spec.width
+    if spec.arch in ("mlp", "mlp_bn"):
+        shapes = [(h, d_in)] + [(h, h)] * (spec.depth - 1)
+    else:  # residual MLPs: stem, then two matrices per block
+        shapes = [(h, d_in)] + [(h, h)] * (2 * spec.depth)
+    return shapes + [(N_CLASSES, h)]
+
+
+def _sizes(spec: RunSpec) -> tuple[int, int]:
+    train = spec.train_subset if spec.train_subset > 0 else TRAIN_SIZE[spec.dataset]
+    test = spec.test_subset if spec.test_subset > 0 else TEST_SIZE[spec.dataset]
+    return train, test
+
+
+def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
+    """Unpadded estimate of a pack's wall time in seconds (no safety factor)."""
+    if not specs:
+        raise SpecError("estimate_runtime_minutes: the pack has no runs")
+    if device not in COST_MODELS:
+        raise SpecError(f"device: {device!r} is not one of {', '.join(sorted(COST_MODELS))}")
+    cost = COST_MODELS[device]
+    first = specs[0]
+    keys = {s.pack_key() for s in specs}
+    if len(keys) > 1:
+        raise SpecError("estimate_runtime_minutes: runs differ in dataset, architecture, loss, "
+                        "epochs, schedule, log_every or subsets and cannot train as one pack")
+    k = len(specs)
+    train, test = _sizes(first)
+    shapes = _matrices(first)
+    params = sum(o * i for o, i in shapes)
+    n_layers = len(shapes)
+
+    # A pack steps as often as its smallest batch needs, each step as wide as its largest.
+    b_min = min(s.batch_size for s in specs)
+    b_max = max(s.batch_size for s in specs)
+    steps = first.epochs * math.ceil(train / b_min)
+    # Forward 2 FLOPs per weight per example, backward twice that.
+    step_flops = 6.0 * params * b_max * k
+    step_seconds = step_flops / cost.flops_per_second + OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op
+    train_seconds = steps * step_seconds
+
+    # Each logged epoch (epoch 0 included) evaluates train and test sets and
+    # decomposes every matrix of every member.
+    logged = first.epochs // first.log_every + 1
+    eval_flops = 2.0 * params * (train + test) * k
+    eval_batches = math.ceil((train + test) / 1024)
+    eval_seconds = eval_flops / cost.flops_per_second + eval_batches * n_layers * 4 * cost.seconds_per_op
+    svd_seconds = k * sum(cost.svd_seconds + 4.0 * max(o, i) * min(o, i) ** 2 / cost.svd_flops_per_second
+                          for o, i in shapes)
+    return cost.startup_seconds + train_seconds + logged * (eval_seconds + svd_seconds)
+
+
+def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda") -> int:
+    """A job time limit in whole minutes for training `specs` as one pack on `device`.
+
+    steps = epochs * ceil(train_size / batch_size) (train_size from the dataset, or
+    train_subset when > 0); each step costs its FLOPs (6 per weight per example per
+    member) at the device's effective throughput plus a per-op launch cost; each logged
+    epoch adds a full evaluation pass and one SVD per matrix per member. The total is
+    multiplied by SAFETY_FACTOR and is at least MIN_MINUTES.
+    """
+    seconds = estimate_seconds(list(specs), device)
+    return max(MIN_MINUTES, math.ceil(SAFETY_FACTOR * seconds / 60.0))
+
+
+# -- the container image ---------------------------------------------------------
+
+ENV_CONTAINER = "RANKBIAS_CONTAINER"
+DEFAULT_CONTAINER = "rankbias.sif"     # what `make apptainer` builds
+_DIGEST = re.compile(r"@sha256:([0-9a-f]{64})$")
+
+
+def container_image(environ: MutableMapping[str, str] | None = None) -> str:
+    """The image every Snakemake job runs in under `--sdm apptainer`.
+
+    env RANKBIAS_CONTAINER: a registry image pinned by digest
+    (docker://<registry>/rankbias@sha256:<64 hex>) or a local Apptainer image file;
+    default `rankbias.sif`, built by `make apptainer`. A registry image given by tag
+    is refused: a tag can point at different images over time. For a pinned image the
+    digest is passed into the container as RANKBIAS_IMAGE_DIGEST (through Apptainer's
+    APPTAINERENV_ prefix, so jobs run outside the container never claim it), where
+    rankbias.provenance records it; a local .sif carries it as a label instead.
+    """
+    env = os.environ if environ is None else environ
+    image = (env.get(ENV_CONTAINER) or DEFAULT_CONTAINER).strip()
+    if "://" in image:
+        m = _DIGEST.search(image)
+        if not m:
+            raise ValueError(f"{ENV_CONTAINER}: {image!r} is not pinned by digest; expected "
+                             "docker://<registry>/<name>@sha256:<64 hex digits> or a local "
+                             ".sif file")
+        env["APPTAINERENV_RANKBIAS_IMAGE_DIGEST"] = f"sha256:{m.group(1)}"
+    return image

@@ -1,0 +1,343 @@
+"""The paper's seven figures, drawn from stored runs.
+
+Every figure is drawn from whatever subset of its runs exists (missing runs are
+listed as a warning and noted on the figure). Ranks come from the stored spectra with
+the config's ``rank: {normalise, tol}``, so re-thresholding never retrains. A run
+that diverged is drawn up to its last finite value, marked with a cross there and
+labelled "diverged at epoch e"; it is never dropped silently. Several seeds of one
+setting are drawn as their mean with a band from min to max.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import metrics as M
+from .results import Run, RunError
+
+# Which spec key makes the panels and which the lines of each figure.
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "fig1": {"kind": "dynamics", "panel": None, "line": "weight_decay"},
+    "fig2": {"kind": "rank", "panel": "lr", "line": "batch_size"},
+    "fig3": {"kind": "rank", "panel": "batch_size", "line": "weight_decay"},
+    "fig4": {"kind": "rank", "panel": "lr", "line": "batch_size"},
+    "fig5": {"kind": "rank_acc", "panel": "lr", "line": "batch_size"},
+    "fig6": {"kind": "layers", "panel": "lr", "line": "batch_size"},
+    "fig7": {"kind": "layers", "panel": "lr", "line": "batch_size"},
+}
+SYMBOL = {"lr": "η", "batch_size": "B", "weight_decay": "λ", "momentum": "μ", "dataset": "",
+          "loss": "", "model": "", "epochs": "epochs"}
+DESCRIBE_KEYS = ("lr", "batch_size", "weight_decay", "momentum", "loss", "epochs")
+# Keys that identify a line apart from the layout's own (seed is averaged over).
+IGNORED = {"seed"}
+
+
+@dataclass
+class RunData:
+    """What a figure needs from one run, ranks already thresholded."""
+    run: Run
+    spec: dict
+    metrics: pd.DataFrame        # epoch-indexed: train_acc, train_loss, test_acc, distance
+    mean_rank: pd.Series         # logged epoch -> average hidden rank (NaN once diverged)
+    final_layers: pd.DataFrame   # hidden matrices at the last finite logged epoch: layer, index, rank
+    diverged_epoch: int | None
+
+
+def load_run(run: Run, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL) -> RunData:
+    spec = run.spec.to_dict()
+    spec["model"] = run.spec.model
+    metrics = run.metrics.set_index("epoch").sort_index()
+    ranks = run.ranks(normalise, tol)
+    hidden = ranks[ranks["kind"] == "hidden"].copy()
+    hidden.loc[hidden["rank"] < 0, "rank"] = np.nan
+    mean_rank = hidden.groupby("epoch")["rank"].mean()
+    finite = mean_rank.dropna()
+    if len(finite):
+        last = finite.index.max()
+        final = hidden[hidden["epoch"] == last].sort_values("index")[["layer", "index", "rank"]]
+    else:
+        final = hidden.iloc[0:0][["layer", "index", "rank"]]
+    div = run.info.get("diverged")
+    return RunData(run, spec, metrics, mean_rank, final.reset_index(drop=True),
+                   None if div is None else int(div.get("epoch", -1)))
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    sym = SYMBOL.get(key, key)
+    return f"{sym}={text}" if sym else text
+
+
+@dataclass
+class Line:
+    key: tuple                  # values of the line keys
+    label: str
+    members: list[RunData]      # one per seed
+
+    @property
+    def diverged(self) -> list[RunData]:
+        return [m for m in self.members if m.diverged_epoch is not None]
+
+
+def _varying(data: Sequence[RunData]) -> list[str]:
+    keys = sorted({k for d in data for k in d.spec} - IGNORED - {"arch", "depth", "width"})
+    return [k for k in keys if len({repr(d.spec.get(k)) for d in data}) > 1]
+
+
+def group(data: Sequence[RunData], panel: str | None, line: str) -> dict[Any, list[Line]]:
+    """Panels (by `panel` value) of lines (by `line` and any other varying key)."""
+    varying = _varying(data)
+    extra = [k for k in varying if k not in (panel, line)]
+    line_keys = [line] + extra
+    panels: dict[Any, dict[tuple, list[RunData]]] = {}
+    for d in data:
+        pv = d.spec.get(panel) if panel else None
+        lk = tuple(d.spec.get(k) for k in line_keys)
+        panels.setdefault(pv, {}).setdefault(lk, []).append(d)
+    out = {}
+    for pv in sorted(panels, key=lambda v: (v is None, v)):
+        lines = []
+        for lk in sorted(panels[pv], key=lambda t: tuple(map(str, t[1:])) + (t[0],)):
+            members = sorted(panels[pv][lk], key=lambda d: d.spec["seed"])
+            label = ", ".join(_fmt(k, v) for k, v in zip(line_keys, lk))
+            seeds = [m.spec["seed"] for m in members]
+            if len(seeds) > 1:
+                label += f" ({len(seeds)} seeds)"
+            for m in members:
+                if m.diverged_epoch is not None:
+                    label += f" — diverged at epoch {m.diverged_epoch}" + (
+                        f" (seed {m.spec['seed']})" if len(seeds) > 1 else "")
+            lines.append(Line(lk, label, members))
+        out[pv] = lines
+    return out
+
+
+def _stack(series: list[pd.Series]) -> pd.DataFrame:
+    return pd.concat(series, axis=1) if series else pd.DataFrame()
+
+
+def _plot_series(ax, line: Line, series: list[pd.Series], color, style="-", label=True,
+                 positive=False):
+    """Mean over seeds with a min-max band; crosses where a member diverged."""
+    frame = _stack([s.astype(float) for s in series])
+    if positive:
+        frame = frame.where(frame > 0)
+    if frame.empty or frame.notna().sum().sum() == 0:
+        ax.plot([], [], style, color=color, label=line.label if label else None)
+        for m in line.diverged:
+            ax.plot([], [], "x", color=color)
+        return
+    mean = frame.mean(axis=1, skipna=True)
+    ax.plot(mean.index, mean.values, style, color=color, lw=1.4, label=line.label if label else None)
+    if frame.shape[1] > 1:
+        ax.fill_between(mean.index, frame.min(axis=1).values, frame.max(axis=1).values,
+                        color=color, alpha=0.15, lw=0)
+    for m, s in zip(line.members, series):
+        if m.diverged_epoch is not None:
+            fin = s.astype(float)
+            fin = fin[np.isfinite(fin) & ((fin > 0) if positive else True)]
+            if len(fin):
+                ax.plot([fin.index[-1]], [fin.values[-1]], "x", color=color, ms=9, mew=2)
+
+
+def _colors(n: int):
+    from matplotlib import colormaps
+    cmap = colormaps["viridis"]
+    return [cmap(x) for x in (np.linspace(0.0, 0.9, n) if n > 1 else [0.3])]
+
+
+def _line_colors(lines: Iterable[Line]) -> dict:
+    values = sorted({ln.key[0] for ln in lines}, key=lambda v: (str(type(v)), v))
+    return dict(zip(values, _colors(len(values))))
+
+
+STYLES = ["-", "--", ":", "-."]
+
+
+def _styles(lines: Iterable[Line]) -> dict:
+    rest = sorted({ln.key[1:] for ln in lines}, key=str)
+    return {r: STYLES[i % len(STYLES)] for i, r in enumerate(rest)}
+
+
+def _title(name: str, data: Sequence[RunData], layout: dict) -> str:
+    if not data:
+        return f"{name}: no runs yet"
+    first = data[0].spec
+    varying = set(_varying(data)) | {layout["line"], layout.get("panel")}
+    models = sorted({d.spec["model"] for d in data})
+    datasets = sorted({d.spec["dataset"] for d in data})
+    fixed = [_fmt(k, first[k]) for k in DESCRIBE_KEYS if k not in varying and k in first]
+    return (f"{name.replace('fig', 'Figure ')}: {', '.join(models)} on {', '.join(datasets)}"
+            + (f" ({', '.join(fixed)})" if fixed else ""))
+
+
+def _legend(fig) -> None:
+    """One legend for the figure: each label once, whichever panel drew it."""
+    handles: dict[str, Any] = {}
+    for ax in fig.axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8)
+
+
+def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
+    """A matplotlib Figure of `name` (fig1..fig7) from the loaded runs."""
+    from matplotlib.figure import Figure
+
+    if name not in LAYOUTS:
+        raise ValueError(f"figure: {name!r} is not one of {', '.join(LAYOUTS)}")
+    layout = LAYOUTS[name]
+    kind, panel, line = layout["kind"], layout["panel"], layout["line"]
+    panels = group(data, panel, line) if data else {None: []}
+    all_lines = [ln for lines in panels.values() for ln in lines]
+    colors, styles = _line_colors(all_lines), _styles(all_lines)
+
+    if kind == "dynamics":
+        fig = Figure(figsize=(15, 4.2), layout="constrained")
+        axes = fig.subplots(1, 4)
+        lines = all_lines
+        cols = [("distance", "d(W_t, W_t+1)", True), ("train_acc", "train accuracy", False),
+                ("train_loss", "train loss", True), (None, "average rank", False)]
+        for ax, (col, ylabel, logy), letter in zip(axes, cols, "abcd"):
+            for ln in lines:
+                if col is None:
+                    series = [m.mean_rank for m in ln.members]
+                else:
+                    series = [m.metrics[col] if col in m.metrics else pd.Series(dtype=float)
+                              for m in ln.members]
+                _plot_series(ax, ln, series, colors[ln.key[0]], styles[ln.key[1:]],
+                             positive=logy)
+            if logy:
+                ax.set_yscale("log")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"({letter}) {ylabel}")
+            ax.grid(alpha=0.3)
+        _legend(fig)
+    else:
+        n = len(panels)
+        rows = 2 if kind == "rank_acc" else 1
+        fig = Figure(figsize=(max(7.5, 4.2 * n + 2.5), 3.6 * rows + 0.6), layout="constrained")
+        axes = np.atleast_2d(fig.subplots(rows, n, squeeze=False))
+        for j, (pv, lines) in enumerate(panels.items()):
+            ax = axes[0, j]
+            if kind in ("rank", "rank_acc"):
+                for ln in lines:
+                    _plot_series(ax, ln, [m.mean_rank for m in ln.members], colors[ln.key[0]],
+                                 styles[ln.key[1:]])
+                ax.set_xlabel("epoch")
+                ax.set_ylabel("average rank")
+            else:
+                names: dict[int, str] = {}
+                for ln in lines:
+                    series = []
+                    for m in ln.members:
+                        fl = m.final_layers
+                        x = np.arange(1, len(fl) + 1)
+                        names.update({int(i): str(nm) for i, nm in zip(x, fl["layer"])})
+                        series.append(pd.Series(fl["rank"].to_numpy(float), index=x))
+                    style = styles[ln.key[1:]]
+                    _plot_series(ax, ln, series, colors[ln.key[0]],
+                                 style + "o" if len(style) == 1 else style)
+                if names:
+                    ax.set_xticks(sorted(names), [names[i] for i in sorted(names)],
+                                  rotation=45, ha="right", fontsize=8)
+                ax.set_xlabel("layer")
+                ax.set_ylabel("rank at the end of training")
+            if pv is not None:
+                ax.set_title(_fmt(panel, pv))
+            ax.grid(alpha=0.3)
+            if kind == "rank_acc":
+                ax2 = axes[1, j]
+                for ln in lines:
+                    c = colors[ln.key[0]]
+                    for col, style in (("train_acc", "-"), ("test_acc", "--")):
+                        series = [m.metrics[col] if col in m.metrics else pd.Series(dtype=float)
+                                  for m in ln.members]
+                        _plot_series(ax2, ln, series, c, style, label=False)
+                ax2.set_xlabel("epoch")
+                ax2.set_ylabel("accuracy (train solid, test dashed)")
+                ax2.grid(alpha=0.3)
+        _legend(fig)
+    title = _title(name, data, layout)
+    if missing:
+        title += f"\n{len(missing)} of {len(missing) + len(data)} runs not available yet"
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+# -- runs and the command ------------------------------------------------------------
+
+def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: float
+            ) -> tuple[list[RunData], list[str]]:
+    """Load the runs that exist; return them and the run_ids that do not."""
+    data, missing = [], []
+    for rid in run_ids:
+        path = Path(runs_dir) / rid
+        if not (path / "run.json").exists():
+            missing.append(rid)
+            continue
+        try:
+            data.append(load_run(Run(path), normalise, tol))
+        except (RunError, OSError, ValueError) as e:
+            print(f"warning: {path}: unreadable ({e}); left out", file=sys.stderr)
+            missing.append(rid)
+    return data, missing
+
+
+def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: str | Path) -> dict:
+    from . import sweep
+
+    p = sweep.plan_from_file(config_path)
+    if name not in p.figures:
+        raise ValueError(f"figure: {name!r} is not configured in {config_path} "
+                         f"(figures: {', '.join(p.figures) or 'none'})")
+    rank = p.config["rank"]
+    data, missing = collect(runs_dir, p.figures[name], rank["normalise"], rank["tol"])
+    if missing:
+        print(f"warning: {name}: {len(missing)} of {len(p.figures[name])} runs missing in "
+              f"{runs_dir}: {', '.join(missing)}", file=sys.stderr)
+    fig = draw(name, data, missing)
+    out = Path(out)
+    pdf = out.with_suffix(".pdf")
+    section = {"rank": rank, "figure": p.config["figures"][name], "defaults": p.config["defaults"],
+               "missing_runs": missing}
+    _save(fig, out, pdf, [d.run for d in data], section, name)
+    return {"figure": name, "png": str(out), "pdf": str(pdf), "runs": len(data), "missing": missing,
+            "diverged": [d.run.run_id for d in data if d.diverged_epoch is not None]}
+
+
+def _save(fig, png: Path, pdf: Path, runs: list[Run], section: dict, name: str) -> None:
+    from . import provenance
+    prov = provenance.figure_provenance(runs, section, name)
+    provenance.save_figure(fig, png, pdf, prov)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("figure", help="draw one of the paper's figures from stored runs",
+                              description="Draw fig1..fig7 from the runs in --runs (PNG and PDF, "
+                                          "with provenance).")
+    p.add_argument("name", choices=list(LAYOUTS), help="which figure")
+    p.add_argument("--config", default="config/config.yaml", help="config file (default: %(default)s)")
+    p.add_argument("--runs", default="results/runs", help="runs directory (default: %(default)s)")
+    p.add_argument("--out", help="PNG path; the PDF goes beside it (default: results/figures/NAME.png)")
+    p.set_defaults(func=_cmd_figure)
+
+
+def _cmd_figure(args: argparse.Namespace) -> int:
+    out = args.out or f"results/figures/{args.name}.png"
+    r = make_figure(args.name, args.config, args.runs, out)
+    note = f", {len(r['missing'])} missing" if r["missing"] else ""
+    note += f", {len(r['diverged'])} diverged" if r["diverged"] else ""
+    print(f"{args.name}: {r['png']} and {r['pdf']} from {r['runs']} run(s){note}")
+    return 0

@@ -1,0 +1,189 @@
+"""Per-run result files: atomic writers and the reader that figures and claims use.
+
+Layout of ``results/runs/<run_id>/``:
+  run.json         spec, run_id, status, divergence, provenance, sha256 of each file
+  metrics.parquet  one row per epoch 0..E: epoch, logged, lr, step_loss, train_loss,
+                   train_acc, test_loss, test_acc, distance, mean_rank, diverged
+  layers.parquet   one row per (epoch, matrix): epoch, layer, index, kind
+                   ('hidden' | 'output'), distance, weight_norm
+  spectra.npz      'epochs' (logged epochs), 'layers' (names), 'sv_<index>' arrays
+                   [n_logged, min(out, in)] of float64 singular values, descending
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import metrics as M
+from .spec import RunSpec
+
+RUN_FILES = ("metrics.parquet", "layers.parquet", "spectra.npz")
+
+
+# -- atomic writes ---------------------------------------------------------------
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def parquet_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_run(run_dir: str | Path, run_json: dict, metrics: pd.DataFrame,
+              layers: pd.DataFrame, spectra: dict[str, np.ndarray]) -> None:
+    """Write one run's files; run.json goes last and records every file's sha256,
+    so a directory with a run.json is always complete."""
+    run_dir = Path(run_dir)
+    payloads = {"metrics.parquet": parquet_bytes(metrics), "layers.parquet": parquet_bytes(layers),
+                "spectra.npz": npz_bytes(spectra)}
+    for name, data in payloads.items():
+        atomic_write_bytes(run_dir / name, data)
+    run_json = dict(run_json)
+    run_json["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()}
+    atomic_write_json(run_dir / "run.json", run_json)
+
+
+# -- reading ---------------------------------------------------------------------
+
+class RunError(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    """A finished run read back from disk."""
+    path: Path
+
+    @cached_property
+    def info(self) -> dict:
+        p = self.path / "run.json"
+        if not p.exists():
+            raise RunError(f"{p}: missing; the run did not finish")
+        return json.loads(p.read_text())
+
+    @property
+    def run_id(self) -> str:
+        return self.info["run_id"]
+
+    @cached_property
+    def spec(self) -> RunSpec:
+        return RunSpec.from_dict(self.info["spec"])
+
+    @property
+    def diverged(self) -> bool:
+        return self.info.get("diverged") is not None
+
+    @cached_property
+    def metrics(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "metrics.parquet")
+
+    @cached_property
+    def layers(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "layers.parquet")
+
+    @cached_property
+    def spectra(self) -> dict[str, np.ndarray]:
+        with np.load(self.path / "spectra.npz") as z:
+            return {k: z[k] for k in z.files}
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [str(x) for x in self.spectra["layers"]]
+
+    @property
+    def hidden_indices(self) -> list[int]:
+        kinds = self.layers.drop_duplicates("index").sort_values("index")
+        return [int(i) for i, k in zip(kinds["index"], kinds["kind"]) if k == "hidden"]
+
+    def ranks(self, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL) -> pd.DataFrame:
+        """Rank of every matrix at every logged epoch: epoch, layer, index, kind, rank, stable_rank."""
+        sp = self.spectra
+        kinds = dict(self.layers.drop_duplicates("index")[["index", "kind"]].itertuples(index=False))
+        rows = []
+        for i, name in enumerate(self.layer_names):
+            sv = sp[f"sv_{i}"]
+            r = M.rank(sv, normalise, tol)
+            sr = M.stable_rank(sv)
+            for e, ri, si in zip(sp["epochs"], r, sr):
+                rows.append((int(e), name, i, kinds.get(i, "hidden"), int(ri), float(si)))
+        return pd.DataFrame(rows, columns=["epoch", "layer", "index", "kind", "rank", "stable_rank"])
+
+    def mean_rank(self, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL) -> pd.Series:
+        """Average rank over the hidden matrices, indexed by logged epoch (NaN once diverged)."""
+        r = self.ranks(normalise, tol)
+        r = r[r["kind"] == "hidden"].copy()
+        r.loc[r["rank"] < 0, "rank"] = np.nan
+        return r.groupby("epoch")["rank"].mean()
+
+    def verify(self) -> list[str]:
+        """Problems with this run's files (empty when every recorded hash matches)."""
+        problems = []
+        try:
+            info = self.info
+        except (RunError, json.JSONDecodeError) as e:
+            return [f"{self.path / 'run.json'}: {e}"]
+        try:
+            spec = RunSpec.from_dict(info.get("spec", {}))
+        except Exception as e:  # noqa: BLE001 - report any spec problem as a finding
+            return [f"{self.path / 'run.json'}: invalid spec ({e})"]
+        if spec.run_id != info.get("run_id") or self.path.name != spec.run_id:
+            problems.append(f"{self.path / 'run.json'}: run_id {info.get('run_id')!r} does not match "
+                            f"its spec's hash {spec.run_id!r} or its directory name")
+        for name, digest in info.get("files", {}).items():
+            p = self.path / name
+            if not p.exists():
+                problems.append(f"{p}: missing")
+            elif sha256_file(p) != digest:
+                problems.append(f"{p}: sha256 differs from the one recorded in run.json")
+        return problems
+
+
+def load_runs(runs_dir: str | Path, run_ids=None) -> list[Run]:
+    runs_dir = Path(runs_dir)
+    if run_ids is None:
+        return [Run(p.parent) for p in sorted(runs_dir.glob("*/run.json"))]
+    return [Run(runs_dir / r) for r in run_ids]

@@ -1,0 +1,243 @@
+"""`rankbias audit`: the provenance tree, and every kind of mismatch named."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from fabricate import fabricate  # noqa: E402
+from rankbias import provenance as P  # noqa: E402
+from rankbias import restore as R  # noqa: E402
+from rankbias.cli import main  # noqa: E402
+from rankbias.results import load_runs  # noqa: E402
+from rankbias.spec import RunSpec  # noqa: E402
+
+FIG = "results/figures/fig2.png"
+
+
+def git(cwd, *args):
+    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    """A git repository with two runs and fig2 drawn from them."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q")
+    (root / "code.py").write_text("x = 1\n")
+    (root / "README.md").write_text("docs\n")
+    (root / ".gitignore").write_text("/results/\n/.dvc/cache/\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "code")
+    monkeypatch.chdir(root)
+    for seed in (0, 1):
+        fabricate(root / "results/runs", RunSpec(dataset="synthetic", arch="mlp", depth=2, width=8,
+                                                 epochs=2, seed=seed))
+    runs = load_runs(root / "results/runs")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    P.save_figure(fig, root / FIG, root / FIG.replace(".png", ".pdf"),
+                  P.figure_provenance(runs, {}, "fig2", root=root))
+    plt.close(fig)
+    return root
+
+
+def audit(root, capsys, figure=FIG):
+    rc = main(["audit", str(figure), "--root", str(root)])
+    return rc, capsys.readouterr().out
+
+
+def mismatches(out):
+    return [line for line in out.splitlines() if line.startswith("MISMATCH")]
+
+
+def test_clean_tree_passes_and_prints_the_tree(tree, capsys):
+    rc, out = audit(tree, capsys)
+    assert rc == 0, out
+    assert "audit: OK" in out and not mismatches(out)
+    for run_id in (p.name for p in (tree / "results/runs").iterdir()):
+        assert run_id in out
+    assert "└── runs (2)" in out and "MLP-2-8" in out
+    assert git(tree, "rev-parse", "HEAD")[:12] in out
+    rc, out = audit(tree, capsys, FIG.replace(".png", ".pdf"))
+    assert rc == 0, out
+
+
+def test_tampered_metrics_named(tree, capsys):
+    run = sorted((tree / "results/runs").iterdir())[1]
+    f = run / "metrics.parquet"
+    f.write_bytes(f.read_bytes() + b"\0")
+    rc, out = audit(tree, capsys)
+    assert rc == 1
+    lines = mismatches(out)
+    assert lines and all(f"results/runs/{run.name}/metrics.parquet" in x for x in lines), lines
+
+
+def test_consistent_rewrite_of_a_run_is_still_caught(tree, capsys):
+    """Changing a file AND its hash in run.json still differs from the figure's record."""
+    run = sorted((tree / "results/runs").iterdir())[0]
+    f = run / "spectra.npz"
+    f.write_bytes(f.read_bytes() + b"\0")
+    info = json.loads((run / "run.json").read_text())
+    info["files"]["spectra.npz"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    (run / "run.json").write_text(json.dumps(info))
+    rc, out = audit(tree, capsys)
+    text = "\n".join(mismatches(out))
+    assert rc == 1
+    assert f"results/runs/{run.name}/spectra.npz: sha256 differs from the one the figure recorded" in text
+    assert f"results/runs/{run.name}/run.json: differs from the run.json the figure" in text
+
+
+def test_missing_run_named(tree, capsys):
+    run = sorted((tree / "results/runs").iterdir())[0]
+    for f in run.iterdir():
+        f.unlink()
+    run.rmdir()
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and f"results/runs/{run.name}: missing" in out
+
+
+def test_sidecar_must_equal_embedded(tree, capsys):
+    side = tree / "results/figures/fig2.provenance.json"
+    rec = json.loads(side.read_text())
+    rec["rank"]["tol"] = 0.5
+    side.write_text(json.dumps(rec))
+    rc, out = audit(tree, capsys)
+    assert rc == 1
+    assert any("fig2.provenance.json: differs from the provenance embedded" in x for x in mismatches(out))
+    side.unlink()
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and "fig2.provenance.json: provenance sidecar missing" in out
+
+
+def test_code_changes_are_named(tree, capsys):
+    (tree / "code.py").write_text("x = 2\n")
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and any(x.startswith("MISMATCH code.py: differs from commit") for x in mismatches(out))
+    git(tree, "commit", "-qam", "change code")
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and "MISMATCH code.py" in out
+    (tree / "code.py").write_text("x = 1\n")
+    git(tree, "commit", "-qam", "revert")
+    # Bookkeeping and prose commits after the figure are not code changes.
+    (tree / "README.md").write_text("more docs\n")
+    (tree / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    git(tree, "add", "-A")
+    git(tree, "commit", "-qm", "docs and lock")
+    rc, out = audit(tree, capsys)
+    assert rc == 0, out
+
+
+def _write_lock(root: Path, png_md5: str) -> None:
+    runs_md5, manifest = R.dir_md5(root / "results/runs")
+    obj = R.cache_object(root, runs_md5)
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_text(json.dumps([{"md5": m, "relpath": k} for k, m in sorted(manifest.items())]))
+    fig = {"path": FIG, "hash": "md5", "md5": png_md5}
+    lock = {"schema": "2.0", "stages": {"figure@fig2": {
+        "cmd": "snakemake results/figures/fig2.png",
+        "deps": [{"path": "results/runs", "hash": "md5", "md5": runs_md5}],
+        "outs": [fig]}}}
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+
+
+def test_dvc_lock_is_checked(tree, capsys):
+    _write_lock(tree, R.md5_file(tree / FIG))
+    rc, out = audit(tree, capsys)
+    assert rc == 0, out
+    # A run file that differs from the runs directory the figure's stage depended on.
+    run = sorted((tree / "results/runs").iterdir())[0]
+    f = run / "layers.parquet"
+    f.write_bytes(f.read_bytes() + b"\0")
+    rc, out = audit(tree, capsys)
+    assert rc == 1
+    assert f"MISMATCH results/runs/{run.name}/layers.parquet: md5 differs from results/runs as " \
+           f"recorded in dvc.lock (stage figure@fig2)" in out
+    # The figure itself differs from dvc.lock.
+    _write_lock(tree, "0" * 32)
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and any(x.startswith(f"MISMATCH {FIG}: md5 ") for x in mismatches(out))
+
+
+def test_usage_errors_exit_2(tree, capsys):
+    assert main(["audit", "results/figures/nope.png", "--root", str(tree)]) == 2
+    (tree / "results/figures/fig2.svg").write_text("<svg/>")
+    assert main(["audit", "results/figures/fig2.svg", "--root", str(tree)]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["audit"])
+    assert e.value.code == 2
+
+
+def test_figure_without_provenance_is_a_mismatch(tree, capsys):
+    fig, _ = plt.subplots()
+    fig.savefig(tree / "results/figures/plain.png")
+    plt.close(fig)
+    rc, out = audit(tree, capsys, "results/figures/plain.png")
+    assert rc == 1 and "plain.png: embedded provenance unreadable" in out
+
+
+def test_json_report(tree, capsys):
+    rc = main(["audit", FIG, "--root", str(tree), "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["ok"] and rep["mismatches"] == [] and rep["provenance"]["figure"] == "fig2"
+
+
+# -- rankbias restore without DVC or Snakemake (the integration test has both) ----------
+
+def test_restore_moves_a_tampered_run_and_the_figures_drawn_from_it(tree, capsys):
+    run = sorted((tree / "results/runs").iterdir())[0]
+    f = run / "metrics.parquet"
+    f.write_bytes(f.read_bytes() + b"\0")
+    assert main(["restore", "--root", str(tree), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED results/runs/{run.name}: metrics.parquet: sha256 differs" in out
+    assert "fig2.png: drawn from run(s) that failed verification" in out
+    assert run.exists() and (tree / FIG).exists()  # --check changes nothing
+    assert main(["restore", "--root", str(tree)]) == 1
+    out = capsys.readouterr().out
+    moved = sorted(p.relative_to(tree / "results/quarantine").as_posix()
+                   for p in (tree / "results/quarantine").rglob("*") if p.is_file())
+    stamp = moved[0].split("/")[0]
+    assert moved == sorted([f"{stamp}/figures/fig2.{x}" for x in ("pdf", "png", "provenance.json")]
+                           + [f"{stamp}/runs/{run.name}/{x}" for x in
+                              ("layers.parquet", "metrics.parquet", "run.json", "spectra.npz")])
+    assert not run.exists() and not (tree / FIG).exists()
+    # What is left verifies.
+    assert main(["restore", "--root", str(tree)]) == 0
+    assert "1 run(s) and 0 figure(s) verified; 0 problem(s)" in capsys.readouterr().out
+
+
+def test_restore_names_a_run_whose_id_does_not_match_its_spec(tree, capsys):
+    run = sorted((tree / "results/runs").iterdir())[0]
+    info = json.loads((run / "run.json").read_text())
+    info["spec"]["seed"] = 99
+    (run / "run.json").write_text(json.dumps(info))
+    assert main(["restore", "--root", str(tree), "--check"]) == 1
+    assert f"results/runs/{run.name}: " in capsys.readouterr().out
+
+
+def test_planned_outputs_reads_a_dry_run():
+    text = """Building DAG of jobs...
+[Mon Nov 23 13:52:15 2026]
+rule train_abc:
+    input: results/packs/abc.json
+    output: results/runs/a/run.json, results/runs/b/run.json
+    jobid: 4
+localrule figure:
+    input: results/runs/a/run.json
+    output: results/figures/fig1.png, results/figures/fig1.pdf
+    jobid: 1
+"""
+    assert R.planned_outputs(text) == [
+        ("train_abc", ["results/runs/a/run.json", "results/runs/b/run.json"]),
+        ("figure", ["results/figures/fig1.png", "results/figures/fig1.pdf"])]

@@ -1,0 +1,201 @@
+"""Claims C1-C7 on fabricated runs: every verdict reachable, diverged runs excluded."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fabricate import fabricate
+from rankbias import claims as C
+from rankbias.results import load_runs
+from rankbias.spec import RunSpec
+
+
+def spec(**kw):
+    base = dict(dataset="mnist", arch="mlp_bn", depth=3, width=20, batch_size=32, lr=0.1,
+                weight_decay=5e-4, epochs=8, train_subset=1000, test_subset=200)
+    base.update(kw)
+    return RunSpec(**base)
+
+
+def verdicts(tmp_path, **kw):
+    res = C.judge(load_runs(tmp_path), **kw)
+    return {c["id"]: c for c in res["claims"]}, res
+
+
+def test_spearman_matches_pearson_of_ranks_and_handles_ties():
+    x = [1, 2, 3, 4, 5]
+    assert C.spearman(x, [2, 4, 6, 8, 10]) == pytest.approx(1.0)
+    assert C.spearman(x, [5, 4, 3, 2, 1]) == pytest.approx(-1.0)
+    y = [1.0, 3.0, 2.0, 2.0, 5.0]
+    ry = C.rankdata(y)
+    assert list(ry) == [1.0, 5.0, 2.5, 2.5, 4.0] or list(ry) == [1.0, 4.0, 2.5, 2.5, 5.0]
+    assert C.spearman(x, y) == pytest.approx(np.corrcoef(C.rankdata(x), C.rankdata(y))[0, 1])
+    assert np.isnan(C.spearman(x, [3, 3, 3, 3, 3]))
+
+
+def test_nothing_is_insufficient(tmp_path):
+    v, res = verdicts(tmp_path)
+    assert {c["verdict"] for c in v.values()} == {"insufficient"}
+    assert [c["id"] for c in res["claims"]] == [f"C{i}" for i in range(1, 8)]
+
+
+def test_c1_holds_fails_and_diverged_runs_are_excluded(tmp_path):
+    for b, r in ((8, 6), (32, 12), (128, 19)):
+        fabricate(tmp_path, spec(batch_size=b), final_ranks=[r] * 3)
+    v, _ = verdicts(tmp_path)
+    assert v["C1"]["verdict"] == "holds"
+    assert v["C1"]["mean_spearman_in_claimed_direction"] == pytest.approx(1.0)
+    assert v["C1"]["n_runs"] == 3 and v["C1"]["seeds"] == [0]
+    # A second seed with the opposite trend makes the claim fail.
+    for b, r in ((8, 19), (32, 12), (128, 6)):
+        fabricate(tmp_path, spec(batch_size=b, seed=1), final_ranks=[r] * 3)
+    v, _ = verdicts(tmp_path)
+    assert v["C1"]["verdict"] == "fails" and v["C1"]["n_contradicting"] == 1
+
+
+def test_c1_insufficient_with_two_batch_sizes_or_diverged(tmp_path):
+    fabricate(tmp_path, spec(batch_size=8), final_ranks=[6] * 3)
+    fabricate(tmp_path, spec(batch_size=32), final_ranks=[12] * 3)
+    fabricate(tmp_path, spec(batch_size=128), final_ranks=[2] * 3, diverged_at=4)
+    v, res = verdicts(tmp_path)
+    assert v["C1"]["verdict"] == "insufficient"
+    assert res["runs"]["diverged"] == 1 and res["diverged_runs"][0]["epoch"] == 4
+
+
+def test_c1_flat_groups_fail(tmp_path):
+    for b in (8, 32, 128):
+        fabricate(tmp_path, spec(batch_size=b), final_ranks=[20] * 3)
+    v, _ = verdicts(tmp_path)
+    assert v["C1"]["verdict"] == "fails" and v["C1"]["n_flat"] == 1
+
+
+def test_c2(tmp_path):
+    fabricate(tmp_path, spec(lr=0.01), final_ranks=[18] * 3)
+    fabricate(tmp_path, spec(lr=0.1), final_ranks=[8] * 3)
+    assert verdicts(tmp_path)[0]["C2"]["verdict"] == "holds"
+    fabricate(tmp_path, spec(lr=0.01, seed=1), final_ranks=[8] * 3)
+    fabricate(tmp_path, spec(lr=0.1, seed=1), final_ranks=[18] * 3)
+    assert verdicts(tmp_path)[0]["C2"]["verdict"] == "fails"
+
+
+def test_c3_needs_both_trend_and_no_reduction_at_zero(tmp_path):
+    fabricate(tmp_path, spec(weight_decay=5e-4), final_ranks=[14] * 3)
+    fabricate(tmp_path, spec(weight_decay=5e-3), final_ranks=[6] * 3)
+    assert verdicts(tmp_path)[0]["C3"]["verdict"] == "insufficient"
+    fabricate(tmp_path, spec(weight_decay=0.0), final_ranks=[20] * 3)
+    v, _ = verdicts(tmp_path)
+    assert v["C3"]["verdict"] == "holds"
+    assert v["C3"]["lambda0"]["min_final_over_initial"] == pytest.approx(1.0)
+
+
+def test_c3_fails_when_lambda0_reduces_rank(tmp_path):
+    fabricate(tmp_path, spec(weight_decay=0.0), final_ranks=[15] * 3)
+    fabricate(tmp_path, spec(weight_decay=5e-4), final_ranks=[10] * 3)
+    fabricate(tmp_path, spec(weight_decay=5e-3), final_ranks=[5] * 3)
+    v, _ = verdicts(tmp_path)
+    assert v["C3"]["trend_verdict"] == "holds"
+    assert v["C3"]["lambda0"]["verdict"] == "fails" and v["C3"]["verdict"] == "fails"
+
+
+def _decaying(e, start=0.1, rate=0.6):
+    return [start * rate ** k for k in range(e)]
+
+
+def test_c4_ratio_and_persistence(tmp_path):
+    E = 8
+    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E), distance=_decaying(E))
+    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E), distance=[0.2] * E)
+    v, _ = verdicts(tmp_path)
+    c4 = v["C4"]
+    late0 = np.mean(_decaying(E)[5:])      # epochs 7, 8 (last quarter of 8)
+    assert c4["pairs"][0]["d_late_lambda0"] == pytest.approx(np.mean(_decaying(E)[6:]), rel=1e-3)
+    assert c4["median_ratio"] == pytest.approx(0.2 / np.mean(_decaying(E)[6:]), rel=1e-3)
+    assert late0 > 0 and c4["verdict"] == "holds"
+
+
+def test_c4_fails_when_distances_equal_or_decay(tmp_path):
+    E = 8
+    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E), distance=[0.1] * E)
+    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E), distance=[0.12] * E)
+    assert verdicts(tmp_path)[0]["C4"]["verdict"] == "fails"
+
+
+def test_c4_fails_when_lambda_run_converges(tmp_path):
+    E = 8
+    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E), distance=_decaying(E, 0.01, 0.5))
+    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E), distance=_decaying(E, 1.0, 0.5))
+    v, _ = verdicts(tmp_path)
+    assert v["C4"]["median_ratio"] > 2 and v["C4"]["verdict"] == "fails"
+
+
+def test_c5(tmp_path):
+    fabricate(tmp_path, spec(batch_size=8), final_ranks=[3] * 3, train_acc=np.linspace(0.1, 0.8, 9),
+              test_acc=np.linspace(0.1, 0.78, 9))
+    fabricate(tmp_path, spec(batch_size=128), final_ranks=[20] * 3, train_acc=np.linspace(0.1, 0.99, 9),
+              test_acc=np.linspace(0.1, 0.9, 9))
+    v, _ = verdicts(tmp_path)
+    assert v["C5"]["verdict"] == "holds"
+    g = v["C5"]["groups"][0]
+    assert g["train_acc_drop"] == pytest.approx(0.19) and g["test_acc_gain"] == pytest.approx(-0.12)
+
+
+def test_c5_fails_when_low_rank_generalises_better(tmp_path):
+    fabricate(tmp_path, spec(batch_size=8), final_ranks=[3] * 3, train_acc=np.linspace(0.1, 0.8, 9),
+              test_acc=np.linspace(0.1, 0.95, 9))
+    fabricate(tmp_path, spec(batch_size=128), final_ranks=[20] * 3, train_acc=np.linspace(0.1, 0.99, 9),
+              test_acc=np.linspace(0.1, 0.9, 9))
+    assert verdicts(tmp_path)[0]["C5"]["verdict"] == "fails"
+
+
+def test_c6_parts(tmp_path):
+    fabricate(tmp_path, spec(depth=5), final_ranks=[18, 9, 4, 10, 16])
+    v, _ = verdicts(tmp_path)
+    assert v["C6"]["mlp"]["verdict"] == "holds" and v["C6"]["verdict"] == "insufficient"
+    fabricate(tmp_path, spec(arch="res", depth=2), final_ranks=[18, 10, 10, 9, 11])
+    v, _ = verdicts(tmp_path)
+    assert v["C6"]["resnet"]["fraction_balanced"] == 1.0 and v["C6"]["verdict"] == "holds"
+    fabricate(tmp_path, spec(depth=5, seed=1), final_ranks=[18, 14, 10, 6, 2])
+    fabricate(tmp_path, spec(depth=5, seed=2), final_ranks=[18, 14, 10, 6, 2])
+    v, _ = verdicts(tmp_path)
+    assert v["C6"]["mlp"]["fraction_bottleneck"] == pytest.approx(1 / 3, abs=1e-3) and v["C6"]["verdict"] == "fails"
+
+
+def test_c7(tmp_path):
+    fabricate(tmp_path, spec(batch_size=1000), final_ranks=[20] * 3)
+    assert verdicts(tmp_path)[0]["C7"]["verdict"] == "holds"
+    fabricate(tmp_path, spec(batch_size=1000, seed=1), final_ranks=[5] * 3)
+    assert verdicts(tmp_path)[0]["C7"]["verdict"] == "fails"
+
+
+def test_c7_tiny_data_is_exempt(tmp_path):
+    fabricate(tmp_path, spec(batch_size=100, train_subset=100), final_ranks=[5] * 3)
+    v, _ = verdicts(tmp_path)
+    assert v["C7"]["verdict"] == "insufficient" and v["C7"]["n_tiny_data_runs"] == 1
+
+
+def test_rank_tolerance_is_applied(tmp_path):
+    # Singular values 1e-7 are above tol 1e-9: every matrix is full rank, C1 is flat.
+    for b, r in ((8, 6), (32, 12), (128, 19)):
+        fabricate(tmp_path, spec(batch_size=b), final_ranks=[r] * 3)
+    assert verdicts(tmp_path)[0]["C1"]["verdict"] == "holds"
+    assert verdicts(tmp_path, tol=1e-9)[0]["C1"]["verdict"] == "fails"
+
+
+def test_unknown_threshold_is_named(tmp_path):
+    with pytest.raises(ValueError, match="c9_bogus"):
+        C.judge([], overrides={"c9_bogus": 1})
+
+
+def test_cli_writes_md_and_json(tmp_path):
+    from rankbias.cli import main
+    runs = tmp_path / "runs"
+    for b, r in ((8, 6), (32, 12), (128, 19)):
+        fabricate(runs, spec(batch_size=b), final_ranks=[r] * 3)
+    assert main(["claims", "--runs", str(runs), "--out", str(tmp_path / "claims")]) == 0
+    doc = json.loads((tmp_path / "claims.json").read_text())
+    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)]
+    assert doc["claims"][0]["verdict"] == "holds"
+    md = (tmp_path / "claims.md").read_text()
+    assert "| C1 |" in md and "**holds**" in md

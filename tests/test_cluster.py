@@ -1,0 +1,65 @@
+"""Job time limits from a pack's work (rankbias.cluster)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rankbias.cluster import (MIN_MINUTES, SAFETY_FACTOR, estimate_runtime_minutes,
+                              estimate_seconds)
+from rankbias.spec import RunSpec, SpecError
+
+
+def pack(k=4, **kw):
+    base = dict(dataset="cifar10", arch="mlp_bn", depth=10, width=100, batch_size=32, epochs=100)
+    base.update(kw)
+    return [RunSpec(seed=i, **base) for i in range(k)]
+
+
+def test_limit_is_the_padded_estimate_in_whole_minutes():
+    specs = pack(epochs=500, batch_size=8)
+    seconds = estimate_seconds(specs, "cuda")
+    assert estimate_runtime_minutes(specs, "cuda") == math.ceil(SAFETY_FACTOR * seconds / 60)
+    assert estimate_runtime_minutes(specs) > MIN_MINUTES
+
+
+def test_tiny_packs_get_the_minimum():
+    specs = pack(dataset="synthetic", depth=2, width=16, epochs=3, batch_size=64)
+    assert estimate_runtime_minutes(specs, "cpu") == MIN_MINUTES
+
+
+def test_training_time_follows_the_step_count():
+    # steps = epochs * ceil(train_size / batch): the per-step part of the estimate
+    # scales with it exactly (startup and per-epoch work subtracted out).
+    t1 = estimate_seconds(pack(epochs=1000, log_every=1000), "cuda")
+    t2 = estimate_seconds(pack(epochs=2000, log_every=2000), "cuda")
+    t4 = estimate_seconds(pack(epochs=4000, log_every=4000), "cuda")
+    # both differences are 1000 and 2000 epochs of steps (each has two logged epochs)
+    assert (t4 - t2) == pytest.approx(2 * (t2 - t1), rel=1e-9)
+
+
+def test_more_work_never_takes_less_time():
+    base = estimate_seconds(pack(), "cuda")
+    assert estimate_seconds(pack(epochs=200), "cuda") > base
+    assert estimate_seconds(pack(k=8), "cuda") > base
+    assert estimate_seconds(pack(width=500), "cuda") > base
+    assert estimate_seconds(pack(depth=20), "cuda") > base
+    assert estimate_seconds(pack(batch_size=8), "cuda") > base
+    assert estimate_seconds(pack(train_subset=5000), "cuda") < base
+    assert estimate_seconds(pack(), "cpu") > base
+
+
+def test_batch_count_uses_the_train_size_or_subset():
+    # 50000 / 32 and 5000 / 32 steps per epoch: 1563 vs 157.
+    full = estimate_seconds(pack(epochs=1000, log_every=1000), "cpu")
+    sub = estimate_seconds(pack(epochs=1000, log_every=1000, train_subset=5000), "cpu")
+    assert full > 5 * sub
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(SpecError, match="no runs"):
+        estimate_runtime_minutes([])
+    with pytest.raises(SpecError, match="device: 'tpu'"):
+        estimate_runtime_minutes(pack(), "tpu")
+    with pytest.raises(SpecError, match="cannot train as one pack"):
+        estimate_runtime_minutes(pack(k=1) + pack(k=1, epochs=5))

@@ -1,0 +1,168 @@
+"""The batched engine against the plain PyTorch reference loop, resume, divergence."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rankbias import metrics as M
+from rankbias.engine import Pack
+from rankbias.reference import build_net, epoch_order, loss_fn, train_reference
+from rankbias.results import Run
+from rankbias.spec import RunSpec
+from rankbias.train import train_pack
+
+
+def _pack(model, loss="ce", epochs=3, schedule=None, batch=(16, 32, 64)):
+    """Three members that differ in lr, weight decay, momentum, seed and batch size."""
+    extra = dict(schedule="multistep", milestones=(2,), gamma=0.5) if schedule else {}
+    base = dict(dataset="synthetic", model=model, loss=loss, epochs=epochs, log_every=1, **extra)
+    return [RunSpec.from_dict({**base, "batch_size": batch[0], "lr": 0.1, "weight_decay": 0.0, "momentum": 0.9, "seed": 0}),
+            RunSpec.from_dict({**base, "batch_size": batch[1], "lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9, "seed": 1}),
+            RunSpec.from_dict({**base, "batch_size": batch[2], "lr": 0.02, "weight_decay": 1e-3, "momentum": 0.5, "seed": 2})]
+
+
+def _compare(specs, ds, tmp_path, rtol, atol, acc_samples=0):
+    train_pack(specs, tmp_path / "runs", device="cpu", dataset=ds, progress=False)
+    for spec in specs:
+        run = Run(tmp_path / "runs" / spec.run_id)
+        _, hist = train_reference(spec, ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.num_classes)
+        m = run.metrics.set_index("epoch")
+        assert list(m.index) == list(range(spec.epochs + 1))
+        for e, row in enumerate(hist):
+            for key in ("train_loss", "test_loss"):
+                np.testing.assert_allclose(m.loc[e, key], row[key], rtol=rtol, atol=atol,
+                                           err_msg=f"{spec.model} B={spec.batch_size} epoch {e} {key}")
+            for key, n in (("train_acc", len(ds.y_train)), ("test_acc", len(ds.y_test))):
+                # rounding may flip the arg-max of at most a sample or two
+                assert abs(m.loc[e, key] - row[key]) <= acc_samples / n, (spec.model, e, key)
+            names = run.layer_names
+            for i, name in enumerate(names):
+                sv_ref = np.linalg.svd(row["matrices"][name].double().numpy(), compute_uv=False)
+                sv = run.spectra[f"sv_{i}"][e]
+                np.testing.assert_allclose(sv, sv_ref, rtol=0, atol=atol * 10 + rtol * sv_ref.max(),
+                                           err_msg=f"{name} epoch {e}")
+                assert int(M.rank(sv)) == int(M.rank(sv_ref))
+        # the distance between consecutive epochs, output layer included
+        for e in range(1, len(hist)):
+            d = np.mean([np.linalg.norm(hist[e]["matrices"][n] - hist[e - 1]["matrices"][n])
+                         / np.linalg.norm(hist[e - 1]["matrices"][n]) for n in run.layer_names])
+            np.testing.assert_allclose(m.loc[e, "distance"], d, rtol=max(rtol, 1e-6) * 100)
+
+
+@pytest.mark.parametrize("model", ["MLP-BN-2-16", "MLP-2-16", "RES-BN-2-16", "RES-2-16"])
+def test_first_steps_equal_torch_sgd_float64(model, synthetic64):
+    """Step by step, each member's parameters equal nn.Module + torch.optim.SGD's
+    up to float64 rounding (both see the same mini-batches)."""
+    ds = synthetic64
+    specs = _pack(model)
+    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
+    plan = pack.epoch_plan(0)
+    refs = []
+    for spec in specs:
+        net = build_net(spec, ds.input_dim, ds.num_classes).double()
+        opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
+                              weight_decay=spec.weight_decay)
+        refs.append((net, opt, epoch_order(spec, 0, ds.x_train.shape[0]), spec.batch_size))
+    for t in range(8):
+        pack.step(plan.inputs(t))
+        for net, opt, order, B in refs:
+            idx = order[t * B:(t + 1) * B]
+            opt.zero_grad()
+            loss_fn(specs[0].loss, net(ds.x_train[idx]), ds.y_train[idx]).backward()
+            opt.step()
+    for k, (net, _, _, _) in enumerate(refs):
+        for name, p in net.named_parameters():
+            np.testing.assert_allclose(pack.params[name][k].detach().numpy(), p.detach().numpy(),
+                                       rtol=1e-11, atol=1e-13, err_msg=f"member {k} {name}")
+        for name, b in net.named_buffers():
+            if name in pack.running:
+                np.testing.assert_allclose(pack.running[name][k].numpy(), b.numpy(), rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("model", ["MLP-BN-2-16", "RES-BN-2-16", "RES-2-16"])
+def test_pack_matches_reference_float64(model, synthetic64, tmp_path):
+    """Same seeds and data order: over three epochs (with an lr drop) every member's
+    losses, accuracies, spectra, ranks and distances equal its own plain PyTorch run.
+    Summation order differs (bmm vs mm), so agreement is to rounding, not bitwise."""
+    _compare(_pack(model, schedule=True), synthetic64, tmp_path, rtol=1e-9, atol=1e-11)
+
+
+def test_pack_matches_reference_float32_mse(synthetic, tmp_path):
+    _compare(_pack("MLP-BN-3-32", loss="mse", epochs=2), synthetic, tmp_path, rtol=5e-4, atol=5e-5,
+             acc_samples=3)
+
+
+def test_uniform_batch_pack_matches_reference(synthetic64, tmp_path):
+    _compare(_pack("MLP-BN-2-16", epochs=2, batch=(32, 32, 32)), synthetic64, tmp_path, rtol=1e-7, atol=1e-9)
+
+
+def _read_all(path):
+    run = Run(path)
+    info = run.info
+    return (run.metrics, run.layers, run.spectra,
+            {k: v for k, v in info.items() if k not in ("wall_time_s", "provenance", "files")})
+
+
+def test_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):
+    specs = _pack("MLP-BN-2-16", epochs=4)
+    train_pack(specs, tmp_path / "a" / "runs", device="cpu", dataset=synthetic, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(epoch):
+        if epoch == 3:
+            raise Killed
+
+    out = tmp_path / "b" / "runs"
+    with pytest.raises(Killed):
+        train_pack(specs, out, device="cpu", dataset=synthetic, progress=False,
+                   checkpoint_every=2, on_epoch=kill_at_3)
+    assert not out.exists() or not any(out.iterdir()), "no run output before the pack finishes"
+    ckpt = tmp_path / "b" / "packs"
+    assert list(ckpt.glob("*/checkpoint.pt")), "a checkpoint was written at epoch 2"
+    train_pack(specs, out, device="cpu", dataset=synthetic, progress=False, checkpoint_every=2)
+    assert not list(ckpt.glob("*/checkpoint.pt")), "checkpoint removed once outputs are written"
+    for spec in specs:
+        a = _read_all(tmp_path / "a" / "runs" / spec.run_id)
+        b = _read_all(out / spec.run_id)
+        a[0].equals(b[0]) or pytest.fail(f"metrics differ:\n{a[0]}\n{b[0]}")
+        assert a[1].equals(b[1])
+        for k in a[2]:
+            np.testing.assert_array_equal(a[2][k], b[2][k])
+        assert a[3] == b[3]
+
+
+def test_diverged_member_is_recorded_and_does_not_disturb_others(synthetic, tmp_path):
+    ok = RunSpec(dataset="synthetic", arch="mlp", depth=2, width=16, batch_size=32, lr=0.05, epochs=3, seed=0)
+    bad = RunSpec(dataset="synthetic", arch="mlp", depth=2, width=16, batch_size=32, lr=1e4, epochs=3, seed=1)
+    train_pack([ok], tmp_path / "alone", device="cpu", dataset=synthetic, progress=False)
+    train_pack([ok, bad], tmp_path / "both", device="cpu", dataset=synthetic, progress=False)
+    b = Run(tmp_path / "both" / bad.run_id)
+    assert b.diverged and b.info["diverged"]["epoch"] >= 1 and "non-finite" in b.info["diverged"]["reason"]
+    assert b.metrics["diverged"].iloc[-1]
+    assert np.isnan(b.metrics["train_loss"].iloc[-1])
+    assert (b.mean_rank().iloc[1:].isna()).all()
+    a1, a2 = Run(tmp_path / "alone" / ok.run_id), Run(tmp_path / "both" / ok.run_id)
+    np.testing.assert_allclose(a1.metrics["train_loss"], a2.metrics["train_loss"], rtol=1e-5)
+    assert not a2.diverged
+
+
+def test_pack_rejects_mixed_architectures(synthetic):
+    a = RunSpec(dataset="synthetic", arch="mlp", depth=2, width=16)
+    b = RunSpec(dataset="synthetic", arch="mlp", depth=3, width=16)
+    with pytest.raises(ValueError, match="share"):
+        Pack([a, b], synthetic.x_train, synthetic.y_train, 10, "cpu")
+
+
+def test_run_json_records_provenance(synthetic, tmp_path):
+    spec = RunSpec(dataset="synthetic", arch="mlp_bn", depth=2, width=8, epochs=1, batch_size=64)
+    train_pack([spec], tmp_path / "runs", device="cpu", dataset=synthetic, progress=False)
+    info = json.loads((tmp_path / "runs" / spec.run_id / "run.json").read_text())
+    assert info["run_id"] == spec.run_id and info["spec"] == spec.to_dict()
+    assert info["epochs_completed"] == 1 and info["device"] == "cpu"
+    assert set(info["files"]) == {"metrics.parquet", "layers.parquet", "spectra.npz"}
+    assert "code" in info["provenance"] and "packages" in info["provenance"]
+    assert info["dataset"]["name"] == "synthetic"
+    assert Run(tmp_path / "runs" / spec.run_id).verify() == []

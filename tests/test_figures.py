@@ -1,0 +1,131 @@
+"""Figures from fabricated runs: layouts, thresholds, missing and diverged runs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from fabricate import fabricate
+from rankbias import figures as F
+from rankbias import provenance, sweep
+from rankbias.results import Run
+
+CFG = {
+    "rank": {"normalise": "fro", "tol": 1e-3},
+    "defaults": {"dataset": "synthetic", "epochs": 4, "weight_decay": 5e-4},
+    "figures": {
+        "fig1": {"model": "MLP-3-12", "grid": {"weight_decay": [0.0, 5e-4, 5e-3]}},
+        "fig2": {"model": "MLP-BN-3-12", "grid": {"lr": [0.01, 0.1], "batch_size": [8, 32]}},
+        "fig3": {"model": "MLP-3-12", "grid": {"batch_size": [8, 32], "weight_decay": [0.0, 5e-3]}},
+        "fig4": {"model": "RES-BN-2-12", "grid": {"batch_size": [8, 32]}},
+        "fig5": {"model": "MLP-3-12", "grid": {"batch_size": [8, 32]}},
+        "fig6": {"model": "MLP-BN-3-12", "grid": {"lr": [0.01, 0.1], "batch_size": [8, 32]}},
+        "fig7": {"model": "RES-2-12", "seeds": [0, 1], "grid": {"batch_size": [8, 32]}},
+    },
+}
+
+
+@pytest.fixture
+def world(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(CFG))
+    p = sweep.plan(CFG)
+    runs = tmp_path / "runs"
+    for i, (rid, s) in enumerate(sorted(p.specs.items())):
+        n = s.depth if s.arch.startswith("mlp") else 1 + 2 * s.depth
+        fabricate(runs, s, final_ranks=[max(1, 12 - (i + j) % 7) for j in range(n)])
+    return cfg, runs, p
+
+
+def axes_titles(fig):
+    return [ax.get_title() for ax in fig.axes]
+
+
+def test_every_figure_is_written_with_provenance(world, tmp_path):
+    cfg, runs, p = world
+    for name in sweep.FIGURES:
+        out = tmp_path / "figs" / f"{name}.png"
+        r = F.make_figure(name, cfg, runs, out)
+        assert r["missing"] == [] and r["runs"] == len(p.figures[name])
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert out.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+        prov = provenance.read_embedded(out)
+        assert sorted(x["run_id"] for x in prov["runs"]) == sorted(p.figures[name])
+        assert prov["rank"] == {"normalise": "fro", "tol": 1e-3}
+
+
+def test_layouts(world):
+    _, runs, p = world
+    load = lambda name: F.collect(runs, p.figures[name], "fro", 1e-3)[0]
+    fig = F.draw("fig1", load("fig1"))
+    titles = axes_titles(fig)
+    assert titles[:4] == ["(a) d(W_t, W_t+1)", "(b) train accuracy", "(c) train loss", "(d) average rank"]
+    assert fig.axes[0].get_yscale() == "log" and fig.axes[3].get_yscale() == "linear"
+    labels = fig.legends[0].get_texts()
+    assert sorted(t.get_text() for t in labels) == ["λ=0", "λ=0.0005", "λ=0.005"]
+    fig = F.draw("fig2", load("fig2"))
+    assert axes_titles(fig) == ["η=0.01", "η=0.1"]
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["B=32", "B=8"]
+    fig = F.draw("fig3", load("fig3"))
+    assert axes_titles(fig) == ["B=8", "B=32"]
+    fig = F.draw("fig5", load("fig5"))
+    assert len(fig.axes) == 2 and "accuracy" in fig.axes[1].get_ylabel()
+    fig = F.draw("fig6", load("fig6"))
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["fc1", "fc2", "fc3"]
+    fig = F.draw("fig7", load("fig7"))
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()][:2] == ["stem", "block1.w1"]
+    assert any("2 seeds" in t.get_text() for t in fig.legends[0].get_texts())
+
+
+def test_plotted_ranks_follow_the_tolerance(tmp_path):
+    s = sweep.plan({"defaults": {"dataset": "synthetic", "epochs": 2},
+                    "figures": {"fig2": {"model": "MLP-BN-2-10", "grid": {"batch_size": [8]}}}})
+    spec = next(iter(s.specs.values()))
+    fabricate(tmp_path, spec, layer_ranks=[[10, 10], [6, 8], [4, 2]])
+    d = F.load_run(Run(tmp_path / spec.run_id), "fro", 1e-3)
+    assert list(d.mean_rank.values) == [10.0, 7.0, 3.0]
+    fig = F.draw("fig2", [d])
+    line = fig.axes[0].get_lines()[0]
+    assert list(line.get_ydata()) == [10.0, 7.0, 3.0]
+    d = F.load_run(Run(tmp_path / spec.run_id), "fro", 1e-9)   # the 1e-7 tail now counts
+    assert list(d.mean_rank.values) == [10.0, 10.0, 10.0]
+
+
+def test_missing_and_diverged_runs_are_shown(world, tmp_path, capsys):
+    cfg, runs, p = world
+    ids = p.figures["fig2"]
+    gone = runs / ids[0]
+    for f in gone.iterdir():
+        f.unlink()
+    gone.rmdir()
+    spec = p.specs[ids[1]]
+    fabricate(runs, spec, final_ranks=[5, 5, 5], diverged_at=3)
+    r = F.make_figure("fig2", cfg, runs, tmp_path / "fig2.png")
+    assert r["missing"] == [ids[0]] and r["diverged"] == [ids[1]]
+    assert ids[0] in capsys.readouterr().err
+    data, missing = F.collect(runs, ids, "fro", 1e-3)
+    fig = F.draw("fig2", data, missing)
+    assert "1 of 4 runs not available" in fig._suptitle.get_text()
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("diverged at epoch 3" in t for t in labels)
+    crosses = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_marker() == "x"]
+    assert len(crosses) == 1 and crosses[0].get_xdata()[0] == 2   # last finite epoch
+
+
+def test_no_runs_at_all_still_draws(world, tmp_path):
+    cfg, _, p = world
+    r = F.make_figure("fig4", cfg, tmp_path / "empty", tmp_path / "fig4.png")
+    assert r["runs"] == 0 and len(r["missing"]) == len(p.figures["fig4"])
+    assert (tmp_path / "fig4.pdf").exists()
+
+
+def test_cli_rejects_an_unconfigured_figure(tmp_path):
+    from rankbias.cli import main
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"defaults": {"dataset": "synthetic"},
+                                   "figures": {"fig2": {"grid": {"batch_size": [8]}}}}))
+    assert main(["figure", "fig3", "--config", str(cfg), "--runs", str(tmp_path),
+                 "--out", str(tmp_path / "f.png")]) == 1

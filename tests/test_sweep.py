@@ -1,0 +1,136 @@
+"""Config -> runs -> packs: grids, deduplication, pack files, errors that name the key."""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rankbias import sweep
+from rankbias.spec import RunSpec, load_pack
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["config/config.yaml", "config/paper.yaml", ".test/config.yaml"]
+
+
+def small(**figures):
+    return {"defaults": {"dataset": "synthetic", "epochs": 2, "width": 8, "depth": 2, "arch": "mlp"},
+            "figures": figures}
+
+
+def test_grid_is_the_product_of_its_values_and_seeds():
+    p = sweep.plan(small(fig2={"model": "MLP-BN-3-10", "seeds": [0, 1],
+                               "grid": {"lr": [0.01, 0.1], "batch_size": [8, 16, 32]}}))
+    specs = [p.specs[r] for r in p.groups["fig2"]]
+    assert len(specs) == 12
+    got = {(s.lr, s.batch_size, s.seed) for s in specs}
+    assert got == set(itertools.product([0.01, 0.1], [8, 16, 32], [0, 1]))
+    assert {(s.arch, s.depth, s.width, s.dataset, s.epochs) for s in specs} == {("mlp_bn", 3, 10, "synthetic", 2)}
+
+
+def test_runs_shared_by_figures_are_deduplicated_and_packed_once():
+    cfg = small(fig2={"grid": {"batch_size": [8, 16]}}, fig6={"grid": {"batch_size": [16, 32]}})
+    p = sweep.plan(cfg)
+    shared = set(p.groups["fig2"]) & set(p.groups["fig6"])
+    assert len(shared) == 1 and len(p.specs) == 3
+    packed = [r for ids in p.packs.values() for r in ids]
+    assert sorted(packed) == sorted(p.specs)          # every run in exactly one pack
+
+
+def test_pack_ids_are_stable_and_a_changed_run_changes_only_its_pack():
+    cfg = small(fig2={"grid": {"batch_size": [8, 16], "lr": [0.01, 0.1]}})
+    before = sweep.plan(cfg)
+    again = sweep.plan(json.loads(json.dumps(cfg)))
+    assert before.packs == again.packs
+    cfg["figures"]["fig2"]["grid"]["lr"] = [0.01, 0.2]
+    after = sweep.plan(cfg)
+    changed = set(after.packs) - set(before.packs)
+    kept = set(after.packs) & set(before.packs)
+    assert len(changed) == 2 and len(kept) == 0  # both batch-size packs hold an lr=0.1 run
+    cfg = small(fig2={"grid": {"batch_size": [8, 16]}}, fig3={"lr": 0.05, "grid": {"batch_size": [8, 16]}})
+    before = sweep.plan(cfg)
+    cfg["figures"]["fig3"]["grid"]["batch_size"] = [8, 32]
+    after = sweep.plan(cfg)
+    assert len(set(before.packs) - set(after.packs)) == 1
+
+
+def test_pack_files_round_trip_and_are_written_only_when_changed(tmp_path):
+    p = sweep.plan(small(fig1={"grid": {"weight_decay": [0, 5e-4]}}))
+    assert len(sweep.write_packs(p, tmp_path)) == len(p.packs)
+    for pid, ids in p.packs.items():
+        doc = json.loads((tmp_path / f"{pid}.json").read_text())
+        assert doc["pack_id"] == pid
+        assert [s.run_id for s in load_pack(tmp_path / f"{pid}.json")] == ids
+    mtimes = {f: f.stat().st_mtime_ns for f in tmp_path.iterdir()}
+    assert sweep.write_packs(p, tmp_path) == []
+    assert mtimes == {f: f.stat().st_mtime_ns for f in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_shipped_configs_plan_and_satisfy_the_schema(path):
+    from snakemake.utils import validate
+    raw = yaml.safe_load((ROOT / path).read_text())
+    validate(dict(raw), str(ROOT / "workflow/schemas/config.schema.yaml"))
+    p = sweep.plan(raw)
+    assert set(p.figures) == set(sweep.FIGURES)
+    for ids in p.groups.values():
+        assert ids
+
+
+def test_quick_profile_shares_runs_and_has_what_the_claims_need():
+    p = sweep.plan_from_file(ROOT / "config/config.yaml")
+    assert set(p.groups["fig6"]) <= set(p.groups["fig2"])   # fig6 redraws fig2's runs
+    specs = [p.specs[r] for r in p.groups["fig2"]]
+    assert len({s.batch_size for s in specs}) >= 3              # C1
+    lams = {p.specs[r].weight_decay for r in p.groups["fig3"]}
+    assert 0.0 in lams and len(lams) >= 3                       # C3
+    assert {s.dataset for s in p.specs.values()} == {"mnist"}
+
+
+def test_schema_defaults_agree_with_the_library():
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    props = schema["properties"]
+    for key in ("device", "max_pack", "train_threads", "rank"):
+        assert props[key]["default"] == sweep.TOP_DEFAULTS[key], key
+    from rankbias.claims import DEFAULT_THRESHOLDS
+    assert set(props["claims"]["properties"]) == set(DEFAULT_THRESHOLDS)
+    grid_keys = set(schema["definitions"]["grid"]["properties"]) - {"seed"}
+    assert grid_keys == set(sweep.SPEC_KEYS) - {"seed"}
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c["figures"].update(fig9={}), "fig9"),
+    (lambda c: c["figures"]["fig2"].update(model="CNN-3-10"), "model"),
+    (lambda c: c["figures"]["fig2"].update(dataset="imagenet"), "dataset"),
+    (lambda c: c["figures"]["fig2"]["grid"].update(batch_size=[-8]), "batch_size"),
+    (lambda c: c["figures"]["fig2"]["grid"].update(lr=["fast"]), "lr"),
+    (lambda c: c["figures"]["fig2"].update(epochs="ten"), "epochs"),
+    (lambda c: c["figures"]["fig2"].update(learning_rate=0.1), "learning_rate"),
+    (lambda c: c["defaults"].update(weight_decay=-1.0), "weight_decay"),
+    (lambda c: c.update(device="tpu"), "device"),
+    (lambda c: c["rank"].update(tol=0), "rank.tol"),
+])
+def test_bad_configs_name_the_key(mutate, key):
+    cfg = {"rank": {"normalise": "fro", "tol": 1e-3}, "defaults": {"dataset": "synthetic"},
+           "figures": {"fig2": {"model": "MLP-BN-2-8", "grid": {"batch_size": [8], "lr": [0.1]}}}}
+    mutate(cfg)
+    with pytest.raises(sweep.SpecError, match=key.split(".")[-1]):
+        sweep.plan(cfg)
+
+
+def test_plan_cli(tmp_path, capsys):
+    from rankbias.cli import main
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(small(fig1={"grid": {"weight_decay": [0, 5e-4]}})))
+    assert main(["plan", "--config", str(cfg), "--json", "--write-packs", str(tmp_path / "packs")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["runs"] == 2 and len(doc["figures"]["fig1"]["runs"]) == 2
+    # synthetic has 1024 training examples: 2 epochs of B=32 (the RunSpec default)
+    assert all(v["steps"] == 2 * 32 for v in doc["packs"].values())
+    assert sorted(f.stem for f in (tmp_path / "packs").iterdir()) == sorted(doc["packs"])
+    pid = next(iter(doc["packs"]))
+    assert main(["plan", "--config", str(cfg), "--write-pack", pid, "--out", str(tmp_path / "one.json")]) == 0
+    assert json.loads((tmp_path / "one.json").read_text())["pack_id"] == pid
+    assert main(["plan", "--config", str(tmp_path / "missing.yaml")]) == 1

@@ -1,0 +1,159 @@
+"""The Snakemake workflow, run for real on the tiny config (.test/config.yaml) in a
+copy of the repository: end to end, incremental, deduplicated, validated, reported."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rankbias import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def project_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return sorted({f for f in out.splitlines() if f and (ROOT / f).is_file()})
+
+
+def copy_repo(dest: Path) -> Path:
+    for f in project_files():
+        if f.startswith(("results/", "data/")):
+            continue
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest / f)
+    return dest
+
+
+def snakemake(wd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RANKBIAS_OFFLINE": "1"}
+    p = subprocess.run([str(BIN / "snakemake"), "--cores", "2", *args], cwd=wd, env=env,
+                       capture_output=True, text=True, timeout=1200)
+    if check and p.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def planned_jobs(p: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts from a dry run's 'Job stats' table."""
+    text = p.stdout + p.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[-1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)
+            if m.group(1) != "total"}
+
+
+TEST_CONFIG = ".test/config.yaml"
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    wd = copy_repo(tmp_path_factory.mktemp("workflow"))
+    p = snakemake(wd, "--configfile", TEST_CONFIG)
+    return wd, p.stdout + p.stderr
+
+
+def test_end_to_end_builds_every_figure_and_the_claims(done):
+    wd, _ = done
+    for i in range(1, 8):
+        for ext in ("png", "pdf"):
+            f = wd / "results" / "figures" / f"fig{i}.{ext}"
+            assert f.stat().st_size > 1000, f
+    doc = json.loads((wd / "results" / "claims.json").read_text())
+    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)]
+    assert all(c["verdict"] in ("holds", "fails", "insufficient") for c in doc["claims"])
+    assert "| C1 |" in (wd / "results" / "claims.md").read_text()
+    p = sweep.plan_from_file(wd / TEST_CONFIG)
+    for rid in p.specs:
+        info = json.loads((wd / "results" / "runs" / rid / "run.json").read_text())
+        assert info["run_id"] == rid and info["spec"] == p.specs[rid].to_dict()
+
+
+def test_a_run_shared_by_two_figures_trains_once(done):
+    wd, log = done
+    p = sweep.plan_from_file(wd / TEST_CONFIG)
+    shared = set(p.groups["fig2"]) & set(p.groups["fig6"])
+    assert shared
+    train_jobs = re.findall(r"rule (train_[0-9a-f]{12}):", log)
+    assert sorted(train_jobs) == sorted(f"train_{pid}" for pid in p.packs)   # each pack once
+    packed = [r for ids in p.packs.values() for r in ids]
+    assert len(packed) == len(set(packed)) == len(p.specs)
+
+
+def test_second_run_does_nothing(done):
+    wd, _ = done
+    before = {f: f.stat().st_mtime_ns for f in (wd / "results").rglob("*") if f.is_file()}
+    p = snakemake(wd, "--configfile", TEST_CONFIG, "-n")
+    assert planned_jobs(p) == {}, p.stdout
+    p = snakemake(wd, "--configfile", TEST_CONFIG)
+    assert "Nothing to be done" in p.stdout + p.stderr
+    after = {f: f.stat().st_mtime_ns for f in (wd / "results").rglob("*") if f.is_file()
+             if ".snakemake" not in str(f)}
+    assert {f: t for f, t in after.items() if f in before} == {f: before[f] for f in after if f in before}
+
+
+def test_changing_one_runs_lr_retrains_only_its_pack(done):
+    wd, _ = done
+    cfg = yaml.safe_load((wd / TEST_CONFIG).read_text())
+    cfg["figures"]["fig7"]["lr"] = 0.02
+    changed = wd / ".test" / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    old, new = sweep.plan_from_file(wd / TEST_CONFIG), sweep.plan_from_file(changed)
+    new_packs = set(new.packs) - set(old.packs)
+    assert len(new_packs) == 1
+    jobs = planned_jobs(snakemake(wd, "--configfile", str(changed.relative_to(wd)), "-n"))
+    assert {k: v for k, v in jobs.items() if k.startswith("train_")} == {f"train_{new_packs.pop()}": 1}
+    assert jobs.get("figure") == 1 and jobs.get("claims") == 1   # fig7 and the claims only
+
+
+def test_rethresholding_redraws_without_retraining(done):
+    wd, _ = done
+    cfg = yaml.safe_load((wd / TEST_CONFIG).read_text())
+    cfg["rank"]["tol"] = 0.05
+    (wd / ".test" / "tol.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(snakemake(wd, "--configfile", ".test/tol.yaml", "-n"))
+    assert not any(k.startswith("train_") for k in jobs)
+    assert jobs.get("figure") == 7 and jobs.get("claims") == 1
+
+
+def test_report_holds_every_figure(done):
+    wd, _ = done
+    snakemake(wd, "--configfile", TEST_CONFIG, "--report", "report.zip")
+    names = zipfile.ZipFile(wd / "report.zip").namelist()
+    for i in range(1, 8):
+        assert any(n.endswith(f"fig{i}.png") for n in names), names
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c["figures"].update(fig9={"model": "MLP-2-16"}), "fig9"),
+    (lambda c: c["figures"]["fig2"].update(model="CNN-2-16"), "model"),
+    (lambda c: c["defaults"].update(dataset="imagenet"), "dataset"),
+    (lambda c: c["defaults"].update(epochs="three"), "epochs"),
+    (lambda c: c["figures"]["fig5"]["grid"].update(batch_size=[-64]), "batch_size"),
+    (lambda c: c["figures"]["fig1"].update(batch_size=2, model="MLP-BN-2-16", seeds=[0]) or
+     c["figures"]["fig1"].update(batch_size=1), "batch_size"),
+])
+def test_bad_config_fails_before_any_job(tmp_path, edit, key):
+    wd = copy_repo(tmp_path)
+    cfg = yaml.safe_load((wd / TEST_CONFIG).read_text())
+    edit(cfg)
+    (wd / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    p = snakemake(wd, "--configfile", "bad.yaml", check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert key in text, text[-3000:]
+    assert not (wd / "results" / "runs").exists() and not (wd / "data").exists()
+    assert "rule " not in p.stdout
