@@ -85,7 +85,7 @@ def test_pack_matches_reference_float64(model, synthetic64, tmp_path):
     """Same seeds and data order: over three epochs (with an lr drop) every member's
     losses, accuracies, spectra, ranks and distances equal its own plain PyTorch run.
     Summation order differs (bmm vs mm), so agreement is to rounding, not bitwise."""
-    _compare(_pack(model, schedule=True), synthetic64, tmp_path, rtol=1e-9, atol=1e-11)
+    _compare(_pack(model, schedule=True), synthetic64, tmp_path, rtol=1e-8, atol=1e-11)
 
 
 def test_pack_matches_reference_float32_mse(synthetic, tmp_path):

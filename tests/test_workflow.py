@@ -143,8 +143,8 @@ def test_report_holds_every_figure(done):
     (lambda c: c["defaults"].update(dataset="imagenet"), "dataset"),
     (lambda c: c["defaults"].update(epochs="three"), "epochs"),
     (lambda c: c["figures"]["fig5"]["grid"].update(batch_size=[-64]), "batch_size"),
-    (lambda c: c["figures"]["fig1"].update(batch_size=2, model="MLP-BN-2-16", seeds=[0]) or
-     c["figures"]["fig1"].update(batch_size=1), "batch_size"),
+    # passes the schema; the run spec check rejects BatchNorm with batches of one
+    (lambda c: c["figures"]["fig1"].update(model="MLP-BN-2-16", batch_size=1), "batch_size"),
 ])
 def test_bad_config_fails_before_any_job(tmp_path, edit, key):
     wd = copy_repo(tmp_path)

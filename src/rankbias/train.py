@@ -240,12 +240,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     packs = [load_pack(p) for p in args.packs]   # validate every file before training any
     if len(packs) > 1 and args.checkpoint_dir:
         raise ValueError("--checkpoint-dir: give it only with a single pack file")
-    for specs in packs:
-        ctx = contextlib.nullcontext()
-        if resolve_device(args.device).type == "cuda":  # one GPU per concurrent job
-            from .gpus import acquire_gpu
-            ctx = acquire_gpu()
-        with ctx:
+    # Take a GPU slot before anything touches CUDA: CUDA_VISIBLE_DEVICES is read when
+    # the driver starts, so concurrent jobs on one workstation each get their own GPU.
+    ctx = contextlib.nullcontext()
+    if args.device != "cpu":
+        from .gpus import acquire_gpu
+        ctx = acquire_gpu()
+    with ctx:
+        for specs in packs:
             train_pack(specs, args.out, args.device, args.checkpoint_dir, args.checkpoint_every,
                        args.data_dir, progress=not args.quiet)
     return 0

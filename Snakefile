@@ -1,0 +1,42 @@
+# rankbias: config -> runs -> packs -> training -> figures and the claims table.
+# The rules are one-line calls of the `rankbias` command; the logic is in the library.
+# Quick profile: `snakemake` (config/config.yaml). Paper: --configfile config/paper.yaml.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The quick profile is the default; a --configfile replaces it entirely (Snakemake would
+# otherwise merge the two, and a paper or test config would inherit quick-profile runs).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+
+# With --sdm apptainer every job runs in the project image, pinned by digest (env
+# RANKBIAS_CONTAINER=docker://<registry>/rankbias@sha256:<digest>) or the local rankbias.sif.
+from rankbias.cluster import container_image
+
+
+container: container_image()
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/figures.smk"
+include: "workflow/rules/claims.smk"
+
+
+rule all:
+    input:
+        expand("results/figures/{fig}.png", fig=FIGURES),
+        expand("results/figures/{fig}.pdf", fig=FIGURES),
+        "results/claims.md",
+        "results/claims.json",
+    default_target: True

@@ -1,0 +1,64 @@
+# Config -> run specs -> deduplicated runs -> packs, all at parse time.
+#
+# Pack files are written here, not by a rule, and only when missing or different.
+# A pack's id is a hash of its members' run_ids, so the content under one name never
+# changes: an unchanged config rewrites nothing (a second `snakemake` has nothing to
+# do), and changing one run's hyperparameter gives its pack a new id (only that pack
+# trains again). The resolved config (defaults filled in) is written the same way for
+# the figure and claims commands.
+
+import json
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from rankbias import sweep
+from rankbias.cluster import estimate_runtime_minutes
+
+
+validate(config, "../schemas/config.schema.yaml")
+try:
+    PLAN = sweep.plan(config)
+except sweep.SpecError as e:
+    raise ValueError(f"invalid config: {e}") from None
+
+RESOLVED_CONFIG = "results/config.resolved.json"
+sweep.write_if_changed(RESOLVED_CONFIG, sweep.config_bytes(PLAN))
+sweep.write_packs(PLAN, "results/packs")
+
+FIGURES = list(PLAN.figures)
+ALL_RUNS = list(PLAN.specs)
+PACKS = list(PLAN.packs)
+DATASETS = sorted({s.dataset for s in PLAN.specs.values()})
+ON_GPU = PLAN.config["device"] == "cuda"
+
+
+wildcard_constraints:
+    pack="[0-9a-f]{12}",
+    fig="fig[1-7]",
+    dataset="|".join(DATASETS) or "none",
+
+
+def run_json(run_ids):
+    return [f"results/runs/{r}/run.json" for r in run_ids]
+
+
+def pack_runtime(pid):
+    """Job time limit in minutes (rankbias.cluster's conservative estimate)."""
+    return estimate_runtime_minutes(PLAN.pack_specs(pid), "cuda" if ON_GPU else "cpu")
+
+
+def pack_mem_mb(pid):
+    # Host memory: the dataset as float32 on the host, the pack's parameters with
+    # gradients and momentum, and a fixed allowance for the interpreter and torch.
+    specs = PLAN.pack_specs(pid)
+    from rankbias.cluster import _matrices, _sizes, INPUT_DIM
+
+    train, test = _sizes(specs[0])
+    data = 4 * (train + test) * INPUT_DIM[specs[0].dataset]
+    params = 4 * 3 * len(specs) * sum(o * i for o, i in _matrices(specs[0]))
+    return 2048 + (2 * (data + params)) // 2**20
+
+
+def figure_runs(wildcards):
+    return run_json(PLAN.groups[wildcards.fig])

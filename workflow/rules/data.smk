@@ -1,0 +1,11 @@
+# Datasets: find (or download) the raw files, verify their md5 and copy them into
+# data/<name>/ with a manifest. Training reads them from data/.
+
+
+rule data:
+    output:
+        "data/{dataset}/manifest.json",
+    log:
+        "results/logs/data/{dataset}.log",
+    shell:
+        "rankbias data fetch --dataset {wildcards.dataset} --dest data > {log} 2>&1"

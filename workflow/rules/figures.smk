@@ -1,0 +1,25 @@
+# Figures: one job per paper figure, drawn from the stored runs only. Ranks are read
+# off the stored spectra with the config's `rank` settings (a params change redraws
+# the figures and never retrains).
+
+
+rule figure:
+    input:
+        figure_runs,
+    output:
+        png=report(
+            "results/figures/{fig}.png",
+            caption="../report/figure.rst",
+            category="Figures",
+        ),
+        pdf="results/figures/{fig}.pdf",
+        provenance="results/figures/{fig}.provenance.json",
+    params:
+        rank=lambda wildcards: PLAN.config["rank"],
+        runs=lambda wildcards: PLAN.groups[wildcards.fig],
+        config=RESOLVED_CONFIG,
+    log:
+        "results/logs/figures/{fig}.log",
+    shell:
+        "rankbias figure {wildcards.fig} --config {params.config} --runs results/runs"
+        " --out {output.png} > {log} 2>&1"

@@ -1,0 +1,39 @@
+# Training: one job per pack. A pack's runs train together as one batched model;
+# the job writes results/runs/<run_id>/ for every member.
+#
+# Snakemake outputs cannot be computed from a wildcard, so each pack gets its own
+# rule (train_<pack_id>) whose outputs are its members' run.json files. The pack
+# file and the dataset manifest are `ancient`: a pack file's content never changes
+# under its name, and the data is verified by checksum, so a newer timestamp on
+# either (a `dvc pull`, a fresh checkout) is no reason to retrain.
+
+
+def _train_rule(pid):
+    specs = PLAN.pack_specs(pid)
+    resources_ = dict(runtime=pack_runtime(pid), mem_mb=pack_mem_mb(pid))
+    if ON_GPU:
+        resources_["gpu"] = 1
+
+    rule:
+        name:
+            f"train_{pid}"
+        input:
+            pack=ancient(f"results/packs/{pid}.json"),
+            data=ancient(f"data/{specs[0].dataset}/manifest.json"),
+        output:
+            run_json(PLAN.packs[pid]),
+        params:
+            pack=pid,
+        log:
+            f"results/logs/train/{pid}.log",
+        threads: PLAN.config["train_threads"]
+        resources:
+            **resources_,
+        shell:
+            "OMP_NUM_THREADS={threads} rankbias train {input.pack} --out results/runs"
+            " --checkpoint-dir results/packs/{params.pack} --device {config[device]}"
+            " > {log} 2>&1"
+
+
+for _pid in PACKS:
+    _train_rule(_pid)
