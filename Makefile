@@ -41,12 +41,16 @@ lock:
 	  echo "# Regenerate: make lock"; \
 	  /tmp/rankbias-lock/bin/pip freeze --exclude rankbias ) > requirements.lock
 
+# Container images (need Docker / Apptainer; see README "Containers and SLURM").
 docker:
 	docker build -f containers/Dockerfile -t rankbias:$$(git rev-parse --short HEAD) \
-	  --build-arg REVISION=$$(git rev-parse HEAD) .
+	  --build-arg REVISION=$$(git rev-parse HEAD) \
+	  --build-arg SOURCE=$$(git remote get-url origin 2>/dev/null || echo unknown) .
 
-apptainer:
-	apptainer build rankbias.sif containers/apptainer.def
+apptainer: docker
+	apptainer build --build-arg TAG=$$(git rev-parse --short HEAD) \
+	  --build-arg IMAGE_ID=$$(docker image inspect --format '{{.Id}}' rankbias:$$(git rev-parse --short HEAD)) \
+	  rankbias.sif containers/apptainer.def
 
 clean:
 	rm -rf results .snakemake

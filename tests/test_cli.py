@@ -1,0 +1,105 @@
+"""`rankbias train` and `rankbias bench` as a user runs them, bad input included."""
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+
+
+def rankbias(*args, env=None, cwd=None):
+    e = {**os.environ, "RANKBIAS_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "rankbias", *args], capture_output=True, text=True,
+                          env=e, cwd=cwd, timeout=600)
+
+
+def write_pack(path, runs):
+    path.write_text(json.dumps({"runs": runs}))
+    return path
+
+
+TINY = {"dataset": "synthetic", "model": "MLP-BN-2-8", "epochs": 2, "batch_size": 64}
+
+
+def test_train_writes_runs_and_shows_progress(tmp_path):
+    pack = write_pack(tmp_path / "p.json", [dict(TINY, lr=0.1), dict(TINY, lr=0.05, seed=1)])
+    r = rankbias("train", str(pack), "--out", str(tmp_path / "runs"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "epoch 2/2" in r.stderr and "mean rank" in r.stderr and "ETA" in r.stderr
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    for run in runs:
+        assert sorted(os.listdir(tmp_path / "runs" / run)) == [
+            "layers.parquet", "metrics.parquet", "run.json", "spectra.npz"]
+
+
+@pytest.mark.parametrize("bad, key", [({"model": "CNN-2-8"}, "model"), ({"arch": "transformer"}, "arch"),
+                                      ({"lr": -0.1}, "lr"), ({"epochs": 0}, "epochs")])
+def test_bad_spec_is_a_clear_error_and_writes_nothing(tmp_path, bad, key):
+    pack = write_pack(tmp_path / "p.json", [TINY, {**TINY, **bad}])
+    r = rankbias("train", str(pack), "--out", str(tmp_path / "runs"), "--device", "cpu")
+    assert r.returncode == 1
+    assert key in r.stderr and "run 1" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_device_is_named(tmp_path):
+    pack = write_pack(tmp_path / "p.json", [TINY])
+    r = rankbias("train", str(pack), "--out", str(tmp_path / "runs"), "--device", "tpu")
+    assert r.returncode == 1 and "--device" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def _mnist_pack(tmp_path):
+    return write_pack(tmp_path / "p.json", [{"dataset": "mnist", "model": "MLP-2-8", "epochs": 1,
+                                             "train_subset": 100, "test_subset": 50}])
+
+
+def test_missing_dataset_file_is_a_clear_error(tmp_path):
+    empty = tmp_path / "data"
+    (empty / "mnist").mkdir(parents=True)
+    r = rankbias("train", str(_mnist_pack(tmp_path)), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                 env={"RANKBIAS_DATA": str(empty), "RANKBIAS_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 1 and "mnist" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(not SHARED_MNIST.exists(), reason="the verified MNIST copy (../shared) is not beside this checkout")
+def test_checksum_mismatch_is_a_clear_error(tmp_path):
+    d = tmp_path / "data" / "mnist"
+    d.mkdir(parents=True)
+    for f in SHARED_MNIST.glob("*.gz"):
+        shutil.copy(f, d / f.name)
+    raw = bytearray(gzip.decompress((d / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    raw[100] ^= 1
+    (d / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(raw)))
+    r = rankbias("train", str(_mnist_pack(tmp_path)), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                 env={"RANKBIAS_DATA": str(tmp_path / "data"), "RANKBIAS_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 1 and "t10k-labels" in r.stderr and "md5" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(not SHARED_MNIST.exists(), reason="the verified MNIST copy (../shared) is not beside this checkout")
+def test_train_on_real_mnist_subset(tmp_path):
+    r = rankbias("train", str(_mnist_pack(tmp_path)), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                 env={"RANKBIAS_DATA": str(SHARED_MNIST.parent)})
+    assert r.returncode == 0, r.stderr
+    info = json.loads(next((tmp_path / "runs").glob("*/run.json")).read_text())
+    assert info["dataset"]["train_size"] == 100 and info["dataset"]["test_size"] == 50
+    assert info["dataset"]["checksums"]["train-images-idx3-ubyte"] == "6bbc9ace898e44ae57da46a324031adb"
+
+
+def test_bench_json(tmp_path):
+    r = rankbias("bench", "--json", "--K", "1", "4")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["device"] == "cpu" or out["device"]
+    assert [x["K"] for x in out["results"]] == [1, 4]
+    for x in out["results"]:
+        assert x["engine"] > 0 and x["reference"] > 0
+        assert x["ratio"] == pytest.approx(x["engine"] / x["reference"], rel=0.02)

@@ -1,0 +1,75 @@
+"""Spectra against numpy's float64 SVD; the paper's rank; the distance on hand-made weights."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rankbias import metrics as M
+
+
+def _low_rank(rng, m, n, r, scale=1.0):
+    return (rng.standard_normal((m, r)) @ rng.standard_normal((r, n)) * scale
+            + 1e-9 * rng.standard_normal((m, n)))
+
+
+@pytest.mark.parametrize("shape", [(100, 3072), (100, 100), (10, 100), (2000, 300), (7, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_singular_values_match_numpy(shape, dtype):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3,) + shape)
+    w[1] = _low_rank(rng, *shape, r=min(shape) // 3 + 1)
+    w[2] *= np.logspace(0, -6, shape[-1])          # a wide dynamic range of singular values
+    t = torch.tensor(w, dtype=dtype)
+    ours = M.singular_values(t).numpy()
+    ref = np.linalg.svd(t.double().numpy(), compute_uv=False)
+    assert ours.shape == ref.shape and ours.dtype == np.float64
+    top = ref[:, :1]
+    # 1e-6 relative for every sigma that any rank tolerance in use (>= 1e-5 * sigma_max) can see,
+    # and 1e-6 of sigma_max for the rest
+    big = ref >= 1e-3 * top
+    np.testing.assert_allclose(ours[big], ref[big], rtol=1e-6)
+    assert np.all(np.abs(ours - ref) <= 1e-6 * top)
+
+
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 12), st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_rank_of_constructed_matrices(m, n, r, seed):
+    """A product of m x r and r x n Gaussian factors has rank min(m, n, r)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((m, r)) @ rng.standard_normal((r, n)) if r else np.zeros((m, n))
+    sv = M.singular_values(torch.tensor(w)).numpy()
+    expected = np.linalg.matrix_rank(w)
+    # the Gram route resolves sigma down to ~1e-7 sigma_max, far below any tolerance in use
+    assert M.rank(sv, "max", 1e-6) == expected
+
+
+def test_rank_normalisation_and_tolerance():
+    sv = np.array([10.0, 1.0, 0.05, 0.001, 0.0])
+    fro = np.sqrt((sv ** 2).sum())
+    assert M.rank(sv, "none", 0.01) == 3
+    assert M.rank(sv, "max", 0.01) == 2                 # 0.05 / 10 = 0.005 < 0.01
+    assert M.rank(sv, "fro", 1e-3) == int((sv / fro > 1e-3).sum()) == 3
+    assert M.rank(sv, "fro", 5e-5) == 4
+    assert M.rank(np.zeros(4)) == 0
+    assert M.rank(np.array([1.0, np.nan])) == -1          # a diverged matrix
+    np.testing.assert_array_equal(M.rank(np.stack([sv, sv[::-1]]), "max", 0.01), [2, 2])
+    with pytest.raises(ValueError, match="normalise"):
+        M.rank(sv, "spectral", 0.01)
+    with pytest.raises(ValueError, match="tol"):
+        M.rank(sv, "fro", 0)
+
+
+def test_stable_rank():
+    assert M.stable_rank(np.array([2.0, 2.0, 2.0])) == pytest.approx(3.0)
+    assert M.stable_rank(np.array([3.0, 0.0])) == pytest.approx(1.0)
+    assert M.stable_rank(np.array([2.0, 1.0])) == pytest.approx(1.25)
+
+
+def test_relative_distance_on_hand_made_weights():
+    a = torch.tensor([[[3.0, 0.0], [0.0, 4.0]]])            # ||a||_F = 5
+    b = a + torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])        # moved by 1
+    assert M.relative_distance(a, b).item() == pytest.approx(0.2)
+    assert M.relative_distance(a, a).item() == 0.0
+    k = torch.stack([a[0], 2 * a[0]])                       # per member
+    np.testing.assert_allclose(M.relative_distance(k, k * 1.5).numpy(), [0.5, 0.5])

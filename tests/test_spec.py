@@ -1,0 +1,122 @@
+"""Run specifications: validation, run_id stability, model names, packs (with hypothesis)."""
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rankbias.spec import (RunSpec, SpecError, load_pack, make_packs, model_name, pack_id,
+                           parse_model_name)
+
+specs = st.builds(
+    RunSpec,
+    dataset=st.sampled_from(["mnist", "fashion_mnist", "cifar10", "synthetic"]),
+    arch=st.sampled_from(["mlp", "mlp_bn", "res", "res_bn"]),
+    depth=st.integers(1, 12), width=st.integers(1, 2048),
+    loss=st.sampled_from(["ce", "mse"]),
+    batch_size=st.integers(2, 4096),
+    lr=st.floats(1e-6, 10, allow_nan=False), momentum=st.floats(0, 0.99),
+    weight_decay=st.floats(0, 1e-1), epochs=st.integers(1, 500), seed=st.integers(0, 2**31),
+    log_every=st.integers(1, 50), train_subset=st.integers(0, 60000),
+)
+
+
+@given(specs)
+def test_round_trip_and_hash_stability(spec):
+    d = spec.to_dict()
+    again = RunSpec.from_dict(json.loads(json.dumps(d)))
+    assert again == spec and again.run_id == spec.run_id
+    # key order never matters
+    assert RunSpec.from_dict(dict(reversed(list(d.items())))).run_id == spec.run_id
+    assert len(spec.run_id) == 12 and int(spec.run_id, 16) >= 0
+
+
+@given(specs, st.sampled_from(["lr", "weight_decay", "seed", "batch_size", "epochs", "width"]))
+def test_changing_a_value_changes_run_id(spec, key):
+    d = spec.to_dict()
+    d[key] = d[key] + 1 if isinstance(d[key], int) else d[key] * 2 + 0.5
+    assert RunSpec.from_dict(d).run_id != spec.run_id
+
+
+@given(st.sampled_from(["mlp", "mlp_bn", "res", "res_bn"]), st.integers(1, 99), st.integers(1, 9999))
+def test_model_names_parse_both_ways(arch, depth, width):
+    assert parse_model_name(model_name(arch, depth, width)) == (arch, depth, width)
+
+
+def test_paper_names():
+    assert parse_model_name("MLP-BN-10-100") == ("mlp_bn", 10, 100)
+    assert parse_model_name("RES-5-500") == ("res", 5, 500)
+    assert RunSpec.from_dict({"model": "RES-BN-5-500"}).model == "RES-BN-5-500"
+
+
+def test_run_id_is_pinned():
+    """A stored result must stay addressable: the hash of the default spec never changes."""
+    assert RunSpec().canonical_json() == (
+        '{"arch":"mlp_bn","batch_size":32,"dataset":"mnist","depth":5,"epochs":20,"gamma":0.2,'
+        '"log_every":1,"loss":"ce","lr":0.1,"milestones":[],"momentum":0.9,"schedule":"constant",'
+        '"seed":0,"test_subset":0,"train_subset":0,"weight_decay":0.0005,"width":100}')
+    assert RunSpec().run_id == RunSpec.from_dict({"lr": 1e-1, "weight_decay": 5e-4}).run_id
+
+
+def test_int_and_float_spellings_are_one_run():
+    assert RunSpec.from_dict({"lr": 1}).run_id == RunSpec.from_dict({"lr": 1.0}).run_id
+    assert RunSpec.from_dict({"epochs": 3.0}).epochs == 3
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"arch": "cnn"}, "arch"), ({"model": "VGG-16"}, "model"), ({"dataset": "imagenet"}, "dataset"),
+    ({"lr": -0.1}, "lr"), ({"lr": 0}, "lr"), ({"weight_decay": -1e-4}, "weight_decay"),
+    ({"momentum": 1.0}, "momentum"), ({"batch_size": 0}, "batch_size"), ({"epochs": "10"}, "epochs"),
+    ({"lr": "fast"}, "lr"), ({"lr": float("nan")}, "lr"), ({"depth": 2.5}, "depth"),
+    ({"schedule": "cosine"}, "schedule"), ({"schedule": "multistep"}, "milestones"),
+    ({"milestones": [5]}, "milestones"), ({"schedule": "multistep", "milestones": [5, 5]}, "milestones"),
+    ({"batch_sise": 32}, "batch_sise"), ({"loss": "hinge"}, "loss"), ({"gamma": 0}, "gamma"),
+    ({"model": "MLP-2-10", "depth": 3}, "depth"), ({"arch": "mlp_bn", "batch_size": 1}, "batch_size"),
+    ({"seed": -1}, "seed"), ({"train_subset": -5}, "train_subset"), ({"seed": True}, "seed"),
+])
+def test_bad_values_name_the_key(raw, key):
+    with pytest.raises(SpecError, match=key):
+        RunSpec.from_dict(raw)
+
+
+def test_unknown_key_lists_allowed_keys():
+    with pytest.raises(SpecError) as e:
+        RunSpec.from_dict({"learning_rate": 0.1})
+    assert "learning_rate" in str(e.value) and "lr" in str(e.value)
+
+
+def test_lr_schedule_is_multistep():
+    s = RunSpec(lr=0.1, schedule="multistep", milestones=(2, 4), gamma=0.5)
+    assert [s.lr_at(e) for e in range(6)] == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+    assert RunSpec(lr=0.1).lr_at(100) == 0.1
+
+
+def test_packs_deduplicate_and_group():
+    a = RunSpec(dataset="synthetic", batch_size=16, lr=0.1)
+    b = RunSpec(dataset="synthetic", batch_size=16, lr=0.01)
+    c = RunSpec(dataset="synthetic", batch_size=32, lr=0.1)
+    d = RunSpec(dataset="synthetic", batch_size=16, lr=0.1, depth=3)
+    packs = make_packs([a, b, c, d, a, b])
+    assert sorted(len(p) for p in packs) == [1, 1, 2]
+    assert sum(len(p) for p in packs) == 4
+    assert pack_id([a, b]) == pack_id([b, a])
+    assert [len(p) for p in make_packs([RunSpec(seed=i) for i in range(5)], max_pack=2)] == [2, 2, 1]
+
+
+def test_load_pack_files(tmp_path):
+    good = tmp_path / "p.json"
+    good.write_text(json.dumps({"runs": [{"model": "MLP-2-8", "lr": 0.1}, {"model": "MLP-2-8", "lr": 0.2}]}))
+    assert [s.lr for s in load_pack(good)] == [0.1, 0.2]
+    yaml_file = tmp_path / "p.yaml"
+    yaml_file.write_text("- {model: MLP-2-8, seed: 3}\n")
+    assert load_pack(yaml_file)[0].seed == 3
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"model": "MLP-2-8"}, {"model": "MLP-2-8", "lr": -1}]))
+    with pytest.raises(SpecError, match=r"run 1: lr"):
+        load_pack(bad)
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps([{"model": "MLP-2-8"}, {"model": "MLP-3-8"}]))
+    with pytest.raises(SpecError, match="cannot train as one pack"):
+        load_pack(mixed)
+    with pytest.raises(SpecError, match="does not exist"):
+        load_pack(tmp_path / "missing.json")
