@@ -135,6 +135,7 @@ def test_report_holds_every_figure(done):
     names = zipfile.ZipFile(wd / "report.zip").namelist()
     for i in range(1, 8):
         assert any(n.endswith(f"fig{i}.png") for n in names), names
+        assert any(n.endswith(f"fig{i}.provenance.json") for n in names), names
 
 
 @pytest.mark.parametrize("edit, key", [

@@ -13,7 +13,12 @@ rule figure:
             category="Figures",
         ),
         pdf="results/figures/{fig}.pdf",
-        provenance="results/figures/{fig}.provenance.json",
+        provenance=report(
+            "results/figures/{fig}.provenance.json",
+            caption="../report/provenance.rst",
+            category="Figures",
+            subcategory="Provenance",
+        ),
     params:
         rank=lambda wildcards: PLAN.config["rank"],
         runs=lambda wildcards: PLAN.groups[wildcards.fig],
