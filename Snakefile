@@ -2,9 +2,16 @@
 # The rules are one-line calls of the `rankbias` command; the logic is in the library.
 # Quick profile: `snakemake` (config/config.yaml). Paper: --configfile config/paper.yaml.
 
+import os
+import sys
+
 from snakemake.utils import min_version
 
 min_version("9.0")
+
+# Rules call the `rankbias` command; find it beside the Python running Snakemake, so
+# `.venv/bin/snakemake` works without activating the virtual environment.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
 # The quick profile is the default; a --configfile replaces it entirely (Snakemake would

@@ -37,8 +37,10 @@ def copy_repo(dest: Path) -> Path:
 
 
 def snakemake(wd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RANKBIAS_OFFLINE": "1"}
+    # As a user runs it: `.venv/bin/snakemake` with the venv NOT on PATH (the Snakefile
+    # finds `rankbias` beside its own interpreter).
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != BIN.resolve()]
+    env = {**os.environ, "PATH": os.pathsep.join(path), "RANKBIAS_OFFLINE": "1"}
     p = subprocess.run([str(BIN / "snakemake"), "--cores", "2", *args], cwd=wd, env=env,
                        capture_output=True, text=True, timeout=1200)
     if check and p.returncode != 0:

@@ -465,7 +465,8 @@ def _effect(c: dict) -> str:
     if cid == "C4":
         return f"median d ratio (lambda>0 / lambda=0) {c['median_ratio']} over {len(c['pairs'])} pairs"
     if cid == "C5":
-        return "; ".join(f"{g['model']}: train acc -{g['train_acc_drop']}, test acc +{g['test_acc_gain']}"
+        return "; ".join(f"{g['model']}: very low vs high rank, train acc {-g['train_acc_drop']:+.3f}, "
+                         f"test acc {g['test_acc_gain']:+.3f}"
                          for g in c["groups"]) or "no group with both very low and high rank"
     if cid == "C6":
         return (f"MLP bottleneck in {c['mlp']['fraction_bottleneck']} of {len(c['mlp']['runs'])} runs; "

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from .results import Run
+from .results import Run, file_digest
 
 RUNS_DIR = Path("results/runs")
 FIGURES_DIR = Path("results/figures")
@@ -79,11 +79,7 @@ def lock_entries(root: str | Path) -> list[LockEntry]:
 
 def md5_file(path: str | Path) -> str:
     """DVC 3's hash of a file: the md5 of its bytes."""
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def dir_md5(path: str | Path) -> tuple[str, dict[str, str]]:
