@@ -62,7 +62,9 @@ class Pack:
         self.mixed = len(set(self.batch)) > 1
         self.alive = torch.ones(self.K, 1, dtype=self.dtype, device=self.device)
         self.loss_sum = torch.zeros(self.K, dtype=torch.float64, device=self.device)
-        self.steps_done = torch.zeros(self.K, dtype=torch.float64, device=self.device)
+        # steps each member takes per epoch (n // B, like a DataLoader with drop_last)
+        self.member_steps = torch.tensor([self.n // b for b in self.batch], dtype=torch.float64,
+                                         device=self.device)
 
     @staticmethod
     def _matrix_key(name: str) -> str:
@@ -135,24 +137,21 @@ class Pack:
             torch._foreach_addcmul_(self.plist, self.bufs, s.neg_lr)    # p -= lr * buf
             for p in self.plist:
                 p.grad = None
-            self.loss_sum.add_(member_loss.detach().double() * s.weight.view(-1))
-            self.steps_done.add_(s.weight.view(-1).double())
+            self.loss_sum.add_(member_loss.detach() * s.weight.view(-1))
 
     # -- an epoch --------------------------------------------------------------
     def epoch_plan(self, epoch: int) -> "EpochPlan":
         return EpochPlan(self, epoch)
 
-    def train_epoch(self, epoch: int, runner=None) -> None:
+    def train_epoch(self, epoch: int) -> None:
         self.loss_sum.zero_()
-        self.steps_done.zero_()
         plan = self.epoch_plan(epoch)
-        run = runner or self.step
         for t in range(plan.steps):
-            run(plan.inputs(t))
+            self.step(plan.inputs(t))
 
     def epoch_loss(self) -> torch.Tensor:
         """Mean training mini-batch loss of each member over the last epoch."""
-        return self.loss_sum / self.steps_done.clamp_min(1)
+        return self.loss_sum / self.member_steps
 
     @torch.no_grad()
     def finite(self) -> torch.Tensor:
