@@ -129,3 +129,20 @@ def test_cli_rejects_an_unconfigured_figure(tmp_path):
                                    "figures": {"fig2": {"grid": {"batch_size": [8]}}}}))
     assert main(["figure", "fig3", "--config", str(cfg), "--runs", str(tmp_path),
                  "--out", str(tmp_path / "f.png")]) == 1
+
+
+def test_metrics_logged_every_few_epochs_still_draw_lines(tmp_path, synthetic):
+    """With log_every > 1, eval metrics exist only at logged epochs: the accuracy and
+    loss panels must join those points, not vanish between NaNs."""
+    from rankbias.spec import RunSpec
+    from rankbias.train import train_pack
+    specs = [RunSpec(dataset="synthetic", arch="mlp", depth=2, width=8, batch_size=128, epochs=4,
+                     log_every=2, weight_decay=wd) for wd in (0.0, 5e-4)]
+    train_pack(specs, tmp_path / "runs", device="cpu", dataset=synthetic, progress=False)
+    data = [F.load_run(Run(tmp_path / "runs" / s.run_id)) for s in specs]
+    fig = F.draw("fig1", data)
+    for ax in fig.axes[1:3]:                     # (b) train accuracy, (c) train loss
+        drawn = [ln for ln in ax.get_lines() if np.isfinite(ln.get_ydata()).sum() >= 2]
+        assert len(drawn) == 2, ax.get_title()
+        for ln in drawn:
+            assert list(ln.get_xdata()) == [0, 2, 4]

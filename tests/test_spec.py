@@ -120,3 +120,22 @@ def test_load_pack_files(tmp_path):
         load_pack(mixed)
     with pytest.raises(SpecError, match="does not exist"):
         load_pack(tmp_path / "missing.json")
+
+
+def test_direct_construction_hashes_like_the_config_path():
+    """RunSpec(weight_decay=0) is the run a config's `weight_decay: 0` names."""
+    direct = RunSpec(dataset="synthetic", weight_decay=0, lr=1)
+    assert direct.weight_decay == 0.0 and isinstance(direct.lr, float)
+    assert RunSpec.from_dict(direct.to_dict()).run_id == direct.run_id
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"dataset": "synthetic", "batch_size": 2048}, "batch_size"),
+    ({"dataset": "mnist", "train_subset": 100, "batch_size": 128}, "batch_size"),
+    ({"dataset": "mnist", "train_subset": 70000}, "train_subset"),
+    ({"dataset": "cifar10", "test_subset": 20000}, "test_subset"),
+])
+def test_sizes_are_checked_before_training(raw, key):
+    spec = RunSpec.from_dict(raw)
+    with pytest.raises(SpecError, match=key):
+        spec.check_sizes()

@@ -134,3 +134,11 @@ def test_plan_cli(tmp_path, capsys):
     assert main(["plan", "--config", str(cfg), "--write-pack", pid, "--out", str(tmp_path / "one.json")]) == 0
     assert json.loads((tmp_path / "one.json").read_text())["pack_id"] == pid
     assert main(["plan", "--config", str(tmp_path / "missing.yaml")]) == 1
+
+
+def test_batch_larger_than_the_subset_fails_at_plan_time():
+    from rankbias import sweep
+    cfg = {"defaults": {"dataset": "synthetic", "train_subset": 16, "batch_size": 32},
+           "figures": {"fig1": {"model": "MLP-BN-2-8"}}}
+    with pytest.raises(sweep.ConfigError, match="batch_size"):
+        sweep.plan(cfg)

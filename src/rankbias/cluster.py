@@ -23,11 +23,11 @@ import re
 from dataclasses import dataclass
 from typing import MutableMapping, Sequence
 
-from .spec import RunSpec, SpecError
+from .spec import DATASET_SIZES, RunSpec, SpecError
 
 # Full training/test set sizes; `train_subset` / `test_subset` > 0 replace them.
-TRAIN_SIZE = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "synthetic": 1024}
-TEST_SIZE = {"mnist": 10000, "fashion_mnist": 10000, "cifar10": 10000, "synthetic": 1024}
+TRAIN_SIZE = {name: sizes[0] for name, sizes in DATASET_SIZES.items()}
+TEST_SIZE = {name: sizes[1] for name, sizes in DATASET_SIZES.items()}
 # Flattened input dimension and number of classes. The synthetic task is small; 784
 # is an upper bound for it, which only makes the estimate more conservative.
 INPUT_DIM = {"mnist": 784, "fashion_mnist": 784, "cifar10": 3072, "synthetic": 784}
@@ -67,9 +67,7 @@ def _matrices(spec: RunSpec) -> list[tuple[int, int]]:
 
 
 def _sizes(spec: RunSpec) -> tuple[int, int]:
-    train = spec.train_subset if spec.train_subset > 0 else TRAIN_SIZE[spec.dataset]
-    test = spec.test_subset if spec.test_subset > 0 else TEST_SIZE[spec.dataset]
-    return train, test
+    return spec.sizes()
 
 
 def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:

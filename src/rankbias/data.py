@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .results import atomic_write_json
+from .spec import DATASET_SIZES
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
 NUM_CLASSES = 10
@@ -84,8 +85,7 @@ NETWORK_TIMEOUT_S = 30
 
 SYNTHETIC_SEED = 20220612
 SYNTHETIC_DIM = 3 * 32 * 32
-SYNTHETIC_TRAIN = 1024
-SYNTHETIC_TEST = 256
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = DATASET_SIZES["synthetic"]
 
 HOW_TO_GET = {
     "mnist": "put train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), "

@@ -131,6 +131,8 @@ def _plot_series(ax, line: Line, series: list[pd.Series], color, style="-", labe
     frame = _stack([s.astype(float) for s in series])
     if positive:
         frame = frame.where(frame > 0)
+    # eval metrics exist only at logged epochs (log_every > 1): join those points
+    frame = frame.dropna(how="all")
     if frame.empty or frame.notna().sum().sum() == 0:
         ax.plot([], [], style, color=color, label=line.label if label else None)
         for m in line.diverged:

@@ -83,6 +83,9 @@ def write_run(run_dir: str | Path, run_json: dict, metrics: pd.DataFrame,
     """Write one run's files; run.json goes last and records every file's sha256,
     so a directory with a run.json is always complete."""
     run_dir = Path(run_dir)
+    # Retraining into an existing directory: drop the old run.json first, so a kill
+    # between file replacements never leaves a complete-looking run with stale hashes.
+    (run_dir / "run.json").unlink(missing_ok=True)
     payloads = {"metrics.parquet": parquet_bytes(metrics), "layers.parquet": parquet_bytes(layers),
                 "spectra.npz": npz_bytes(spectra)}
     for name, data in payloads.items():

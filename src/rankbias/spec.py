@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
+# (train, test) examples of each dataset, for checks and estimates made before any data loads.
+DATASET_SIZES = {"mnist": (60000, 10000), "fashion_mnist": (60000, 10000),
+                 "cifar10": (50000, 10000), "synthetic": (1024, 256)}
 ARCHS = ("mlp", "mlp_bn", "res", "res_bn")
 LOSSES = ("ce", "mse")
 SCHEDULES = ("constant", "multistep")
@@ -66,7 +69,30 @@ class RunSpec:
     test_subset: int = 0
 
     def __post_init__(self) -> None:
+        # RunSpec(lr=1) and RunSpec.from_dict({"lr": 1}) must be one run with one run_id.
+        for key in _FLOAT_KEYS:
+            v = getattr(self, key)
+            if isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(self, key, float(v))
+        if isinstance(self.milestones, list):
+            object.__setattr__(self, "milestones", tuple(self.milestones))
         _validate(self)
+
+    def sizes(self) -> tuple[int, int]:
+        """(train, test) examples this run uses."""
+        train, test = DATASET_SIZES[self.dataset]
+        return self.train_subset or train, self.test_subset or test
+
+    def check_sizes(self) -> None:
+        """Subsets and batch size fit the dataset (checked before any job starts)."""
+        train, test = DATASET_SIZES[self.dataset]
+        if self.train_subset > train:
+            raise SpecError(f"train_subset: {self.train_subset} exceeds the {train} training examples of {self.dataset}")
+        if self.test_subset > test:
+            raise SpecError(f"test_subset: {self.test_subset} exceeds the {test} test examples of {self.dataset}")
+        if self.batch_size > self.sizes()[0]:
+            raise SpecError(f"batch_size: {self.batch_size} exceeds the {self.sizes()[0]} training "
+                            f"examples this run uses ({self.dataset}, train_subset={self.train_subset})")
 
     # -- identity -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -189,7 +189,9 @@ def section_specs(where: str, defaults: Mapping, section: Mapping) -> list[RunSp
             if seed is not None:
                 d["seed"] = seed
             try:
-                specs.append(RunSpec.from_dict(d))
+                spec = RunSpec.from_dict(d)
+                spec.check_sizes()
+                specs.append(spec)
             except SpecError as e:
                 shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
                 raise ConfigError(f"{where}: {e}" + (f" (grid point {shown})" if shown else "")) from None
