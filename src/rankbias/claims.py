@@ -206,36 +206,38 @@ def _model(spec: dict) -> str:
     return model_name(spec["arch"], spec["depth"], spec["width"])
 
 
-def claim_c1(runs, t):
-    res = _trend(runs, "batch_size", +1, 3, t, lambda r: r.spec["weight_decay"] > 0)
+def _hyper_trend(runs, t, key: str, label: str, sign: int, min_points: int) -> dict:
+    """C1/C2: final rank moves with one hyperparameter among runs with weight decay > 0."""
+    res = _trend(runs, key, sign, min_points, t, lambda r: r.spec["weight_decay"] > 0)
     res.pop("run_ids")
-    res["rule"] = (f"Groups of runs equal in every setting but batch size (weight decay > 0, one seed "
-                   f"each) with >= 3 batch sizes. Per group, Spearman correlation of final rank with "
-                   f"batch size. Holds when the mean over non-flat groups is >= {t['min_spearman']} "
-                   f"and no group has <= -{t['min_spearman']}.")
+    flipped = ", sign flipped" if sign < 0 else ""
+    res["rule"] = (f"Groups of runs equal in every setting but {label} (weight decay > 0, one seed "
+                   f"each) with >= {min_points} values. Per group, Spearman correlation of final rank "
+                   f"with {label}{flipped}. Holds when the mean over non-flat groups is >= "
+                   f"{t['min_spearman']} and no group contradicts with <= -{t['min_spearman']}.")
     return res
+
+
+def claim_c1(runs, t):
+    return _hyper_trend(runs, t, "batch_size", "batch size", +1, 3)
 
 
 def claim_c2(runs, t):
-    res = _trend(runs, "lr", -1, 2, t, lambda r: r.spec["weight_decay"] > 0)
-    res.pop("run_ids")
-    res["rule"] = (f"Groups equal in every setting but learning rate (weight decay > 0) with >= 2 "
-                   f"learning rates. Per group, Spearman correlation of final rank with learning "
-                   f"rate, sign flipped. Holds when the mean over non-flat groups is >= "
-                   f"{t['min_spearman']} and no group contradicts with <= -{t['min_spearman']}.")
-    return res
+    return _hyper_trend(runs, t, "lr", "learning rate", -1, 2)
+
+
+def _keeps_rank(ratios: Sequence[float], threshold: float) -> str:
+    """No rank reduction: every run ends at >= threshold x its initial rank."""
+    if not ratios:
+        return INSUFFICIENT
+    return HOLDS if all(np.isfinite(x) and x >= threshold for x in ratios) else FAILS
 
 
 def claim_c3(runs, t):
     trend = _trend(runs, "weight_decay", -1, 3, t)
     zero = [r for r in runs if r.spec["weight_decay"] == 0]
     ratios = [r.relative_rank for r in zero]
-    if not zero:
-        zero_verdict = INSUFFICIENT
-    elif all(np.isfinite(x) and x >= t["c3_lambda0_ratio"] for x in ratios):
-        zero_verdict = HOLDS
-    else:
-        zero_verdict = FAILS
+    zero_verdict = _keeps_rank(ratios, t["c3_lambda0_ratio"])
     res = dict(trend)
     res["verdict"] = _combine([trend["verdict"], zero_verdict])
     res["trend_verdict"] = trend["verdict"]
@@ -399,12 +401,7 @@ def claim_c7(runs, t):
     full = [r for r in runs if r.spec["batch_size"] >= r.train_size() > 0]
     judged = [r for r in full if r.train_size() >= t["c7_tiny_data"]]
     ratios = [r.relative_rank for r in judged]
-    if not judged:
-        verdict = INSUFFICIENT
-    elif all(np.isfinite(x) and x >= t["c7_ratio"] for x in ratios):
-        verdict = HOLDS
-    else:
-        verdict = FAILS
+    verdict = _keeps_rank(ratios, t["c7_ratio"])
     return {"verdict": verdict, "n_runs": len(judged), "seeds": _seeds(judged),
             "n_tiny_data_runs": len(full) - len(judged),
             "runs": [{"run_id": r.run_id, "model": _model(r.spec), "train_size": r.train_size(),
