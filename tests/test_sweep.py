@@ -92,7 +92,7 @@ def test_quick_profile_shares_runs_and_has_what_the_claims_need():
 def test_schema_defaults_agree_with_the_library():
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     props = schema["properties"]
-    for key in ("device", "max_pack", "train_threads", "rank"):
+    for key in ("device", "graph", "max_pack", "train_threads", "rank"):
         assert props[key]["default"] == sweep.TOP_DEFAULTS[key], key
     from rankbias.claims import DEFAULT_THRESHOLDS
     assert set(props["claims"]["properties"]) == set(DEFAULT_THRESHOLDS)
@@ -110,6 +110,7 @@ def test_schema_defaults_agree_with_the_library():
     (lambda c: c["figures"]["fig2"].update(learning_rate=0.1), "learning_rate"),
     (lambda c: c["defaults"].update(weight_decay=-1.0), "weight_decay"),
     (lambda c: c.update(device="tpu"), "device"),
+    (lambda c: c.update(graph="sometimes"), "graph"),
     (lambda c: c["rank"].update(tol=0), "rank.tol"),
 ])
 def test_bad_configs_name_the_key(mutate, key):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -36,75 +37,104 @@ def _specs(K: int) -> list[RunSpec]:
     return [RunSpec(**WORKLOAD, seed=k, lr=0.01 * (1 + k % 4)) for k in range(K)]
 
 
-def bench_engine(specs, ds, device, steps: int) -> tuple[float, float]:
-    """(config-steps/s, seconds to compute every member's spectra once)."""
-    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, device)
-    plan = pack.epoch_plan(0)
-    warm = min(3, plan.steps)
-    for t in range(warm):
-        pack.step(plan.inputs(t))
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        pack.step(plan.inputs((warm + i) % plan.steps))
-    _sync(device)
-    rate = len(specs) * steps / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for m, _ in pack.matrices:
-        M.singular_values(pack.weight(m)).cpu()
-    _sync(device)
-    return rate, time.perf_counter() - t0
+class _EngineTimer:
+    """The engine on K members; each call times `steps` steps (config-steps/s)."""
 
+    def __init__(self, specs, ds, device, graph: str):
+        self.device = device
+        self.pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, device, graph=graph)
+        self.plan = self.pack.epoch_plan(0)
+        self.step = self.pack.stepper(self.plan)      # captures and checks the graph on CUDA
+        self.t = 0
+        self(min(3, self.plan.steps))                 # warm-up
 
-def bench_reference(specs, ds, device, steps: int) -> float:
-    """config-steps/s of the plain loop training the same configurations in turn."""
-    total, elapsed = 0, 0.0
-    n = ds.x_train.shape[0]
-    for spec in specs:
-        net = build_net(spec, ds.input_dim, ds.num_classes).to(device)
-        opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
-                              weight_decay=spec.weight_decay)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(spec.seed)).to(device)
-        B = spec.batch_size
-
-        def step(t):
-            idx = order[(t * B) % (n - B):(t * B) % (n - B) + B]
-            opt.zero_grad(set_to_none=True)
-            loss_fn(spec.loss, net(ds.x_train[idx]), ds.y_train[idx]).backward()
-            opt.step()
-
-        for t in range(3):
-            step(t)
-        _sync(device)
+    def __call__(self, steps: int) -> float:
+        _sync(self.device)
         t0 = time.perf_counter()
-        for t in range(steps):
-            step(3 + t)
-        _sync(device)
-        elapsed += time.perf_counter() - t0
-        total += steps
-    return total / elapsed
+        for _ in range(steps):
+            self.step(self.plan.inputs(self.t % self.plan.steps))
+            self.t += 1
+        _sync(self.device)
+        return self.pack.K * steps / (time.perf_counter() - t0)
+
+    def spectra_seconds(self) -> float:
+        """Seconds to compute every member's spectra once."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for m, _ in self.pack.matrices:
+            M.singular_values(self.pack.weight(m)).cpu()
+        _sync(self.device)
+        return time.perf_counter() - t0
 
 
-def run_bench(Ks=(1, 16, 64), device="auto", engine_steps=None, reference_steps=None) -> dict:
+class _ReferenceTimer:
+    """The plain loop (nn.Module + torch.optim.SGD) training the configurations in turn."""
+
+    def __init__(self, specs, ds, device):
+        self.device, self.ds, self.n = device, ds, ds.x_train.shape[0]
+        self.runs = []
+        for spec in specs:
+            net = build_net(spec, ds.input_dim, ds.num_classes).to(device)
+            opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
+                                  weight_decay=spec.weight_decay)
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(spec.seed)).to(device)
+            self.runs.append([spec, net, opt, order, 0])
+        self(3)                                         # warm-up
+
+    def __call__(self, steps: int) -> float:
+        elapsed = 0.0
+        for run in self.runs:
+            spec, net, opt, order, t = run
+            B = spec.batch_size
+            _sync(self.device)
+            t0 = time.perf_counter()
+            for i in range(t, t + steps):
+                lo = (i * B) % (self.n - B)
+                idx = order[lo:lo + B]
+                opt.zero_grad(set_to_none=True)
+                loss_fn(spec.loss, net(self.ds.x_train[idx]), self.ds.y_train[idx]).backward()
+                opt.step()
+            _sync(self.device)
+            elapsed += time.perf_counter() - t0
+            run[4] = t + steps
+        return len(self.runs) * steps / elapsed
+
+
+def run_bench(Ks=(1, 16, 64), device="auto", engine_steps=None, reference_steps=None,
+              rounds: int = 3, graph: str = "auto") -> dict:
+    """Engine and reference timed in alternating rounds; each rate is the median round."""
     from .train import device_name, resolve_device
     dev = resolve_device(device)
     ds = data_mod.load("synthetic", dev)
+    cuda = dev.type == "cuda"
     results = []
     for K in Ks:
         specs = _specs(K)
-        e_steps = engine_steps or (200 if dev.type == "cuda" else max(10, 160 // K))
-        r_steps = reference_steps or (50 if dev.type == "cuda" else 20)
-        engine, spectra_s = bench_engine(specs, ds, dev, e_steps)
+        e_steps = engine_steps or (200 if cuda else max(10, 160 // K))
+        r_steps = reference_steps or (50 if cuda else 40)
+        engine = _EngineTimer(specs, ds, dev, graph)
         # The reference's rate does not depend on K; time at most 8 configurations.
-        reference = bench_reference(specs[: min(K, 8)], ds, dev, r_steps)
-        epoch_s = CIFAR_STEPS_B16 * K / engine
-        results.append({"K": K, "engine": round(engine, 2), "reference": round(reference, 2),
-                        "ratio": round(engine / reference, 2),
-                        "spectra_s": round(spectra_s, 5),
-                        "spectra_share_of_cifar_epoch": round(spectra_s / (epoch_s + spectra_s), 5)})
+        reference = _ReferenceTimer(specs[: min(K, 8)], ds, dev)
+        e_rates, r_rates = [], []
+        for _ in range(rounds):
+            e_rates.append(engine(e_steps))
+            r_rates.append(reference(r_steps))
+        e_rate, r_rate = statistics.median(e_rates), statistics.median(r_rates)
+        spectra_s = engine.spectra_seconds()
+        epoch_s = CIFAR_STEPS_B16 * K / e_rate
+        row = {"K": K, "engine": round(e_rate, 2), "reference": round(r_rate, 2),
+               "ratio": round(e_rate / r_rate, 2), "step": engine.pack.step_mode,
+               "spectra_s": round(spectra_s, 5),
+               "spectra_share_of_cifar_epoch": round(spectra_s / (epoch_s + spectra_s), 5)}
+        if cuda and engine.step is not engine.pack.step:
+            # what the graph buys: the same pack stepping eagerly
+            eager = _EngineTimer(specs, ds, dev, "off")
+            row["engine_eager"] = round(statistics.median(eager(e_steps) for _ in range(rounds)), 2)
+        results.append(row)
+        del engine, reference
     return {"device": device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "workload": "MLP-BN-10-100, B=16, CE, synthetic 3072-dim inputs",
-            "unit": "configuration-steps per second", "results": results}
+            "unit": "configuration-steps per second", "rounds": rounds, "results": results}
 
 
 def register(subparsers) -> None:
@@ -112,21 +142,26 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--K", type=int, nargs="+", default=[1, 16, 64], help="pack sizes (default 1 16 64)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds; the median is kept")
+    p.add_argument("--graph", default="auto", choices=["auto", "on", "off"],
+                   help="CUDA graph for the engine's step (as in `rankbias train`)")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    out = run_bench(tuple(args.K), args.device)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds: must be >= 1, got {args.rounds}")
+    out = run_bench(tuple(args.K), args.device, rounds=args.rounds, graph=args.graph)
     if args.json:
         print(json.dumps(out))
         return 0
     print(f"device: {out['device']} (torch {out['torch']}, {out['threads']} threads); {out['workload']}")
-    print(f"{'K':>4} {'engine':>12} {'reference':>12} {'ratio':>7}  spectra share of a CIFAR epoch")
+    print(f"{'K':>4} {'engine':>12} {'reference':>12} {'ratio':>7}  spectra/CIFAR epoch  step")
     for r in out["results"]:
         print(f"{r['K']:>4} {r['engine']:>12.1f} {r['reference']:>12.1f} {r['ratio']:>7.2f}  "
-              f"{100 * r['spectra_share_of_cifar_epoch']:.2f}%")
+              f"{100 * r['spectra_share_of_cifar_epoch']:>18.2f}%  {r['step']}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_cmd_bench(argparse.Namespace(json=True, device="auto", K=[1, 16, 64])))
+    sys.exit(_cmd_bench(argparse.Namespace(json=True, device="auto", K=[1, 16, 64], rounds=3, graph="auto")))

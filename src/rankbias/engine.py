@@ -18,13 +18,39 @@ from .spec import RunSpec
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
+GRAPH_MODES = ("auto", "on", "off")
+
+
+class BatchedLinear(torch.autograd.Function):
+    """x [K, B, in] @ w[k].T + b[k] for every member, with a weight gradient that is
+    born contiguous in w's own [K, out, in] layout.
+
+    Autograd's own backward of `baddbmm(b, x, w.transpose(1, 2))` yields the weight
+    gradient as a transposed view, which AccumulateGrad then copies into w's layout:
+    that copy was 40% of a CPU step. Here it is one bmm, g^T @ x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
+        return gx, torch.bmm(g.transpose(1, 2), x), g.sum(1)
 
 
 
 class Pack:
     """K networks of one architecture, their optimiser state and their data."""
 
-    def __init__(self, specs: list[RunSpec], x_train, y_train, num_classes: int, device):
+    def __init__(self, specs: list[RunSpec], x_train, y_train, num_classes: int, device,
+                 graph: str = "auto"):
+        if graph not in GRAPH_MODES:
+            raise ValueError(f"graph: {graph!r} is not one of {', '.join(GRAPH_MODES)}")
+        self.graph, self._stepper, self.step_mode = graph, None, None
         s0 = specs[0]
         if any(s.pack_key() != s0.pack_key() for s in specs):
             raise ValueError("runs of a pack must share dataset, architecture, loss, epochs, "
@@ -82,7 +108,7 @@ class Pack:
         w, b = self.params[f"{name}.weight"], self.params[f"{name}.bias"]
         if x.dim() == 2:  # evaluation: one input batch shared by every member
             return torch.matmul(x, w.transpose(1, 2)) + b.unsqueeze(1)
-        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        return BatchedLinear.apply(x, w, b)
 
     def _bn(self, name, x, train, step):
         if not self.bn:
@@ -91,17 +117,20 @@ class Pack:
         rm, rv = self.running[f"{name}.running_mean"], self.running[f"{name}.running_var"]
         if not train:
             return (x - rm.unsqueeze(1)) * torch.rsqrt(rv.unsqueeze(1) + BN_EPS) * w.unsqueeze(1) + b.unsqueeze(1)
+        # (x - mean)^2 averaged, not Tensor.var: on the CPU var over dim 1 was 10x slower.
         if step.mask is None:
             mean = x.mean(1, keepdim=True)
-            var = x.var(1, unbiased=False, keepdim=True)
+            xc = x - mean
+            var = xc.pow(2).mean(1, keepdim=True)
         else:  # each member's statistics over its own rows only
             mean = (x * step.mask).sum(1, keepdim=True) / step.count
-            var = ((x - mean) * step.mask).pow(2).sum(1, keepdim=True) / step.count
+            xc = x - mean
+            var = (xc * step.mask).pow(2).sum(1, keepdim=True) / step.count
         with torch.no_grad():
             m = step.bn_momentum
             rm.mul_(1 - m).add_(m * mean.squeeze(1))
             rv.mul_(1 - m).add_(m * var.squeeze(1) * step.unbias)
-        return (x - mean) * torch.rsqrt(var + BN_EPS) * w.unsqueeze(1) + b.unsqueeze(1)
+        return xc * torch.rsqrt(var + BN_EPS) * w.unsqueeze(1) + b.unsqueeze(1)
 
     def forward(self, x, train: bool = False, step: "StepInputs | None" = None):
         if self.arch.startswith("mlp"):
@@ -131,10 +160,11 @@ class Pack:
         (member_loss * s.weight.view(-1)).sum().backward()
         grads = [p.grad for p in self.plist]
         with torch.no_grad():                                           # == torch.optim.SGD
-            torch._foreach_addcmul_(grads, self.plist, s.wd)            # g += wd * p
-            torch._foreach_mul_(self.bufs, s.mom)                       # buf = mom * buf + g
+            wd, mom, neg_lr = self.cols(s.wd), self.cols(s.mom), self.cols(s.neg_lr)
+            torch._foreach_addcmul_(grads, self.plist, wd)              # g += wd * p
+            torch._foreach_mul_(self.bufs, mom)                         # buf = mom * buf + g
             torch._foreach_add_(self.bufs, grads)
-            torch._foreach_addcmul_(self.plist, self.bufs, s.neg_lr)    # p -= lr * buf
+            torch._foreach_addcmul_(self.plist, self.bufs, neg_lr)      # p -= lr * buf
             for p in self.plist:
                 p.grad = None
             self.loss_sum.add_(member_loss.detach() * s.weight.view(-1))
@@ -146,8 +176,29 @@ class Pack:
     def train_epoch(self, epoch: int) -> None:
         self.loss_sum.zero_()
         plan = self.epoch_plan(epoch)
+        step = self.stepper(plan)
         for t in range(plan.steps):
-            self.step(plan.inputs(t))
+            step(plan.inputs(t))
+
+    def stepper(self, plan: "EpochPlan"):
+        """The step function to use: `Pack.step`, or on CUDA its captured graph where
+        that was checked to give the same update and measured to be faster."""
+        if self._stepper is None:
+            self._stepper, self.step_mode = choose_stepper(self, plan, self.graph)
+        return self._stepper
+
+    # -- state, as the tensors one step reads and writes ------------------------------
+    def _state_tensors(self) -> list[torch.Tensor]:
+        return [*self.plist, *self.bufs, *self.running.values(), self.loss_sum]
+
+    @torch.no_grad()
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in self._state_tensors()]
+
+    @torch.no_grad()
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        for t, v in zip(self._state_tensors(), snap):
+            t.copy_(v)
 
     def epoch_loss(self) -> torch.Tensor:
         """Mean training mini-batch loss of each member over the last epoch."""
@@ -205,7 +256,9 @@ class Pack:
 
 
 class StepInputs:
-    """What one step needs besides the pack: indices, masks and hyperparameter columns."""
+    """What one step needs besides the pack: the [K, B] sample indices, the padding
+    mask and counts of a mixed-batch pack, and [K, 1] columns: loss weight, -lr,
+    weight decay, momentum (and, in a mixed pack, BN momentum and unbiasing)."""
     __slots__ = ("idx", "mask", "count", "weight", "neg_lr", "wd", "mom", "bn_momentum", "unbias")
 
     def __init__(self, **kw):
@@ -232,8 +285,8 @@ class EpochPlan:
             order = torch.stack([epoch_order(s, epoch, n)[: self.steps * self.bmax] for s in pack.specs])
             self.idx = order.view(K, self.steps, self.bmax).to(dev)
             b = self.bmax
-            self.common = dict(mask=None, count=None, weight=pack.alive, neg_lr=pack.cols(-lr),
-                               wd=pack.cols(pack.wd * pack.alive), mom=pack.cols(pack.mom),
+            self.common = dict(mask=None, count=None, weight=pack.alive, neg_lr=-lr,
+                               wd=pack.wd * pack.alive, mom=pack.mom,
                                bn_momentum=BN_MOMENTUM, unbias=b / (b - 1) if b > 1 else 1.0)
             self.active = None
             return
@@ -259,9 +312,140 @@ class EpochPlan:
         if self.active is None:
             return StepInputs(idx=self.idx[:, t], **self.common)
         a = self.active[:, t]                                          # [K, 1]
-        cols = self.pack.cols
         return StepInputs(idx=self.idx[:, t], mask=self.mask, count=self.count, weight=a,
-                          neg_lr=cols(-self.lr * a), wd=cols(self.wd * a),
-                          mom=cols(torch.where(a > 0, self.mom, 1.0)),
+                          neg_lr=-self.lr * a, wd=self.wd * a,
+                          mom=torch.where(a > 0, self.mom, 1.0),
                           bn_momentum=BN_MOMENTUM * a, unbias=self.unbias)
 
+
+
+# -- CUDA graphs ---------------------------------------------------------------------
+# A step of a small pack is hundreds of tiny kernels; on a GPU their launches, not the
+# arithmetic, set the pace. Capturing `Pack.step` once in a CUDA graph and replaying it
+# launches them all at once. The step is written to allow that: it reads its inputs
+# from tensors (never Python numbers that change), allocates nothing that outlives it,
+# and never reads a value back to the host (tests/test_graphs.py checks the last on
+# the CPU, op by op).
+
+class GraphedStep:
+    """`Pack.step` captured in a CUDA graph over static input buffers.
+
+    Calling it copies a step's inputs into those buffers and replays the graph. With
+    `capture=False` it runs `Pack.step` eagerly on the same buffers: the CPU tests use
+    that to check the buffer handling that the graph relies on.
+    """
+
+    def __init__(self, pack: Pack, example: StepInputs, capture: bool = True, warmup: int = 3):
+        self.pack = pack
+        self.tensors = [f for f in StepInputs.__slots__ if torch.is_tensor(getattr(example, f))]
+        # Python numbers (BN momentum and unbiasing in a uniform pack) are baked into the
+        # graph; they are constants of a pack, and __call__ checks that they stay so.
+        self.constants = {f: getattr(example, f) for f in StepInputs.__slots__ if f not in self.tensors}
+        self.static = StepInputs(**self.constants,
+                                 **{f: getattr(example, f).clone() for f in self.tensors})
+        self.graph = None
+        if not capture:
+            return
+        dev = pack.device
+        snap = pack.snapshot()
+        # Warm-up on a side stream, as torch.cuda.graphs asks: it initialises autograd's
+        # and cuBLAS's per-stream state. The warm-up steps train, so the state is put back.
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                pack.step(self.static)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        pack.restore(snap)
+        del snap
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):      # records the kernels, runs none of them
+            pack.step(self.static)
+
+    def __call__(self, s: StepInputs) -> None:
+        for f, v in self.constants.items():
+            if getattr(s, f) != v:
+                raise ValueError(f"graphed step: input {f!r} changed from {v!r} to {getattr(s, f)!r}; "
+                                 "it was captured as a constant")
+        for f in self.tensors:
+            getattr(self.static, f).copy_(getattr(s, f))
+        if self.graph is None:
+            self.pack.step(self.static)
+        else:
+            self.graph.replay()
+
+
+def _steps_agree(pack: Pack, step_a, step_b, plan: "EpochPlan", steps: int, rtol: float = 1e-3) -> bool:
+    """Do two step functions move the pack the same way over `steps` steps from here?
+
+    The updates (state after minus state before) are compared, each to rtol of its
+    own largest entry, so a step that read stale inputs fails even after one step.
+    The pack's state is left as it was found.
+    """
+    snap = pack.snapshot()
+    try:
+        after = []
+        for fn in (step_a, step_b):
+            pack.restore(snap)
+            for t in range(1, steps + 1):          # not step 0: the captured example
+                fn(plan.inputs(t % plan.steps))
+            after.append(pack.snapshot())
+        ok = torch.ones((), dtype=torch.bool, device=pack.device)
+        for s0, a, b in zip(snap, *after):
+            da, db = (a - s0).double(), (b - s0).double()
+            # a member diverging in these steps must diverge alike in both
+            fa, fb = torch.isfinite(da), torch.isfinite(db)
+            da, db = torch.where(fa, da, 0.0), torch.where(fb, db, 0.0)
+            ok &= (fa == fb).all() & ((da - db).abs().max() <= rtol * da.abs().max())
+        return bool(ok)
+    finally:
+        pack.restore(snap)
+
+
+def _ms_per_step(pack: Pack, fn, plan: "EpochPlan", steps: int) -> float:
+    snap = pack.snapshot()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for t in range(steps):
+        fn(plan.inputs(t % plan.steps))
+    end.record()
+    end.synchronize()
+    pack.restore(snap)
+    return start.elapsed_time(end) / steps
+
+
+def choose_stepper(pack: Pack, plan: "EpochPlan", mode: str, check_steps: int = 2,
+                   time_steps: int = 20, capture: bool = True):
+    """(step function, description) for `pack` under graph mode auto|on|off.
+
+    "auto" on CUDA captures the step, checks that replaying it moves the pack exactly
+    as `Pack.step` does, times both, and keeps the faster; any failure falls back to
+    `Pack.step` and says why. "on" insists on the graph (an error if it cannot be
+    had); "off" and the CPU use `Pack.step`.
+    """
+    if mode == "off":
+        return pack.step, "eager"
+    if capture and pack.device.type != "cuda":
+        if mode == "on":
+            raise RuntimeError(f"--graph on: CUDA graphs need a CUDA device; this pack is on {pack.device}")
+        return pack.step, "eager"
+    snap = pack.snapshot()
+    try:
+        graphed = GraphedStep(pack, plan.inputs(0), capture=capture)
+    except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+        pack.restore(snap)
+        if mode == "on":
+            raise RuntimeError(f"--graph on: capturing the step failed: {type(e).__name__}: {e}") from e
+        return pack.step, f"eager (graph capture failed: {type(e).__name__}: {e})"
+    if not _steps_agree(pack, pack.step, graphed, plan, check_steps):
+        if mode == "on":
+            raise RuntimeError("--graph on: the captured step does not reproduce Pack.step's update")
+        return pack.step, "eager (the captured step did not reproduce Pack.step's update)"
+    if mode == "on" or not capture:
+        return graphed, "cuda-graph" if capture else "static-buffers"
+    eager_ms = _ms_per_step(pack, pack.step, plan, time_steps)
+    graph_ms = _ms_per_step(pack, graphed, plan, time_steps)
+    timing = f"eager {eager_ms:.3f} ms/step, graph {graph_ms:.3f} ms/step"
+    if graph_ms < eager_ms:
+        return graphed, f"cuda-graph ({timing})"
+    return pack.step, f"eager ({timing})"

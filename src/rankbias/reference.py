@@ -82,7 +82,10 @@ def loss_fn(loss: str, logits: torch.Tensor, y: torch.Tensor, reduction: str = "
     """CE on logits, or MSE against one-hot labels averaged over batch and classes."""
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction=reduction)
-    err = (logits - F.one_hot(y, logits.shape[-1]).to(logits.dtype)).pow(2).mean(-1)
+    # one-hot by comparison: F.one_hot checks the labels' range on the host, a sync
+    # that a captured CUDA graph cannot contain
+    one_hot = (y.unsqueeze(-1) == torch.arange(logits.shape[-1], device=y.device)).to(logits.dtype)
+    err = (logits - one_hot).pow(2).mean(-1)
     return err.mean() if reduction == "mean" else err
 
 

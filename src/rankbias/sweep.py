@@ -28,12 +28,14 @@ from .spec import RunSpec, SpecError, make_packs, pack_id
 
 FIGURES = tuple(f"fig{i}" for i in range(1, 8))
 DEVICES = ("auto", "cpu", "cuda")
+GRAPH_MODES = ("auto", "on", "off")
 SPEC_KEYS = tuple(RunSpec.__dataclass_fields__) + ("model",)
 SECTION_KEYS = tuple(k for k in SPEC_KEYS if k != "seed") + ("seeds",)
 
 # Defaults of the top-level keys (workflow/schemas/config.schema.yaml states the same).
 TOP_DEFAULTS: dict[str, Any] = {
     "device": "auto",
+    "graph": "auto",
     "max_pack": 64,
     "train_threads": 1,
     "rank": {"normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL},
@@ -112,6 +114,8 @@ def resolve_config(raw: Mapping[str, Any]) -> dict:
             cfg[k] = v
     if cfg["device"] not in DEVICES:
         raise ConfigError(f"device: {cfg['device']!r} is not one of {', '.join(DEVICES)}")
+    if cfg["graph"] not in GRAPH_MODES:
+        raise ConfigError(f"graph: {cfg['graph']!r} is not one of {', '.join(GRAPH_MODES)}")
     for key in ("max_pack", "train_threads"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -136,11 +136,12 @@ def _save_checkpoint(path: Path, epoch: int, run_ids: list[str], pack: Pack, rec
 def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 5,
                data_dir: str | Path | None = None, dataset=None, progress: bool = True,
-               on_epoch=None) -> list[Path]:
+               on_epoch=None, graph: str = "auto") -> list[Path]:
     """Train one pack and write `out_dir/<run_id>/` for each member.
 
     Resumes from `checkpoint_dir/checkpoint.pt` when it holds this pack. `on_epoch(epoch)`
-    is called after each epoch's checkpoint (tests use it to simulate a kill).
+    is called after each epoch's checkpoint (tests use it to simulate a kill). `graph`
+    (auto|on|off) says whether a CUDA step may be a captured graph (engine.choose_stepper).
     """
     if checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every: must be >= 1, got {checkpoint_every}")
@@ -151,7 +152,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     dev = resolve_device(device)
     s0 = specs[0]
     ds = dataset or data_mod.load(s0.dataset, dev, data_dir, s0.train_subset, s0.test_subset)
-    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev)
+    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph)
     rec = Recorder(pack, ds)
     run_ids = [s.run_id for s in specs]
     from . import provenance  # imported late: it inspects git and packages
@@ -174,6 +175,8 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     for epoch in range(start, s0.epochs):
         prev = {m: pack.weight(m).detach().clone() for m, _ in pack.matrices}
         pack.train_epoch(epoch)
+        if epoch == start:
+            _log(progress, f"[pack {pid}] step: {pack.step_mode}")
         info = rec.record(epoch + 1, prev, final=epoch + 1 == s0.epochs)
         done = epoch + 1 - start
         elapsed = time.perf_counter() - t0
@@ -199,7 +202,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
             "run_id": spec.run_id, "spec": spec.to_dict(), "model": spec.model, "pack_id": pid,
             "pack_size": pack.K, "status": "complete", "diverged": rec.diverged[k],
             "epochs_completed": int(metrics["epoch"].max()),
-            "wall_time_s": round(wall, 3), "device": device_name(dev),
+            "wall_time_s": round(wall, 3), "device": device_name(dev), "step": pack.step_mode,
             "seeds": {"init": f"torch.manual_seed({spec.seed})",
                       "data_order": f"torch.randperm, Generator seed {spec.seed} * 1000003 + epoch + 1"},
             "dataset": {"name": ds.name, "checksums": ds.checksums, "source": ds.source,
@@ -232,6 +235,9 @@ def register(subparsers) -> None:
                    help="where the pack's checkpoint lives (default: <out>/../packs/<pack_id>)")
     p.add_argument("--checkpoint-every", type=int, default=5, help="epochs between checkpoints (default 5)")
     p.add_argument("--data-dir", default=None, help="dataset directory (default: $RANKBIAS_DATA)")
+    p.add_argument("--graph", default="auto", choices=["auto", "on", "off"],
+                   help="CUDA graph for the training step: auto (capture, check against the "
+                        "eager step, keep the faster), on, off (default: auto; the CPU is always eager)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_train)
 
@@ -249,5 +255,5 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with ctx:
         for specs in packs:
             train_pack(specs, args.out, args.device, args.checkpoint_dir, args.checkpoint_every,
-                       args.data_dir, progress=not args.quiet)
+                       args.data_dir, progress=not args.quiet, graph=args.graph)
     return 0

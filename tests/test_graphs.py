@@ -1,0 +1,140 @@
+"""The CUDA-graph step: what the CPU can check of it, and the real thing where CUDA is.
+
+A captured graph replays its kernels on the same memory with whatever the input
+buffers hold, so three things must be true, and are tested here on the CPU:
+the step reads nothing back to the host (op by op, forward and backward); running the
+step on static buffers refilled each step equals the plain step bit for bit; and the
+check that guards the graph (engine.choose_stepper) catches a replay that reads stale
+inputs. The last test captures a real graph and runs only where CUDA is.
+"""
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rankbias import engine
+from rankbias.engine import GraphedStep, Pack, choose_stepper
+from rankbias.results import Run
+from rankbias.spec import RunSpec
+from rankbias.train import train_pack
+
+# Ops that read a device value on the host (a sync that capture forbids), or make a
+# tensor from host data inside the step.
+HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select",
+              "unique", "_unique2", "equal", "allclose", "lift_fresh", "tolist"}
+
+
+def _specs(model, batch=(16, 32, 64), epochs=2):
+    base = dict(dataset="synthetic", model=model, epochs=epochs, log_every=1)
+    return [RunSpec.from_dict({**base, "batch_size": b, "lr": 0.05 * (k + 1), "weight_decay": 5e-4 * k,
+                               "momentum": 0.9 - 0.2 * k, "seed": k}) for k, b in enumerate(batch)]
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model", ["MLP-BN-3-16", "RES-BN-2-16", "MLP-2-16"])
+@pytest.mark.parametrize("batch", [(32, 32, 32), (16, 32, 64)], ids=["uniform", "mixed"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_step_reads_nothing_back_to_the_host(model, batch, loss, synthetic):
+    specs = [RunSpec.from_dict({**s.to_dict(), "loss": loss}) for s in _specs(model, batch)]
+    pack = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
+    plan = pack.epoch_plan(0)
+    s = plan.inputs(1)
+    with _OpLog() as log:
+        pack.step(s)
+    assert "bmm" in log.ops, "the backward pass was not observed"
+    assert log.ops.count("_foreach_addcmul_") == 2, "the SGD update was not observed"
+    assert not HOST_READS & set(log.ops), f"host reads in the step: {sorted(HOST_READS & set(log.ops))}"
+
+
+def _state(pack):
+    return [t.clone() for t in pack.snapshot()]
+
+
+@pytest.mark.parametrize("batch", [(32, 32, 32), (16, 32, 64)], ids=["uniform", "mixed"])
+def test_static_buffer_step_equals_plain_step_bitwise(batch, synthetic):
+    specs = _specs("RES-BN-2-16", batch)
+    a = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
+    b = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
+    for epoch in range(2):
+        plan_a, plan_b = a.epoch_plan(epoch), b.epoch_plan(epoch)
+        step, mode = choose_stepper(b, plan_b, "auto", capture=False)
+        assert mode == "static-buffers" and isinstance(step, GraphedStep)
+        for t in range(plan_a.steps):
+            a.step(plan_a.inputs(t))
+            step(plan_b.inputs(t))
+    for x, y in zip(_state(a), _state(b)):
+        assert torch.equal(x, y)
+
+
+class _StaleIndices(GraphedStep):
+    """A broken replay: it never refreshes the sample indices."""
+
+    def __call__(self, s):
+        s = engine.StepInputs(**{f: getattr(s, f) for f in engine.StepInputs.__slots__})
+        s.idx = self.static.idx.clone()
+        super().__call__(s)
+
+
+class _StaleLr(GraphedStep):
+    """A broken replay: the learning rate it captured stays, whatever the schedule says."""
+
+    def __call__(self, s):
+        s = engine.StepInputs(**{f: getattr(s, f) for f in engine.StepInputs.__slots__})
+        s.neg_lr = self.static.neg_lr.clone()
+        super().__call__(s)
+
+
+@pytest.mark.parametrize("broken", [_StaleIndices, _StaleLr])
+def test_the_check_rejects_a_replay_with_stale_inputs(broken, synthetic, monkeypatch):
+    specs = _specs("MLP-BN-2-16", (32, 32, 32))
+    pack = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
+    before = _state(pack)
+    monkeypatch.setattr(engine, "GraphedStep", broken)
+    plan = pack.epoch_plan(0)
+    if broken is _StaleLr:   # an lr that differs between the captured step and the next
+        orig = plan.inputs
+        plan.inputs = lambda t: (lambda s: (setattr(s, "neg_lr", s.neg_lr * (1 + t)), s)[1])(orig(t))
+    step, mode = choose_stepper(pack, plan, "auto", capture=False)
+    assert step == pack.step and "did not reproduce" in mode
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        choose_stepper(pack, plan, "on", capture=False)
+    for x, y in zip(before, _state(pack)):
+        assert torch.equal(x, y), "checking must leave the pack as it found it"
+
+
+def test_graph_modes_on_the_cpu(synthetic, tmp_path):
+    specs = _specs("MLP-2-16", (32, 32, 32), epochs=1)
+    with pytest.raises(ValueError, match="graph: 'sometimes'"):
+        Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu", graph="sometimes")
+    with pytest.raises(RuntimeError, match="--graph on: CUDA graphs need a CUDA device"):
+        train_pack(specs, tmp_path / "on", device="cpu", dataset=synthetic, progress=False, graph="on")
+    train_pack(specs, tmp_path / "auto", device="cpu", dataset=synthetic, progress=False)
+    assert Run(tmp_path / "auto" / specs[0].run_id).info["step"] == "eager"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", [(32, 32, 32), (16, 32, 64)], ids=["uniform", "mixed"])
+def test_cuda_graph_trains_like_the_eager_step(batch, synthetic, tmp_path):
+    import dataclasses
+    dev = torch.device("cuda")
+    ds = dataclasses.replace(synthetic, **{k: getattr(synthetic, k).to(dev)
+                                           for k in ("x_train", "y_train", "x_test", "y_test")})
+    specs = _specs("RES-BN-2-16", batch, epochs=3)
+    train_pack(specs, tmp_path / "eager", device="cuda", dataset=ds, progress=False, graph="off")
+    train_pack(specs, tmp_path / "graph", device="cuda", dataset=ds, progress=False, graph="on")
+    for spec in specs:
+        e, g = Run(tmp_path / "eager" / spec.run_id), Run(tmp_path / "graph" / spec.run_id)
+        assert g.info["step"] == "cuda-graph"
+        np.testing.assert_allclose(g.metrics["train_loss"], e.metrics["train_loss"], rtol=1e-4)
+        for k in e.spectra:
+            if k.startswith("sv_"):
+                np.testing.assert_allclose(g.spectra[k], e.spectra[k], rtol=1e-3, atol=1e-5)
