@@ -101,7 +101,7 @@ class _ReferenceTimer:
 
 
 def run_bench(Ks=(1, 16, 64), device="auto", engine_steps=None, reference_steps=None,
-              rounds: int = 3, graph: str = "auto") -> dict:
+              rounds: int = 5, graph: str = "auto") -> dict:
     """Engine and reference timed in alternating rounds; each rate is the median round."""
     from .train import device_name, resolve_device
     dev = resolve_device(device)
@@ -142,7 +142,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--K", type=int, nargs="+", default=[1, 16, 64], help="pack sizes (default 1 16 64)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds; the median is kept")
+    p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds; the median is kept (default 5)")
     p.add_argument("--graph", default="auto", choices=["auto", "on", "off"],
                    help="CUDA graph for the engine's step (as in `rankbias train`)")
     p.set_defaults(func=_cmd_bench)
@@ -164,4 +164,4 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_cmd_bench(argparse.Namespace(json=True, device="auto", K=[1, 16, 64], rounds=3, graph="auto")))
+    sys.exit(_cmd_bench(argparse.Namespace(json=True, device="auto", K=[1, 16, 64], rounds=5, graph="auto")))
