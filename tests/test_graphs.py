@@ -102,7 +102,12 @@ def test_the_check_rejects_a_replay_with_stale_inputs(broken, synthetic, monkeyp
     plan = pack.epoch_plan(0)
     if broken is _StaleLr:   # an lr that differs between the captured step and the next
         orig = plan.inputs
-        plan.inputs = lambda t: (lambda s: (setattr(s, "neg_lr", s.neg_lr * (1 + t)), s)[1])(orig(t))
+
+        def inputs(t):
+            s = orig(t)
+            s.neg_lr = s.neg_lr * (1 + t)
+            return s
+        plan.inputs = inputs
     step, mode = choose_stepper(pack, plan, "auto", capture=False)
     assert step == pack.step and "did not reproduce" in mode
     with pytest.raises(RuntimeError, match="does not reproduce"):

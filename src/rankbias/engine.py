@@ -306,16 +306,18 @@ class EpochPlan:
         self.mask = (rows < bt).to(pack.dtype).view(K, self.bmax, 1).to(dev)
         self.count = bt.to(pack.dtype).view(K, 1, 1).to(dev)
         self.unbias = (bt.double() / (bt - 1).clamp_min(1)).to(pack.dtype).view(K, 1).to(dev)
-        self.pack, self.lr, self.wd, self.mom = pack, lr, pack.wd, pack.mom
+        # every step's columns at once, [K, steps, 1]: a step only takes views of them
+        a = self.active
+        self.neg_lr, self.wd = -lr.unsqueeze(1) * a, pack.wd.unsqueeze(1) * a
+        self.mom = torch.where(a > 0, pack.mom.unsqueeze(1), 1.0)
+        self.bn_momentum = BN_MOMENTUM * a
 
     def inputs(self, t: int) -> StepInputs:
         if self.active is None:
             return StepInputs(idx=self.idx[:, t], **self.common)
-        a = self.active[:, t]                                          # [K, 1]
-        return StepInputs(idx=self.idx[:, t], mask=self.mask, count=self.count, weight=a,
-                          neg_lr=-self.lr * a, wd=self.wd * a,
-                          mom=torch.where(a > 0, self.mom, 1.0),
-                          bn_momentum=BN_MOMENTUM * a, unbias=self.unbias)
+        return StepInputs(idx=self.idx[:, t], mask=self.mask, count=self.count, weight=self.active[:, t],
+                          neg_lr=self.neg_lr[:, t], wd=self.wd[:, t], mom=self.mom[:, t],
+                          bn_momentum=self.bn_momentum[:, t], unbias=self.unbias)
 
 
 
