@@ -93,9 +93,21 @@ class _StaleLr(GraphedStep):
         super().__call__(s)
 
 
-@pytest.mark.parametrize("broken", [_StaleIndices, _StaleLr])
+class _OneMemberStands(GraphedStep):
+    """A broken replay: member 1, the slow one, never moves."""
+
+    def __call__(self, s):
+        s = engine.StepInputs(**{f: getattr(s, f) for f in engine.StepInputs.__slots__})
+        s.neg_lr = s.neg_lr.clone()
+        s.neg_lr[1] = 0
+        super().__call__(s)
+
+
+@pytest.mark.parametrize("broken", [_StaleIndices, _StaleLr, _OneMemberStands])
 def test_the_check_rejects_a_replay_with_stale_inputs(broken, synthetic, monkeypatch):
-    specs = _specs("MLP-BN-2-16", (32, 32, 32))
+    # member 1's updates are 5000x smaller than member 0's: checked member by member
+    specs = [RunSpec.from_dict({**s.to_dict(), "lr": lr})
+             for s, lr in zip(_specs("MLP-BN-2-16", (32, 32, 32)), (0.5, 1e-4, 0.1))]
     pack = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
     before = _state(pack)
     monkeypatch.setattr(engine, "GraphedStep", broken)
@@ -126,6 +138,26 @@ def test_graph_modes_on_the_cpu(synthetic, tmp_path):
     assert Run(tmp_path / "auto" / specs[0].run_id).info["step"] == "eager"
 
 
+def test_graph_mode_comes_from_the_flag_then_the_environment(monkeypatch):
+    from rankbias.train import graph_mode
+    monkeypatch.delenv("RANKBIAS_GRAPH", raising=False)
+    assert graph_mode(None) == "auto"
+    monkeypatch.setenv("RANKBIAS_GRAPH", "off")
+    assert graph_mode(None) == "off" and graph_mode("on") == "on"
+    monkeypatch.setenv("RANKBIAS_GRAPH", "sometimes")
+    with pytest.raises(ValueError, match="RANKBIAS_GRAPH: 'sometimes'"):
+        graph_mode(None)
+
+
+def test_a_restore_drops_gradients_left_by_a_step_cut_short(synthetic):
+    pack = Pack(_specs("MLP-2-16", (32, 32, 32)), synthetic.x_train, synthetic.y_train,
+                synthetic.num_classes, "cpu")
+    snap = pack.snapshot()
+    pack.plist[0].grad = torch.ones_like(pack.plist[0])
+    pack.restore(snap)
+    assert all(p.grad is None for p in pack.plist)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("batch", [(32, 32, 32), (16, 32, 64)], ids=["uniform", "mixed"])
 def test_cuda_graph_trains_like_the_eager_step(batch, synthetic, tmp_path):
@@ -133,12 +165,28 @@ def test_cuda_graph_trains_like_the_eager_step(batch, synthetic, tmp_path):
     dev = torch.device("cuda")
     ds = dataclasses.replace(synthetic, **{k: getattr(synthetic, k).to(dev)
                                            for k in ("x_train", "y_train", "x_test", "y_test")})
-    specs = _specs("RES-BN-2-16", batch, epochs=3)
+    # an lr drop, and a member that diverges and is frozen mid-run
+    specs = [RunSpec.from_dict({**s.to_dict(), "schedule": "multistep", "milestones": [2], "gamma": 0.1})
+             for s in _specs("RES-BN-2-16", batch, epochs=4)]
+    specs.append(RunSpec.from_dict({**specs[0].to_dict(), "lr": 1e4, "seed": 9}))
     train_pack(specs, tmp_path / "eager", device="cuda", dataset=ds, progress=False, graph="off")
-    train_pack(specs, tmp_path / "graph", device="cuda", dataset=ds, progress=False, graph="on")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_2(epoch):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):     # and resumed: a fresh graph over the loaded state
+        train_pack(specs, tmp_path / "graph", device="cuda", dataset=ds, progress=False, graph="on",
+                   checkpoint_every=1, on_epoch=kill_at_2)
+    train_pack(specs, tmp_path / "graph", device="cuda", dataset=ds, progress=False, graph="on",
+               checkpoint_every=1)
     for spec in specs:
         e, g = Run(tmp_path / "eager" / spec.run_id), Run(tmp_path / "graph" / spec.run_id)
         assert g.info["step"] == "cuda-graph"
+        assert bool(e.diverged) == bool(g.diverged)
         np.testing.assert_allclose(g.metrics["train_loss"], e.metrics["train_loss"], rtol=1e-4)
         for k in e.spectra:
             if k.startswith("sv_"):

@@ -111,6 +111,7 @@ def test_schema_defaults_agree_with_the_library():
     (lambda c: c["defaults"].update(weight_decay=-1.0), "weight_decay"),
     (lambda c: c.update(device="tpu"), "device"),
     (lambda c: c.update(graph="sometimes"), "graph"),
+    (lambda c: c.update(graph=3), "graph"),
     (lambda c: c["rank"].update(tol=0), "rank.tol"),
 ])
 def test_bad_configs_name_the_key(mutate, key):
@@ -119,6 +120,15 @@ def test_bad_configs_name_the_key(mutate, key):
     mutate(cfg)
     with pytest.raises(sweep.SpecError, match=key.split(".")[-1]):
         sweep.plan(cfg)
+
+
+def test_yaml_booleans_for_graph_read_as_on_and_off():
+    cfg = {"defaults": {"dataset": "synthetic"},
+           "figures": {"fig2": {"model": "MLP-BN-2-8", "grid": {"batch_size": [8], "lr": [0.1]}}}}
+    assert yaml.safe_load("graph: off")["graph"] is False      # what YAML 1.1 does
+    assert sweep.plan({**cfg, "graph": False}).config["graph"] == "off"
+    assert sweep.plan({**cfg, "graph": True}).config["graph"] == "on"
+    assert sweep.plan(cfg).config["graph"] == "auto"
 
 
 def test_plan_cli(tmp_path, capsys):

@@ -131,6 +131,17 @@ def test_rethresholding_redraws_without_retraining(done):
     assert jobs.get("figure") == 7 and jobs.get("claims") == 1
 
 
+def test_switching_the_cuda_graph_retrains_nothing(done):
+    """`graph` reaches the jobs through the environment, not their command line, so
+    Snakemake's code trigger does not see it."""
+    wd, _ = done
+    cfg = yaml.safe_load((wd / TEST_CONFIG).read_text())
+    cfg["graph"] = "off"
+    (wd / ".test" / "graph.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(snakemake(wd, "--configfile", ".test/graph.yaml", "-n"))
+    assert not any(k.startswith("train_") for k in jobs), jobs
+
+
 def test_report_holds_every_figure(done):
     wd, _ = done
     snakemake(wd, "--configfile", TEST_CONFIG, "--report", "report.zip")

@@ -10,6 +10,8 @@ which leaves its parameters, momentum and BatchNorm statistics exactly unchanged
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -199,6 +201,8 @@ class Pack:
     def restore(self, snap: list[torch.Tensor]) -> None:
         for t, v in zip(self._state_tensors(), snap):
             t.copy_(v)
+        for p in self.plist:     # a step cut short (a failed capture) may have left grads
+            p.grad = None
 
     def epoch_loss(self) -> torch.Tensor:
         """Mean training mini-batch loss of each member over the last epoch."""
@@ -380,8 +384,10 @@ class GraphedStep:
 def _steps_agree(pack: Pack, step_a, step_b, plan: "EpochPlan", steps: int, rtol: float = 1e-3) -> bool:
     """Do two step functions move the pack the same way over `steps` steps from here?
 
-    The updates (state after minus state before) are compared, each to rtol of its
-    own largest entry, so a step that read stale inputs fails even after one step.
+    The updates (state after minus state before) are compared member by member, each
+    to rtol of that member's largest entry, so a replay that read stale inputs fails
+    even after one step, and a slow member is not hidden by a fast one. A member that
+    diverges must diverge alike in both; if nothing stayed finite, nothing was shown.
     The pack's state is left as it was found.
     """
     snap = pack.snapshot()
@@ -393,27 +399,30 @@ def _steps_agree(pack: Pack, step_a, step_b, plan: "EpochPlan", steps: int, rtol
                 fn(plan.inputs(t % plan.steps))
             after.append(pack.snapshot())
         ok = torch.ones((), dtype=torch.bool, device=pack.device)
+        seen = torch.zeros((), dtype=torch.bool, device=pack.device)
         for s0, a, b in zip(snap, *after):
-            da, db = (a - s0).double(), (b - s0).double()
-            # a member diverging in these steps must diverge alike in both
+            da, db = (a - s0).double().view(pack.K, -1), (b - s0).double().view(pack.K, -1)
             fa, fb = torch.isfinite(da), torch.isfinite(db)
             da, db = torch.where(fa, da, 0.0), torch.where(fb, db, 0.0)
-            ok &= (fa == fb).all() & ((da - db).abs().max() <= rtol * da.abs().max())
-        return bool(ok)
+            ok &= (fa == fb).all() & ((da - db).abs().amax(1) <= rtol * da.abs().amax(1)).all()
+            seen |= (da != 0).any()
+        return bool(ok & seen)
     finally:
         pack.restore(snap)
 
 
 def _ms_per_step(pack: Pack, fn, plan: "EpochPlan", steps: int) -> float:
     snap = pack.snapshot()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for t in range(steps):
-        fn(plan.inputs(t % plan.steps))
-    end.record()
-    end.synchronize()
-    pack.restore(snap)
-    return start.elapsed_time(end) / steps
+    try:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for t in range(steps):
+            fn(plan.inputs(t % plan.steps))
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps
+    finally:
+        pack.restore(snap)
 
 
 def choose_stepper(pack: Pack, plan: "EpochPlan", mode: str, check_steps: int = 2,
@@ -423,7 +432,8 @@ def choose_stepper(pack: Pack, plan: "EpochPlan", mode: str, check_steps: int = 
     "auto" on CUDA captures the step, checks that replaying it moves the pack exactly
     as `Pack.step` does, times both, and keeps the faster; any failure falls back to
     `Pack.step` and says why. "on" insists on the graph (an error if it cannot be
-    had); "off" and the CPU use `Pack.step`.
+    had); "off" and the CPU use `Pack.step`. The pack's state is left as it was found.
+    `capture=False` (tests only) checks the static-buffer replay without a graph.
     """
     if mode == "off":
         return pack.step, "eager"
@@ -431,22 +441,31 @@ def choose_stepper(pack: Pack, plan: "EpochPlan", mode: str, check_steps: int = 
         if mode == "on":
             raise RuntimeError(f"--graph on: CUDA graphs need a CUDA device; this pack is on {pack.device}")
         return pack.step, "eager"
+    if mode == "auto" and plan.steps <= check_steps:
+        # the check needs steps whose inputs differ from the captured one; with so few
+        # steps an epoch, a graph would save next to nothing anyway
+        return pack.step, f"eager ({plan.steps} step(s) an epoch: too few to check a graph on)"
+    device = torch.cuda.device(pack.device) if capture else contextlib.nullcontext()
     snap = pack.snapshot()
-    try:
-        graphed = GraphedStep(pack, plan.inputs(0), capture=capture)
-    except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
-        pack.restore(snap)
-        if mode == "on":
-            raise RuntimeError(f"--graph on: capturing the step failed: {type(e).__name__}: {e}") from e
-        return pack.step, f"eager (graph capture failed: {type(e).__name__}: {e})"
-    if not _steps_agree(pack, pack.step, graphed, plan, check_steps):
+    with device:     # capture and timing use the current device's streams: the pack's
+        try:
+            graphed = GraphedStep(pack, plan.inputs(0), capture=capture)
+            agree = _steps_agree(pack, pack.step, graphed, plan, check_steps)
+            if agree and mode == "auto" and capture:
+                eager_ms = _ms_per_step(pack, pack.step, plan, time_steps)
+                graph_ms = _ms_per_step(pack, graphed, plan, time_steps)
+        except Exception as e:  # noqa: BLE001 - any failure of capture, check or timing: run eagerly
+            if mode == "on":
+                raise RuntimeError(f"--graph on: capturing the step failed: {type(e).__name__}: {e}") from e
+            return pack.step, f"eager (graph capture failed: {type(e).__name__}: {e})"
+        finally:
+            pack.restore(snap)
+    if not agree:
         if mode == "on":
             raise RuntimeError("--graph on: the captured step does not reproduce Pack.step's update")
         return pack.step, "eager (the captured step did not reproduce Pack.step's update)"
     if mode == "on" or not capture:
         return graphed, "cuda-graph" if capture else "static-buffers"
-    eager_ms = _ms_per_step(pack, pack.step, plan, time_steps)
-    graph_ms = _ms_per_step(pack, graphed, plan, time_steps)
     timing = f"eager {eager_ms:.3f} ms/step, graph {graph_ms:.3f} ms/step"
     if graph_ms < eager_ms:
         return graphed, f"cuda-graph ({timing})"

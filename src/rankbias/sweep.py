@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import metrics as M
+from .engine import GRAPH_MODES
 from .results import atomic_write_bytes
 from .spec import RunSpec, SpecError, make_packs, pack_id
 
 FIGURES = tuple(f"fig{i}" for i in range(1, 8))
 DEVICES = ("auto", "cpu", "cuda")
-GRAPH_MODES = ("auto", "on", "off")
+
 SPEC_KEYS = tuple(RunSpec.__dataclass_fields__) + ("model",)
 SECTION_KEYS = tuple(k for k in SPEC_KEYS if k != "seed") + ("seeds",)
 
@@ -114,6 +115,8 @@ def resolve_config(raw: Mapping[str, Any]) -> dict:
             cfg[k] = v
     if cfg["device"] not in DEVICES:
         raise ConfigError(f"device: {cfg['device']!r} is not one of {', '.join(DEVICES)}")
+    if isinstance(cfg["graph"], bool):   # YAML 1.1 (and --config graph=off) read on/off as booleans
+        cfg["graph"] = "on" if cfg["graph"] else "off"
     if cfg["graph"] not in GRAPH_MODES:
         raise ConfigError(f"graph: {cfg['graph']!r} is not one of {', '.join(GRAPH_MODES)}")
     for key in ("max_pack", "train_threads"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from . import data as data_mod
 from . import metrics as M
-from .engine import Pack
+from .engine import GRAPH_MODES, Pack
 from .results import atomic_write_bytes, write_run
 from .spec import RunSpec, load_pack, pack_id
 
@@ -150,6 +151,8 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.parent / "packs" / pid
     ckpt_path = checkpoint_dir / CHECKPOINT
     dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)   # graphs, streams and events use the current device
     s0 = specs[0]
     ds = dataset or data_mod.load(s0.dataset, dev, data_dir, s0.train_subset, s0.test_subset)
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph)
@@ -235,14 +238,28 @@ def register(subparsers) -> None:
                    help="where the pack's checkpoint lives (default: <out>/../packs/<pack_id>)")
     p.add_argument("--checkpoint-every", type=int, default=5, help="epochs between checkpoints (default 5)")
     p.add_argument("--data-dir", default=None, help="dataset directory (default: $RANKBIAS_DATA)")
-    p.add_argument("--graph", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--graph", default=None, choices=list(GRAPH_MODES),
                    help="CUDA graph for the training step: auto (capture, check against the "
-                        "eager step, keep the faster), on, off (default: auto; the CPU is always eager)")
+                        "eager step, keep the faster), on, off (default: $RANKBIAS_GRAPH, else "
+                        "auto; the CPU is always eager)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_train)
 
 
+def graph_mode(arg: str | None) -> str:
+    """--graph, else $RANKBIAS_GRAPH (the workflow sets it from the config's `graph`,
+    so that the choice, which changes no result, is not part of the rule's command
+    and changing it retrains nothing), else auto."""
+    if arg is not None:
+        return arg
+    mode = os.environ.get("RANKBIAS_GRAPH", "auto")
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"RANKBIAS_GRAPH: {mode!r} is not one of {', '.join(GRAPH_MODES)}")
+    return mode
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    graph = graph_mode(args.graph)
     packs = [load_pack(p) for p in args.packs]   # validate every file before training any
     if len(packs) > 1 and args.checkpoint_dir:
         raise ValueError("--checkpoint-dir: give it only with a single pack file")
@@ -255,5 +272,5 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with ctx:
         for specs in packs:
             train_pack(specs, args.out, args.device, args.checkpoint_dir, args.checkpoint_every,
-                       args.data_dir, progress=not args.quiet, graph=args.graph)
+                       args.data_dir, progress=not args.quiet, graph=graph)
     return 0

@@ -8,6 +8,7 @@
 # the figure and claims commands.
 
 import json
+import os
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -31,6 +32,11 @@ ALL_RUNS = list(PLAN.specs)
 PACKS = list(PLAN.packs)
 DATASETS = sorted({s.dataset for s in PLAN.specs.values()})
 ON_GPU = PLAN.config["device"] == "cuda"
+# The CUDA-graph choice reaches `rankbias train` through the environment, not its
+# command line: it changes no result, so changing it must not make Snakemake retrain
+# (a rule's command is part of its code trigger). Jobs inherit it, on SLURM too
+# (sbatch exports the environment, and each job parses this file again).
+os.environ["RANKBIAS_GRAPH"] = PLAN.config["graph"]
 
 
 wildcard_constraints:

@@ -32,7 +32,6 @@ def _train_rule(pid):
         shell:
             "OMP_NUM_THREADS={threads} rankbias train {input.pack} --out results/runs"
             " --checkpoint-dir results/packs/{params.pack} --device {config[device]}"
-            " --graph {config[graph]}"
             " > {log} 2>&1"
 
 
