@@ -5,7 +5,9 @@ buffers hold, so three things must be true, and are tested here on the CPU:
 the step reads nothing back to the host (op by op, forward and backward); running the
 step on static buffers refilled each step equals the plain step bit for bit; and the
 check that guards the graph (engine.choose_stepper) catches a replay that reads stale
-inputs. The last test captures a real graph and runs only where CUDA is.
+inputs. A fake torch.cuda (capture records, replay runs) walks the capture path's
+Python, a failed capture included. The CUDA tests capture a real graph and run only
+where CUDA is.
 """
 import numpy as np
 import pytest
@@ -191,3 +193,109 @@ def test_cuda_graph_trains_like_the_eager_step(batch, synthetic, tmp_path):
         for k in e.spectra:
             if k.startswith("sv_"):
                 np.testing.assert_allclose(g.spectra[k], e.spectra[k], rtol=1e-3, atol=1e-5)
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda, on the CPU, to run the capture path's control flow:
+    a "captured" Pack.step is recorded, not run (as on a GPU), and replay runs it on
+    the static buffers. It proves the Python of that path, not CUDA itself."""
+
+    def __init__(self, monkeypatch, fail_capture=False):
+        self.capturing, self.recorded, self.fail = False, None, fail_capture
+        self.streams_set = []
+        fake = self
+        real_step = Pack.step
+
+        def step(pack, s):
+            if fake.capturing:
+                fake.recorded = (pack, s)
+                return None
+            return real_step(pack, s)
+
+        class Graph:
+            def replay(self):
+                real_step(*fake.recorded)
+
+        class Capture:
+            def __init__(self, g):
+                pass
+
+            def __enter__(self):
+                fake.capturing = True
+
+            def __exit__(self, *exc):
+                fake.capturing = False
+                if fake.fail:
+                    raise RuntimeError("operation not permitted when stream is capturing")
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                import time
+                self.t = time.perf_counter()
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return 1000 * (end.t - self.t)
+
+        import contextlib
+        self.stream0 = Stream()
+        monkeypatch.setattr(Pack, "step", step)
+        for name, value in dict(CUDAGraph=Graph, graph=Capture, Stream=Stream, Event=Event,
+                                stream=lambda s: contextlib.nullcontext(),
+                                device=lambda d: contextlib.nullcontext(),
+                                current_stream=lambda device=None: fake.stream0,
+                                set_stream=fake.streams_set.append).items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def _pack_on_fake_cuda(synthetic, batch):
+    pack = Pack(_specs("RES-BN-2-16", batch), synthetic.x_train, synthetic.y_train,
+                synthetic.num_classes, "cpu")
+    plan = pack.epoch_plan(0)
+    pack.device = torch.device("cuda")     # only choose_stepper reads it from here on
+    return pack, plan
+
+
+@pytest.mark.parametrize("batch", [(32, 32, 32), (16, 32, 64)], ids=["uniform", "mixed"])
+def test_capture_path_on_a_fake_cuda(batch, synthetic, monkeypatch):
+    _FakeCuda(monkeypatch)
+    pack, plan = _pack_on_fake_cuda(synthetic, batch)
+    ref, ref_plan = _pack_on_fake_cuda(synthetic, batch)
+    before = _state(pack)
+    step, mode = choose_stepper(pack, plan, "auto")
+    assert "ms/step" in mode, mode                      # captured, checked and timed
+    for x, y in zip(before, _state(pack)):
+        assert torch.equal(x, y), "choosing must leave the pack as it found it"
+    step, mode = choose_stepper(pack, plan, "on")
+    assert isinstance(step, GraphedStep) and mode == "cuda-graph"
+    for t in range(plan.steps):
+        step(plan.inputs(t))
+        ref.step(ref_plan.inputs(t))
+    for x, y in zip(_state(ref), _state(pack)):
+        assert torch.equal(x, y)
+
+
+def test_a_failed_capture_falls_back_cleanly(synthetic, monkeypatch):
+    fake = _FakeCuda(monkeypatch, fail_capture=True)
+    pack, plan = _pack_on_fake_cuda(synthetic, (32, 32, 32))
+    before = _state(pack)
+    step, mode = choose_stepper(pack, plan, "auto")
+    assert step == pack.step and mode.startswith("eager (graph capture failed: RuntimeError")
+    assert fake.streams_set == [fake.stream0], "the stream from before the capture is current again"
+    assert all(p.grad is None for p in pack.plist)
+    for x, y in zip(before, _state(pack)):
+        assert torch.equal(x, y)
+    with pytest.raises(RuntimeError, match="--graph on: capturing the step failed"):
+        choose_stepper(pack, plan, "on")

@@ -398,8 +398,8 @@ def _steps_agree(pack: Pack, step_a, step_b, plan: "EpochPlan", steps: int, rtol
             for t in range(1, steps + 1):          # not step 0: the captured example
                 fn(plan.inputs(t % plan.steps))
             after.append(pack.snapshot())
-        ok = torch.ones((), dtype=torch.bool, device=pack.device)
-        seen = torch.zeros((), dtype=torch.bool, device=pack.device)
+        ok = torch.ones((), dtype=torch.bool, device=snap[0].device)
+        seen = torch.zeros((), dtype=torch.bool, device=snap[0].device)
         for s0, a, b in zip(snap, *after):
             da, db = (a - s0).double().view(pack.K, -1), (b - s0).double().view(pack.K, -1)
             fa, fb = torch.isfinite(da), torch.isfinite(db)
@@ -448,6 +448,7 @@ def choose_stepper(pack: Pack, plan: "EpochPlan", mode: str, check_steps: int = 
     device = torch.cuda.device(pack.device) if capture else contextlib.nullcontext()
     snap = pack.snapshot()
     with device:     # capture and timing use the current device's streams: the pack's
+        stream = torch.cuda.current_stream() if capture else None
         try:
             graphed = GraphedStep(pack, plan.inputs(0), capture=capture)
             agree = _steps_agree(pack, pack.step, graphed, plan, check_steps)
@@ -455,6 +456,8 @@ def choose_stepper(pack: Pack, plan: "EpochPlan", mode: str, check_steps: int = 
                 eager_ms = _ms_per_step(pack, pack.step, plan, time_steps)
                 graph_ms = _ms_per_step(pack, graphed, plan, time_steps)
         except Exception as e:  # noqa: BLE001 - any failure of capture, check or timing: run eagerly
+            if stream is not None:   # a capture that failed may not have switched back
+                torch.cuda.set_stream(stream)
             if mode == "on":
                 raise RuntimeError(f"--graph on: capturing the step failed: {type(e).__name__}: {e}") from e
             return pack.step, f"eager (graph capture failed: {type(e).__name__}: {e})"
