@@ -68,10 +68,10 @@ class Pack:
 
         # Stack the members' seed-determined initialisations (the reference's exactly).
         nets = [build_net(s, x_train.shape[1], num_classes) for s in specs]
-        self.names = [n for n, _ in nets[0].named_parameters()]
+        names = [n for n, _ in nets[0].named_parameters()]
         self.params: dict[str, torch.Tensor] = {
             name: torch.stack([dict(net.named_parameters())[name].detach() for net in nets])
-            .to(self.device, x_train.dtype).requires_grad_(True) for name in self.names}
+            .to(self.device, x_train.dtype).requires_grad_(True) for name in names}
         self.plist = list(self.params.values())
         self.bufs = [torch.zeros_like(p) for p in self.plist]
         # [K, 1, ...] shapes that broadcast a per-member column over each parameter.
@@ -79,8 +79,10 @@ class Pack:
         buffers = [dict(net.named_buffers()) for net in nets]
         self.running = {name: torch.stack([b[name] for b in buffers]).to(self.device, x_train.dtype)
                         for name in buffers[0] if not name.endswith("num_batches_tracked")}
+        # the matrices' names as Net.matrices() gives them, and their parameters' names
+        full_name = {id(p): n for n, p in nets[0].named_parameters()}
         self.matrices = [(name, kind) for name, kind, _ in nets[0].matrices()]
-        self.matrix_params = {name: self._matrix_key(name) for name, _ in self.matrices}
+        self.matrix_params = {name: full_name[id(w)] for name, _, w in nets[0].matrices()}
 
         self.dtype = self.plist[0].dtype
         col = lambda v: torch.tensor(v, dtype=self.dtype, device=self.device).view(self.K, 1)
@@ -91,16 +93,8 @@ class Pack:
         self.alive = torch.ones(self.K, 1, dtype=self.dtype, device=self.device)
         self.loss_sum = torch.zeros(self.K, dtype=torch.float64, device=self.device)
         # steps each member takes per epoch (n // B, like a DataLoader with drop_last)
-        self.member_steps = torch.tensor([self.n // b for b in self.batch], dtype=torch.float64,
-                                         device=self.device)
-
-    @staticmethod
-    def _matrix_key(name: str) -> str:
-        if name.startswith("fc"):
-            return f"hidden.{name}.weight"
-        if name.startswith("block"):
-            return f"blocks.{name}.weight"
-        return f"{name}.weight"
+        self.steps_of = [self.n // b for b in self.batch]
+        self.member_steps = torch.tensor(self.steps_of, dtype=torch.float64, device=self.device)
 
     def weight(self, matrix: str) -> torch.Tensor:
         return self.params[self.matrix_params[matrix]]
@@ -163,7 +157,8 @@ class Pack:
             member_loss = per_sample.mean(1)
         else:
             member_loss = (per_sample * s.mask.squeeze(-1)).sum(1) / s.count.view(-1)
-        (member_loss * s.weight.view(-1)).sum().backward()
+        weighted = member_loss * s.weight.view(-1)
+        weighted.sum().backward()
         grads = [p.grad for p in self.plist]
         with torch.no_grad():                                           # == torch.optim.SGD
             wd, mom, neg_lr = self.cols(s.wd), self.cols(s.mom), self.cols(s.neg_lr)
@@ -173,7 +168,7 @@ class Pack:
             torch._foreach_addcmul_(self.plist, self.bufs, neg_lr)      # p -= lr * buf
             for p in self.plist:
                 p.grad = None
-            self.loss_sum.add_(member_loss.detach() * s.weight.view(-1))
+            self.loss_sum.add_(weighted.detach())
 
     # -- an epoch --------------------------------------------------------------
     def epoch_plan(self, epoch: int) -> "EpochPlan":
@@ -183,8 +178,11 @@ class Pack:
         self.loss_sum.zero_()
         plan = self.epoch_plan(epoch)
         step = self.stepper(plan)
-        for t in range(plan.steps):
-            step(plan.inputs(t))
+        if isinstance(step, GraphedStep):
+            step.run(plan)
+        else:
+            for t in range(plan.steps):
+                step(plan.inputs(t))
 
     def stepper(self, plan: "EpochPlan"):
         """The step function to use: `Pack.step`, or on CUDA its captured graph where
@@ -285,7 +283,7 @@ class EpochPlan:
         K, n, dev = pack.K, pack.n, pack.device
         B = pack.batch
         self.bmax = max(B)
-        member_steps = [n // b for b in B]
+        member_steps = pack.steps_of
         self.steps = max(member_steps)
         lr = torch.tensor([s.lr_at(epoch) for s in pack.specs], dtype=pack.dtype, device=dev).view(K, 1)
         lr = lr * pack.alive
@@ -297,6 +295,7 @@ class EpochPlan:
                                wd=pack.wd * pack.alive, mom=pack.mom,
                                bn_momentum=BN_MOMENTUM, unbias=b / (b - 1) if b > 1 else 1.0)
             self.active = None
+            self.per_step = ("idx",)           # the rest holds for the whole epoch
             return
         idx = torch.zeros(K, self.steps, self.bmax, dtype=torch.long)
         active = torch.zeros(K, self.steps, 1, dtype=pack.dtype)
@@ -319,6 +318,7 @@ class EpochPlan:
         self.neg_lr, self.wd = -lr.unsqueeze(1) * a, pack.wd.unsqueeze(1) * a
         self.mom = torch.where(a > 0, pack.mom.unsqueeze(1), 1.0)
         self.bn_momentum = BN_MOMENTUM * a
+        self.per_step = ("idx", "weight", "neg_lr", "wd", "mom", "bn_momentum")
 
     def inputs(self, t: int) -> StepInputs:
         if self.active is None:
@@ -377,7 +377,17 @@ class GraphedStep:
             if getattr(s, f) != v:
                 raise ValueError(f"graphed step: input {f!r} changed from {v!r} to {getattr(s, f)!r}; "
                                  "it was captured as a constant")
-        for f in self.tensors:
+        self._refresh(s, self.tensors)
+
+    def run(self, plan: "EpochPlan") -> None:
+        """A whole epoch: every input is copied for its first step, then only those
+        that change from step to step (`plan.per_step`)."""
+        self(plan.inputs(0))
+        for t in range(1, plan.steps):
+            self._refresh(plan.inputs(t), plan.per_step)
+
+    def _refresh(self, s: StepInputs, fields) -> None:
+        for f in fields:
             getattr(self.static, f).copy_(getattr(s, f))
         if self.graph is None:
             self.pack.step(self.static)
