@@ -199,3 +199,36 @@ def test_cli_writes_md_and_json(tmp_path):
     assert doc["claims"][0]["verdict"] == "holds"
     md = (tmp_path / "claims.md").read_text()
     assert "| C1 |" in md and "**holds**" in md
+
+
+def test_c4_verdict_uses_unrounded_ratios(tmp_path):
+    # Ratio 1.0004 rounds to 1.0 for display, but it is > 1 and meets c4_min_ratio = 1.
+    E = 8
+    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E), distance=[0.1] * E)
+    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E), distance=[0.10004] * E)
+    v, _ = verdicts(tmp_path, overrides={"c4_min_ratio": 1.0})
+    assert v["C4"]["pairs"][0]["ratio"] == pytest.approx(1.0)
+    assert v["C4"]["verdict"] == "holds"
+
+
+def test_c4_holds_when_lambda0_run_stops_moving(tmp_path):
+    E = 8
+    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E), distance=[0.1] * 4 + [0.0] * 4)
+    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E), distance=[0.2] * E)
+    v, _ = verdicts(tmp_path)
+    assert v["C4"]["pairs"][0]["d_late_lambda0"] == 0.0
+    assert v["C4"]["verdict"] == "holds" and v["C4"]["n_runs"] == 2
+
+
+def test_c4_insufficient_without_lambda0_distance(tmp_path):
+    E = 8
+    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E), distance=[float("nan")] * E)
+    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E), distance=[0.2] * E)
+    v, _ = verdicts(tmp_path)
+    assert v["C4"]["verdict"] == "insufficient"
+    assert v["C4"]["pairs"] == [] and v["C4"]["n_runs"] == 0 and v["C4"]["n_unusable_pairs"] == 1
+    # A usable pair of another seed is judged on its own.
+    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E, seed=1), distance=_decaying(E))
+    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E, seed=1), distance=[0.2] * E)
+    v, _ = verdicts(tmp_path)
+    assert v["C4"]["verdict"] == "holds" and v["C4"]["n_runs"] == 2 and v["C4"]["seeds"] == [1]

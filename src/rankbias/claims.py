@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .cluster import TRAIN_SIZE
 from .results import Run, RunError, atomic_write_bytes, atomic_write_json
+from .spec import RunSpec
 
 HOLDS, FAILS, INSUFFICIENT = "holds", "fails", "insufficient"
 
@@ -66,30 +66,19 @@ STATEMENTS = {
 
 def rankdata(x: Sequence[float]) -> np.ndarray:
     """Ranks 1..n, ties given their average rank."""
-    x = np.asarray(x, dtype=float)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    sx = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sx[j + 1] == sx[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    return pd.Series(x, dtype=float).rank(method="average").to_numpy()
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation; NaN when either side is constant or n < 2."""
+    """Spearman's rank correlation; NaN when either side is constant or n < 2.
+
+    DataFrame.corr computes it without scipy (Series.corr(method="spearman") needs it)."""
     if len(x) != len(y):
         raise ValueError("spearman: x and y differ in length")
     if len(x) < 2:
         return float("nan")
-    rx, ry = rankdata(x), rankdata(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
-    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+    df = pd.DataFrame({"x": np.asarray(x, dtype=float), "y": np.asarray(y, dtype=float)})
+    return float(df.corr(method="spearman").iloc[0, 1])
 
 
 # -- run summaries ---------------------------------------------------------------------
@@ -115,16 +104,12 @@ class RunSummary:
         return float(s.iloc[-1]) if len(s) else float("nan")
 
     def train_size(self) -> int:
-        return self.spec["train_subset"] or TRAIN_SIZE.get(self.spec["dataset"], 0)
+        return RunSpec.from_dict(self.spec).sizes()[0]
 
 
 def summarise(run: Run, normalise: str, tol: float) -> RunSummary:
-    ranks = run.ranks(normalise, tol)
-    hidden = ranks[ranks["kind"] == "hidden"].copy()
-    hidden.loc[hidden["rank"] < 0, "rank"] = np.nan
-    mean = hidden.groupby("epoch")["rank"].mean()
+    mean, fl = run.hidden_ranks(normalise, tol, finite_last=False)
     last = int(mean.index.max())
-    fl = hidden[hidden["epoch"] == last].sort_values("index")
     return RunSummary(run.run_id, run.spec.to_dict(), run.info.get("diverged"),
                       float(mean.iloc[0]), float(mean.loc[last]),
                       [(str(n), float(r)) for n, r in zip(fl["layer"], fl["rank"])],
@@ -202,8 +187,7 @@ def _trend(runs: Sequence[RunSummary], key: str, sign: int, min_points: int, t: 
 
 
 def _model(spec: dict) -> str:
-    from .spec import model_name
-    return model_name(spec["arch"], spec["depth"], spec["width"])
+    return RunSpec.from_dict(spec).model
 
 
 def _hyper_trend(runs, t, key: str, label: str, sign: int, min_points: int) -> dict:
@@ -269,13 +253,19 @@ def claim_c4(runs, t):
     for r in runs:
         if r.spec["epochs"] >= 4 and "distance" in r.metrics:
             groups.setdefault(_key_without(r.spec, "weight_decay"), []).append(r)
-    pairs, persist = [], []
+    # Verdicts use the raw ratios; `pairs` reports them rounded.
+    pairs, ratios, persist, used = [], [], [], []
+    n_unusable = 0
     for members in groups.values():
         zero = [r for r in members if r.spec["weight_decay"] == 0]
         pos = [r for r in members if r.spec["weight_decay"] > 0]
         if not zero or not pos:
             continue
         d0 = _window_mean(zero[0].metrics["distance"], 0.75, 1.0)
+        if not np.isfinite(d0):
+            n_unusable += len(pos)  # no late distance for lambda = 0: nothing to compare with
+            continue
+        used += members
         for r in pos:
             late = _window_mean(r.metrics["distance"], 0.75, 1.0)
             early = _window_mean(r.metrics["distance"], 0.25, 0.5)
@@ -287,27 +277,29 @@ def claim_c4(runs, t):
                           "d_late_lambda0": _r(d0, 5), "ratio": _r(ratio),
                           "log10_ratio": _r(math.log10(ratio)) if ratio > 0 and np.isfinite(ratio) else None,
                           "persistence": _r(q)})
+            ratios.append(ratio)
             persist.append(q)
     if not pairs:
         verdict = INSUFFICIENT
         med = float("nan")
     else:
-        ratios = [p["ratio"] if p["ratio"] is not None else float("nan") for p in pairs]
-        med = float(np.nanmedian(ratios)) if np.isfinite(ratios).any() else float("nan")
-        ok_ratio = med >= t["c4_min_ratio"] and all(np.isfinite(x) and x > 1 for x in ratios)
+        # A ratio is inf when the lambda = 0 run stopped moving (d = 0): that supports the claim.
+        known = [x for x in ratios if not np.isnan(x)]
+        med = float(np.median(known)) if known else float("nan")
+        ok_ratio = med >= t["c4_min_ratio"] and all(not np.isnan(x) and x > 1 for x in ratios)
         ok_persist = all(np.isfinite(q) and q >= t["c4_min_persist"] for q in persist)
         verdict = HOLDS if ok_ratio and ok_persist else FAILS
-    used = [r for g in groups.values() for r in g
-            if any(x.spec["weight_decay"] == 0 for x in g) and any(x.spec["weight_decay"] > 0 for x in g)]
     return {"verdict": verdict, "pairs": pairs, "median_ratio": _r(med),
-            "n_runs": len(used), "seeds": _seeds(used),
+            "n_unusable_pairs": n_unusable, "n_runs": len(used), "seeds": _seeds(used),
             "rule": (f"d = mean relative change of every weight matrix between consecutive epochs, "
                      f"averaged over the last quarter of epochs ('late') and the second quarter "
                      f"('early'). Each run with weight decay > 0 is paired with the run equal but "
                      f"for weight decay 0. Holds when the median late-d ratio (lambda > 0 over "
                      f"lambda = 0) is >= {t['c4_min_ratio']} with every ratio > 1, and every "
                      f"lambda > 0 run keeps late d >= {t['c4_min_persist']} x early d (bounded "
-                     f"below). The paper's 'orders of magnitude' refers to 500-epoch runs; "
+                     f"below). A pair whose lambda = 0 run has no late d is left out "
+                     f"(insufficient when none is left); a lambda = 0 run with late d = 0 gives an "
+                     f"infinite ratio. The paper's 'orders of magnitude' refers to 500-epoch runs; "
                      f"log10_ratio reports how many are measured here.")}
 
 
@@ -317,12 +309,13 @@ def claim_c5(runs, t):
         key = json.dumps({k: r.spec[k] for k in ("dataset", "arch", "depth", "width", "loss", "epochs",
                                                  "train_subset", "test_subset")}, sort_keys=True)
         groups.setdefault(key, []).append(r)
-    details, parts = [], []
+    details, parts, used = [], [], []
     for members in groups.values():
         low = [r for r in members if r.relative_rank < t["c5_low_rank"]]
         high = [r for r in members if r.relative_rank >= t["c5_high_rank"]]
         if not low or not high:
             continue
+        used += members
         tr_low = float(np.mean([r.final("train_acc") for r in low]))
         tr_high = float(np.mean([r.final("train_acc") for r in high]))
         te_low = float(np.mean([r.final("test_acc") for r in low]))
@@ -337,9 +330,6 @@ def claim_c5(runs, t):
                         "train_acc_drop": _r(tr_high - tr_low), "test_acc_gain": _r(te_low - te_high),
                         "hurts_training": bool(hurt), "marginal_generalisation": bool(marginal)})
     verdict = INSUFFICIENT if not parts else (HOLDS if all(p == HOLDS for p in parts) else FAILS)
-    used = [r for g in groups.values() for r in g
-            if any(x.relative_rank < t["c5_low_rank"] for x in g)
-            and any(x.relative_rank >= t["c5_high_rank"] for x in g)]
     return {"verdict": verdict, "groups": details, "n_runs": len(used), "seeds": _seeds(used),
             "rule": (f"Within runs of one model, dataset, loss and length: runs whose final rank is "
                      f"< {t['c5_low_rank']} x their initial rank ('very low') against runs at >= "

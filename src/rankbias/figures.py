@@ -53,18 +53,9 @@ def load_run(run: Run, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFA
     spec = run.spec.to_dict()
     spec["model"] = run.spec.model
     metrics = run.metrics.set_index("epoch").sort_index()
-    ranks = run.ranks(normalise, tol)
-    hidden = ranks[ranks["kind"] == "hidden"].copy()
-    hidden.loc[hidden["rank"] < 0, "rank"] = np.nan
-    mean_rank = hidden.groupby("epoch")["rank"].mean()
-    finite = mean_rank.dropna()
-    if len(finite):
-        last = finite.index.max()
-        final = hidden[hidden["epoch"] == last].sort_values("index")[["layer", "index", "rank"]]
-    else:
-        final = hidden.iloc[0:0][["layer", "index", "rank"]]
+    mean_rank, final = run.hidden_ranks(normalise, tol, finite_last=True)
     div = run.info.get("diverged")
-    return RunData(run, spec, metrics, mean_rank, final.reset_index(drop=True),
+    return RunData(run, spec, metrics, mean_rank, final,
                    None if div is None else int(div.get("epoch", -1)))
 
 

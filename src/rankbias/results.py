@@ -142,11 +142,6 @@ class Run:
     def layer_names(self) -> list[str]:
         return [str(x) for x in self.spectra["layers"]]
 
-    @property
-    def hidden_indices(self) -> list[int]:
-        kinds = self.layers.drop_duplicates("index").sort_values("index")
-        return [int(i) for i, k in zip(kinds["index"], kinds["kind"]) if k == "hidden"]
-
     def ranks(self, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL) -> pd.DataFrame:
         """Rank of every matrix at every logged epoch: epoch, layer, index, kind, rank, stable_rank."""
         sp = self.spectra
@@ -160,12 +155,26 @@ class Run:
                 rows.append((int(e), name, i, kinds.get(i, "hidden"), int(ri), float(si)))
         return pd.DataFrame(rows, columns=["epoch", "layer", "index", "kind", "rank", "stable_rank"])
 
+    def hidden_ranks(self, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
+                     finite_last: bool = True) -> tuple[pd.Series, pd.DataFrame]:
+        """(mean, final): the average rank over the hidden matrices indexed by logged epoch
+        (NaN where a rank is unknown, i.e. once diverged), and the hidden matrices' ranks
+        (columns layer, index, rank; sorted by index) at the last logged epoch -- with
+        `finite_last`, the last one whose mean is finite (empty when there is none)."""
+        r = self.ranks(normalise, tol)
+        hidden = r[r["kind"] == "hidden"].copy()
+        hidden.loc[hidden["rank"] < 0, "rank"] = np.nan
+        mean = hidden.groupby("epoch")["rank"].mean()
+        epochs = mean.dropna().index if finite_last else mean.index
+        if len(epochs):
+            final = hidden[hidden["epoch"] == epochs.max()].sort_values("index")
+        else:
+            final = hidden.iloc[0:0]
+        return mean, final[["layer", "index", "rank"]].reset_index(drop=True)
+
     def mean_rank(self, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL) -> pd.Series:
         """Average rank over the hidden matrices, indexed by logged epoch (NaN once diverged)."""
-        r = self.ranks(normalise, tol)
-        r = r[r["kind"] == "hidden"].copy()
-        r.loc[r["rank"] < 0, "rank"] = np.nan
-        return r.groupby("epoch")["rank"].mean()
+        return self.hidden_ranks(normalise, tol)[0]
 
     def verify(self) -> list[str]:
         """Problems with this run's files (empty when every recorded hash matches)."""
