@@ -63,3 +63,21 @@ def test_errors_name_the_problem():
         estimate_runtime_minutes(pack(), "tpu")
     with pytest.raises(SpecError, match="cannot train as one pack"):
         estimate_runtime_minutes(pack(k=1) + pack(k=1, epochs=5))
+
+
+def test_estimates_use_the_input_size_the_data_layer_delivers(synthetic):
+    from rankbias.cluster import _matrices
+    spec = RunSpec(dataset="synthetic", arch="mlp", depth=2, width=16)
+    assert _matrices(spec)[0] == (16, synthetic.x_train.shape[1])
+    # MNIST-family images are padded to 32x32 (rankbias.data), so 1024 inputs, not 784
+    assert _matrices(RunSpec(dataset="mnist", arch="mlp", depth=2, width=16))[0] == (16, 1024)
+
+
+def test_memory_estimate_counts_data_and_pack():
+    from rankbias.cluster import estimate_mem_mb
+    one = RunSpec(dataset="cifar10", arch="mlp", depth=2, width=2000)
+    # 2 GiB base + twice (CIFAR-10 as float32: 60,000 x 3072 x 4 B = 703 MiB, and
+    # weights, grads and momentum: 3 x 4 B x 10.2M = 117 MiB)
+    assert 3600 < estimate_mem_mb([one]) < 3750
+    sixty_four = [RunSpec.from_dict({**one.to_dict(), "seed": k}) for k in range(64)]
+    assert estimate_mem_mb(sixty_four) > estimate_mem_mb([one]) + 64 * 2 * 12 * 2000 * 3072 // 2**20 // 2

@@ -17,8 +17,8 @@ import torch
 
 from . import data as data_mod
 from . import metrics as M
-from .engine import GraphedStep, Pack
-from .reference import build_net, loss_fn
+from .engine import GRAPH_MODES, GraphedStep, Pack
+from .reference import build_net, epoch_order, loss_fn
 from .spec import RunSpec
 
 WORKLOAD = dict(dataset="synthetic", arch="mlp_bn", depth=10, width=100, batch_size=16,
@@ -48,11 +48,13 @@ class _EngineTimer:
         self.t = 0
         self(min(3, self.plan.steps))                 # warm-up
 
-    def __call__(self, steps: int) -> float:
+    def __call__(self, steps: int, step=None) -> float:
+        """config-steps/s of `step` (default: the chosen one; `pack.step` for eager)."""
+        step = step or self.step
         _sync(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            self.step(self.plan.inputs(self.t % self.plan.steps))
+            step(self.plan.inputs(self.t % self.plan.steps))
             self.t += 1
         _sync(self.device)
         return self.pack.K * steps / (time.perf_counter() - t0)
@@ -77,7 +79,7 @@ class _ReferenceTimer:
             net = build_net(spec, ds.input_dim, ds.num_classes).to(device)
             opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
                                   weight_decay=spec.weight_decay)
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(spec.seed)).to(device)
+            order = epoch_order(spec, 0, self.n).to(device)
             self.runs.append([spec, net, opt, order, 0])
         self(3)                                         # warm-up
 
@@ -114,15 +116,15 @@ def run_bench(Ks=(1, 16, 64), device="auto", engine_steps=None, reference_steps=
         r_steps = reference_steps or (50 if cuda else 40)
         engine = _EngineTimer(specs, ds, dev, graph)
         # With a captured step, the same pack stepping eagerly shows what the graph buys.
-        eager = _EngineTimer(specs, ds, dev, "off") if isinstance(engine.step, GraphedStep) else None
+        graphed = isinstance(engine.step, GraphedStep)
         # The reference's rate does not depend on K; time at most 8 configurations.
         reference = _ReferenceTimer(specs[: min(K, 8)], ds, dev)
         e_rates, r_rates, x_rates = [], [], []
         for _ in range(rounds):
             e_rates.append(engine(e_steps))
             r_rates.append(reference(r_steps))
-            if eager is not None:
-                x_rates.append(eager(e_steps))
+            if graphed:
+                x_rates.append(engine(e_steps, engine.pack.step))
         e_rate, r_rate = statistics.median(e_rates), statistics.median(r_rates)
         spectra_s = engine.spectra_seconds()
         epoch_s = CIFAR_STEPS_B16 * K / e_rate
@@ -133,7 +135,7 @@ def run_bench(Ks=(1, 16, 64), device="auto", engine_steps=None, reference_steps=
         if x_rates:
             row["engine_eager"] = round(statistics.median(x_rates), 2)
         results.append(row)
-        del engine, eager, reference
+        del engine, reference
     return {"device": device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "workload": "MLP-BN-10-100, B=16, CE, synthetic 3072-dim inputs",
             "unit": "configuration-steps per second", "rounds": rounds, "results": results}
@@ -145,7 +147,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--K", type=int, nargs="+", default=[1, 16, 64], help="pack sizes (default 1 16 64)")
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds; the median is kept (default 5)")
-    p.add_argument("--graph", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--graph", default="auto", choices=list(GRAPH_MODES),
                    help="CUDA graph for the engine's step (as in `rankbias train`)")
     p.set_defaults(func=_cmd_bench)
 

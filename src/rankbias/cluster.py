@@ -23,15 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import MutableMapping, Sequence
 
-from .spec import DATASET_SIZES, RunSpec, SpecError
-
-# Full training/test set sizes; `train_subset` / `test_subset` > 0 replace them.
-TRAIN_SIZE = {name: sizes[0] for name, sizes in DATASET_SIZES.items()}
-TEST_SIZE = {name: sizes[1] for name, sizes in DATASET_SIZES.items()}
-# Flattened input dimension and number of classes. The synthetic task is small; 784
-# is an upper bound for it, which only makes the estimate more conservative.
-INPUT_DIM = {"mnist": 784, "fashion_mnist": 784, "cifar10": 3072, "synthetic": 784}
-N_CLASSES = 10
+from .spec import DATASET_DIMS, NUM_CLASSES, RunSpec, SpecError, check_pack, pack_steps
 
 
 @dataclass(frozen=True)
@@ -58,16 +50,12 @@ MIN_MINUTES = 10          # ... and never below ten minutes (queueing, slow file
 
 def _matrices(spec: RunSpec) -> list[tuple[int, int]]:
     """(out, in) shapes of every weight matrix of the model, output layer included."""
-    d_in, h = INPUT_DIM[spec.dataset], spec.width
+    d_in, h = DATASET_DIMS[spec.dataset], spec.width
     if spec.arch in ("mlp", "mlp_bn"):
         shapes = [(h, d_in)] + [(h, h)] * (spec.depth - 1)
     else:  # residual MLPs: stem, then two matrices per block
         shapes = [(h, d_in)] + [(h, h)] * (2 * spec.depth)
-    return shapes + [(N_CLASSES, h)]
-
-
-def _sizes(spec: RunSpec) -> tuple[int, int]:
-    return spec.sizes()
+    return shapes + [(NUM_CLASSES, h)]
 
 
 def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
@@ -78,20 +66,16 @@ def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
         raise SpecError(f"device: {device!r} is not one of {', '.join(sorted(COST_MODELS))}")
     cost = COST_MODELS[device]
     first = specs[0]
-    keys = {s.pack_key() for s in specs}
-    if len(keys) > 1:
-        raise SpecError("estimate_runtime_minutes: runs differ in dataset, architecture, loss, "
-                        "epochs, schedule, log_every or subsets and cannot train as one pack")
+    check_pack(list(specs), "estimate_runtime_minutes")
     k = len(specs)
-    train, test = _sizes(first)
+    train, test = first.sizes()
     shapes = _matrices(first)
     params = sum(o * i for o, i in shapes)
     n_layers = len(shapes)
 
     # A pack steps as often as its smallest batch needs, each step as wide as its largest.
-    b_min = min(s.batch_size for s in specs)
     b_max = max(s.batch_size for s in specs)
-    steps = first.epochs * math.ceil(train / b_min)
+    steps = pack_steps(list(specs))
     # Forward 2 FLOPs per weight per example, backward twice that.
     step_flops = 6.0 * params * b_max * k
     step_seconds = step_flops / cost.flops_per_second + OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op
@@ -119,6 +103,16 @@ def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda") -> 
     """
     seconds = estimate_seconds(list(specs), device)
     return max(MIN_MINUTES, math.ceil(SAFETY_FACTOR * seconds / 60.0))
+
+
+def estimate_mem_mb(specs: Sequence[RunSpec]) -> int:
+    """Host memory for a pack's job, in MiB: the dataset as float32, the pack's weights
+    with gradients and momentum, twice over, plus 2 GiB for the interpreter and torch."""
+    first = specs[0]
+    train, test = first.sizes()
+    data = 4 * (train + test) * DATASET_DIMS[first.dataset]
+    params = 4 * 3 * len(specs) * sum(o * i for o, i in _matrices(first))
+    return 2048 + (2 * (data + params)) // 2**20
 
 
 # -- the container image ---------------------------------------------------------

@@ -38,10 +38,8 @@ import numpy as np
 import torch
 
 from .results import atomic_write_json
-from .spec import DATASET_SIZES
+from .spec import DATASET_DIMS, DATASET_SIZES, DATASETS, NUM_CLASSES
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
-NUM_CLASSES = 10
 
 # md5 of the UNCOMPRESSED files: the widely published values (torchvision's CIFAR10
 # class lists the CIFAR-10 ones; gz wrappers differ between mirrors, contents do not).
@@ -84,7 +82,7 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 NETWORK_TIMEOUT_S = 30
 
 SYNTHETIC_SEED = 20220612
-SYNTHETIC_DIM = 3 * 32 * 32
+SYNTHETIC_DIM = DATASET_DIMS["synthetic"]
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = DATASET_SIZES["synthetic"]
 
 HOW_TO_GET = {
@@ -148,9 +146,12 @@ def load(name: str, device: str | torch.device = "cpu", data_dir: str | Path | N
     if te is not None:
         x_te, y_te = x_te[te], y_te[te]
     device = torch.device(device)
+    x_train = _to_features(name, x_tr, device)
+    if x_train.shape[1] != DATASET_DIMS[name]:   # what the job estimates in rankbias.cluster assume
+        raise DataError(f"{name}: {x_train.shape[1]} input features, expected {DATASET_DIMS[name]}")
     return Dataset(
         name=name,
-        x_train=_to_features(name, x_tr, device),
+        x_train=x_train,
         y_train=torch.from_numpy(np.ascontiguousarray(y_tr, dtype=np.int64)).to(device),
         x_test=_to_features(name, x_te, device),
         y_test=torch.from_numpy(np.ascontiguousarray(y_te, dtype=np.int64)).to(device),

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import build_net, epoch_order, loss_fn
-from .spec import RunSpec
+from .spec import RunSpec, check_pack
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
@@ -54,9 +54,7 @@ class Pack:
             raise ValueError(f"graph: {graph!r} is not one of {', '.join(GRAPH_MODES)}")
         self.graph, self._stepper, self.step_mode = graph, None, None
         s0 = specs[0]
-        if any(s.pack_key() != s0.pack_key() for s in specs):
-            raise ValueError("runs of a pack must share dataset, architecture, loss, epochs, "
-                             "schedule, log_every and subsets")
+        check_pack(specs, "Pack")
         self.specs, self.K, self.device = specs, len(specs), torch.device(device)
         self.arch, self.depth, self.loss = s0.arch, s0.depth, s0.loss
         self.bn = s0.arch.endswith("_bn")

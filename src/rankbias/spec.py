@@ -18,6 +18,11 @@ DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
 # (train, test) examples of each dataset, for checks and estimates made before any data loads.
 DATASET_SIZES = {"mnist": (60000, 10000), "fashion_mnist": (60000, 10000),
                  "cifar10": (50000, 10000), "synthetic": (1024, 256)}
+# Input features as rankbias.data delivers them (MNIST-family images padded to 32x32;
+# the synthetic task is CIFAR-shaped), and classes. data.load checks both.
+DATASET_DIMS = {"mnist": 32 * 32, "fashion_mnist": 32 * 32, "cifar10": 3 * 32 * 32,
+                "synthetic": 3 * 32 * 32}
+NUM_CLASSES = 10
 ARCHS = ("mlp", "mlp_bn", "res", "res_bn")
 LOSSES = ("ce", "mse")
 SCHEDULES = ("constant", "multistep")
@@ -273,8 +278,20 @@ def load_pack(path: str | Path) -> list[RunSpec]:
             specs.append(RunSpec.from_dict(r))
         except SpecError as e:
             raise SpecError(f"pack file {path}, run {i}: {e}") from None
-    keys = {s.pack_key() for s in specs}
-    if len(keys) > 1:
-        raise SpecError(f"pack file {path}: runs differ in dataset, architecture, loss, epochs, "
-                        "schedule, log_every or subsets and cannot train as one pack")
+    check_pack(specs, f"pack file {path}")
     return specs
+
+
+def check_pack(specs: list[RunSpec], where: str) -> None:
+    """Runs can train as one pack only if they share `RunSpec.pack_key()`."""
+    if len({s.pack_key() for s in specs}) > 1:
+        raise SpecError(f"{where}: the runs of a pack must share dataset, architecture, loss, "
+                        "epochs, schedule, log_every and subsets; these differ and cannot "
+                        "train as one pack")
+
+
+def pack_steps(specs: list[RunSpec]) -> int:
+    """Optimiser steps a pack runs: each step is as wide as its largest batch, and its
+    smallest batch sets how many there are (epochs * ceil(train / B_min))."""
+    train, _ = specs[0].sizes()
+    return specs[0].epochs * -(-train // min(s.batch_size for s in specs))

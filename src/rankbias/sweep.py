@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from . import metrics as M
 from .engine import GRAPH_MODES
 from .results import atomic_write_bytes
-from .spec import RunSpec, SpecError, make_packs, pack_id
+from .spec import RunSpec, SpecError, make_packs, pack_id, pack_steps
 
 FIGURES = tuple(f"fig{i}" for i in range(1, 8))
 DEVICES = ("auto", "cpu", "cuda")
@@ -78,11 +78,7 @@ class Plan:
 
     def steps(self, pid: str) -> int:
         """Optimiser steps the pack runs: its smallest batch sets the count."""
-        from .cluster import _sizes
-        specs = self.pack_specs(pid)
-        train, _ = _sizes(specs[0])
-        b_min = min(s.batch_size for s in specs)
-        return specs[0].epochs * -(-train // b_min)
+        return pack_steps(self.pack_specs(pid))
 
 
 # -- config ------------------------------------------------------------------------

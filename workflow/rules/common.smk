@@ -14,7 +14,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from rankbias import sweep
-from rankbias.cluster import estimate_runtime_minutes
+from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -55,15 +55,8 @@ def pack_runtime(pid):
 
 
 def pack_mem_mb(pid):
-    # Host memory: the dataset as float32 on the host, the pack's parameters with
-    # gradients and momentum, and a fixed allowance for the interpreter and torch.
-    specs = PLAN.pack_specs(pid)
-    from rankbias.cluster import _matrices, _sizes, INPUT_DIM
-
-    train, test = _sizes(specs[0])
-    data = 4 * (train + test) * INPUT_DIM[specs[0].dataset]
-    params = 4 * 3 * len(specs) * sum(o * i for o, i in _matrices(specs[0]))
-    return 2048 + (2 * (data + params)) // 2**20
+    """Host memory in MiB (rankbias.cluster's estimate)."""
+    return estimate_mem_mb(PLAN.pack_specs(pid))
 
 
 def figure_runs(wildcards):
