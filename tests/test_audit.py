@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from fabricate import fabricate  # noqa: E402
+from rankbias import audit as A  # noqa: E402
 from rankbias import provenance as P  # noqa: E402
 from rankbias import restore as R  # noqa: E402
 from rankbias.cli import main  # noqa: E402
@@ -96,6 +98,82 @@ def test_consistent_rewrite_of_a_run_is_still_caught(tree, capsys):
     assert rc == 1
     assert f"results/runs/{run.name}/spectra.npz: sha256 differs from the one the figure recorded" in text
     assert f"results/runs/{run.name}/run.json: differs from the run.json the figure" in text
+
+
+def test_each_differing_file_is_named_once(tree, capsys):
+    """A file that differs from run.json (named by Run.verify) and one rewritten together
+    with run.json (differs only from the figure's record): one line each, plus run.json."""
+    run = sorted((tree / "results/runs").iterdir())[0]
+    m = run / "metrics.parquet"
+    m.write_bytes(m.read_bytes() + b"\0")
+    s = run / "spectra.npz"
+    s.write_bytes(s.read_bytes() + b"\0")
+    info = json.loads((run / "run.json").read_text())
+    info["files"]["spectra.npz"] = hashlib.sha256(s.read_bytes()).hexdigest()
+    (run / "run.json").write_text(json.dumps(info))
+    rc, out = audit(tree, capsys)
+    lines = mismatches(out)
+    assert rc == 1
+    for name in ("metrics.parquet", "spectra.npz", "run.json"):
+        assert sum(f"results/runs/{run.name}/{name}:" in x for x in lines) == 1, lines
+    assert len(lines) == 3, lines
+
+
+def test_missing_run_file_named_once(tree, capsys):
+    run = sorted((tree / "results/runs").iterdir())[1]
+    (run / "layers.parquet").unlink()
+    rc, out = audit(tree, capsys)
+    assert rc == 1
+    assert mismatches(out) == [f"MISMATCH results/runs/{run.name}/layers.parquet: missing"], out
+
+
+def test_sidecar_that_is_not_json_is_named(tree, capsys):
+    (tree / "results/figures/fig2.provenance.json").write_text("{oops")
+    rc, out = audit(tree, capsys)
+    assert rc == 1
+    assert any(x.startswith("MISMATCH results/figures/fig2.provenance.json: not valid JSON (")
+               for x in mismatches(out)), out
+
+
+def test_other_format_ignores_the_suffix_case():
+    assert A.other_format(Path("f/fig.PNG")) == Path("f/fig.pdf")
+    assert A.other_format(Path("f/fig.Pdf")) == Path("f/fig.png")
+    assert A.other_format(Path("f/fig.png")) == Path("f/fig.pdf")
+
+
+def _count_hashing(monkeypatch) -> Counter:
+    """Count sha256 computations per file, wherever they happen (Run.verify or the audit)."""
+    import rankbias.results as results
+
+    counts: Counter = Counter()
+    real = results.sha256_file
+
+    def counting(path):
+        counts[Path(path).resolve()] += 1
+        return real(path)
+
+    monkeypatch.setattr(results, "sha256_file", counting)
+    monkeypatch.setattr(A, "sha256_file", counting)
+    return counts
+
+
+def test_each_run_file_is_hashed_once(tree, capsys, monkeypatch):
+    runs = load_runs(tree / "results/runs")
+    for name in ("fig3", "fig4"):  # more figures drawn from the same runs
+        fig, ax = plt.subplots()
+        ax.plot([1, 0])
+        P.save_figure(fig, tree / f"results/figures/{name}.png", tree / f"results/figures/{name}.pdf",
+                      P.figure_provenance(runs, {}, name, root=tree))
+        plt.close(fig)
+    run_files = sorted(p.resolve() for p in (tree / "results/runs").rglob("*") if p.is_file())
+    counts = _count_hashing(monkeypatch)
+    assert main(["restore", "--root", str(tree), "--check"]) == 0
+    assert "2 run(s) and 3 figure(s) verified; 0 problem(s)" in capsys.readouterr().out
+    assert sorted(counts) == run_files and set(counts.values()) == {1}, counts
+    counts.clear()
+    rc, out = audit(tree, capsys)
+    assert rc == 0, out
+    assert sorted(counts) == run_files and set(counts.values()) == {1}, counts
 
 
 def test_missing_run_named(tree, capsys):

@@ -171,3 +171,29 @@ def test_read_embedded_errors_are_clear(tmp_path):
     (tmp_path / "x.svg").write_text("<svg/>")
     with pytest.raises(P.ProvenanceError, match="expected a .png or .pdf"):
         P.read_embedded(tmp_path / "x.svg")
+
+
+def test_read_sidecar_errors_are_clear(tmp_path):
+    png = tmp_path / "fig.png"
+    side = P.sidecar_path(png)
+    with pytest.raises(FileNotFoundError, match="provenance sidecar missing"):
+        P.read_sidecar(png)
+    side.write_text("{not json")
+    with pytest.raises(P.ProvenanceError, match="not valid JSON") as e:
+        P.read_sidecar(png)
+    assert e.value.detail.startswith("not valid JSON (") and str(side) in str(e.value)
+    side.write_text("[1, 2]")
+    with pytest.raises(P.ProvenanceError, match="not a JSON object"):
+        P.read_sidecar(png)
+    side.write_text('{"figure": "fig"}')
+    assert P.read_sidecar(png) == {"figure": "fig"}
+
+
+def test_rel_path_is_posix_inside_the_root_and_absolute_outside(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    (root / "results/runs/a").mkdir(parents=True)
+    monkeypatch.chdir(root)
+    assert P.rel_path(Path("results/runs/a"), root) == "results/runs/a"
+    assert P.rel_path(root / "results" / ".." / "results/runs/a", str(root)) == "results/runs/a"
+    assert P.rel_path(root, root) == "."
+    assert P.rel_path(Path("../elsewhere"), root) == str(tmp_path / "elsewhere")

@@ -23,29 +23,90 @@ import argparse
 import json
 import subprocess
 import sys
+from functools import cached_property
 from pathlib import Path
 
 from . import restore as dvcstate
 from . import provenance as P
-from .results import Run, sha256_file
+from .results import Run, RunError, sha256_file
 
 # Paths whose changes cannot change a figure: DVC bookkeeping and prose.
 CODE_EXCLUDES = (":(exclude)dvc.lock", ":(exclude,glob)**/*.dvc", ":(exclude).dvc",
                  ":(exclude,glob)**/*.md", ":(exclude).dvcignore")
 
 
+class CheckedRun:
+    """One run directory, checked once however many figures draw from it: ``Run.verify()``
+    (its files against run.json) and the sha256 of run.json itself."""
+
+    def __init__(self, path: Path):
+        self.run = Run(path)
+        try:
+            self.problems: list[str] = self.run.verify()
+        except (ValueError, OSError, AttributeError, TypeError) as e:  # run.json not a record
+            self.problems = [f"{path / 'run.json'}: unreadable ({e})"]
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @cached_property
+    def info(self) -> dict | None:
+        """run.json, or None when it is unreadable (``problems`` then says so)."""
+        try:
+            info = self.run.info
+        except (ValueError, OSError, RunError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    @cached_property
+    def run_json_sha256(self) -> str | None:
+        try:
+            return sha256_file(self.path / "run.json")
+        except OSError:
+            return None
+
+    @cached_property
+    def bad_files(self) -> set[str]:
+        """Names listed in run.json whose file is missing or differs from the sha256 recorded
+        there: the files ``verify()`` named. Empty, without reading a file, when verify() was
+        clean; only a run that failed it is hashed again, to tell which files failed."""
+        if not self.problems or self.info is None:
+            return set()
+        files = self.info.get("files")
+        if not isinstance(files, dict):
+            return set()
+        return {name for name, digest in files.items()
+                if not (self.path / name).is_file() or sha256_file(self.path / name) != digest}
+
+
+def check_run(d: Path, cache: dict[Path, CheckedRun] | None = None) -> CheckedRun:
+    """The check of run directory `d`, made once per `cache` (keyed by resolved path)."""
+    if cache is None:
+        return CheckedRun(d)
+    key = d.resolve()
+    if key not in cache:
+        cache[key] = CheckedRun(d)
+    return cache[key]
+
+
+def other_format(figure: Path) -> Path:
+    """The figure's other image: the PDF of a PNG, the PNG of a PDF."""
+    return figure.with_suffix(".pdf" if figure.suffix.lower() == ".png" else ".png")
+
+
 class Audit:
-    def __init__(self, figure: Path, root: Path):
+    def __init__(self, figure: Path, root: Path, runs: dict[Path, CheckedRun] | None = None):
+        """`runs`: run directories already checked (shared by the audits of several figures,
+        as `rankbias restore` does), so that each is verified once."""
         self.figure, self.root = figure, root
         self.problems: list[str] = []
         self.notes: list[str] = []
         self.checked = 0
+        self.verified_runs: dict[Path, CheckedRun] = runs if runs is not None else {}
 
     def rel(self, p: Path) -> str:
-        try:
-            return str(p.resolve().relative_to(self.root.resolve()))
-        except ValueError:
-            return str(p)
+        return P.rel_path(p, self.root)
 
     def fail(self, what: str, detail: str) -> None:
         self.problems.append(f"{what}: {detail}")
@@ -61,22 +122,21 @@ class Audit:
             self.fail(self.rel(self.figure), f"embedded provenance unreadable ({e})")
             record = None
         side = P.sidecar_path(self.figure)
-        if not side.exists():
+        try:
+            sidecar = P.read_sidecar(self.figure)
+        except FileNotFoundError:
             self.fail(self.rel(side), "provenance sidecar missing")
+        except P.ProvenanceError as e:
+            self.fail(self.rel(side), e.detail)
         else:
-            try:
-                sidecar = json.loads(side.read_text())
-            except ValueError as e:
-                self.fail(self.rel(side), f"not valid JSON ({e})")
-                sidecar = None
-            if sidecar is not None and record is not None:
+            if record is not None:
                 if sidecar != record:
                     self.fail(self.rel(side), f"differs from the provenance embedded in "
                                               f"{self.rel(self.figure)}")
                 else:
                     self.ok()
             record = record if record is not None else sidecar
-        other = self.figure.with_suffix(".pdf" if self.figure.suffix.lower() == ".png" else ".png")
+        other = other_format(self.figure)
         if other.exists() and record is not None:
             try:
                 if P.read_embedded(other) != record:
@@ -99,17 +159,17 @@ class Audit:
                 self.fail(self.rel(d / "run.json") if d.exists() else self.rel(d),
                           f"missing (run {rec.get('run_id')} of this figure)")
                 continue
-            run = Run(d)
-            problems = run.verify()
-            for p in problems:
-                self.problems.append(p.replace(str(d), self.rel(d), 1))
-            try:
-                info = run.info
-            except ValueError as e:
-                self.fail(self.rel(d / "run.json"), f"not valid JSON ({e})")
-                continue
+            checked = check_run(d, self.verified_runs)
+            # verify()'s findings: one line per file that differs from run.json.
+            for p in checked.problems:
+                self.problems.append(p.replace(str(checked.path), self.rel(d), 1))
+            info = checked.info
+            if info is None:
+                continue  # verify() named run.json as unreadable
             if info.get("run_id") != rec.get("run_id") or info.get("spec") != rec.get("spec"):
                 self.fail(self.rel(d / "run.json"), "run_id or spec differs from the figure's record")
+            # Each file now matches run.json unless verify() named it, so the figure's record
+            # is compared with run.json's hashes: no file is read again.
             recorded = rec.get("files") or {}
             now = info.get("files") or {}
             for name in sorted(set(recorded) | set(now)):
@@ -118,17 +178,15 @@ class Audit:
                     self.fail(self.rel(f), "recorded by the figure but not listed in run.json")
                 elif name not in recorded:
                     self.fail(self.rel(f), "listed in run.json but not recorded by the figure")
-                elif not f.exists():
-                    if not any(str(f) in p or self.rel(f) in p for p in problems):
-                        self.fail(self.rel(f), "missing")
-                elif sha256_file(f) != recorded[name]:
-                    if not any(self.rel(f) in p for p in self.problems):
-                        self.fail(self.rel(f), "sha256 differs from the one the figure recorded")
+                elif name in checked.bad_files:
+                    continue  # named above, by verify()
+                elif now[name] != recorded[name]:
+                    self.fail(self.rel(f), "sha256 differs from the one the figure recorded")
                 else:
                     self.ok()
-            if rec.get("run_json_sha256") and sha256_file(d / "run.json") != rec["run_json_sha256"]:
+            if rec.get("run_json_sha256") and checked.run_json_sha256 != rec["run_json_sha256"]:
                 self.fail(self.rel(d / "run.json"), "differs from the run.json the figure was made from")
-            elif not problems:
+            elif not checked.problems:
                 self.ok()
 
     def datasets(self, record: dict) -> None:
@@ -171,8 +229,7 @@ class Audit:
         except dvcstate.DvcStateError as e:
             self.fail("dvc.lock", str(e))
             return
-        mine = [self.figure, self.figure.with_suffix(".pdf" if self.figure.suffix == ".png" else ".png"),
-                P.sidecar_path(self.figure)]
+        mine = [self.figure, other_format(self.figure), P.sidecar_path(self.figure)]
         found = False
         for f in mine:
             rel = self.rel(f)

@@ -36,7 +36,12 @@ APPTAINER_LABELS = Path("/.singularity.d/labels.json")
 
 
 class ProvenanceError(RuntimeError):
-    pass
+    """A provenance record is missing, unreadable or malformed. ``detail`` is the message
+    without the file's path, for callers that name the file their own way."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail if detail is not None else message
 
 
 # -- the environment producing an output -------------------------------------------
@@ -148,11 +153,14 @@ def collect(device: str | None = None, root: str | Path | None = None) -> dict:
 
 # -- a figure's record ---------------------------------------------------------------
 
-def _rel(path: Path, root: Path) -> str:
+def rel_path(path: str | Path, root: str | Path) -> str:
+    """`path` relative to `root` in POSIX form (as dvc.lock, Snakemake and the figure's
+    record write paths); outside `root`, its absolute resolved form."""
+    resolved = Path(path).resolve()
     try:
-        return str(path.resolve().relative_to(root.resolve()))
+        return resolved.relative_to(Path(root).resolve()).as_posix()
     except ValueError:
-        return str(path.resolve())
+        return str(resolved)
 
 
 def figure_provenance(runs: Iterable, config: dict | None, figure: str,
@@ -174,7 +182,7 @@ def figure_provenance(runs: Iterable, config: dict | None, figure: str,
         prov = info.get("provenance") or {}
         records.append({
             "run_id": info.get("run_id"),
-            "path": _rel(run.path, root),
+            "path": rel_path(run.path, root),
             "spec": info.get("spec"),
             "model": info.get("model"),
             "pack_id": info.get("pack_id"),
@@ -358,7 +366,18 @@ def read_embedded(path: str | Path) -> dict:
 
 
 def read_sidecar(figure_path: str | Path) -> dict:
+    """The record in the figure's sidecar ``<stem>.provenance.json``.
+
+    Raises FileNotFoundError when the sidecar is missing and ProvenanceError (with
+    ``detail``) when it is not a JSON object."""
     p = sidecar_path(figure_path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: provenance sidecar missing")
-    return json.loads(p.read_text())
+    try:
+        record = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: provenance sidecar missing") from None
+    except ValueError as e:  # a JSONDecodeError or a UnicodeDecodeError
+        raise ProvenanceError(f"{p}: not valid JSON ({e})", detail=f"not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        detail = f"not a JSON object (a {type(record).__name__})"
+        raise ProvenanceError(f"{p}: {detail}", detail=detail)
+    return record

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import yaml
 
-from .results import Run, file_digest
+from .provenance import rel_path
+from .results import file_digest
 
 RUNS_DIR = Path("results/runs")
 FIGURES_DIR = Path("results/figures")
@@ -139,12 +140,12 @@ class Report:
     actions: list[str] = field(default_factory=list)
     verified_runs: int = 0
     verified_figures: int = 0
+    # Run directories checked so far (resolved path -> audit.CheckedRun): each run is
+    # verified once, by check_runs, and its result reused for every figure drawn from it.
+    runs: dict = field(default_factory=dict)
 
     def rel(self, p: Path) -> str:
-        try:
-            return Path(p).resolve().relative_to(self.root.resolve()).as_posix()
-        except ValueError:
-            return str(p)
+        return rel_path(p, self.root)
 
     def fail(self, path: Path | str, detail: str, bad: Path | None = None) -> None:
         self.problems.append(f"{self.rel(Path(path)) if isinstance(path, Path) else path}: {detail}")
@@ -212,6 +213,8 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
 
 def check_runs(rep: Report) -> set[str]:
     """Verify every run directory; returns the run_ids that failed."""
+    from .audit import check_run
+
     failed = set()
     runs_dir = rep.root / RUNS_DIR
     if not runs_dir.is_dir():
@@ -224,7 +227,7 @@ def check_runs(rep: Report) -> set[str]:
             rep.fail(d, "incomplete run (no run.json)", bad=d)
             failed.add(d.name)
             continue
-        problems = Run(d).verify()
+        problems = check_run(d, rep.runs).problems
         for p in problems:
             rep.fail(d, p.replace(str(d) + "/", "").replace(str(d), "run.json"), bad=d)
         if problems:
@@ -248,7 +251,7 @@ def check_figures(rep: Report, failed_runs: set[str]) -> None:
         if figure is None:
             rep.fail(side, "provenance sidecar without its figure", bad=side)
             continue
-        a = Audit(figure, rep.root)
+        a = Audit(figure, rep.root, runs=rep.runs)
         record = a.images()
         if record is not None:
             used = {r.get("run_id") for r in record.get("runs", [])}
