@@ -89,8 +89,7 @@ def loss_fn(loss: str, logits: torch.Tensor, y: torch.Tensor, reduction: str = "
     return err.mean() if reduction == "mean" else err
 
 
-def train_reference(spec: RunSpec, x_train, y_train, x_test, y_test, num_classes: int,
-                    epochs: int | None = None, steps: int | None = None):
+def train_reference(spec: RunSpec, x_train, y_train, x_test, y_test, num_classes: int):
     """Train one run the plain way. Returns (net, history): history has, per epoch
     0..E, the eval-mode train/test loss and accuracy and the weight matrices."""
     net = build_net(spec, x_train.shape[1], num_classes).to(x_train.device, x_train.dtype)
@@ -98,8 +97,7 @@ def train_reference(spec: RunSpec, x_train, y_train, x_test, y_test, num_classes
                           weight_decay=spec.weight_decay)
     n, B = x_train.shape[0], spec.batch_size
     history = [evaluate_reference(net, spec, x_train, y_train, x_test, y_test)]
-    done = 0
-    for epoch in range(spec.epochs if epochs is None else epochs):
+    for epoch in range(spec.epochs):
         for group in opt.param_groups:
             group["lr"] = spec.lr_at(epoch)
         net.train()
@@ -109,9 +107,6 @@ def train_reference(spec: RunSpec, x_train, y_train, x_test, y_test, num_classes
             opt.zero_grad(set_to_none=True)
             loss_fn(spec.loss, net(x_train[idx]), y_train[idx]).backward()
             opt.step()
-            done += 1
-            if steps is not None and done >= steps:
-                return net, history
         history.append(evaluate_reference(net, spec, x_train, y_train, x_test, y_test))
     return net, history
 
