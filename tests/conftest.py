@@ -1,7 +1,14 @@
 import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from rankbias import data
 
@@ -21,3 +28,94 @@ def synthetic64(synthetic):
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
+
+
+# ---------------------------------------------------------------------------------------
+# Shared by the integration tests (test_workflow, test_slurm, test_dvc, test_containers)
+# and the data tests (test_data, test_cli). Plain helpers are imported with
+# `from conftest import ...` (tests/ is on sys.path under pytest's default import mode).
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TEST_CONFIG = ".test/config.yaml"
+SLURM_PROFILE = ROOT / "workflow" / "profiles" / "slurm" / "config.yaml"
+# Outputs and caches that a copy of the repository must not carry over.
+NOT_COPIED = ("results/", "data/", ".snakemake/", ".dvc/cache/", ".dvc/tmp/")
+
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+# The verified MNIST copy: $RANKBIAS_DATA/mnist when set (.ci/run sets it), else the
+# shared copy beside the checkout.
+SHARED_MNIST = Path(os.path.abspath(Path(os.environ["RANKBIAS_DATA"]) / "mnist" if os.environ.get("RANKBIAS_DATA")
+                                    else ROOT.parent / "shared" / "datasets" / "mnist"))
+HAVE_MNIST = all((SHARED_MNIST / f).is_file() for f in MNIST_FILES)
+needs_mnist = pytest.mark.skipif(
+    not HAVE_MNIST,
+    reason=f"the verified MNIST copy is not at {SHARED_MNIST} (set RANKBIAS_DATA or put it in ../shared/datasets)")
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repository's files (tracked, plus new files git does not ignore) copied into
+    `dest`, without outputs or caches (NOT_COPIED)."""
+    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             cwd=ROOT, capture_output=True, check=True).stdout
+    files = [f for f in listing.decode().split("\0") if f]
+    assert "Snakefile" in files and TEST_CONFIG in files, "the repository copy lacks the workflow"
+    for rel in files:
+        src = ROOT / rel
+        if rel.startswith(NOT_COPIED) or not src.is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+    return dest
+
+
+def slurm_profile_without_apptainer() -> dict:
+    """The SLURM profile as shipped, minus Apptainer, which the test machines lack."""
+    profile = yaml.safe_load(SLURM_PROFILE.read_text())
+    assert isinstance(profile, dict) and profile["executor"] == "slurm"
+    profile.pop("software-deployment-method")
+    profile.pop("apptainer-args")
+    return profile
+
+
+def planned_jobs(dry_run: str) -> dict[str, int]:
+    """Job counts from the (last) 'Job stats' table of `snakemake -n` output; {} when it
+    says there is nothing to be done. Output with neither is an error, not {}."""
+    if "Nothing to be done" in dry_run:
+        return {}
+    assert "Job stats:" in dry_run, f"no 'Job stats' table in the dry run:\n{dry_run[-3000:]}"
+    counts, total = {}, None
+    for line in dry_run.split("Job stats:")[-1].splitlines()[1:]:
+        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not m:
+            continue
+        if m.group(1) == "total":
+            total = int(m.group(2))
+            break
+        counts[m.group(1)] = int(m.group(2))
+    assert counts and total == sum(counts.values()), f"unreadable 'Job stats' table:\n{dry_run[-3000:]}"
+    return counts
+
+
+def snakemake(wd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`snakemake --cores 2 ARGS` in `wd` as a user runs it: `.venv/bin/snakemake` with the
+    venv NOT on PATH (the Snakefile finds `rankbias` beside its own interpreter)."""
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != BIN.resolve()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=os.pathsep.join(path), RANKBIAS_OFFLINE="1")
+    p = subprocess.run([str(BIN / "snakemake"), "--cores", "2", *args], cwd=wd, env=env,
+                       capture_output=True, text=True, timeout=1200)
+    if check and p.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """The tiny config's whole pipeline, run once locally in a copy of the repository:
+    (copy, snakemake's log). Shared by test_workflow and test_slurm; tests must not change
+    its results/."""
+    wd = copy_repo(tmp_path_factory.mktemp("tiny_pipeline"))
+    p = snakemake(wd, "--configfile", TEST_CONFIG)
+    return wd, p.stdout + p.stderr

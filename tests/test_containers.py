@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_repo, slurm_profile_without_apptainer
 
 from rankbias.cluster import container_image
 
@@ -239,16 +240,8 @@ def test_profile_resources_are_ones_the_plugin_reads():
 def test_snakemake_accepts_the_profile(tmp_path):
     """A dry run of the tiny config through the profile (without Apptainer, which this
     machine lacks): Snakemake parses every option and the SLURM plugin its settings."""
-    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, listing):
-        if rel.startswith(("results/", "data/")) or not (ROOT / rel).is_file():
-            continue
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, tmp_path / rel)
-    profile = _profile()
-    profile.pop("software-deployment-method")
-    profile.pop("apptainer-args")
+    copy_repo(tmp_path)
+    profile = slurm_profile_without_apptainer()
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "config.yaml").write_text(yaml.safe_dump(profile))
     p = subprocess.run([_tool("snakemake"), "-n", "--configfile", ".test/config.yaml",

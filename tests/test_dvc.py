@@ -4,20 +4,18 @@ object in the DVC cache or remote is an error, never silently used."""
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_repo, planned_jobs
 
 from rankbias import restore as R
 
 pytestmark = pytest.mark.slow
 
-PROJECT = Path(__file__).resolve().parents[1]
 FIGS = ["fig1", "fig2"]
 TARGETS = [f"results/figures/{f}.png" for f in FIGS]
 STAGES = ["data", "runs", *[f"figure@{f}" for f in FIGS]]
@@ -33,22 +31,6 @@ def sh(cwd, *cmd, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
-
-
-def planned_jobs(dry_run: str) -> dict[str, int]:
-    """Job counts from the 'Job stats' table of `snakemake -n` ({} when nothing to do)."""
-    counts, table = {}, False
-    for line in dry_run.splitlines():
-        if line.startswith("job ") and "count" in line:
-            table = True
-            continue
-        if table:
-            m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
-            if m and m.group(1) != "total":
-                counts[m.group(1)] = int(m.group(2))
-            elif line.strip().startswith("total"):
-                table = False
-    return counts
 
 
 def dry_run(cwd) -> dict[str, int]:
@@ -71,13 +53,7 @@ def cache_object_of(repo: Path, f: Path) -> Path:
 def pushed(tmp_path_factory):
     """A repository whose tiny pipeline ran, committed to DVC and pushed."""
     base = tmp_path_factory.mktemp("dvc")
-    repo = base / "repo"
-    files = sh(PROJECT, "git", "ls-files", "-co", "--exclude-standard", "-z").stdout.split("\0")
-    for rel in filter(None, files):
-        src = PROJECT / rel
-        if src.is_file() and not rel.startswith(("results/", "data/", ".dvc/cache", ".dvc/tmp")):
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / rel)
+    repo = copy_repo(base / "repo")
     assert (repo / "dvc.yaml").exists() and (repo / ".dvc/config").exists()
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")

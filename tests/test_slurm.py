@@ -4,7 +4,8 @@ A single-node cluster (munge, slurmctld, slurmd; tests/slurm/cluster.sh) is star
 the test and stopped after it. Snakemake submits every job with sbatch through the
 executor plugin, using the project's SLURM profile (workflow/profiles/slurm) minus
 what this machine lacks (Apptainer, GPUs). Both runs happen in fresh copies of the
-repository, so nothing here touches the checkout's results/.
+repository, so nothing here touches the checkout's results/; the local one is conftest's
+session-wide `tiny_pipeline`, the same build test_workflow checks.
 """
 from __future__ import annotations
 
@@ -12,19 +13,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import BIN, ROOT, TEST_CONFIG, copy_repo, slurm_profile_without_apptainer
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
-PROFILE = ROOT / "workflow" / "profiles" / "slurm" / "config.yaml"
-TEST_CONFIG = ".test/config.yaml"
-BIN = Path(sys.executable).parent
 CANNOT_RUN = 3  # cluster.sh: "SLURM cannot run here"
 
 pytestmark = pytest.mark.slow
@@ -58,21 +55,6 @@ def slurm_cluster():
         print(stop.stdout, stop.stderr)
 
 
-def _copy_repo(dest: Path) -> Path:
-    """The repository's files (tracked, plus new files git does not ignore), no outputs."""
-    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=ROOT, capture_output=True, check=True).stdout
-    files = [f for f in listing.decode().split("\0") if f]
-    assert "Snakefile" in files and TEST_CONFIG in files, "the repository copy lacks the workflow"
-    for rel in files:
-        src = ROOT / rel
-        if rel.startswith(("results/", "data/", ".snakemake/")) or not src.is_file():
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dest / rel)
-    return dest
-
-
 def _snakemake(workdir: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "snakemake"), "--configfile", TEST_CONFIG, *args]
     p = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=_env(), timeout=timeout)
@@ -83,10 +65,7 @@ def _snakemake(workdir: Path, *args: str, timeout: int = 1800) -> subprocess.Com
 
 def _test_profile(workdir: Path) -> Path:
     """The SLURM profile as shipped, minus Apptainer and GPUs, which this machine lacks."""
-    profile = yaml.safe_load(PROFILE.read_text())
-    assert profile["executor"] == "slurm"
-    profile.pop("software-deployment-method")
-    profile.pop("apptainer-args")
+    profile = slurm_profile_without_apptainer()
     profile["config"] = ["device=cpu"]
     # Poll often: the tiny jobs take seconds, not hours.
     profile["slurm-init-seconds-before-status-checks"] = 2
@@ -104,11 +83,10 @@ def _runs(workdir: Path) -> dict[str, Path]:
     return {p.parent.name: p.parent for p in (workdir / "results" / "runs").glob("*/run.json")}
 
 
-def test_pipeline_on_slurm_equals_local_run(slurm_cluster, tmp_path):
-    local = _copy_repo(tmp_path / "local")
-    cluster = _copy_repo(tmp_path / "slurm")
+def test_pipeline_on_slurm_equals_local_run(slurm_cluster, tiny_pipeline, tmp_path):
+    local, _ = tiny_pipeline  # the tiny pipeline run locally (--cores 2), shared with test_workflow
+    cluster = copy_repo(tmp_path / "slurm")
 
-    _snakemake(local, "--cores", "2")
     profile = _test_profile(cluster)
     _snakemake(cluster, "--workflow-profile", str(profile), "--jobs", "4",
                      "--slurm-status-command", "squeue")
@@ -138,18 +116,12 @@ def test_pipeline_on_slurm_equals_local_run(slurm_cluster, tmp_path):
     assert _verdicts(cc) == _verdicts(lc)
 
 
-def _verdicts(claims) -> list:
-    """Claim ids with their verdicts, whatever the exact layout of claims.json."""
-    items = claims.get("claims", claims) if isinstance(claims, dict) else claims
-    if isinstance(items, dict):
-        items = [dict(v, id=k) if isinstance(v, dict) else {"id": k, "verdict": v}
-                 for k, v in items.items()]
-    out = []
-    for c in items:
-        verdict = c.get("verdict", c.get("status"))
-        assert verdict is not None, f"claim without a verdict: {c}"
-        out.append((c.get("id", c.get("claim")), verdict))
-    return sorted(out, key=repr)
+def _verdicts(claims: dict) -> list[tuple[str, str]]:
+    """(id, verdict) of each claim, in order, from claims.json as rankbias.claims writes it:
+    {"claims": [{"id": "C1", "verdict": ..., ...}, ...], ...}."""
+    out = [(c["id"], c["verdict"]) for c in claims["claims"]]
+    assert out and all(v in ("holds", "fails", "insufficient") for _, v in out), out
+    return out
 
 
 def _assert_same_runs(local: Path, cluster: Path) -> None:

@@ -3,69 +3,28 @@ copy of the repository: end to end, incremental, deduplicated, validated, report
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TEST_CONFIG, copy_repo, planned_jobs, snakemake
 
 from rankbias import sweep
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-def project_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return sorted({f for f in out.splitlines() if f and (ROOT / f).is_file()})
-
-
-def copy_repo(dest: Path) -> Path:
-    for f in project_files():
-        if f.startswith(("results/", "data/")):
-            continue
-        (dest / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, dest / f)
-    return dest
-
-
-def snakemake(wd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # As a user runs it: `.venv/bin/snakemake` with the venv NOT on PATH (the Snakefile
-    # finds `rankbias` beside its own interpreter).
-    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != BIN.resolve()]
-    env = {**os.environ, "PATH": os.pathsep.join(path), "RANKBIAS_OFFLINE": "1"}
-    p = subprocess.run([str(BIN / "snakemake"), "--cores", "2", *args], cwd=wd, env=env,
-                       capture_output=True, text=True, timeout=1200)
-    if check and p.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
-    return p
-
-
-def planned_jobs(p: subprocess.CompletedProcess) -> dict[str, int]:
-    """Job counts from a dry run's 'Job stats' table."""
-    text = p.stdout + p.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:")[-1]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)
-            if m.group(1) != "total"}
-
-
-TEST_CONFIG = ".test/config.yaml"
-
-
 @pytest.fixture(scope="module")
-def done(tmp_path_factory):
-    wd = copy_repo(tmp_path_factory.mktemp("workflow"))
-    p = snakemake(wd, "--configfile", TEST_CONFIG)
-    return wd, p.stdout + p.stderr
+def done(tiny_pipeline):
+    """The tiny pipeline, built once per session (conftest.tiny_pipeline; test_slurm
+    compares its SLURM run with the same build)."""
+    return tiny_pipeline
+
+
+def _dry_run(wd, *args: str) -> dict[str, int]:
+    p = snakemake(wd, *args, "-n")
+    return planned_jobs(p.stdout + p.stderr)
 
 
 def test_end_to_end_builds_every_figure_and_the_claims(done):
@@ -99,11 +58,10 @@ def test_second_run_does_nothing(done):
     wd, _ = done
     before = {f: f.stat().st_mtime_ns for f in (wd / "results").rglob("*") if f.is_file()}
     p = snakemake(wd, "--configfile", TEST_CONFIG, "-n")
-    assert planned_jobs(p) == {}, p.stdout
+    assert planned_jobs(p.stdout + p.stderr) == {}, p.stdout
     p = snakemake(wd, "--configfile", TEST_CONFIG)
     assert "Nothing to be done" in p.stdout + p.stderr
-    after = {f: f.stat().st_mtime_ns for f in (wd / "results").rglob("*") if f.is_file()
-             if ".snakemake" not in str(f)}
+    after = {f: f.stat().st_mtime_ns for f in (wd / "results").rglob("*") if f.is_file()}
     assert {f: t for f, t in after.items() if f in before} == {f: before[f] for f in after if f in before}
 
 
@@ -116,7 +74,7 @@ def test_changing_one_runs_lr_retrains_only_its_pack(done):
     old, new = sweep.plan_from_file(wd / TEST_CONFIG), sweep.plan_from_file(changed)
     new_packs = set(new.packs) - set(old.packs)
     assert len(new_packs) == 1
-    jobs = planned_jobs(snakemake(wd, "--configfile", str(changed.relative_to(wd)), "-n"))
+    jobs = _dry_run(wd, "--configfile", str(changed.relative_to(wd)))
     assert {k: v for k, v in jobs.items() if k.startswith("train_")} == {f"train_{new_packs.pop()}": 1}
     assert jobs.get("figure") == 1 and jobs.get("claims") == 1   # fig7 and the claims only
 
@@ -126,7 +84,7 @@ def test_rethresholding_redraws_without_retraining(done):
     cfg = yaml.safe_load((wd / TEST_CONFIG).read_text())
     cfg["rank"]["tol"] = 0.05
     (wd / ".test" / "tol.yaml").write_text(yaml.safe_dump(cfg))
-    jobs = planned_jobs(snakemake(wd, "--configfile", ".test/tol.yaml", "-n"))
+    jobs = _dry_run(wd, "--configfile", ".test/tol.yaml")
     assert not any(k.startswith("train_") for k in jobs)
     assert jobs.get("figure") == 7 and jobs.get("claims") == 1
 
@@ -138,7 +96,7 @@ def test_switching_the_cuda_graph_retrains_nothing(done):
     cfg = yaml.safe_load((wd / TEST_CONFIG).read_text())
     cfg["graph"] = "off"
     (wd / ".test" / "graph.yaml").write_text(yaml.safe_dump(cfg))
-    jobs = planned_jobs(snakemake(wd, "--configfile", ".test/graph.yaml", "-n"))
+    jobs = _dry_run(wd, "--configfile", ".test/graph.yaml")
     assert not any(k.startswith("train_") for k in jobs), jobs
 
 
