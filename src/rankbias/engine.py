@@ -15,34 +15,13 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .reference import build_net, epoch_order, loss_fn
+from . import models
+from .batched import BatchContext, batched
+from .models import build_net, epoch_order, loss_fn
 from .spec import RunSpec, check_pack
 
-BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 GRAPH_MODES = ("auto", "on", "off")
-
-
-class BatchedLinear(torch.autograd.Function):
-    """x [K, B, in] @ w[k].T + b[k] for every member, with a weight gradient that is
-    born contiguous in w's own [K, out, in] layout.
-
-    Autograd's own backward of `baddbmm(b, x, w.transpose(1, 2))` yields the weight
-    gradient as a transposed view, which AccumulateGrad then copies into w's layout:
-    that copy was 40% of a CPU step. Here it is one bmm, g^T @ x.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
-        return gx, torch.bmm(g.transpose(1, 2), x), g.sum(1)
-
 
 
 class Pack:
@@ -56,8 +35,7 @@ class Pack:
         s0 = specs[0]
         check_pack(specs, "Pack")
         self.specs, self.K, self.device = specs, len(specs), torch.device(device)
-        self.arch, self.depth, self.loss = s0.arch, s0.depth, s0.loss
-        self.bn = s0.arch.endswith("_bn")
+        self.loss = s0.loss
         self.X, self.Y, self.num_classes = x_train, y_train, num_classes
         self.n = x_train.shape[0]
         for s in specs:
@@ -77,10 +55,13 @@ class Pack:
         buffers = [dict(net.named_buffers()) for net in nets]
         self.running = {name: torch.stack([b[name] for b in buffers]).to(self.device, x_train.dtype)
                         for name in buffers[0] if not name.endswith("num_batches_tracked")}
-        # the matrices' names as Net.matrices() gives them, and their parameters' names
-        full_name = {id(p): n for n, p in nets[0].named_parameters()}
-        self.matrices = [(name, kind) for name, kind, _ in nets[0].matrices()]
-        self.matrix_params = {name: full_name[id(w)] for name, _, w in nets[0].matrices()}
+        # the same network, its layers computing every member at once
+        self.ctx = BatchContext(self.K)
+        self.model = batched(nets[0], self.params, self.running, self.ctx)
+        self.matrices = [(name, kind) for name, kind, _ in models.matrix_paths(nets[0])]
+        self._matrix_layers = {name: self.model.get_submodule(path)
+                               for name, _, path in models.matrix_paths(nets[0])}
+        self.activation_size = models.spec_layers(s0)[2]
 
         self.dtype = self.plist[0].dtype
         col = lambda v: torch.tensor(v, dtype=self.dtype, device=self.device).view(self.K, 1)
@@ -95,52 +76,12 @@ class Pack:
         self.member_steps = torch.tensor(self.steps_of, dtype=torch.float64, device=self.device)
 
     def weight(self, matrix: str) -> torch.Tensor:
-        return self.params[self.matrix_params[matrix]]
-
-    # -- the model -------------------------------------------------------------
-    def _linear(self, name, x):
-        w, b = self.params[f"{name}.weight"], self.params[f"{name}.bias"]
-        if x.dim() == 2:  # evaluation: one input batch shared by every member
-            return torch.matmul(x, w.transpose(1, 2)) + b.unsqueeze(1)
-        return BatchedLinear.apply(x, w, b)
-
-    def _bn(self, name, x, train, step):
-        if not self.bn:
-            return x
-        w, b = self.params[f"{name}.weight"], self.params[f"{name}.bias"]
-        rm, rv = self.running[f"{name}.running_mean"], self.running[f"{name}.running_var"]
-        if not train:
-            return (x - rm.unsqueeze(1)) * torch.rsqrt(rv.unsqueeze(1) + BN_EPS) * w.unsqueeze(1) + b.unsqueeze(1)
-        if step.mask is None:
-            # Every member's batch as B rows of K*H channels: one fused batch_norm gives
-            # each member its own statistics and updates the running ones in place
-            # (rm, rv are [K, H], contiguous, so their flat views share storage).
-            K, B, H = x.shape
-            y = F.batch_norm(x.transpose(0, 1).reshape(B, K * H), rm.view(-1), rv.view(-1),
-                             w.reshape(-1), b.reshape(-1), training=True,
-                             momentum=step.bn_momentum, eps=BN_EPS)
-            return y.view(B, K, H).transpose(0, 1)
-        # A mixed pack: each member's statistics over its own rows only.
-        mean = (x * step.mask).sum(1, keepdim=True) / step.count
-        xc = x - mean
-        var = (xc * step.mask).pow(2).sum(1, keepdim=True) / step.count
-        with torch.no_grad():
-            m = step.bn_momentum
-            rm.mul_(1 - m).add_(m * mean.squeeze(1))
-            rv.mul_(1 - m).add_(m * var.squeeze(1) * step.unbias)
-        return xc * torch.rsqrt(var + BN_EPS) * w.unsqueeze(1) + b.unsqueeze(1)
+        """[K, out, in]: every member's matrix (a kernel reshaped, a weight-normed weight)."""
+        return self._matrix_layers[matrix].matrix()
 
     def forward(self, x, train: bool = False, step: "StepInputs | None" = None):
-        if self.arch.startswith("mlp"):
-            for i in range(1, self.depth + 1):
-                x = F.relu(self._bn(f"hidden.bn{i}", self._linear(f"hidden.fc{i}", x), train, step))
-        else:
-            x = self._bn("stem_bn", self._linear("stem", x), train, step)
-            for i in range(1, self.depth + 1):
-                p = f"blocks.block{i}"
-                h = F.relu(self._bn(f"{p}.bn1", self._linear(f"{p}.w1", x), train, step))
-                x = x + F.relu(self._bn(f"{p}.bn2", self._linear(f"{p}.w2", h), train, step))
-        return self._linear("out", x)
+        self.ctx.train, self.ctx.step = train, step
+        return self.model(x)
 
     # -- one SGD step, the whole of it -------------------------------------------
     def cols(self, c: torch.Tensor) -> list[torch.Tensor]:
@@ -230,8 +171,7 @@ class Pack:
     @torch.no_grad()
     def evaluate(self, x, y, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode (running BN statistics) mean loss and accuracy of each member."""
-        width = max(p.shape[1] for n, p in self.params.items() if n.endswith("weight") and p.dim() == 3)
-        chunk = chunk or max(256, (1 << 24) // (self.K * max(width, x.shape[1] // 4)))
+        chunk = chunk or max(256, (1 << 24) // (self.K * max(self.activation_size, x.shape[1] // 4)))
         loss = torch.zeros(self.K, dtype=torch.float64, device=self.device)
         correct = torch.zeros(self.K, dtype=torch.float64, device=self.device)
         for i in range(0, x.shape[0], chunk):

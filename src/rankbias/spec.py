@@ -9,26 +9,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from . import models
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
 # (train, test) examples of each dataset, for checks and estimates made before any data loads.
 DATASET_SIZES = {"mnist": (60000, 10000), "fashion_mnist": (60000, 10000),
                  "cifar10": (50000, 10000), "synthetic": (1024, 256)}
-# Input features as rankbias.data delivers them (MNIST-family images padded to 32x32;
-# the synthetic task is CIFAR-shaped), and classes. data.load checks both.
-DATASET_DIMS = {"mnist": 32 * 32, "fashion_mnist": 32 * 32, "cifar10": 3 * 32 * 32,
-                "synthetic": 3 * 32 * 32}
+# Images as rankbias.data delivers them, flattened (MNIST-family images padded to
+# 32x32; the synthetic task is CIFAR-shaped), and classes. data.load checks both.
+DATASET_SHAPES = {"mnist": (1, 32, 32), "fashion_mnist": (1, 32, 32), "cifar10": (3, 32, 32),
+                  "synthetic": (3, 32, 32)}
+DATASET_DIMS = {name: math.prod(shape) for name, shape in DATASET_SHAPES.items()}
 NUM_CLASSES = 10
-ARCHS = ("mlp", "mlp_bn", "res", "res_bn")
 LOSSES = ("ce", "mse")
 SCHEDULES = ("constant", "multistep")
-
-_ARCH_NAMES = {"mlp": "MLP", "mlp_bn": "MLP-BN", "res": "RES", "res_bn": "RES-BN"}
-_MODEL_RE = re.compile(r"^(MLP|RES)(-BN)?-(\d+)-(\d+)$", re.IGNORECASE)
+# Keys added after runs were first stored: at their default they are left out of a
+# spec's canonical form, so every earlier run keeps its run_id.
+LATER_KEYS = {"activation": "relu", "bias": True}
 
 
 class SpecError(ValueError):
@@ -36,21 +38,19 @@ class SpecError(ValueError):
 
 
 def parse_model_name(name: str) -> tuple[str, int, int]:
-    """'MLP-BN-10-100' -> ('mlp_bn', 10, 100)."""
-    m = _MODEL_RE.match(str(name).strip())
-    if not m:
-        raise SpecError(
-            f"model: {name!r} is not a model name; expected MLP-L-H, MLP-BN-L-H, RES-L-H "
-            "or RES-BN-L-H with integers L (depth) and H (width), e.g. MLP-BN-10-100")
-    arch = m.group(1).lower() + ("_bn" if m.group(2) else "")
-    return arch, int(m.group(3)), int(m.group(4))
+    """'MLP-BN-10-100' -> ('mlp_bn', 10, 100); 'VGG-16' -> ('vgg16', 16, 64)."""
+    try:
+        return models.parse_model_name(name)
+    except models.ModelError as e:
+        raise SpecError(str(e)) from None
 
 
 def model_name(arch: str, depth: int, width: int) -> str:
     """('mlp_bn', 10, 100) -> 'MLP-BN-10-100'."""
-    if arch not in _ARCH_NAMES:
-        raise SpecError(f"arch: {arch!r} is not one of {', '.join(ARCHS)}")
-    return f"{_ARCH_NAMES[arch]}-{depth}-{width}"
+    try:
+        return models.model_name(arch, depth, width)
+    except models.ModelError as e:
+        raise SpecError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class RunSpec:
     arch: str = "mlp_bn"
     depth: int = 5
     width: int = 100
+    activation: str = "relu"
+    bias: bool = True
     loss: str = "ce"
     batch_size: int = 32
     lr: float = 0.1
@@ -106,7 +108,8 @@ class RunSpec:
         return d
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        d = {k: v for k, v in self.to_dict().items() if not (k in LATER_KEYS and v == LATER_KEYS[k])}
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @property
     def run_id(self) -> str:
@@ -121,7 +124,8 @@ class RunSpec:
 
         Learning rate, momentum, weight decay, seed and batch size are per member.
         """
-        return (self.dataset, self.arch, self.depth, self.width, self.loss, self.epochs,
+        return (self.dataset, self.arch, self.depth, self.width, self.activation, self.bias,
+                self.loss, self.epochs,
                 self.schedule, self.milestones, self.gamma, self.log_every,
                 self.train_subset, self.test_subset)
 
@@ -186,17 +190,20 @@ def _validate(s: RunSpec) -> None:
             raise SpecError(f"{key}: {getattr(s, key)!r} is not one of {', '.join(allowed)}")
 
     choice("dataset", DATASETS)
-    choice("arch", ARCHS)
+    choice("arch", models.ARCHS)
+    choice("activation", models.ACTIVATIONS)
+    if not isinstance(s.bias, bool):
+        raise SpecError(f"bias: expected true or false, got {s.bias!r}")
     choice("loss", LOSSES)
     choice("schedule", SCHEDULES)
     for key in _INT_KEYS:
         v = getattr(s, key)
         if isinstance(v, bool) or not isinstance(v, int):
             raise SpecError(f"{key}: expected an integer, got {v!r}")
-    for key in ("depth", "width", "batch_size", "epochs", "log_every"):
+    for key in ("width", "batch_size", "epochs", "log_every"):
         if getattr(s, key) < 1:
             raise SpecError(f"{key}: must be >= 1, got {getattr(s, key)!r}")
-    for key in ("seed", "train_subset", "test_subset"):
+    for key in ("depth", "seed", "train_subset", "test_subset"):
         if getattr(s, key) < 0:
             raise SpecError(f"{key}: must be >= 0, got {getattr(s, key)!r}")
     for key in _FLOAT_KEYS:
@@ -221,8 +228,13 @@ def _validate(s: RunSpec) -> None:
         raise SpecError("milestones: only allowed with schedule 'multistep'")
     if s.schedule == "multistep" and not s.milestones:
         raise SpecError("milestones: schedule 'multistep' needs at least one milestone epoch")
-    if s.batch_size == 1 and s.arch.endswith("_bn"):
+    if s.batch_size == 1 and models.family(s.arch).batchnorm:
         raise SpecError("batch_size: BatchNorm architectures need batch_size >= 2")
+    try:
+        models.check_sizes(s.arch, s.depth, s.width)
+        models.spec_layers(s)         # the model fits the dataset's inputs
+    except models.ModelError as e:
+        raise SpecError(f"{e} (dataset {s.dataset})") from None
 
 
 # -- packs -----------------------------------------------------------------------
@@ -285,7 +297,7 @@ def load_pack(path: str | Path) -> list[RunSpec]:
 def check_pack(specs: list[RunSpec], where: str) -> None:
     """Runs can train as one pack only if they share `RunSpec.pack_key()`."""
     if len({s.pack_key() for s in specs}) > 1:
-        raise SpecError(f"{where}: the runs of a pack must share dataset, architecture, loss, "
+        raise SpecError(f"{where}: the runs of a pack must share dataset, architecture, activation, bias, loss, "
                         "epochs, schedule, log_every and subsets; these differ and cannot "
                         "train as one pack")
 

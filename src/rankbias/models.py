@@ -1,0 +1,411 @@
+"""Every architecture rankbias trains, defined once, and what both trainers share.
+
+A model is a plain `nn.Module` built from standard torch layers (Linear, Conv2d,
+BatchNorm, weight norm, pooling). The reference loop trains it as it is; the batched
+engine runs the same module's forward with its layers swapped for batched ones
+(`rankbias.batched`); the stored matrices, the cost model, the plan-time shape
+checks and the test fabricator read its layers (`layers`). Adding a model is a
+class here and an entry in FAMILIES.
+
+Inputs arrive flattened, [N, C*H*W]; a model that sees images unflattens them with
+`nn.Unflatten` and flattens before its head with `nn.Flatten`, so the engine knows
+where the image part of a network begins and ends.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+ACTIVATIONS = ("relu", "leaky_relu")
+LEAKY_SLOPE = 0.01          # the authors' LeakyReLU (torch's default slope)
+
+
+class ModelError(ValueError):
+    """A model cannot be built as asked; the message names the key and what fits."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What a model's constructor needs: family, sizes, options, input and classes."""
+    depth: int
+    width: int
+    activation: str
+    bias: bool
+    in_shape: tuple[int, ...]     # (features,) or (channels, height, width)
+    num_classes: int
+
+    def act(self) -> nn.Module:
+        return nn.LeakyReLU(LEAKY_SLOPE) if self.activation == "leaky_relu" else nn.ReLU()
+
+
+# -- the families -------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """MLP-L-H (and -BN, -WN): L hidden Linear layers of width H, each followed by
+    BatchNorm (-BN) and the activation; -WN normalises each hidden weight
+    (W = g V / ||V||_F, one scalar g per matrix, as the authors' `mlp_wn`)."""
+
+    def __init__(self, a: Arch, bn: bool = False, wn: bool = False):
+        super().__init__()
+        self.hidden = nn.ModuleDict()
+        d = math.prod(a.in_shape)
+        for i in range(1, a.depth + 1):
+            fc = nn.Linear(d if i == 1 else a.width, a.width, bias=a.bias)
+            self.hidden[f"fc{i}"] = weight_norm(fc, dim=None) if wn else fc
+            self.hidden[f"bn{i}"] = nn.BatchNorm1d(a.width) if bn else nn.Identity()
+        self.act = a.act()
+        self.out = nn.Linear(a.width, a.num_classes, bias=a.bias)
+
+    def forward(self, x):
+        layers = list(self.hidden.values())
+        for fc, bn in zip(layers[::2], layers[1::2]):
+            x = self.act(bn(fc(x)))
+        return self.out(x)
+
+
+class ResidualBlock(nn.Module):
+    """x -> x + act(bn2(w2 act(bn1(w1 x)))) (the paper's residual block; BN optional)."""
+
+    def __init__(self, a: Arch, bn: bool):
+        super().__init__()
+        self.w1 = nn.Linear(a.width, a.width, bias=a.bias)
+        self.bn1 = nn.BatchNorm1d(a.width) if bn else nn.Identity()
+        self.w2 = nn.Linear(a.width, a.width, bias=a.bias)
+        self.bn2 = nn.BatchNorm1d(a.width) if bn else nn.Identity()
+        self.act = a.act()
+
+    def forward(self, x):
+        return x + self.act(self.bn2(self.w2(self.act(self.bn1(self.w1(x))))))
+
+
+class ResidualMLP(nn.Module):
+    """RES-L-H (and -BN): a Linear stem (with BN, no activation), L residual blocks."""
+
+    def __init__(self, a: Arch, bn: bool = False):
+        super().__init__()
+        self.stem = nn.Linear(math.prod(a.in_shape), a.width, bias=a.bias)
+        self.stem_bn = nn.BatchNorm1d(a.width) if bn else nn.Identity()
+        self.blocks = nn.ModuleDict({f"block{i}": ResidualBlock(a, bn) for i in range(1, a.depth + 1)})
+        self.out = nn.Linear(a.width, a.num_classes, bias=a.bias)
+
+    def forward(self, x):
+        x = self.stem_bn(self.stem(x))
+        for block in self.blocks.values():
+            x = block(x)
+        return self.out(x)
+
+
+def _conv_bn_act(c_in, c_out, a: Arch, bn: bool, kernel=3, stride=1, padding=1, act=True):
+    layers = [nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=a.bias)]
+    layers += [nn.BatchNorm2d(c_out)] if bn else []
+    layers += [a.act()] if act else []
+    return layers
+
+
+class ConvNet(nn.Module):
+    """CONV-L-W (and -BN), the authors' ConvNet: two stride-2 2x2 convolutions to
+    width W (the second followed by the activation), L 3x3 same-padding convolutions
+    with the activation, BatchNorm after every convolution in -BN, a linear head."""
+
+    def __init__(self, a: Arch, bn: bool = False):
+        super().__init__()
+        c, h, w = a.in_shape
+        layers = (_conv_bn_act(c, a.width, a, bn, 2, 2, 0, act=False)
+                  + _conv_bn_act(a.width, a.width, a, bn, 2, 2, 0))
+        for _ in range(a.depth):
+            layers += _conv_bn_act(a.width, a.width, a, bn)
+        self.image = nn.Unflatten(1, a.in_shape)
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+        self.out = nn.Linear(a.width * (h // 4) * (w // 4), a.num_classes, bias=a.bias)
+
+    def forward(self, x):
+        return self.out(self.flatten(self.features(self.image(x))))
+
+
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16(nn.Module):
+    """VGG-16 with the authors' CIFAR configuration: 3x3 conv-BN-activation layers
+    and 2x2 max-pools (VGG16_LAYERS), then a 512 -> classes linear head."""
+
+    def __init__(self, a: Arch):
+        super().__init__()
+        layers, c = [], a.in_shape[0]
+        for v in VGG16_LAYERS:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += _conv_bn_act(c, v, a, bn=True)
+                c = v
+        self.image = nn.Unflatten(1, a.in_shape)
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+        self.out = nn.Linear(c, a.num_classes, bias=a.bias)
+
+    def forward(self, x):
+        return self.out(self.flatten(self.features(self.image(x))))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 conv-BN layers plus a shortcut (a 1x1 conv-BN where the shape
+    changes), the activation after the sum. Its convolutions carry no bias: BatchNorm
+    follows each."""
+
+    def __init__(self, c_in, c_out, stride, a: Arch):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.act = a.act()
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        return self.act(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """The CIFAR ResNet-18: 3x3 stem, four stages of two BasicBlocks (64/128/256/512
+    channels, stride 2 from the second stage on), global average pooling, linear head."""
+
+    def __init__(self, a: Arch):
+        super().__init__()
+        self.image = nn.Unflatten(1, a.in_shape)
+        layers = [nn.Conv2d(a.in_shape[0], 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), a.act()]
+        c = 64
+        for i, width in enumerate((64, 128, 256, 512)):
+            for j in range(2):
+                layers.append(BasicBlock(c, width, 2 if i > 0 and j == 0 else 1, a))
+                c = width
+        layers.append(nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+        self.out = nn.Linear(512, a.num_classes, bias=a.bias)
+
+    def forward(self, x):
+        return self.out(self.flatten(self.features(self.image(x))))
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family: its spec `arch`, its name, how it is built.
+
+    A family named with depth and width (MLP-BN-L-H) has `fixed = None`; a fixed
+    model (VGG-16) names itself and carries its (depth, width) in `fixed`.
+    """
+    arch: str
+    name: str
+    build: Callable[[Arch], nn.Module]
+    images: bool                        # sees images (else flattened inputs)
+    batchnorm: bool
+    fixed: tuple[int, int] | None = None
+    min_depth: int = 1
+
+
+FAMILIES = {f.arch: f for f in (
+    Family("mlp", "MLP", MLP, images=False, batchnorm=False),
+    Family("mlp_bn", "MLP-BN", functools.partial(MLP, bn=True), images=False, batchnorm=True),
+    Family("mlp_wn", "MLP-WN", functools.partial(MLP, wn=True), images=False, batchnorm=False),
+    Family("res", "RES", ResidualMLP, images=False, batchnorm=False),
+    Family("res_bn", "RES-BN", functools.partial(ResidualMLP, bn=True), images=False, batchnorm=True),
+    Family("conv", "CONV", ConvNet, images=True, batchnorm=False, min_depth=0),
+    Family("conv_bn", "CONV-BN", functools.partial(ConvNet, bn=True), images=True, batchnorm=True,
+           min_depth=0),
+    Family("vgg16", "VGG-16", VGG16, images=True, batchnorm=True, fixed=(16, 64)),
+    Family("resnet18", "RESNET-18", ResNet18, images=True, batchnorm=True, fixed=(18, 64)),
+)}
+ARCHS = tuple(FAMILIES)
+
+_SIZED = re.compile(r"^(?P<family>[A-Z][A-Z0-9]*(?:-[A-Z]+)?)-(?P<depth>\d+)-(?P<width>\d+)$")
+
+
+def family(arch: str) -> Family:
+    if arch not in FAMILIES:
+        raise ModelError(f"arch: {arch!r} is not one of {', '.join(ARCHS)}")
+    return FAMILIES[arch]
+
+
+def name_forms() -> str:
+    """The accepted model names, for error messages."""
+    return ", ".join(f.name if f.fixed else f"{f.name}-L-W" for f in FAMILIES.values())
+
+
+def parse_model_name(name: str) -> tuple[str, int, int]:
+    """'MLP-BN-10-100' -> ('mlp_bn', 10, 100); 'VGG-16' -> ('vgg16', 16, 64)."""
+    text = str(name).strip().upper()
+    for f in FAMILIES.values():
+        if f.fixed and text == f.name:
+            return f.arch, *f.fixed
+    m = _SIZED.match(text)
+    f = next((f for f in FAMILIES.values() if m and not f.fixed and f.name == m["family"]), None)
+    if f is None:
+        raise ModelError(f"model: {name!r} is not a model name; expected one of {name_forms()} "
+                         "with integers L (depth) and W (width), e.g. MLP-BN-10-100 or CONV-BN-5-64")
+    return f.arch, int(m["depth"]), int(m["width"])
+
+
+def model_name(arch: str, depth: int, width: int) -> str:
+    """('mlp_bn', 10, 100) -> 'MLP-BN-10-100'."""
+    f = family(arch)
+    return f.name if f.fixed else f"{f.name}-{depth}-{width}"
+
+
+def check_sizes(arch: str, depth: int, width: int) -> None:
+    """Depth and width fit the family."""
+    f = family(arch)
+    if f.fixed:
+        if (depth, width) != f.fixed:
+            raise ModelError(f"depth, width: {f.name} has depth {f.fixed[0]} and width {f.fixed[1]}, "
+                             f"got {depth} and {width} (give model: {f.name})")
+        return
+    if depth < f.min_depth:
+        raise ModelError(f"depth: {f.name} needs depth >= {f.min_depth}, got {depth}")
+    if width < 1:
+        raise ModelError(f"width: must be >= 1, got {width}")
+
+
+# -- building a run's network ----------------------------------------------------------
+
+def input_shape(arch: str, image_shape: tuple[int, int, int]) -> tuple[int, ...]:
+    """What the model sees of a dataset with images `image_shape` (C, H, W)."""
+    return tuple(image_shape) if family(arch).images else (math.prod(image_shape),)
+
+
+def build(arch: str, depth: int, width: int, activation: str, bias: bool,
+          image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The network of a family on inputs of `image_shape`, with torch's default init."""
+    check_sizes(arch, depth, width)
+    if activation not in ACTIVATIONS:
+        raise ModelError(f"activation: {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    a = Arch(depth, width, activation, bias, input_shape(arch, image_shape), num_classes)
+    return family(arch).build(a)
+
+
+def build_net(spec, in_dim: int, num_classes: int) -> nn.Module:
+    """The seed-determined initialisation of a run (PyTorch's default init), on
+    `in_dim` input features, which must be the run's dataset's images flattened."""
+    from .spec import DATASET_SHAPES
+    shape = DATASET_SHAPES[spec.dataset]
+    if in_dim != math.prod(shape):
+        raise ModelError(f"model: {spec.model} expects {spec.dataset}'s {'x'.join(map(str, shape))} "
+                         f"inputs ({math.prod(shape)} features), the data has {in_dim}")
+    torch.manual_seed(spec.seed)
+    return build(spec.arch, spec.depth, spec.width, spec.activation, spec.bias, shape, num_classes)
+
+
+# -- the matrices whose spectra are stored -----------------------------------------------
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer with a weight matrix, as the stored spectra name and shape it.
+
+    kind: 'hidden' (Linear), 'conv' (a convolution; its matrix is the kernel
+    reshaped [out, in*kh*kw]) or 'output' (the head). `input_size` is the spatial
+    size (H, W) a convolution sees, for its operator's spectrum; `macs` the
+    multiply-adds of one example through the layer.
+    """
+    name: str
+    kind: str
+    shape: tuple[int, int]          # the stored matrix, (out, in)
+    input_size: tuple[int, int] | None
+    macs: int
+
+
+def short_name(path: str) -> str:
+    """'hidden.fc1' -> 'fc1', 'blocks.block1.w1' -> 'block1.w1', 'features.3' -> '3'."""
+    head, _, rest = path.partition(".")
+    return rest if rest and head in ("hidden", "blocks", "features") else path
+
+
+def matrix_paths(net: nn.Module) -> list[tuple[str, str, str]]:
+    """(name, kind, module path) of every Linear and Conv2d in order; the head is 'out'."""
+    out = []
+    for path, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out.append((short_name(path), "conv", path))
+        elif isinstance(m, nn.Linear):
+            out.append((short_name(path), "output" if path == "out" else "hidden", path))
+    return out
+
+
+def matrix(module: nn.Module) -> torch.Tensor:
+    """A layer's matrix: the (effective, for weight norm) weight, a kernel as [out, in*kh*kw]."""
+    return module.weight.flatten(1)
+
+
+def matrices(net: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    """(name, kind, matrix) of every weight matrix: hidden ones, then the output layer."""
+    return [(name, kind, matrix(net.get_submodule(path))) for name, kind, path in matrix_paths(net)]
+
+
+@functools.lru_cache(maxsize=256)
+def layers(arch: str, depth: int, width: int, activation: str, bias: bool,
+           image_shape: tuple[int, int, int], num_classes: int) -> tuple[tuple[Layer, ...], int, int]:
+    """(layers, parameters, largest layer output per example) of a model, from one
+    forward pass on the meta device (no memory, no arithmetic). A model that does not
+    fit its input shape fails here, before any job starts."""
+    with torch.device("meta"):
+        net = build(arch, depth, width, activation, bias, image_shape, num_classes)
+        seen, largest = {}, [0]
+
+        def hook(module, inputs, output):
+            seen[module] = (tuple(inputs[0].shape), tuple(output.shape))
+            largest.append(math.prod(output.shape[1:]))
+
+        handles = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
+        try:
+            net(torch.empty(2, math.prod(image_shape)))
+        except RuntimeError as e:
+            raise ModelError(f"model: {model_name(arch, depth, width)} does not fit "
+                             f"{'x'.join(map(str, image_shape))} inputs ({e})") from None
+        finally:
+            for h in handles:
+                h.remove()
+        found = []
+        for name, kind, path in matrix_paths(net):
+            m = net.get_submodule(path)
+            (in_shape, out_shape), shape = seen[m], tuple(matrix(m).shape)
+            positions = math.prod(out_shape[2:]) if kind == "conv" else 1
+            found.append(Layer(name, kind, shape, tuple(in_shape[2:]) if kind == "conv" else None,
+                               shape[0] * shape[1] * positions))
+        params = sum(p.numel() for p in net.parameters())
+    return tuple(found), params, max(largest)
+
+
+def spec_layers(spec) -> tuple[tuple[Layer, ...], int, int]:
+    """`layers` of a run's model on its dataset."""
+    from .spec import DATASET_SHAPES, NUM_CLASSES
+    return layers(spec.arch, spec.depth, spec.width, spec.activation, spec.bias,
+                  DATASET_SHAPES[spec.dataset], NUM_CLASSES)
+
+
+# -- shared by both trainers -------------------------------------------------------------
+
+def epoch_order(spec, epoch: int, n: int) -> torch.Tensor:
+    """The run's permutation of its n training samples for 0-based `epoch` (on the CPU)."""
+    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch + 1)
+    return torch.randperm(n, generator=g)
+
+
+def loss_fn(loss: str, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """CE on logits, or MSE against one-hot labels averaged over batch and classes."""
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction=reduction)
+    # one-hot by comparison: F.one_hot checks the labels' range on the host, a sync
+    # that a captured CUDA graph cannot contain
+    one_hot = (y.unsqueeze(-1) == torch.arange(logits.shape[-1], device=y.device)).to(logits.dtype)
+    err = (logits - one_hot).pow(2).mean(-1)
+    return err.mean() if reduction == "mean" else err
