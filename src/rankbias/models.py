@@ -362,10 +362,12 @@ def layers(arch: str, depth: int, width: int, activation: str, bias: bool,
         seen, largest = {}, [0]
 
         def hook(module, inputs, output):
+            if not inputs:           # a parametrisation (weight norm) computing a weight
+                return
             seen[module] = (tuple(inputs[0].shape), tuple(output.shape))
             largest.append(math.prod(output.shape[1:]))
 
-        handles = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in net.modules()]
         try:
             net(torch.empty(2, math.prod(image_shape)))
         except RuntimeError as e:

@@ -1,0 +1,206 @@
+"""Every model family: the batched engine against its plain nn.Module + torch.optim.SGD
+reference, names, plan-time shape checks, resume, bad input."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from rankbias import metrics as M
+from rankbias import models, spec as spec_mod
+from rankbias.engine import Pack
+from rankbias.models import build_net, epoch_order, loss_fn
+from rankbias.reference import train_reference
+from rankbias.results import Run
+from rankbias.spec import RunSpec, SpecError, model_name, parse_model_name
+from rankbias.train import train_pack
+
+
+def _members(model, batch=(4, 4, 4), **extra):
+    """Three members that differ in lr, weight decay, momentum and seed."""
+    base = dict(dataset="synthetic", model=model, epochs=2, log_every=1, **extra)
+    hyper = [(0.05, 0.0, 0.9), (0.02, 5e-4, 0.9), (0.01, 1e-3, 0.5)]
+    return [RunSpec.from_dict({**base, "batch_size": b, "lr": lr, "weight_decay": wd, "momentum": mom,
+                               "seed": k})
+            for k, (b, (lr, wd, mom)) in enumerate(zip(batch, hyper))]
+
+
+def _subset(ds, n_train, n_test):
+    return dataclasses.replace(ds, x_train=ds.x_train[:n_train], y_train=ds.y_train[:n_train],
+                               x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
+
+
+def _steps_equal_reference(specs, ds, steps, rtol=1e-10, atol=1e-11):
+    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
+    plan = pack.epoch_plan(0)
+    refs = []
+    for spec in specs:
+        net = build_net(spec, ds.input_dim, ds.num_classes).double()
+        opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
+                              weight_decay=spec.weight_decay)
+        refs.append((net, opt, epoch_order(spec, 0, ds.x_train.shape[0]), spec.batch_size))
+    for t in range(steps):
+        pack.step(plan.inputs(t))
+        for net, opt, order, B in refs:
+            idx = order[t * B:(t + 1) * B]
+            opt.zero_grad()
+            loss_fn(specs[0].loss, net(ds.x_train[idx]), ds.y_train[idx]).backward()
+            opt.step()
+    for k, (net, _, _, _) in enumerate(refs):
+        for name, p in net.named_parameters():
+            np.testing.assert_allclose(pack.params[name][k].detach().numpy(), p.detach().numpy(),
+                                       rtol=rtol, atol=atol, err_msg=f"member {k} {name}")
+        buffers = [(n, b) for n, b in net.named_buffers() if not n.endswith("num_batches_tracked")]
+        assert {n for n, _ in buffers} == set(pack.running)
+        for name, b in buffers:
+            np.testing.assert_allclose(pack.running[name][k].numpy(), b.numpy(), rtol=rtol, atol=atol,
+                                       err_msg=f"member {k} {name}")
+        for name, kind, w in models.matrices(net):
+            np.testing.assert_allclose(pack.weight(name)[k].detach().numpy(), w.detach().numpy(),
+                                       rtol=rtol, atol=atol, err_msg=f"member {k} matrix {name}")
+
+
+@pytest.mark.parametrize("model,extra", [
+    ("CONV-BN-1-6", {}), ("CONV-2-6", {"activation": "leaky_relu"}), ("CONV-BN-0-4", {"bias": False}),
+    ("MLP-WN-2-16", {}), ("MLP-WN-2-16", {"bias": False, "activation": "leaky_relu"}),
+    ("RES-BN-2-8", {"activation": "leaky_relu", "bias": False})])
+def test_small_families_step_like_torch_sgd_float64(model, extra, synthetic64):
+    """Uniform batches (one fused BatchNorm) and mixed ones (masked statistics)."""
+    ds = _subset(synthetic64, 96, 8)
+    _steps_equal_reference(_members(model, **extra), ds, steps=6)
+    _steps_equal_reference(_members(model, batch=(3, 5, 8), **extra), ds, steps=6)
+
+
+@pytest.mark.parametrize("model,size", [("VGG-16", 32), ("RESNET-18", 16)])
+def test_large_families_step_like_torch_sgd_float64(model, size, synthetic64, monkeypatch):
+    """ResNet-18 pools globally, so it trains on 16x16 images here (4x less work)."""
+    monkeypatch.setitem(spec_mod.DATASET_SHAPES, "synthetic", (3, size, size))
+    ds = _subset(synthetic64, 16, 4)
+    ds = dataclasses.replace(ds, x_train=ds.x_train[:, :3 * size * size].contiguous())
+    _steps_equal_reference(_members(model, batch=(2, 2, 2)), ds, steps=3, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("model", ["CONV-BN-1-6", "MLP-WN-2-16"])
+def test_pack_matches_reference_run_float64(model, synthetic64, tmp_path):
+    """Over two epochs: losses, accuracies and every matrix's spectrum (a kernel
+    reshaped [out, in*kh*kw]) equal the plain run's, the spectra to numpy's SVD."""
+    ds = _subset(synthetic64, 64, 32)
+    specs = _members(model)
+    train_pack(specs, tmp_path / "runs", device="cpu", dataset=ds, progress=False)
+    for spec in specs:
+        run = Run(tmp_path / "runs" / spec.run_id)
+        _, hist = train_reference(spec, ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.num_classes)
+        m = run.metrics.set_index("epoch")
+        kinds = dict(run.layers.drop_duplicates("layer")[["layer", "kind"]].itertuples(index=False))
+        for e, row in enumerate(hist):
+            for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+                np.testing.assert_allclose(m.loc[e, key], row[key], rtol=1e-9, atol=1e-12)
+            for i, name in enumerate(run.layer_names):
+                ref = row["matrices"][name].numpy()
+                if kinds[name] == "conv":
+                    assert ref.ndim == 2 and ref.shape[1] > 6   # in * kh * kw
+                sv_ref = np.linalg.svd(ref, compute_uv=False)
+                np.testing.assert_allclose(run.spectra[f"sv_{i}"][e], sv_ref, rtol=0,
+                                           atol=1e-9 * sv_ref.max(), err_msg=f"{name} epoch {e}")
+        assert run.mean_rank().notna().all()
+
+
+def test_conv_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):
+    ds = _subset(synthetic, 64, 16)
+    specs = [dataclasses.replace(s, epochs=3) for s in _members("CONV-BN-1-6")]
+    train_pack(specs, tmp_path / "a" / "runs", device="cpu", dataset=ds, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_2(epoch):
+        if epoch == 2:
+            raise Killed
+
+    out = tmp_path / "b" / "runs"
+    with pytest.raises(Killed):
+        train_pack(specs, out, device="cpu", dataset=ds, progress=False, checkpoint_every=1,
+                   on_epoch=kill_at_2)
+    train_pack(specs, out, device="cpu", dataset=ds, progress=False, checkpoint_every=1)
+    for spec in specs:
+        a, b = Run(tmp_path / "a" / "runs" / spec.run_id), Run(out / spec.run_id)
+        assert a.metrics.equals(b.metrics) and a.layers.equals(b.layers)
+        for k in a.spectra:
+            np.testing.assert_array_equal(a.spectra[k], b.spectra[k])
+
+
+# -- names, sizes and shapes -------------------------------------------------------------
+
+@pytest.mark.parametrize("name,parsed", [
+    ("CONV-BN-5-64", ("conv_bn", 5, 64)), ("conv-3-32", ("conv", 3, 32)), ("VGG-16", ("vgg16", 16, 64)),
+    ("resnet-18", ("resnet18", 18, 64)), ("MLP-WN-10-100", ("mlp_wn", 10, 100)),
+    ("MLP-BN-10-100", ("mlp_bn", 10, 100))])
+def test_new_names_parse_both_ways(name, parsed):
+    assert parse_model_name(name) == parsed
+    assert parse_model_name(model_name(*parsed)) == parsed
+    assert RunSpec.from_dict({"model": name}).model == model_name(*parsed)
+
+
+@pytest.mark.parametrize("dataset", spec_mod.DATASETS)
+@pytest.mark.parametrize("model", ["CONV-BN-5-64", "VGG-16", "RESNET-18", "MLP-WN-3-32"])
+def test_every_family_plans_on_every_dataset(model, dataset):
+    spec = RunSpec.from_dict({"model": model, "dataset": dataset})
+    layers, params, _ = models.spec_layers(spec)
+    assert params > 0 and layers[-1].name == "out" and layers[-1].kind == "output"
+    channels = spec_mod.DATASET_SHAPES[dataset][0]
+    if model != "MLP-WN-3-32":
+        first = layers[0]
+        assert first.kind == "conv" and first.input_size == (32, 32) and first.shape[1] % channels == 0
+
+
+def test_layers_give_conv_input_sizes():
+    layers = models.spec_layers(RunSpec.from_dict({"model": "CONV-BN-2-8", "dataset": "mnist"}))[0]
+    assert [(l.kind, l.shape, l.input_size) for l in layers] == [
+        ("conv", (8, 1 * 2 * 2), (32, 32)), ("conv", (8, 8 * 2 * 2), (16, 16)),
+        ("conv", (8, 8 * 9), (8, 8)), ("conv", (8, 8 * 9), (8, 8)), ("output", (10, 8 * 8 * 8), None)]
+    vgg = models.spec_layers(RunSpec.from_dict({"model": "VGG-16", "dataset": "cifar10"}))[0]
+    assert sum(l.kind == "conv" for l in vgg) == 13 and vgg[-1].shape == (10, 512)
+    resnet = models.spec_layers(RunSpec.from_dict({"model": "RESNET-18", "dataset": "cifar10"}))
+    assert sum(l.kind == "conv" for l in resnet[0]) == 20      # 1 + 16 + 3 shortcuts
+    assert 11_000_000 < resnet[1] < 11_300_000                 # ResNet-18's 11.2M parameters
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"model": "CONVX-2-8"}, "model"), ({"model": "VGG-17"}, "model"), ({"model": "RESNET-34"}, "model"),
+    ({"model": "MLP-0-10"}, "depth"), ({"model": "CONV-2-0"}, "width"),
+    ({"arch": "vgg16", "depth": 5, "width": 100}, "depth"), ({"activation": "tanh"}, "activation"),
+    ({"bias": "yes"}, "bias"), ({"model": "VGG-16", "batch_size": 1}, "batch_size")])
+def test_bad_model_input_names_the_key(raw, key):
+    with pytest.raises(SpecError, match=rf"^{key}\b|{key}:"):
+        RunSpec.from_dict(raw)
+
+
+def test_conv_model_on_images_that_do_not_fit_fails_at_plan_time(monkeypatch):
+    monkeypatch.setitem(spec_mod.DATASET_SHAPES, "synthetic", (3, 16, 16))
+    with pytest.raises(SpecError, match=r"model: VGG-16 does not fit 3x16x16 inputs.*synthetic"):
+        RunSpec.from_dict({"model": "VGG-16", "dataset": "synthetic"})
+    RunSpec.from_dict({"model": "RESNET-18", "dataset": "synthetic"})      # pools globally
+
+
+def test_conv_model_on_data_of_the_wrong_shape(synthetic):
+    spec = RunSpec.from_dict({"model": "CONV-BN-1-4", "dataset": "synthetic"})
+    with pytest.raises(models.ModelError, match="expects synthetic's 3x32x32 inputs"):
+        Pack([spec], synthetic.x_train[:, :1024], synthetic.y_train, 10, "cpu")
+
+
+def test_new_keys_leave_earlier_run_ids_alone():
+    assert RunSpec(activation="relu", bias=True).run_id == RunSpec().run_id
+    assert RunSpec(activation="leaky_relu").run_id != RunSpec().run_id
+    assert RunSpec(bias=False).run_id != RunSpec().run_id
+    assert RunSpec(bias=False).pack_key() != RunSpec().pack_key()
+
+
+def test_weight_norm_matrix_is_the_effective_weight():
+    net = models.build("mlp_wn", 2, 8, "relu", True, (1, 4, 4), 10)
+    fc = net.hidden["fc1"]
+    with torch.no_grad():
+        fc.parametrizations.weight.original0.mul_(3.0)
+    w = dict((n, w) for n, _, w in models.matrices(net))["fc1"]
+    v = fc.parametrizations.weight.original1
+    torch.testing.assert_close(w, 3.0 * v)          # g started at ||V||_F, W at V
+    assert M.rank(M.singular_values(w).numpy()) == 8
