@@ -64,7 +64,7 @@ def test_int_and_float_spellings_are_one_run():
 
 
 @pytest.mark.parametrize("raw, key", [
-    ({"arch": "cnn"}, "arch"), ({"model": "VGG-16"}, "model"), ({"dataset": "imagenet"}, "dataset"),
+    ({"arch": "cnn"}, "arch"), ({"model": "VGG-19"}, "model"), ({"dataset": "imagenet"}, "dataset"),
     ({"lr": -0.1}, "lr"), ({"lr": 0}, "lr"), ({"weight_decay": -1e-4}, "weight_decay"),
     ({"momentum": 1.0}, "momentum"), ({"batch_size": 0}, "batch_size"), ({"epochs": "10"}, "epochs"),
     ({"lr": "fast"}, "lr"), ({"lr": float("nan")}, "lr"), ({"depth": 2.5}, "depth"),

@@ -23,7 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import MutableMapping, Sequence
 
-from .spec import DATASET_DIMS, NUM_CLASSES, RunSpec, SpecError, check_pack, pack_steps
+from .models import spec_layers
+from .spec import DATASET_DIMS, RunSpec, SpecError, check_pack, pack_steps
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,15 @@ MIN_MINUTES = 10          # ... and never below ten minutes (queueing, slow file
 
 
 def _matrices(spec: RunSpec) -> list[tuple[int, int]]:
-    """(out, in) shapes of every weight matrix of the model, output layer included."""
-    d_in, h = DATASET_DIMS[spec.dataset], spec.width
-    if spec.arch in ("mlp", "mlp_bn"):
-        shapes = [(h, d_in)] + [(h, h)] * (spec.depth - 1)
-    else:  # residual MLPs: stem, then two matrices per block
-        shapes = [(h, d_in)] + [(h, h)] * (2 * spec.depth)
-    return shapes + [(NUM_CLASSES, h)]
+    """(out, in) shapes of every stored matrix of the model (a kernel as [out, in*kh*kw]),
+    output layer included."""
+    return [layer.shape for layer in spec_layers(spec)[0]]
+
+
+def _macs_per_example(spec: RunSpec) -> int:
+    """Multiply-adds of one example's forward pass: a matrix's size, times the output
+    positions for a convolution."""
+    return sum(layer.macs for layer in spec_layers(spec)[0])
 
 
 def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
@@ -70,21 +73,21 @@ def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     k = len(specs)
     train, test = first.sizes()
     shapes = _matrices(first)
-    params = sum(o * i for o, i in shapes)
+    macs = _macs_per_example(first)
     n_layers = len(shapes)
 
     # A pack steps as often as its smallest batch needs, each step as wide as its largest.
     b_max = max(s.batch_size for s in specs)
     steps = pack_steps(list(specs))
-    # Forward 2 FLOPs per weight per example, backward twice that.
-    step_flops = 6.0 * params * b_max * k
+    # Forward 2 FLOPs per multiply-add per example, backward twice that.
+    step_flops = 6.0 * macs * b_max * k
     step_seconds = step_flops / cost.flops_per_second + OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op
     train_seconds = steps * step_seconds
 
     # Each logged epoch (epoch 0 included) evaluates train and test sets and
     # decomposes every matrix of every member.
     logged = first.epochs // first.log_every + 1
-    eval_flops = 2.0 * params * (train + test) * k
+    eval_flops = 2.0 * macs * (train + test) * k
     eval_batches = math.ceil((train + test) / 1024)
     eval_seconds = eval_flops / cost.flops_per_second + eval_batches * n_layers * 4 * cost.seconds_per_op
     svd_seconds = k * sum(cost.svd_seconds + 4.0 * max(o, i) * min(o, i) ** 2 / cost.svd_flops_per_second
@@ -96,9 +99,9 @@ def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda") -> 
     """A job time limit in whole minutes for training `specs` as one pack on `device`.
 
     steps = epochs * ceil(train_size / batch_size) (train_size from the dataset, or
-    train_subset when > 0); each step costs its FLOPs (6 per weight per example per
-    member) at the device's effective throughput plus a per-op launch cost; each logged
-    epoch adds a full evaluation pass and one SVD per matrix per member. The total is
+    train_subset when > 0); each step costs its FLOPs (6 per multiply-add per example
+    per member: one per weight, and per output position for a convolution) at the
+    device's effective throughput plus a per-op launch cost; each logged epoch adds a full evaluation pass and one SVD per matrix per member. The total is
     multiplied by SAFETY_FACTOR and is at least MIN_MINUTES.
     """
     seconds = estimate_seconds(list(specs), device)
@@ -111,7 +114,7 @@ def estimate_mem_mb(specs: Sequence[RunSpec]) -> int:
     first = specs[0]
     train, test = first.sizes()
     data = 4 * (train + test) * DATASET_DIMS[first.dataset]
-    params = 4 * 3 * len(specs) * sum(o * i for o, i in _matrices(first))
+    params = 4 * 3 * len(specs) * spec_layers(first)[1]
     return 2048 + (2 * (data + params)) // 2**20
 
 

@@ -154,7 +154,7 @@ class Pack:
         """[K] bool: every parameter of the member is finite."""
         ok = torch.ones(self.K, dtype=torch.bool, device=self.device)
         for p in self.plist:
-            ok &= torch.isfinite(p).flatten(1).all(1)
+            ok &= torch.isfinite(p).view(self.K, -1).all(1)
         return ok
 
     def freeze(self, k: int) -> None:

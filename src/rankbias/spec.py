@@ -91,7 +91,11 @@ class RunSpec:
         return self.train_subset or train, self.test_subset or test
 
     def check_sizes(self) -> None:
-        """Subsets and batch size fit the dataset (checked before any job starts)."""
+        """Subsets, batch size and the model fit the dataset (checked before any job starts)."""
+        try:
+            models.spec_layers(self)
+        except models.ModelError as e:
+            raise SpecError(f"{e} (dataset {self.dataset})") from None
         train, test = DATASET_SIZES[self.dataset]
         if self.train_subset > train:
             raise SpecError(f"train_subset: {self.train_subset} exceeds the {train} training examples of {self.dataset}")
@@ -232,9 +236,8 @@ def _validate(s: RunSpec) -> None:
         raise SpecError("batch_size: BatchNorm architectures need batch_size >= 2")
     try:
         models.check_sizes(s.arch, s.depth, s.width)
-        models.spec_layers(s)         # the model fits the dataset's inputs
     except models.ModelError as e:
-        raise SpecError(f"{e} (dataset {s.dataset})") from None
+        raise SpecError(str(e)) from None
 
 
 # -- packs -----------------------------------------------------------------------
