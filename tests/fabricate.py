@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from rankbias import models
 from rankbias.results import write_run
 from rankbias.spec import RunSpec
 
@@ -18,28 +19,28 @@ def fabricate(runs_dir: str | Path, spec: RunSpec, layer_ranks: Sequence[Sequenc
               train_acc: Sequence[float] | None = None, test_acc: Sequence[float] | None = None,
               diverged_at: int | None = None) -> Path:
     """Write one run. `layer_ranks[e][l]`: rank of hidden matrix l at epoch e; or give
-    `final_ranks` (per hidden matrix) and ranks go linearly from full to those."""
+    `final_ranks` (per hidden matrix: every one but the output layer) and ranks go
+    linearly from full to those."""
     E = spec.epochs
-    n_hidden = spec.depth if spec.arch.startswith("mlp") else 1 + 2 * spec.depth
-    if spec.arch.startswith("mlp"):
-        names = [f"fc{i + 1}" for i in range(spec.depth)]
-    else:
-        names = ["stem"] + [f"block{b + 1}.w{j}" for b in range(spec.depth) for j in (1, 2)]
-    names.append("out")
-    h = spec.width
+    # the stored matrices, named and shaped as the model defines them
+    layers = models.spec_layers(spec)[0]
+    names = [layer.name for layer in layers]
+    hidden = [layer for layer in layers if layer.kind != "output"]
+    n_hidden = len(hidden)
     if layer_ranks is None:
-        final = list(final_ranks) if final_ranks is not None else [h] * n_hidden
-        layer_ranks = [[round(h + (f - h) * e / E) for f in final] for e in range(E + 1)]
+        final = list(final_ranks) if final_ranks is not None else [min(l.shape) for l in hidden]
+        layer_ranks = [[round(min(l.shape) + (f - min(l.shape)) * e / E) for l, f in zip(hidden, final)]
+                       for e in range(E + 1)]
     layer_ranks = np.asarray(layer_ranks)
     assert layer_ranks.shape == (E + 1, n_hidden)
     epochs = np.arange(E + 1)
     spectra = {"epochs": epochs, "layers": np.array(names)}
-    for i in range(n_hidden):
-        sv = np.full((E + 1, h), 1e-7)
+    for i, layer in enumerate(hidden):
+        sv = np.full((E + 1, min(layer.shape)), 1e-7)
         for e in range(E + 1):
             sv[e, :layer_ranks[e, i]] = 1.0
         spectra[f"sv_{i}"] = sv
-    spectra[f"sv_{n_hidden}"] = np.ones((E + 1, 10))
+    spectra[f"sv_{n_hidden}"] = np.ones((E + 1, min(layers[-1].shape)))
     dist = np.r_[np.nan, np.asarray(distance, float)] if distance is not None else np.r_[np.nan, np.full(E, 0.1)]
     tr = np.asarray(train_acc, float) if train_acc is not None else np.linspace(0.1, 0.99, E + 1)
     te = np.asarray(test_acc, float) if test_acc is not None else tr * 0.97
@@ -59,7 +60,7 @@ def fabricate(runs_dir: str | Path, spec: RunSpec, layer_ranks: Sequence[Sequenc
     rows = []
     for e in epochs:
         for i, n in enumerate(names):
-            rows.append((int(e), n, i, "output" if n == "out" else "hidden", float(dist[e]), 1.0))
+            rows.append((int(e), n, i, layers[i].kind, float(dist[e]), 1.0))
     layers = pd.DataFrame(rows, columns=["epoch", "layer", "index", "kind", "distance", "weight_norm"])
     run_json = {"run_id": spec.run_id, "spec": spec.to_dict(), "model": spec.model, "pack_id": "test",
                 "status": "complete", "epochs_completed": E,

@@ -95,11 +95,12 @@ def test_train_on_real_mnist_subset(tmp_path):
 
 
 def test_bench_json(tmp_path):
-    r = rankbias("bench", "--json", "--K", "1", "4")
+    r = rankbias("bench", "--json", "--workload", "mlp", "conv", "--K", "1", "4", "--rounds", "1")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
-    assert [x["K"] for x in out["results"]] == [1, 4]
+    assert [(x["workload"], x["K"]) for x in out["results"]] == [
+        ("MLP-BN-10-100", 1), ("MLP-BN-10-100", 4), ("CONV-BN-5-64", 1), ("CONV-BN-5-64", 4)]
     for x in out["results"]:
         assert x["engine"] > 0 and x["reference"] > 0
         assert x["ratio"] == pytest.approx(x["engine"] / x["reference"], rel=0.02)

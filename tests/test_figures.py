@@ -9,7 +9,7 @@ import yaml
 
 from fabricate import fabricate
 from rankbias import figures as F
-from rankbias import provenance, sweep
+from rankbias import models, provenance, sweep
 from rankbias.results import Run
 
 CFG = {
@@ -34,7 +34,7 @@ def world(tmp_path):
     p = sweep.plan(CFG)
     runs = tmp_path / "runs"
     for i, (rid, s) in enumerate(sorted(p.specs.items())):
-        n = s.depth if s.arch.startswith("mlp") else 1 + 2 * s.depth
+        n = sum(layer.kind != "output" for layer in models.spec_layers(s)[0])
         fabricate(runs, s, final_ranks=[max(1, 12 - (i + j) % 7) for j in range(n)])
     return cfg, runs, p
 

@@ -1,13 +1,16 @@
 """`rankbias bench`: the batched engine against the reference loop, in one process.
 
-Workload (fixed, so numbers compare across machines): MLP-BN-10-100, batch 16,
-CE, synthetic CIFAR-shaped data (3072 inputs). The engine trains K members as one
-pack; the reference trains the same K configurations one after another with
-nn.Module + torch.optim.SGD. Both are reported in configuration-steps per second.
+Workloads (fixed, so numbers compare across machines), each at batch 16 with CE on
+synthetic data: MLP-BN-10-100 on CIFAR-shaped inputs (3072 features), CONV-BN-5-64
+on MNIST-shaped ones (1x32x32) and RESNET-18 on CIFAR-shaped ones (3x32x32). The
+engine trains K members as one pack; the reference trains the same K configurations
+one after another with nn.Module + torch.optim.SGD. Both are reported in
+configuration-steps per second.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -18,11 +21,26 @@ import torch
 from . import data as data_mod
 from . import metrics as M
 from .engine import GRAPH_MODES, GraphedStep, Pack
-from .reference import build_net, epoch_order, loss_fn
-from .spec import RunSpec
+from .models import build_net, epoch_order, loss_fn
+from .spec import DATASET_DIMS, RunSpec
 
-WORKLOAD = dict(dataset="synthetic", arch="mlp_bn", depth=10, width=100, batch_size=16,
-                loss="ce", momentum=0.9, weight_decay=5e-4, epochs=1)
+COMMON = dict(batch_size=16, loss="ce", momentum=0.9, weight_decay=5e-4, epochs=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    model: str
+    dataset: str            # whose input shape the synthetic data takes
+    Ks: tuple[int, ...]     # default pack sizes
+    engine_steps: int       # timed steps of a round at K=1 (fewer for larger K), CPU
+    reference_steps: int    # timed steps of a round per reference configuration, CPU
+
+
+WORKLOADS = {
+    "mlp": Workload("MLP-BN-10-100", "synthetic", (1, 16, 64), 160, 40),
+    "conv": Workload("CONV-BN-5-64", "mnist", (1, 4, 16), 32, 8),
+    "resnet": Workload("RESNET-18", "synthetic", (1, 4), 4, 2),
+}
 # Steps per epoch of the paper's CIFAR-10 runs at B=16, to express spectra cost as a
 # share of a real epoch.
 CIFAR_STEPS_B16 = 50_000 // 16
@@ -33,8 +51,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _specs(K: int) -> list[RunSpec]:
-    return [RunSpec(**WORKLOAD, seed=k, lr=0.01 * (1 + k % 4)) for k in range(K)]
+def _specs(w: Workload, K: int) -> list[RunSpec]:
+    return [RunSpec.from_dict({**COMMON, "model": w.model, "dataset": w.dataset, "seed": k,
+                               "lr": 0.01 * (1 + k % 4)}) for k in range(K)]
 
 
 class _EngineTimer:
@@ -102,42 +121,49 @@ class _ReferenceTimer:
         return len(self.runs) * steps / elapsed
 
 
-def run_bench(Ks=(1, 16, 64), device="auto", engine_steps=None, reference_steps=None,
-              rounds: int = 5, graph: str = "auto") -> dict:
-    """Engine and reference timed in alternating rounds; each rate is the median round."""
+def run_bench(workloads=tuple(WORKLOADS), Ks=None, device="auto", engine_steps=None,
+              reference_steps=None, rounds: int = 5, graph: str = "auto") -> dict:
+    """Engine and reference timed in alternating rounds; each rate is the median round.
+    `Ks` (default: each workload's own) are the pack sizes of every workload."""
     from .train import device_name, resolve_device
     dev = resolve_device(device)
-    ds = data_mod.load("synthetic", dev)
+    synthetic = data_mod.load("synthetic", dev)
     cuda = dev.type == "cuda"
     results = []
-    for K in Ks:
-        specs = _specs(K)
-        e_steps = engine_steps or (200 if cuda else max(10, 160 // K))
-        r_steps = reference_steps or (50 if cuda else 40)
-        engine = _EngineTimer(specs, ds, dev, graph)
-        # With a captured step, the same pack stepping eagerly shows what the graph buys.
-        graphed = isinstance(engine.step, GraphedStep)
-        # The reference's rate does not depend on K; time at most 8 configurations.
-        reference = _ReferenceTimer(specs[: min(K, 8)], ds, dev)
-        e_rates, r_rates, x_rates = [], [], []
-        for _ in range(rounds):
-            e_rates.append(engine(e_steps))
-            r_rates.append(reference(r_steps))
-            if graphed:
-                x_rates.append(engine(e_steps, engine.pack.step))
-        e_rate, r_rate = statistics.median(e_rates), statistics.median(r_rates)
-        spectra_s = engine.spectra_seconds()
-        epoch_s = CIFAR_STEPS_B16 * K / e_rate
-        row = {"K": K, "engine": round(e_rate, 2), "reference": round(r_rate, 2),
-               "ratio": round(e_rate / r_rate, 2), "step": engine.pack.step_mode,
-               "spectra_s": round(spectra_s, 5),
-               "spectra_share_of_cifar_epoch": round(spectra_s / (epoch_s + spectra_s), 5)}
-        if x_rates:
-            row["engine_eager"] = round(statistics.median(x_rates), 2)
-        results.append(row)
-        del engine, reference
+    for name in workloads:
+        w = WORKLOADS[name]
+        d = DATASET_DIMS[w.dataset]
+        ds = dataclasses.replace(synthetic, x_train=synthetic.x_train[:, :d].contiguous(),
+                                 x_test=synthetic.x_test[:, :d].contiguous())
+        for K in Ks or w.Ks:
+            specs = _specs(w, K)
+            e_steps = engine_steps or (200 if cuda else max(2, w.engine_steps // K))
+            r_steps = reference_steps or (50 if cuda else w.reference_steps)
+            engine = _EngineTimer(specs, ds, dev, graph)
+            # With a captured step, the same pack stepping eagerly shows what the graph buys.
+            graphed = isinstance(engine.step, GraphedStep)
+            # The reference's rate does not depend on K; time at most 8 configurations.
+            reference = _ReferenceTimer(specs[: min(K, 8)], ds, dev)
+            e_rates, r_rates, x_rates = [], [], []
+            for _ in range(rounds):
+                e_rates.append(engine(e_steps))
+                r_rates.append(reference(r_steps))
+                if graphed:
+                    x_rates.append(engine(e_steps, engine.pack.step))
+            e_rate, r_rate = statistics.median(e_rates), statistics.median(r_rates)
+            spectra_s = engine.spectra_seconds()
+            epoch_s = CIFAR_STEPS_B16 * K / e_rate
+            row = {"workload": w.model, "K": K, "engine": round(e_rate, 2), "reference": round(r_rate, 2),
+                   "ratio": round(e_rate / r_rate, 2), "step": engine.pack.step_mode,
+                   "spectra_s": round(spectra_s, 5),
+                   "spectra_share_of_cifar_epoch": round(spectra_s / (epoch_s + spectra_s), 5)}
+            if x_rates:
+                row["engine_eager"] = round(statistics.median(x_rates), 2)
+            results.append(row)
+            del engine, reference
     return {"device": device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "workload": "MLP-BN-10-100, B=16, CE, synthetic 3072-dim inputs",
+            "workloads": {n: f"{WORKLOADS[n].model}, B=16, CE, synthetic "
+                             f"{DATASET_DIMS[WORKLOADS[n].dataset]}-feature inputs" for n in workloads},
             "unit": "configuration-steps per second", "rounds": rounds, "results": results}
 
 
@@ -145,7 +171,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="time the batched engine against the reference loop")
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--K", type=int, nargs="+", default=[1, 16, 64], help="pack sizes (default 1 16 64)")
+    p.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
+                   help="what to time: " + ", ".join(f"{n} ({w.model}, K {' '.join(map(str, w.Ks))})"
+                                                     for n, w in WORKLOADS.items())
+                        + " (default: all; resnet takes minutes on a CPU)")
+    p.add_argument("--K", type=int, nargs="+", default=None,
+                   help="pack sizes for every workload (default: each workload's own)")
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds; the median is kept (default 5)")
     p.add_argument("--graph", default="auto", choices=list(GRAPH_MODES),
                    help="CUDA graph for the engine's step (as in `rankbias train`)")
@@ -155,18 +186,20 @@ def register(subparsers) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise ValueError(f"--rounds: must be >= 1, got {args.rounds}")
-    out = run_bench(tuple(args.K), args.device, rounds=args.rounds, graph=args.graph)
+    out = run_bench(tuple(args.workload), args.K, args.device, rounds=args.rounds, graph=args.graph)
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"device: {out['device']} (torch {out['torch']}, {out['threads']} threads); {out['workload']}")
-    print(f"{'K':>4} {'engine':>12} {'reference':>12} {'ratio':>7}  spectra/CIFAR epoch  step")
+    print(f"device: {out['device']} (torch {out['torch']}, {out['threads']} threads); "
+          + "; ".join(out["workloads"].values()))
+    print(f"{'workload':<14} {'K':>4} {'engine':>12} {'reference':>12} {'ratio':>7}  spectra/CIFAR epoch  step")
     for r in out["results"]:
         eager = f" (eager step: {r['engine_eager']:.1f})" if "engine_eager" in r else ""
-        print(f"{r['K']:>4} {r['engine']:>12.1f} {r['reference']:>12.1f} {r['ratio']:>7.2f}  "
+        print(f"{r['workload']:<14} {r['K']:>4} {r['engine']:>12.1f} {r['reference']:>12.1f} {r['ratio']:>7.2f}  "
               f"{100 * r['spectra_share_of_cifar_epoch']:>18.2f}%  {r['step']}{eager}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_cmd_bench(argparse.Namespace(json=True, device="auto", K=[1, 16, 64], rounds=5, graph="auto")))
+    sys.exit(_cmd_bench(argparse.Namespace(json=True, device="auto", workload=list(WORKLOADS), K=None,
+                                           rounds=5, graph="auto")))

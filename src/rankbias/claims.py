@@ -107,8 +107,8 @@ class RunSummary:
         return RunSpec.from_dict(self.spec).sizes()[0]
 
 
-def summarise(run: Run, normalise: str, tol: float) -> RunSummary:
-    mean, fl = run.hidden_ranks(normalise, tol, finite_last=False)
+def summarise(run: Run, normalise: str, tol: float, conv: str = M.DEFAULT_CONV) -> RunSummary:
+    mean, fl = run.hidden_ranks(normalise, tol, finite_last=False, conv=conv)
     last = int(mean.index.max())
     return RunSummary(run.run_id, run.spec.to_dict(), run.info.get("diverged"),
                       float(mean.iloc[0]), float(mean.loc[last]),
@@ -420,19 +420,19 @@ def thresholds(overrides: dict | None) -> dict:
 
 
 def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
-          overrides: dict | None = None, missing: Sequence[str] = ()) -> dict:
+          overrides: dict | None = None, missing: Sequence[str] = (), conv: str = M.DEFAULT_CONV) -> dict:
     t = thresholds(overrides)
     summaries, diverged = [], []
     for run in runs:
         if run.diverged:
             diverged.append({"run_id": run.run_id, **(run.info.get("diverged") or {})})
             continue
-        summaries.append(summarise(run, normalise, tol))
+        summaries.append(summarise(run, normalise, tol, conv))
     claims = []
     for cid, fn in CLAIMS.items():
         res = fn(summaries, t)
         claims.append({"id": cid, "statement": STATEMENTS[cid], **res})
-    return {"claims": claims, "rank": {"normalise": normalise, "tol": tol}, "thresholds": t,
+    return {"claims": claims, "rank": {"normalise": normalise, "tol": tol, "conv": conv}, "thresholds": t,
             "runs": {"available": len(runs), "judged": len(summaries), "diverged": len(diverged),
                      "missing": len(missing)},
             "diverged_runs": diverged, "missing_runs": list(missing)}
@@ -512,10 +512,10 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
         rank, overrides = p.config["rank"], p.config["claims"]
     else:
         runs, missing = load_runs(runs_dir), []
-        rank, overrides = {"normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL}, {}
+        rank, overrides = {"normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL, "conv": M.DEFAULT_CONV}, {}
     if missing:
         print(f"warning: {len(missing)} run(s) of the config are not in {runs_dir}", file=sys.stderr)
-    result = judge(runs, rank["normalise"], rank["tol"], overrides, missing)
+    result = judge(runs, rank["normalise"], rank["tol"], overrides, missing, rank["conv"])
     write(result, out)
     return result
 

@@ -1,4 +1,4 @@
-"""The paper's seven figures, drawn from stored runs.
+"""The paper's seven figures and fig8 (a convolutional network's rank), from stored runs.
 
 Every figure is drawn from whatever subset of its runs exists (missing runs are
 listed as a warning and noted on the figure). Ranks come from the stored spectra with
@@ -30,6 +30,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "fig5": {"kind": "rank_acc", "panel": "lr", "line": "batch_size"},
     "fig6": {"kind": "layers", "panel": "lr", "line": "batch_size"},
     "fig7": {"kind": "layers", "panel": "lr", "line": "batch_size"},
+    "fig8": {"kind": "rank", "panel": "lr", "line": "batch_size"},
 }
 SYMBOL = {"lr": "η", "batch_size": "B", "weight_decay": "λ", "momentum": "μ", "dataset": "",
           "loss": "", "model": "", "epochs": "epochs"}
@@ -49,11 +50,12 @@ class RunData:
     diverged_epoch: int | None
 
 
-def load_run(run: Run, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL) -> RunData:
+def load_run(run: Run, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
+             conv: str = M.DEFAULT_CONV) -> RunData:
     spec = run.spec.to_dict()
     spec["model"] = run.spec.model
     metrics = run.metrics.set_index("epoch").sort_index()
-    mean_rank, final = run.hidden_ranks(normalise, tol, finite_last=True)
+    mean_rank, final = run.hidden_ranks(normalise, tol, finite_last=True, conv=conv)
     div = run.info.get("diverged")
     return RunData(run, spec, metrics, mean_rank, final,
                    None if div is None else int(div.get("epoch", -1)))
@@ -184,7 +186,7 @@ def _legend(fig) -> None:
 
 
 def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
-    """A matplotlib Figure of `name` (fig1..fig7) from the loaded runs."""
+    """A matplotlib Figure of `name` (fig1..fig8) from the loaded runs."""
     from matplotlib.figure import Figure
 
     if name not in LAYOUTS:
@@ -271,7 +273,8 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
 
 # -- runs and the command ------------------------------------------------------------
 
-def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: float
+def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: float,
+            conv: str = M.DEFAULT_CONV
             ) -> tuple[list[RunData], list[str]]:
     """Load the runs that exist; return them and the run_ids that do not."""
     data, missing = [], []
@@ -281,7 +284,7 @@ def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: f
             missing.append(rid)
             continue
         try:
-            data.append(load_run(Run(path), normalise, tol))
+            data.append(load_run(Run(path), normalise, tol, conv))
         except (RunError, OSError, ValueError) as e:
             print(f"warning: {path}: unreadable ({e}); left out", file=sys.stderr)
             missing.append(rid)
@@ -295,8 +298,8 @@ def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: s
     if name not in p.figures:
         raise ValueError(f"figure: {name!r} is not configured in {config_path} "
                          f"(figures: {', '.join(p.figures) or 'none'})")
-    rank = p.config["rank"]
-    data, missing = collect(runs_dir, p.figures[name], rank["normalise"], rank["tol"])
+    rank = sweep.figure_rank(p.config, name)
+    data, missing = collect(runs_dir, p.figures[name], rank["normalise"], rank["tol"], rank["conv"])
     if missing:
         print(f"warning: {name}: {len(missing)} of {len(p.figures[name])} runs missing in "
               f"{runs_dir}: {', '.join(missing)}", file=sys.stderr)
@@ -318,7 +321,7 @@ def _save(fig, png: Path, pdf: Path, runs: list[Run], section: dict, name: str) 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("figure", help="draw one of the paper's figures from stored runs",
-                              description="Draw fig1..fig7 from the runs in --runs (PNG and PDF, "
+                              description="Draw fig1..fig8 from the runs in --runs (PNG and PDF, "
                                           "with provenance).")
     p.add_argument("name", choices=list(LAYOUTS), help="which figure")
     p.add_argument("--config", default="config/config.yaml", help="config file (default: %(default)s)")

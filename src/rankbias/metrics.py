@@ -13,6 +13,10 @@ NORMALISATIONS = ("fro", "max", "none")
 # measured trends in NOTES.md use the same, so it is the default.
 DEFAULT_NORMALISE = "fro"
 DEFAULT_TOL = 1e-3
+# Which spectrum stands for a convolution's rank: its kernel reshaped [out, in*kh*kw]
+# (the authors' default) or its linear operator on its input (layer kind 'conv_operator').
+CONV_SPECTRA = ("kernel", "operator")
+DEFAULT_CONV = "kernel"
 
 
 @torch.no_grad()

@@ -5,9 +5,10 @@ Layout of ``results/runs/<run_id>/``:
   metrics.parquet  one row per epoch 0..E: epoch, logged, lr, step_loss, train_loss,
                    train_acc, test_loss, test_acc, distance, mean_rank, diverged
   layers.parquet   one row per (epoch, matrix): epoch, layer, index, kind
-                   ('hidden' | 'output'), distance, weight_norm
+                   ('hidden' | 'conv' | 'output'), distance, weight_norm
   spectra.npz      'epochs' (logged epochs), 'layers' (names), 'sv_<index>' arrays
                    [n_logged, min(out, in)] of float64 singular values, descending
+                   (a convolution's kernel as the matrix [out, in*kh*kw])
 """
 from __future__ import annotations
 
@@ -156,13 +157,21 @@ class Run:
         return pd.DataFrame(rows, columns=["epoch", "layer", "index", "kind", "rank", "stable_rank"])
 
     def hidden_ranks(self, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
-                     finite_last: bool = True) -> tuple[pd.Series, pd.DataFrame]:
+                     finite_last: bool = True, conv: str = M.DEFAULT_CONV) -> tuple[pd.Series, pd.DataFrame]:
         """(mean, final): the average rank over the hidden matrices indexed by logged epoch
         (NaN where a rank is unknown, i.e. once diverged), and the hidden matrices' ranks
         (columns layer, index, rank; sorted by index) at the last logged epoch -- with
-        `finite_last`, the last one whose mean is finite (empty when there is none)."""
+        `finite_last`, the last one whose mean is finite (empty when there is none).
+        Hidden matrices are the hidden Linear layers and the convolutions, each
+        convolution by its kernel's or its operator's spectrum (`conv`)."""
+        if conv not in M.CONV_SPECTRA:
+            raise ValueError(f"rank.conv: {conv!r} is not one of {', '.join(M.CONV_SPECTRA)}")
         r = self.ranks(normalise, tol)
-        hidden = r[r["kind"] == "hidden"].copy()
+        conv_kind = "conv" if conv == "kernel" else "conv_operator"
+        if conv == "operator" and (r["kind"] == "conv").any() and not (r["kind"] == conv_kind).any():
+            raise RunError(f"{self.path}: rank.conv is 'operator', but this run stores no "
+                           "operator spectra of its convolutions")
+        hidden = r[r["kind"].isin(("hidden", conv_kind))].copy()
         hidden.loc[hidden["rank"] < 0, "rank"] = np.nan
         mean = hidden.groupby("epoch")["rank"].mean()
         epochs = mean.dropna().index if finite_last else mean.index
@@ -172,9 +181,10 @@ class Run:
             final = hidden.iloc[0:0]
         return mean, final[["layer", "index", "rank"]].reset_index(drop=True)
 
-    def mean_rank(self, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL) -> pd.Series:
+    def mean_rank(self, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
+                  conv: str = M.DEFAULT_CONV) -> pd.Series:
         """Average rank over the hidden matrices, indexed by logged epoch (NaN once diverged)."""
-        return self.hidden_ranks(normalise, tol)[0]
+        return self.hidden_ranks(normalise, tol, conv=conv)[0]
 
     def verify(self) -> list[str]:
         """Problems with this run's files (empty when every recorded hash matches)."""

@@ -27,7 +27,7 @@ from .engine import GRAPH_MODES
 from .results import atomic_write_bytes
 from .spec import RunSpec, SpecError, make_packs, pack_id, pack_steps
 
-FIGURES = tuple(f"fig{i}" for i in range(1, 8))
+FIGURES = tuple(f"fig{i}" for i in range(1, 9))
 DEVICES = ("auto", "cpu", "cuda")
 
 SPEC_KEYS = tuple(RunSpec.__dataclass_fields__) + ("model",)
@@ -39,7 +39,7 @@ TOP_DEFAULTS: dict[str, Any] = {
     "graph": "auto",
     "max_pack": 64,
     "train_threads": 1,
-    "rank": {"normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL},
+    "rank": {"normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL, "conv": M.DEFAULT_CONV},
     "defaults": {},
     "figures": {},
     "extra": {},
@@ -119,15 +119,7 @@ def resolve_config(raw: Mapping[str, Any]) -> dict:
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key}: expected an integer >= 1, got {v!r}")
-    rank = cfg["rank"]
-    if not isinstance(rank, Mapping) or set(rank) - {"normalise", "tol"}:
-        raise ConfigError("rank: expected a mapping with keys normalise and tol")
-    if rank["normalise"] not in M.NORMALISATIONS:
-        raise ConfigError(f"rank.normalise: {rank['normalise']!r} is not one of "
-                          f"{', '.join(M.NORMALISATIONS)}")
-    tol = rank["tol"]
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-        raise ConfigError(f"rank.tol: expected a number > 0, got {tol!r}")
+    _check_rank("rank", cfg["rank"])
     for key in ("defaults", "figures", "extra", "claims"):
         if not isinstance(cfg[key], Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {cfg[key]!r}")
@@ -140,6 +132,25 @@ def resolve_config(raw: Mapping[str, Any]) -> dict:
         raise ConfigError(f"extra: group name(s) {', '.join(clash)} clash with figure names")
     _check_section("defaults", cfg["defaults"], allow_grid=False)
     return cfg
+
+
+def _check_rank(where: str, rank: Any) -> None:
+    if not isinstance(rank, Mapping) or set(rank) - set(TOP_DEFAULTS["rank"]):
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(TOP_DEFAULTS['rank'])}")
+    if "normalise" in rank and rank["normalise"] not in M.NORMALISATIONS:
+        raise ConfigError(f"{where}.normalise: {rank['normalise']!r} is not one of "
+                          f"{', '.join(M.NORMALISATIONS)}")
+    if "tol" in rank:
+        tol = rank["tol"]
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+            raise ConfigError(f"{where}.tol: expected a number > 0, got {tol!r}")
+    if "conv" in rank and rank["conv"] not in M.CONV_SPECTRA:
+        raise ConfigError(f"{where}.conv: {rank['conv']!r} is not one of {', '.join(M.CONV_SPECTRA)}")
+
+
+def figure_rank(cfg: Mapping[str, Any], name: str) -> dict:
+    """A figure's rank settings: the config's `rank`, then the figure's own `rank`."""
+    return {**cfg["rank"], **(cfg["figures"].get(name) or {}).get("rank", {})}
 
 
 def _check_section(where: str, section: Any, allow_grid: bool = True) -> None:
@@ -208,8 +219,11 @@ def plan(raw_config: Mapping[str, Any]) -> Plan:
     sections = [(f"figures.{f}", f, cfg["figures"][f]) for f in FIGURES if f in cfg["figures"]]
     sections += [(f"extra.{g}", g, s) for g, s in cfg["extra"].items()]
     for where, name, section in sections:
+        section = dict(section or {})
+        if name in FIGURES and "rank" in section:      # how the figure reads ranks, no spec key
+            _check_rank(f"{where}.rank", section.pop("rank"))
         ids = []
-        for s in section_specs(where, cfg["defaults"], section or {}):
+        for s in section_specs(where, cfg["defaults"], section):
             specs.setdefault(s.run_id, s)
             if s.run_id not in ids:
                 ids.append(s.run_id)

@@ -96,7 +96,7 @@ class Recorder:
                 if logged:
                     s = np.full_like(sv[m][k], np.nan) if dead[k] else sv[m][k]
                     self.spectra[k][m].append(s)
-                    if kind == "hidden" and not dead[k]:
+                    if kind in ("hidden", "conv") and not dead[k]:   # kernels: rank.conv's default
                         hidden_ranks.append(int(M.rank(s)))
                 self.layers[k].append({"epoch": epoch, "layer": m, "index": i, "kind": kind,
                                        "distance": nan_if_dead(dist[m][k]),
