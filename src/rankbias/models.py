@@ -325,9 +325,10 @@ class Layer:
 
 
 def short_name(path: str) -> str:
-    """'hidden.fc1' -> 'fc1', 'blocks.block1.w1' -> 'block1.w1', 'features.3' -> '3'."""
+    """'hidden.fc1' -> 'fc1', 'blocks.block1.w1' -> 'block1.w1' (the MLPs' names as first
+    stored); any other path, e.g. 'features.3', as it is."""
     head, _, rest = path.partition(".")
-    return rest if rest and head in ("hidden", "blocks", "features") else path
+    return rest if rest and head in ("hidden", "blocks") else path
 
 
 def matrix_paths(net: nn.Module) -> list[tuple[str, str, str]]:

@@ -1,7 +1,7 @@
 """Config -> run specs -> deduplicated runs -> packs.
 
 A config holds ``defaults`` (spec keys shared by every figure), one section per
-figure (``figures.fig1`` ... ``figures.fig7``) and optional ``extra`` groups of runs
+figure (``figures.fig1`` ... ``figures.fig8``) and optional ``extra`` groups of runs
 that no figure draws but a claim needs (full-batch GD for C7). Each section is a base
 spec (spec keys, ``model`` as e.g. ``MLP-BN-10-100``, ``seeds``) plus a ``grid`` of
 the varied keys; its runs are the cartesian product of the grid and the seeds.
