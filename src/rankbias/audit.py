@@ -23,71 +23,15 @@ import argparse
 import json
 import subprocess
 import sys
-from functools import cached_property
 from pathlib import Path
 
-from . import restore as dvcstate
+from . import dvcstate
 from . import provenance as P
-from .results import Run, RunError, sha256_file
+from .results import CheckedRun, check_run
 
 # Paths whose changes cannot change a figure: DVC bookkeeping and prose.
 CODE_EXCLUDES = (":(exclude)dvc.lock", ":(exclude,glob)**/*.dvc", ":(exclude).dvc",
                  ":(exclude,glob)**/*.md", ":(exclude).dvcignore")
-
-
-class CheckedRun:
-    """One run directory, checked once however many figures draw from it: ``Run.verify()``
-    (its files against run.json) and the sha256 of run.json itself."""
-
-    def __init__(self, path: Path):
-        self.run = Run(path)
-        try:
-            self.problems: list[str] = self.run.verify()
-        except (ValueError, OSError, AttributeError, TypeError) as e:  # run.json not a record
-            self.problems = [f"{path / 'run.json'}: unreadable ({e})"]
-
-    @property
-    def path(self) -> Path:
-        return self.run.path
-
-    @cached_property
-    def info(self) -> dict | None:
-        """run.json, or None when it is unreadable (``problems`` then says so)."""
-        try:
-            info = self.run.info
-        except (ValueError, OSError, RunError):
-            return None
-        return info if isinstance(info, dict) else None
-
-    @cached_property
-    def run_json_sha256(self) -> str | None:
-        try:
-            return sha256_file(self.path / "run.json")
-        except OSError:
-            return None
-
-    @cached_property
-    def bad_files(self) -> set[str]:
-        """Names listed in run.json whose file is missing or differs from the sha256 recorded
-        there: the files ``verify()`` named. Empty, without reading a file, when verify() was
-        clean; only a run that failed it is hashed again, to tell which files failed."""
-        if not self.problems or self.info is None:
-            return set()
-        files = self.info.get("files")
-        if not isinstance(files, dict):
-            return set()
-        return {name for name, digest in files.items()
-                if not (self.path / name).is_file() or sha256_file(self.path / name) != digest}
-
-
-def check_run(d: Path, cache: dict[Path, CheckedRun] | None = None) -> CheckedRun:
-    """The check of run directory `d`, made once per `cache` (keyed by resolved path)."""
-    if cache is None:
-        return CheckedRun(d)
-    key = d.resolve()
-    if key not in cache:
-        cache[key] = CheckedRun(d)
-    return cache[key]
 
 
 def other_format(figure: Path) -> Path:
@@ -149,12 +93,19 @@ class Audit:
         return record
 
     def run_dir(self, rec: dict) -> Path:
+        """The run directory a record names, which must lie inside the repository's
+        results/ (DvcStateError naming the record otherwise)."""
         p = Path(rec.get("path") or Path("results/runs") / str(rec.get("run_id")))
-        return p if p.is_absolute() else self.root / p
+        dvcstate.repo_path(self.root, p, f"{self.rel(self.figure)}: run {rec.get('run_id')}")
+        return self.root / p
 
     def runs(self, record: dict) -> None:
         for rec in record.get("runs", []):
-            d = self.run_dir(rec)
+            try:
+                d = self.run_dir(rec)
+            except dvcstate.DvcStateError as e:
+                self.problems.append(str(e))
+                continue
             if not (d / "run.json").exists():
                 self.fail(self.rel(d / "run.json") if d.exists() else self.rel(d),
                           f"missing (run {rec.get('run_id')} of this figure)")
@@ -184,8 +135,10 @@ class Audit:
                     self.fail(self.rel(f), "sha256 differs from the one the figure recorded")
                 else:
                     self.ok()
+            run_json_named = any(p.startswith(str(d / "run.json")) for p in checked.problems)
             if rec.get("run_json_sha256") and checked.run_json_sha256 != rec["run_json_sha256"]:
-                self.fail(self.rel(d / "run.json"), "differs from the run.json the figure was made from")
+                if not run_json_named:
+                    self.fail(self.rel(d / "run.json"), "differs from the run.json the figure was made from")
             elif not checked.problems:
                 self.ok()
 
@@ -260,7 +213,10 @@ class Audit:
                 continue
             base = self.root / e.path
             for rec in record.get("runs", []):
-                d = self.run_dir(rec)
+                try:
+                    d = self.run_dir(rec)
+                except dvcstate.DvcStateError:
+                    continue  # named by runs()
                 for name in ["run.json", *sorted(rec.get("files") or {})]:
                     f = d / name
                     try:
@@ -302,6 +258,14 @@ class Audit:
         for f in changed:
             self.fail(f, f"differs from commit {commit[:12]} that made the figure "
                          f"(HEAD is {now['commit'][:12]}{', dirty' if now['dirty'] else ''})")
+        # A new module that git does not track changes the code as much as an edit does;
+        # only what .gitignore excludes (outputs, caches) is not code.
+        untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--",
+                                    ".", *CODE_EXCLUDES], cwd=self.root, capture_output=True, text=True)
+        new = [line for line in untracked.stdout.splitlines() if line.strip()]
+        for f in new:
+            self.fail(f, f"not tracked by git, so not part of commit {commit[:12]} that made the figure")
+        changed += new
         if not changed:
             self.ok()
 

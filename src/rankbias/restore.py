@@ -7,9 +7,12 @@ tampered file. So restore
 
   1. checks every output recorded in ``dvc.lock`` against its md5 (a directory
      against the file list DVC stored for it); a file that differs is named, and a
-     corrupt object in the DVC cache is removed so the next `dvc pull` fetches it again;
-  2. verifies every run under ``results/runs``: run.json readable, its run_id the hash
-     of its spec and its directory name, every file's sha256 as recorded;
+     corrupt object in the DVC cache is removed so the next `dvc pull` fetches it again.
+     A path that does not resolve inside the repository's data/ or results/ (absolute,
+     ``../``, through a symbolic link) is an error naming the entry, and is not touched;
+  2. verifies every run under ``results/runs``: run.json readable and unedited (its
+     ``record_sha256``), its run_id the hash of its spec and its directory name, every
+     file's sha256 as recorded;
   3. verifies every figure: provenance sidecar equal to what the PNG and PDF embed, and
      every run it records present with the same hashes;
   4. moves whatever failed to ``results/quarantine/<time>/`` (named in the report),
@@ -24,11 +27,7 @@ reported: the next `snakemake` retrains or redraws it); 2 bad usage.
 from __future__ import annotations
 
 import argparse
-import configparser
 import datetime as _dt
-import hashlib
-import json
-import os
 import re
 import shutil
 import subprocess
@@ -36,98 +35,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from . import dvcstate
+from .audit import Audit
+from .dvcstate import DvcStateError, cache_object, dir_manifest, md5_file, repo_path
 from .provenance import rel_path
-from .results import file_digest
+from .results import check_run
 
 RUNS_DIR = Path("results/runs")
 FIGURES_DIR = Path("results/figures")
 QUARANTINE_DIR = Path("results/quarantine")
-
-
-class DvcStateError(RuntimeError):
-    pass
-
-
-# -- DVC's records, read without importing DVC -----------------------------------------
-
-@dataclass(frozen=True)
-class LockEntry:
-    stage: str
-    kind: str  # "dep" or "out"
-    path: str
-    md5: str
-
-
-def lock_entries(root: str | Path) -> list[LockEntry]:
-    """Every dep and out with an md5 in ``<root>/dvc.lock``."""
-    lock = Path(root) / "dvc.lock"
-    try:
-        data = yaml.safe_load(lock.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise DvcStateError(f"{lock}: unreadable ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
-        raise DvcStateError(f"{lock}: expected a mapping with key 'stages' (DVC lock schema 2.0)")
-    out = []
-    for stage, body in data["stages"].items():
-        for kind in ("deps", "outs"):
-            for e in (body or {}).get(kind) or []:
-                if isinstance(e, dict) and e.get("path") and e.get("md5"):
-                    out.append(LockEntry(stage, kind[:-1], str(e["path"]), str(e["md5"])))
-    return out
-
-
-def md5_file(path: str | Path) -> str:
-    """DVC 3's hash of a file: the md5 of its bytes."""
-    return file_digest(path, "md5")
-
-
-def dir_md5(path: str | Path) -> tuple[str, dict[str, str]]:
-    """DVC 3's hash of a directory (``<md5>.dir``) and its file list {relpath: md5}.
-
-    The hash is the md5 of the JSON list of {"md5", "relpath"} sorted by relpath, as
-    DVC writes it into the cache. (No .dvcignore handling: for checking only.)"""
-    path = Path(path)
-    manifest = {}
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            p = Path(dirpath) / name
-            manifest[p.relative_to(path).as_posix()] = md5_file(p)
-    entries = [{"md5": manifest[k], "relpath": k} for k in sorted(manifest)]
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir", manifest
-
-
-def cache_dir(root: str | Path) -> Path:
-    """The DVC cache directory: ``cache.dir`` of .dvc/config(.local), else .dvc/cache."""
-    dvc = Path(root) / ".dvc"
-    found = None
-    for name in ("config", "config.local"):
-        cp = configparser.ConfigParser()
-        try:
-            cp.read(dvc / name)
-        except configparser.Error:
-            continue
-        if cp.has_option("cache", "dir"):
-            found = cp.get("cache", "dir")
-    if found is None:
-        return dvc / "cache"
-    p = Path(os.path.expanduser(found))
-    return p if p.is_absolute() else dvc / p
-
-
-def cache_object(root: str | Path, md5: str) -> Path:
-    return cache_dir(root) / "files" / "md5" / md5[:2] / md5[2:]
-
-
-def dir_manifest(root: str | Path, md5: str) -> dict[str, str] | None:
-    """{relpath: md5} of a directory as DVC recorded it, or None if not in the cache."""
-    p = cache_object(root, md5)
-    try:
-        entries = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    return {e["relpath"]: e["md5"] for e in entries}
 
 
 # -- verification ----------------------------------------------------------------------
@@ -168,7 +84,7 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
     if not (root / "dvc.lock").exists():
         return
     try:
-        entries = lock_entries(root)
+        entries = dvcstate.lock_entries(root)
     except DvcStateError as e:
         rep.fail("dvc.lock", str(e))
         return
@@ -177,6 +93,13 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
         if e.kind != "out" or e.path in seen:
             continue
         seen.add(e.path)
+        entry = f"dvc.lock stage {e.stage} out {e.path!r}"
+        try:
+            repo_path(root, e.path, entry)
+            dvcstate.check_md5(e.md5, entry)
+        except DvcStateError as err:
+            rep.fail("dvc.lock", str(err))
+            continue
         p = root / e.path
         if e.md5.endswith(".dir"):
             manifest = dir_manifest(root, e.md5)
@@ -184,7 +107,14 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
                 rep.fail(e.path, f"the file list {e.md5} recorded in dvc.lock is not in the DVC "
                                  f"cache; run `dvc pull` (files inside are still verified below)")
                 continue
-            files = [(p / rel, md5) for rel, md5 in sorted(manifest.items())]
+            files = []
+            for rel, md5 in sorted(manifest.items()):
+                where = f"{entry}: file list {e.md5} entry {rel!r}"
+                try:
+                    repo_path(root, Path(e.path) / rel, where)
+                    files.append((p / rel, dvcstate.check_md5(md5, where)))
+                except DvcStateError as err:
+                    rep.fail("dvc.lock", str(err))
         else:
             files = [(p, e.md5)]
         for f, want in files:
@@ -197,7 +127,7 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
                 continue
             detail = f"md5 {got} differs from {want} recorded in dvc.lock (stage {e.stage})"
             obj = cache_object(root, want)
-            if obj.exists() and md5_file(obj) != want:
+            if obj.is_file() and not obj.is_symlink() and md5_file(obj) != want:
                 detail += f"; the DVC cache object {rep.rel(obj)} is corrupt"
                 if not fix_cache:
                     rep.fail(f, detail, bad=_owner(root, f))
@@ -213,14 +143,18 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
 
 def check_runs(rep: Report) -> set[str]:
     """Verify every run directory; returns the run_ids that failed."""
-    from .audit import check_run
-
     failed = set()
     runs_dir = rep.root / RUNS_DIR
     if not runs_dir.is_dir():
         return failed
     for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
         if d in rep.bad:
+            failed.add(d.name)
+            continue
+        try:
+            repo_path(rep.root, d, f"run directory {d.name}")
+        except DvcStateError as err:
+            rep.fail(d, str(err), bad=d)
             failed.add(d.name)
             continue
         if not (d / "run.json").exists():
@@ -238,8 +172,6 @@ def check_runs(rep: Report) -> set[str]:
 
 
 def check_figures(rep: Report, failed_runs: set[str]) -> None:
-    from .audit import Audit
-
     fig_dir = rep.root / FIGURES_DIR
     if not fig_dir.is_dir():
         return
@@ -328,7 +260,14 @@ def quarantine(rep: Report, paths: list[Path], stamp: str) -> list[Path]:
     moved = []
     base = rep.root / QUARANTINE_DIR / stamp
     for p in sorted(set(paths)):
-        if not p.exists():
+        if not p.exists() and not p.is_symlink():
+            continue
+        try:
+            # Checked again here, at the only place that moves files: whatever the
+            # findings name, nothing outside data/ and results/ is moved.
+            repo_path(rep.root, p.parent, f"move {p}")
+        except DvcStateError as err:
+            rep.problems.append(str(err))
             continue
         rel = Path(rep.rel(p))
         dest = base / (rel.relative_to("results") if rel.parts[:1] == ("results",) else rel)
