@@ -1,18 +1,22 @@
-"""`rankbias audit FIGURE`: show what made a figure and check the tree still matches.
+"""`rankbias audit FIGURE`: show what made a figure (or the claims table) and check the
+tree still matches.
 
 The figure's provenance (embedded in the PNG/PDF, and in the sidecar
 ``<stem>.provenance.json``) names every run it drew from with the sha256 of each of
 the run's files, the code commit, the datasets' checksums and the environment. The
 audit prints that record as a tree and then checks, against the tree as it is now:
 
-  * the sidecar exists and equals what is embedded in the PNG and the PDF;
+  * the sidecar exists and equals what is embedded in the PNG and the PDF (for the
+    claims table ``results/claims.md``: the sidecar records the sha256 of claims.md and
+    claims.json, and both still have it);
   * every run directory exists, passes ``Run.verify()`` (files match run.json, run_id
     matches its spec) and holds exactly the files, hashes and spec the figure recorded;
   * the datasets' recorded checksums equal the published ones and the local manifest;
   * ``dvc.lock`` (when present) records the figure's files with their current md5, and
     the run files with the md5 in the recorded ``results/runs`` manifest;
   * the code that made the figure equals the working tree (``git diff`` against the
-    recorded commit, ignoring DVC bookkeeping and Markdown).
+    recorded commit, ignoring DVC bookkeeping and Markdown; a file that git neither
+    tracks nor ignores counts as a change).
 
 Exit status: 0 everything matches, 1 a mismatch (one line per differing file or fact),
 2 bad usage or a missing figure.
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from . import dvcstate
 from . import provenance as P
-from .results import CheckedRun, check_run
+from .results import CheckedRun, check_run, sha256_file
 
 # Paths whose changes cannot change a figure: DVC bookkeeping and prose.
 CODE_EXCLUDES = (":(exclude)dvc.lock", ":(exclude,glob)**/*.dvc", ":(exclude).dvc",
@@ -37,6 +41,18 @@ CODE_EXCLUDES = (":(exclude)dvc.lock", ":(exclude,glob)**/*.dvc", ":(exclude).dv
 def other_format(figure: Path) -> Path:
     """The figure's other image: the PDF of a PNG, the PNG of a PDF."""
     return figure.with_suffix(".pdf" if figure.suffix.lower() == ".png" else ".png")
+
+
+def is_table(output: Path) -> bool:
+    """The claims table (Markdown, with its JSON beside it) rather than a figure."""
+    return output.suffix.lower() == ".md"
+
+
+def own_files(output: Path) -> list[Path]:
+    """The files one provenance record covers: a figure's PNG, PDF and sidecar, or the
+    claims' Markdown, JSON and sidecar."""
+    other = output.with_suffix(".json") if is_table(output) else other_format(output)
+    return [output, other, P.sidecar_path(output)]
 
 
 class Audit:
@@ -59,6 +75,37 @@ class Audit:
         self.checked += 1
 
     # -- the checks ----------------------------------------------------------------
+    def record(self) -> dict | None:
+        """The output's provenance record, checked against the files it describes."""
+        return self.table() if is_table(self.figure) else self.images()
+
+    def table(self) -> dict | None:
+        """The claims' sidecar, and the sha256 it records of the Markdown and the JSON."""
+        side = P.sidecar_path(self.figure)
+        try:
+            record = P.read_sidecar(self.figure)
+        except FileNotFoundError:
+            self.fail(self.rel(side), "provenance sidecar missing")
+            return None
+        except P.ProvenanceError as e:
+            self.fail(self.rel(side), e.detail)
+            return None
+        outputs = record.get("outputs")
+        if not isinstance(outputs, dict):
+            self.fail(self.rel(side), "records no sha256 of the outputs it describes")
+            return record
+        for f in own_files(self.figure)[:2]:
+            want = outputs.get(f.name)
+            if want is None:
+                self.fail(self.rel(f), f"not recorded in {self.rel(side)}")
+            elif not f.is_file():
+                self.fail(self.rel(f), f"missing (recorded in {self.rel(side)})")
+            elif sha256_file(f) != want:
+                self.fail(self.rel(f), f"sha256 differs from the one {self.rel(side)} records")
+            else:
+                self.ok()
+        return record
+
     def images(self) -> dict | None:
         try:
             record = P.read_embedded(self.figure)
@@ -182,7 +229,7 @@ class Audit:
         except dvcstate.DvcStateError as e:
             self.fail("dvc.lock", str(e))
             return
-        mine = [self.figure, other_format(self.figure), P.sidecar_path(self.figure)]
+        mine = own_files(self.figure)
         found = False
         for f in mine:
             rel = self.rel(f)
@@ -350,7 +397,7 @@ def audit(figure: str | Path, root: str | Path = ".") -> tuple[dict | None, Audi
     if not fig.is_absolute() and not fig.exists() and (root / fig).exists():
         fig = root / fig
     a = Audit(fig, root)
-    record = a.images()
+    record = a.record()
     if record is not None:
         a.runs(record)
         a.datasets(record)
@@ -364,8 +411,9 @@ def run(args: argparse.Namespace) -> int:
     if not fig.exists() and not (Path(args.root) / fig).exists():
         print(f"rankbias audit: error: {fig}: no such figure", file=sys.stderr)
         return 2
-    if fig.suffix.lower() not in (".png", ".pdf"):
-        print(f"rankbias audit: error: {fig}: expected a .png or .pdf figure", file=sys.stderr)
+    if fig.suffix.lower() not in (".png", ".pdf", ".md"):
+        print(f"rankbias audit: error: {fig}: expected a .png or .pdf figure or the claims "
+              f"table (.md)", file=sys.stderr)
         return 2
     if not Path(args.root).is_dir():
         print(f"rankbias audit: error: --root {args.root}: not a directory", file=sys.stderr)
@@ -391,9 +439,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("audit", help="show a figure's provenance and check it against the tree",
+    p = subparsers.add_parser("audit", help="show a figure's or the claims' provenance and check it "
+                                            "against the tree",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("figure", help="a figure written by `rankbias figure` (.png or .pdf)")
+    p.add_argument("figure", help="a figure written by `rankbias figure` (.png or .pdf), or the "
+                                  "claims table written by `rankbias claims` (.md)")
     p.add_argument("--root", default=".", help="repository root the recorded paths are relative to")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)

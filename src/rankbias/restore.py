@@ -13,8 +13,9 @@ tampered file. So restore
   2. verifies every run under ``results/runs``: run.json readable and unedited (its
      ``record_sha256``), its run_id the hash of its spec and its directory name, every
      file's sha256 as recorded;
-  3. verifies every figure: provenance sidecar equal to what the PNG and PDF embed, and
-     every run it records present with the same hashes;
+  3. verifies every figure and the claims table: provenance sidecar equal to what the
+     PNG and PDF embed (the claims' sidecar: the sha256 of claims.md and claims.json),
+     and every run it records present with the same hashes;
   4. moves whatever failed to ``results/quarantine/<time>/`` (named in the report),
      together with every output Snakemake derives from it, so `snakemake` rebuilds
      exactly those;
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import dvcstate
-from .audit import Audit
+from .audit import Audit, own_files
 from .dvcstate import DvcStateError, cache_object, dir_manifest, md5_file, repo_path
 from .provenance import rel_path
 from .results import check_run
@@ -44,6 +45,7 @@ from .results import check_run
 RUNS_DIR = Path("results/runs")
 FIGURES_DIR = Path("results/figures")
 QUARANTINE_DIR = Path("results/quarantine")
+CLAIMS_SIDECAR = Path("results/claims.provenance.json")
 
 
 # -- verification ----------------------------------------------------------------------
@@ -171,30 +173,40 @@ def check_runs(rep: Report) -> set[str]:
     return failed
 
 
-def check_figures(rep: Report, failed_runs: set[str]) -> None:
-    fig_dir = rep.root / FIGURES_DIR
-    if not fig_dir.is_dir():
-        return
-    for side in sorted(fig_dir.glob("*.provenance.json")):
+def recorded_outputs(root: Path) -> list[tuple[Path, Path | None]]:
+    """(sidecar, output it describes or None when absent) for every figure and the claims."""
+    found = []
+    fig_dir = root / FIGURES_DIR
+    for side in sorted(fig_dir.glob("*.provenance.json")) if fig_dir.is_dir() else []:
         stem = side.name[: -len(".provenance.json")]
         png, pdf = side.with_name(stem + ".png"), side.with_name(stem + ".pdf")
-        trio = [x for x in (png, pdf, side) if x.exists()]
-        figure = png if png.exists() else pdf if pdf.exists() else None
-        if figure is None:
-            rep.fail(side, "provenance sidecar without its figure", bad=side)
+        found.append((side, png if png.exists() else pdf if pdf.exists() else None))
+    claims_side = root / CLAIMS_SIDECAR
+    if claims_side.exists():
+        md = claims_side.with_name("claims.md")
+        found.append((claims_side, md if md.exists() else None))
+    return found
+
+
+def check_figures(rep: Report, failed_runs: set[str]) -> None:
+    """Verify every figure and the claims table against their provenance records."""
+    for side, output in recorded_outputs(rep.root):
+        if output is None:
+            rep.fail(side, "provenance sidecar without the output it describes", bad=side)
             continue
-        a = Audit(figure, rep.root, runs=rep.runs)
-        record = a.images()
+        trio = [x for x in own_files(output) if x.exists()]
+        a = Audit(output, rep.root, runs=rep.runs)
+        record = a.record()
         if record is not None:
             used = {r.get("run_id") for r in record.get("runs", [])}
             stale = sorted(used & failed_runs)
             if stale:
-                a.problems.append(f"{a.rel(figure)}: drawn from run(s) that failed verification: "
+                a.problems.append(f"{a.rel(output)}: drawn from run(s) that failed verification: "
                                   f"{', '.join(stale)}")
             else:
                 a.runs(record)
         if any(x in rep.bad for x in trio):
-            a.problems.append(f"{a.rel(figure)}: figure files differ from dvc.lock")
+            a.problems.append(f"{a.rel(output)}: files differ from dvc.lock")
         for p in a.problems:
             rep.problems.append(p)
         if a.problems:
