@@ -187,10 +187,10 @@ class Recorder:
 
 
 def _save_checkpoint(checkpoint_dir: Path, epoch: int, run_ids: list[str], pack: Pack, rec: Recorder,
-                     elapsed: float) -> None:
-    """Write the checkpoint, keeping the one before it as PREVIOUS_CHECKPOINT. A write that
-    fails (a full disk) is a warning: training goes on, and a kill later resumes from the
-    last checkpoint that was written."""
+                     elapsed: float) -> bool:
+    """Write the checkpoint, keeping the one before it as PREVIOUS_CHECKPOINT; whether it
+    was written. A write that fails (a full disk) is a warning: training goes on, and a
+    kill later resumes from the last checkpoint that was written."""
     path, prev = checkpoint_dir / CHECKPOINT, checkpoint_dir / PREVIOUS_CHECKPOINT
     buf = io.BytesIO()
     torch.save({"epoch": epoch, "run_ids": run_ids, "pack": pack.state(), "recorder": rec.state(),
@@ -203,6 +203,8 @@ def _save_checkpoint(checkpoint_dir: Path, epoch: int, run_ids: list[str], pack:
         what = "disk full" if e.errno == errno.ENOSPC else e.strerror or type(e).__name__
         _warn(f"warning: {path}: checkpoint at epoch {epoch} not written ({what}: {e}); "
               f"training goes on, a kill now resumes from the last checkpoint written")
+        return False
+    return True
 
 
 def _checkpoint_matches(st, pack: Pack) -> bool:
@@ -362,11 +364,14 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         _log(progress, f"[pack {pid}] epoch {epoch + 1}/{s0.epochs} loss {info['loss']:.4f}{rank}{div} "
                        f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s")
         last = epoch + 1 == s0.epochs
+        saved = False
         if ((epoch + 1) % checkpoint_every == 0 or stop.is_set()) and not last:
-            _save_checkpoint(checkpoint_dir, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed)
+            saved = _save_checkpoint(checkpoint_dir, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed)
         if stop.is_set() and not last:
-            raise Preempted(f"[pack {pid}] SIGTERM: checkpoint of epoch {epoch + 1}/{s0.epochs} in "
-                            f"{checkpoint_dir}; a rerun resumes from it")
+            raise Preempted(f"[pack {pid}] SIGTERM: " + (
+                f"checkpoint of epoch {epoch + 1}/{s0.epochs} in {checkpoint_dir}; a rerun resumes from it"
+                if saved else f"no checkpoint could be written; a rerun resumes from the last one "
+                              f"in {checkpoint_dir}, if any"))
         if on_epoch is not None:
             on_epoch(epoch + 1)
         if info["diverged"] == pack.K:
