@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -383,7 +385,7 @@ def test_a_figure_record_naming_a_run_outside_results_is_a_mismatch(tree, capsys
     shutil.copytree(runs[0].path, elsewhere)
     record = P.figure_provenance(runs, {}, "fig2", root=tree)
     record["runs"][0]["path"] = str(elsewhere)
-    fig, ax = plt.subplots()
+    fig, _ = plt.subplots()
     P.save_figure(fig, tree / FIG, tree / FIG.replace(".png", ".pdf"), record)
     plt.close(fig)
     rc, out = audit(tree, capsys)
@@ -443,3 +445,13 @@ def test_claims_are_audited_like_a_figure(tree, capsys):
     f.write_bytes(f.read_bytes() + b"\0")
     rc, out = audit(tree, capsys, "results/claims.md")
     assert rc == 1 and f"MISMATCH results/runs/{run.name}/layers.parquet" in out
+
+
+def test_audit_and_restore_import_in_one_direction():
+    """DVC state lives in dvcstate and the per-run check in results: the audit needs
+    nothing of restore, which builds on the audit."""
+    code = ("import sys, rankbias.audit; assert 'rankbias.restore' not in sys.modules, 'audit imports restore'; "
+            "import rankbias.restore")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(A.__file__).parents[1])})
+    assert proc.returncode == 0, proc.stderr

@@ -13,7 +13,6 @@ import yaml
 from conftest import copy_repo, planned_jobs
 
 from rankbias import dvcstate
-from rankbias import restore as R
 
 pytestmark = pytest.mark.slow
 

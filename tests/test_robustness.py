@@ -258,5 +258,5 @@ def test_a_truncated_spectra_file_is_named(tmp_path):
     f = tmp_path / "r" / "spectra.npz"
     f.write_bytes(f.read_bytes()[:40])
     with pytest.raises(RunError, match=f"{f}: unreadable") as e:
-        Run(tmp_path / "r").spectra
+        _ = Run(tmp_path / "r").spectra
     assert not isinstance(e.value, zipfile.BadZipFile)

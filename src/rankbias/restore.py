@@ -58,7 +58,7 @@ class Report:
     actions: list[str] = field(default_factory=list)
     verified_runs: int = 0
     verified_figures: int = 0
-    # Run directories checked so far (resolved path -> audit.CheckedRun): each run is
+    # Run directories checked so far (resolved path -> results.CheckedRun): each run is
     # verified once, by check_runs, and its result reused for every figure drawn from it.
     runs: dict = field(default_factory=dict)
 

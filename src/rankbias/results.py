@@ -20,11 +20,11 @@ import os
 import re
 import tempfile
 import zipfile
-from zlib import error as zlib_error
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from zlib import error as zlib_error
 
 import numpy as np
 import pandas as pd
