@@ -295,8 +295,8 @@ class GraphedStep:
     def __init__(self, pack: Pack, example: StepInputs, capture: bool = True, warmup: int = 3):
         self.pack = pack
         self.tensors = [f for f in StepInputs.__slots__ if torch.is_tensor(getattr(example, f))]
-        # Python numbers (the BN momentum) are baked into the
-        # graph; they are constants of a pack, and __call__ checks that they stay so.
+        # Python numbers (the BN momentum) are baked into the graph; they are constants
+        # of a pack, and __call__ checks that they stay so.
         self.constants = {f: getattr(example, f) for f in StepInputs.__slots__ if f not in self.tensors}
         self.static = StepInputs(**self.constants,
                                  **{f: getattr(example, f).clone() for f in self.tensors})
