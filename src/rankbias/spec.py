@@ -135,9 +135,10 @@ class RunSpec:
         """Runs with equal pack keys can train together as one batched model.
 
         Learning rate, momentum, weight decay and seed are per member. Batch size is
-        shared: a pack runs as many steps as its smallest batch needs, each as wide as
-        its largest, so mixing B=8 with B=128 would cost 16x the compute of training
-        them apart, and with one B every member's last partial batch has n mod B rows.
+        shared: in a mixed pack the smallest batch would set the step count and the
+        largest the width of every step, so B=8 beside B=128 would cost 16x the compute
+        of training them apart; with one B every member's last partial batch has
+        n mod B rows, a plain narrower step.
         """
         return (self.dataset, self.arch, self.depth, self.width, self.loss, self.epochs,
                 self.batch_size, self.drop_last, self.schedule, self.milestones, self.gamma,
