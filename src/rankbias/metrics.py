@@ -70,9 +70,10 @@ def conv_operator_singular_values(kernel: torch.Tensor, input_hw: tuple[int, int
     A stride s > 1 (h and w divisible by s) is split into s*s polyphase components:
     a stride-1 convolution on the (h/s, w/s) grid with in*s*s input channels.
 
-    Normalisation: the operator's Frobenius norm is sqrt(h w / s**2) times that
-    of the kernel. The authors divide the kernel by its Frobenius norm and then
-    count operator singular values above the tolerance.
+    Normalisation: when the kernel fits in the input, the operator's Frobenius norm
+    is sqrt(h w / s**2) times the kernel's. The authors divide the kernel by its
+    Frobenius norm and then count operator singular values above the tolerance, so
+    their tol is this spectrum's "fro"-normalised tol times sqrt(h w / s**2).
     """
     h, w = (int(v) for v in input_hw)
     if kernel.dim() not in (4, 5):
