@@ -214,7 +214,7 @@ def _within(eff: Effect, lo: float, hi: float) -> str:
 
 
 def _interval_rule(t: dict) -> str:
-    return (f"Intervals: {t['ci_level']:g} percentile bootstrap of the mean "
+    return (f"Intervals: {100 * t['ci_level']:g}% percentile bootstrap of the mean "
             f"({int(t['bootstrap_resamples'])} resamples, RNG seed {int(t['bootstrap_seed'])}) over the "
             f"per-seed effects when there are >= 2 seeds, else over the one seed's groups (runs); "
             f"fewer than {int(t['ci_min_values'])} values give no interval and the verdict "
@@ -600,7 +600,7 @@ def markdown(result: dict) -> str:
              f"Judged on {r['judged']} run(s) ({r['diverged']} diverged and excluded, "
              f"{r['missing']} not available). Rank: normalise={result['rank']['normalise']}, "
              f"tol={result['rank']['tol']:g}.", "",
-             f"| id | claim | verdict | effect: mean [{result['thresholds']['ci_level']:g} interval] "
+             f"| id | claim | verdict | effect: mean [{100 * result['thresholds']['ci_level']:g}% interval] "
              "(values) | effect measured | runs | seeds |",
              "|---|---|---|---|---|---|---|"]
     for c in result["claims"]:
