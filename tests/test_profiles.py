@@ -20,6 +20,12 @@ def _load(name: str) -> dict:
     return yaml.safe_load((ROOT / "config" / name).read_text())
 
 
+@pytest.mark.parametrize("name", ["authors.yaml", "c6.yaml"])
+def test_profile_satisfies_the_schema(name):
+    from snakemake.utils import validate
+    validate(_load(name), str(ROOT / "workflow/schemas/config.schema.yaml"))
+
+
 def test_authors_profile_plans_their_logged_settings():
     p = sweep.plan(_load("authors.yaml"))
     specs = list(p.specs.values())
