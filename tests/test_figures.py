@@ -212,3 +212,30 @@ def test_figure_names_have_one_source():
     assert list(F.NAMES[:7]) == list(sweep.FIGURES)
     common = (root / "workflow" / "rules" / "common.smk").read_text()
     assert 'fig="|".join(figures.NAMES)' in common and "fig[1-7]" not in common
+
+
+def _inject_diverged(run_dir):
+    info = json.loads((run_dir / "run.json").read_text())
+    info["diverged"] = {"epoch": 2, "reason": "injected"}
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def _alter_metrics(run_dir):
+    f = run_dir / "metrics.parquet"
+    df = Run(run_dir).metrics
+    df.loc[df.index[-1], "train_acc"] = 1.0
+    df.to_parquet(f, index=False)
+
+
+@pytest.mark.parametrize("tamper", [_inject_diverged, _alter_metrics])
+def test_a_run_that_fails_verification_is_refused_by_name(world, tmp_path, capsys, tamper):
+    from rankbias.cli import main
+    cfg, runs, p = world
+    victim = p.figures["fig2"][1]
+    tamper(runs / victim)
+    out = tmp_path / "out" / "fig2.png"
+    with pytest.raises(RuntimeError, match=f"fig2: refusing 1 run.* {victim} "):
+        F.make_figure("fig2", cfg, runs, out)
+    assert main(["figure", "fig2", "--config", str(cfg), "--runs", str(runs), "--out", str(out)]) == 1
+    assert victim in capsys.readouterr().err
+    assert not out.exists() and not out.with_suffix(".pdf").exists()
