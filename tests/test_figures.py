@@ -150,11 +150,13 @@ def test_metrics_logged_every_few_epochs_still_draw_lines(tmp_path, synthetic):
 
 def test_summary_figures_are_written_with_provenance_and_audit(world, tmp_path):
     from rankbias import audit
+    import shutil
     cfg, runs, p = world
+    runs = shutil.copytree(runs, tmp_path / "results" / "runs")   # audit reads runs under results/
     assert F.figure_names(p) == list(sweep.FIGURES) + ["figR", "figS"]
     every_figure = sorted({r for ids in p.figures.values() for r in ids})
     for name, expected in (("figR", every_figure), ("figS", sorted(p.specs))):
-        out = tmp_path / "figs" / f"{name}.png"
+        out = tmp_path / "results" / "figures" / f"{name}.png"
         r = F.make_figure(name, cfg, runs, out)
         assert r["missing"] == [] and r["runs"] == len(expected)
         assert out.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
