@@ -142,3 +142,20 @@ def relative_distance(w_prev: torch.Tensor, w_next: torch.Tensor) -> torch.Tenso
     a = w_prev.detach().to(torch.float64)
     b = w_next.detach().to(torch.float64)
     return torch.linalg.matrix_norm(b - a) / torch.linalg.matrix_norm(a)
+
+
+def effective_rank(sv: np.ndarray) -> np.ndarray:
+    """Roy & Vetterli's (2007) effective rank: exp of the entropy of sigma / sum(sigma).
+
+    Threshold-free and scale-invariant, between 1 and the number of nonzero singular
+    values. A zero matrix has effective rank 0 (as its rank is 0); a spectrum with NaN
+    or inf (a diverged run) gives NaN.
+    """
+    sv = np.asarray(sv, dtype=np.float64)
+    total = sv.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = sv / total
+        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    erank = np.exp(-plogp.sum(-1))
+    erank = np.where(total[..., 0] > 0, erank, 0.0)
+    return np.where(np.isfinite(sv).all(-1), erank, np.nan)
