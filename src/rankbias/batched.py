@@ -33,7 +33,7 @@ LAYOUT_FREE = (nn.Identity, nn.ReLU, nn.LeakyReLU, nn.MaxPool2d, nn.AdaptiveAvgP
 
 class BatchContext:
     """What the batched layers read besides their parameters: the number of members,
-    training or evaluation, and the current step's inputs (masks, BN momentum)."""
+    training or evaluation, and the current step's inputs (BN momentum)."""
 
     def __init__(self, K: int):
         self.K, self.train, self.step = K, False, None
@@ -130,50 +130,22 @@ class BatchNorm(nn.Module):
 
     def forward(self, x):
         ctx, step = self.ctx, self.ctx.step
+        momentum = step.bn_momentum if ctx.train else 0.0
         if self.image:
-            if not ctx.train or step.mask is None:
-                # rm, rv are [K, C], contiguous: their flat views share storage, so the
-                # fused kernel updates every member's running statistics in place
-                return F.batch_norm(x, self.rm.view(-1), self.rv.view(-1), self.w.flatten(),
-                                    self.b.flatten(), training=ctx.train,
-                                    momentum=step.bn_momentum if ctx.train else 0.0, eps=self.eps)
-            return self._masked_image(x, step)
-        w, b, rm, rv = self.w.unsqueeze(1), self.b.unsqueeze(1), self.rm, self.rv
+            # rm, rv are [K, C], contiguous: their flat views share storage, so the
+            # fused kernel updates every member's running statistics in place
+            return F.batch_norm(x, self.rm.view(-1), self.rv.view(-1), self.w.flatten(),
+                                self.b.flatten(), training=ctx.train, momentum=momentum, eps=self.eps)
         if not ctx.train:
+            w, b, rm, rv = self.w.unsqueeze(1), self.b.unsqueeze(1), self.rm, self.rv
             return (x - rm.unsqueeze(1)) * torch.rsqrt(rv.unsqueeze(1) + self.eps) * w + b
-        if step.mask is None:
-            # every member's batch as B rows of K*H channels: one fused batch_norm
-            K, B, H = x.shape
-            y = F.batch_norm(x.transpose(0, 1).reshape(B, K * H), rm.view(-1), rv.view(-1),
-                             self.w.reshape(-1), self.b.reshape(-1), training=True,
-                             momentum=step.bn_momentum, eps=self.eps)
-            return y.view(B, K, H).transpose(0, 1)
-        # A mixed pack: each member's statistics over its own rows only.
-        mean = (x * step.mask).sum(1, keepdim=True) / step.count
-        xc = x - mean
-        var = (xc * step.mask).pow(2).sum(1, keepdim=True) / step.count
-        with torch.no_grad():
-            m = step.bn_momentum
-            rm.mul_(1 - m).add_(m * mean.squeeze(1))
-            rv.mul_(1 - m).add_(m * var.squeeze(1) * step.unbias)
-        return xc * torch.rsqrt(var + self.eps) * w + b
-
-    def _masked_image(self, x, step):
-        """Each member's statistics over its own rows and every position."""
-        B, KC, H, W = x.shape
-        K = self.ctx.K
-        x5 = x.view(B, K, KC // K, H, W)
-        mask = step.mask.transpose(0, 1).reshape(B, K, 1, 1, 1)       # [K, B, 1] -> rows
-        count = step.count.reshape(1, K, 1, 1, 1) * (H * W)
-        mean = (x5 * mask).sum((0, 3, 4), keepdim=True) / count
-        xc = x5 - mean
-        var = (xc * mask).pow(2).sum((0, 3, 4), keepdim=True) / count
-        with torch.no_grad():
-            m, n = step.bn_momentum, count.view(K, 1)
-            self.rm.mul_(1 - m).add_(m * mean.view(K, -1))
-            self.rv.mul_(1 - m).add_(m * var.view(K, -1) * n / (n - 1).clamp_min(1))
-        w, b = self.w.view(1, K, -1, 1, 1), self.b.view(1, K, -1, 1, 1)
-        return (xc * torch.rsqrt(var + self.eps) * w + b).view(B, KC, H, W)
+        # every member's batch as B rows of K*H channels: one fused batch_norm, the
+        # variance unbiased by the step's own row count (a partial batch's included)
+        K, B, H = x.shape
+        y = F.batch_norm(x.transpose(0, 1).reshape(B, K * H), self.rm.view(-1), self.rv.view(-1),
+                         self.w.reshape(-1), self.b.reshape(-1), training=True,
+                         momentum=momentum, eps=self.eps)
+        return y.view(B, K, H).transpose(0, 1)
 
 
 class Unflatten(nn.Module):

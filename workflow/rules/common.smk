@@ -13,7 +13,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from rankbias import sweep
+from rankbias import figures, sweep
 from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes
 
 
@@ -27,7 +27,7 @@ RESOLVED_CONFIG = "results/config.resolved.json"
 sweep.write_if_changed(RESOLVED_CONFIG, sweep.config_bytes(PLAN))
 sweep.write_packs(PLAN, "results/packs")
 
-FIGURES = list(PLAN.figures)
+FIGURES = figures.figure_names(PLAN)
 ALL_RUNS = list(PLAN.specs)
 PACKS = list(PLAN.packs)
 DATASETS = sorted({s.dataset for s in PLAN.specs.values()})
@@ -41,7 +41,7 @@ os.environ["RANKBIAS_GRAPH"] = PLAN.config["graph"]
 
 wildcard_constraints:
     pack="[0-9a-f]{12}",
-    fig="fig[1-8]",
+    fig="|".join(figures.NAMES),
     dataset="|".join(DATASETS) or "none",
 
 
@@ -60,4 +60,4 @@ def pack_mem_mb(pid):
 
 
 def figure_runs(wildcards):
-    return run_json(PLAN.groups[wildcards.fig])
+    return run_json(figures.figure_runs(PLAN, wildcards.fig))
