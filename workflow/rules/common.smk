@@ -1,31 +1,50 @@
-# Config -> run specs -> deduplicated runs -> packs, all at parse time.
+# Config -> run specs -> deduplicated runs -> packs, planned at parse time.
 #
-# Pack files are written here, not by a rule, and only when missing or different.
-# A pack's id is a hash of its members' run_ids, so the content under one name never
-# changes: an unchanged config rewrites nothing (a second `snakemake` has nothing to
-# do), and changing one run's hyperparameter gives its pack a new id (only that pack
-# trains again). The resolved config (defaults filled in) is written the same way for
-# the figure and claims commands.
+# Parsing writes nothing (dry runs, --lint, --report and the parse inside each SLURM
+# job included): the files jobs read are outputs of rules. Each job reads a config
+# file named by the hash of its content, results/config/<digest>.json, written by the
+# `config` rule from what this parse planned, so a dry run with another config, or an
+# edit of the config file, cannot change what a planned job reads. A pack's id is a
+# hash of its members' run_ids, so its file's content never changes under its name
+# either: an unchanged config does nothing, and changing one run's hyperparameter gives
+# its pack a new id (only that pack trains again).
 
 import json
 import os
-from pathlib import Path
 
 from snakemake.utils import validate
 
 from rankbias import sweep
 from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes
+from rankbias.data import dataset_files
 
 
-validate(config, "../schemas/config.schema.yaml")
+# Snakemake's YAML loader keeps the last of two equal keys; read each config file
+# again with one that refuses them, so the error names the key before anything runs.
 try:
+    for _configfile in workflow.configfiles:
+        sweep.load_config(_configfile)
+    validate(config, "../schemas/config.schema.yaml")
     PLAN = sweep.plan(config)
+    sweep.check_device_memory(PLAN)
 except sweep.SpecError as e:
     raise ValueError(f"invalid config: {e}") from None
 
-RESOLVED_CONFIG = "results/config.resolved.json"
-sweep.write_if_changed(RESOLVED_CONFIG, sweep.config_bytes(PLAN))
-sweep.write_packs(PLAN, "results/packs")
+# The train rule reads these from `config` in its command (not params), so changing
+# them retrains nothing; fill in their defaults.
+for _key in sweep.EXECUTION_KEYS:
+    config[_key] = PLAN.config[_key]
+
+# The config every job that reads runs gets: the claims and the pack files read this
+# one; each figure reads its own (rank settings, defaults and its section only).
+JOB_CONFIGS = {None: sweep.job_config(PLAN.config)}
+JOB_CONFIGS.update({f: sweep.job_config(PLAN.config, f) for f in PLAN.figures})
+CONFIG_DOCS = {sweep.config_digest(doc): doc for doc in JOB_CONFIGS.values()}
+
+
+def job_config(figure=None):
+    return f"results/config/{sweep.config_digest(JOB_CONFIGS[figure])}.json"
+
 
 FIGURES = list(PLAN.figures)
 ALL_RUNS = list(PLAN.specs)
@@ -41,12 +60,17 @@ os.environ["RANKBIAS_GRAPH"] = PLAN.config["graph"]
 
 wildcard_constraints:
     pack="[0-9a-f]{12}",
+    digest="[0-9a-f]{12}",
     fig="fig[1-7]",
-    dataset="|".join(DATASETS) or "none",
 
 
 def run_json(run_ids):
     return [f"results/runs/{r}/run.json" for r in run_ids]
+
+
+def dataset_inputs(name):
+    """What training on dataset `name` reads: its files under data/<name>/."""
+    return [f"data/{name}/{f}" for f in dataset_files(name)]
 
 
 def pack_runtime(pid):
@@ -61,3 +85,34 @@ def pack_mem_mb(pid):
 
 def figure_runs(wildcards):
     return run_json(PLAN.groups[wildcards.fig])
+
+
+def planned_config_json(wildcards):
+    return json.dumps(CONFIG_DOCS[wildcards.digest], sort_keys=True, separators=(",", ":"))
+
+
+rule plan_config:
+    output:
+        "results/config/{digest}.json",
+    params:
+        config=planned_config_json,
+    log:
+        "results/logs/config/{digest}.log",
+    localrule: True
+    shell:
+        "rankbias plan --config-json {params.config:q} --write-config {output} > {log} 2>&1"
+
+
+# One job writes every pack file of the plan. The pack files are `ancient` inputs of
+# training (a name never changes its content), so this job running again, when the
+# config changed, retrains nothing.
+rule packs:
+    input:
+        config=ancient(job_config()),
+    output:
+        [f"results/packs/{pid}.json" for pid in PACKS],
+    log:
+        "results/logs/packs.log",
+    localrule: True
+    shell:
+        "rankbias plan --config {input.config} --write-packs results/packs > {log} 2>&1"

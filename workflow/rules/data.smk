@@ -1,11 +1,25 @@
 # Datasets: find (or download) the raw files, verify their md5 and copy them into
-# data/<name>/ with a manifest. Training reads them from data/.
+# data/<name>/ with a manifest. Training reads them from data/ (and only from there).
+#
+# One rule per dataset, because each dataset has its own files and every file is an
+# output: a file that is missing (e.g. moved aside by `rankbias restore`) makes the
+# next `snakemake` fetch the dataset again. Sources ($RANKBIAS_DATA, the cache, the
+# downloads) are read by this rule only.
 
 
-rule data:
-    output:
-        "data/{dataset}/manifest.json",
-    log:
-        "results/logs/data/{dataset}.log",
-    shell:
-        "rankbias data fetch --dataset {wildcards.dataset} --dest data > {log} 2>&1"
+def _data_rule(name):
+    rule:
+        name:
+            f"data_{name}"
+        output:
+            sorted({f"data/{name}/manifest.json", *dataset_inputs(name)}),
+        log:
+            f"results/logs/data/{name}.log",
+        params:
+            dataset=name,
+        shell:
+            "rankbias data fetch --dataset {params.dataset} --dest data > {log} 2>&1"
+
+
+for _name in DATASETS:
+    _data_rule(_name)
