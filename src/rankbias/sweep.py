@@ -333,13 +333,20 @@ def config_digest(doc: Mapping[str, Any]) -> str:
     return hashlib.sha256(config_bytes(doc)).hexdigest()[:12]
 
 
-def write_config(path: str | Path, doc: Mapping[str, Any]) -> None:
-    """Write `doc` to `path`, which must be named <digest of doc>.json."""
-    path = Path(path)
-    digest = config_digest(doc)
-    if path.name != f"{digest}.json":
-        raise ConfigError(f"--write-config: {path} must be named {digest}.json, the digest of its content")
-    write_if_changed(path, config_bytes(doc))
+def job_configs(p: Plan) -> dict[str | None, dict]:
+    """Every config file the workflow's jobs read: None -> the job config (claims, packs),
+    figure -> that figure's."""
+    return {None: job_config(p.config), **{f: job_config(p.config, f) for f in p.figures}}
+
+
+def write_configs(p: Plan, config_dir: str | Path) -> list[Path]:
+    """Write `job_configs(p)` as <config_dir>/<digest>.json (only those missing or different)."""
+    paths = []
+    for doc in job_configs(p).values():
+        path = Path(config_dir) / f"{config_digest(doc)}.json"
+        write_if_changed(path, config_bytes(doc))
+        paths.append(path)
+    return paths
 
 
 def summary(p: Plan) -> dict:
@@ -367,8 +374,8 @@ def register(subparsers) -> None:
     src.add_argument("--config", default="config/config.yaml", help="config file (default: %(default)s)")
     src.add_argument("--config-json", metavar="JSON", help="the config itself, as JSON text")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--write-config", metavar="FILE", help="write the config as JSON to FILE, which "
-                   "must be named <digest>.json after its content (how the workflow's jobs get it)")
+    p.add_argument("--write-configs", metavar="DIR", help="write the config files the workflow's "
+                   "jobs read, DIR/<digest>.json, each named by the hash of its content")
     p.add_argument("--write-packs", metavar="DIR", help="write every pack file DIR/<pack_id>.json "
                    "(only those missing or different)")
     p.add_argument("--write-pack", metavar="PACK_ID", help="write one pack file to --out")
@@ -385,12 +392,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         p = plan(doc)
         args.config = "--config-json"
     else:
-        doc = load_config(args.config)
         p = plan_from_file(args.config)
-    if args.write_config:   # a job writing a config the workflow planned (and checked)
-        write_config(args.write_config, doc)
-    else:
-        check_device_memory(p)
+    check_device_memory(p)
+    if args.write_configs:
+        written = write_configs(p, args.write_configs)
+        print(f"wrote {len(written)} config file(s) to {args.write_configs}", file=sys.stderr)
     if args.write_pack:
         if not args.out:
             raise ConfigError("--write-pack needs --out FILE")

@@ -3,7 +3,7 @@
 # Parsing writes nothing (dry runs, --lint, --report and the parse inside each SLURM
 # job included): the files jobs read are outputs of rules. Each job reads a config
 # file named by the hash of its content, results/config/<digest>.json, written by the
-# `config` rule from what this parse planned, so a dry run with another config, or an
+# `plan` rule from what this parse planned, so a dry run with another config, or an
 # edit of the config file, cannot change what a planned job reads. A pack's id is a
 # hash of its members' run_ids, so its file's content never changes under its name
 # either: an unchanged config does nothing, and changing one run's hyperparameter gives
@@ -35,11 +35,8 @@ except sweep.SpecError as e:
 for _key in sweep.EXECUTION_KEYS:
     config[_key] = PLAN.config[_key]
 
-# The config every job that reads runs gets: the claims and the pack files read this
-# one; each figure reads its own (rank settings, defaults and its section only).
-JOB_CONFIGS = {None: sweep.job_config(PLAN.config)}
-JOB_CONFIGS.update({f: sweep.job_config(PLAN.config, f) for f in PLAN.figures})
-CONFIG_DOCS = {sweep.config_digest(doc): doc for doc in JOB_CONFIGS.values()}
+# The config files jobs read (claims and packs: the job config; each figure: its own).
+JOB_CONFIGS = sweep.job_configs(PLAN)
 
 
 def job_config(figure=None):
@@ -60,7 +57,6 @@ os.environ["RANKBIAS_GRAPH"] = PLAN.config["graph"]
 
 wildcard_constraints:
     pack="[0-9a-f]{12}",
-    digest="[0-9a-f]{12}",
     fig="fig[1-7]",
 
 
@@ -87,32 +83,19 @@ def figure_runs(wildcards):
     return run_json(PLAN.groups[wildcards.fig])
 
 
-def planned_config_json(wildcards):
-    return json.dumps(CONFIG_DOCS[wildcards.digest], sort_keys=True, separators=(",", ":"))
-
-
-rule plan_config:
+# One job writes what this parse planned: the config files and the pack files, all
+# named by hashes of their content. They are `ancient` inputs of every job that reads
+# them (a name never changes its content), so this job running again, because another
+# config was planned meanwhile, retrains and redraws nothing.
+rule plan:
     output:
-        "results/config/{digest}.json",
-    params:
-        config=planned_config_json,
-    log:
-        "results/logs/config/{digest}.log",
-    localrule: True
-    shell:
-        "rankbias plan --config-json {params.config:q} --write-config {output} > {log} 2>&1"
-
-
-# One job writes every pack file of the plan. The pack files are `ancient` inputs of
-# training (a name never changes its content), so this job running again, when the
-# config changed, retrains nothing.
-rule packs:
-    input:
-        config=ancient(job_config()),
-    output:
+        sorted({job_config(f) for f in JOB_CONFIGS}),
         [f"results/packs/{pid}.json" for pid in PACKS],
+    params:
+        config=json.dumps(JOB_CONFIGS[None], sort_keys=True, separators=(",", ":")),
     log:
-        "results/logs/packs.log",
+        "results/logs/plan.log",
     localrule: True
     shell:
-        "rankbias plan --config {input.config} --write-packs results/packs > {log} 2>&1"
+        "rankbias plan --config-json {params.config:q} --write-configs results/config"
+        " --write-packs results/packs > {log} 2>&1"
