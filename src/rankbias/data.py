@@ -38,12 +38,16 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 # torch (and pandas, through rankbias.results) are imported where tensors are made:
 # the workflow reads dataset_files() on every parse, which must not load torch.
 from .spec import DATASET_DIMS, DATASET_SIZES, DATASETS, NUM_CLASSES
+
+if TYPE_CHECKING:
+    import torch
 
 
 # md5 of the UNCOMPRESSED files: the widely published values (torchvision's CIFAR10
@@ -204,7 +208,7 @@ def dataset_files(name: str) -> list[str]:
     return sorted(expected_md5(name)) or ["manifest.json"]
 
 
-def _prepared(name: str, root: Path) -> "_Found":
+def _prepared(name: str, root: Path) -> _Found:
     folder = root / name
     missing = [f for f in dataset_files(name) if not (folder / f).is_file()]
     if missing:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .spec import DEFAULT_NORMALISE, DEFAULT_TOL, NORMALISATIONS  # noqa: F401 (re-exported)
+from .spec import DEFAULT_NORMALISE, DEFAULT_TOL, NORMALISATIONS
 
 
 @torch.no_grad()

@@ -26,8 +26,17 @@ from typing import Any, Mapping
 # Snakemake imports this module on every parse (dry runs, --lint and each SLURM job
 # too), so nothing it imports may pull in torch; tests/test_sweep.py checks.
 from .cluster import estimate_mem_mb
-from .spec import (DEFAULT_NORMALISE, DEFAULT_TOL, GRAPH_MODES, NORMALISATIONS, RunSpec, SpecError,
-                   make_packs, pack_id, pack_steps)
+from .spec import (
+    DEFAULT_NORMALISE,
+    DEFAULT_TOL,
+    GRAPH_MODES,
+    NORMALISATIONS,
+    RunSpec,
+    SpecError,
+    make_packs,
+    pack_id,
+    pack_steps,
+)
 
 FIGURES = tuple(f"fig{i}" for i in range(1, 8))
 DEVICES = ("auto", "cpu", "cuda")
@@ -292,7 +301,7 @@ def pack_bytes(p: Plan, pid: str) -> bytes:
 def write_if_changed(path: str | Path, data: bytes) -> bool:
     """Write atomically unless the file already holds exactly `data` (keeps its mtime,
     so Snakemake sees nothing new). Returns whether it wrote."""
-    from .results import atomic_write_bytes   # late: results imports pandas
+    from .results import atomic_write_bytes  # late: results imports pandas
 
     path = Path(path)
     try:
