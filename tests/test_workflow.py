@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 import yaml
-from conftest import BIN, TEST_CONFIG, copy_repo, planned_jobs, snakemake
+from conftest import BIN, TEST_CONFIG, copy_repo, needs_mnist, planned_jobs, snakemake
 
 from rankbias import sweep
 
@@ -237,3 +237,75 @@ def test_a_duplicate_key_in_the_config_file_fails_before_any_job(tmp_path):
     p = snakemake(wd, "--configfile", "dup.yaml", check=False)
     assert p.returncode != 0 and "duplicate key 'lr'" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
     assert not (wd / "results").exists() and "rule " not in p.stdout
+
+
+# -- data: training reads data/, every dataset file is an output ---------------------------
+
+def _two_datasets(wd) -> str:
+    """fig1 on a small MNIST subset, fig2 on the synthetic set."""
+    cfg = yaml.safe_load((wd / TEST_CONFIG).read_text())
+    cfg["defaults"]["epochs"] = 2
+    cfg["figures"] = {"fig1": {"model": "MLP-2-16", "dataset": "mnist", "train_subset": 256,
+                               "test_subset": 100},
+                      "fig2": {"model": "MLP-2-16"}}
+    (wd / "two.yaml").write_text(yaml.safe_dump(cfg))
+    return "two.yaml"
+
+
+@needs_mnist
+def test_dataset_files_are_fetched_again_and_training_reads_only_data(tmp_path):
+    from rankbias import data
+    wd = copy_repo(tmp_path)
+    two = _two_datasets(wd)
+    snakemake(wd, "--configfile", two)
+    plan = sweep.plan_from_file(wd / two)
+    mnist_trains = {f"train_{pid}" for pid in plan.packs if plan.pack_specs(pid)[0].dataset == "mnist"}
+    assert mnist_trains and len(mnist_trains) < len(plan.packs)
+
+    # A dataset file gone (as `rankbias restore` moves a bad one aside): the next run
+    # fetches it again; only the runs on that dataset depend on it.
+    gone = wd / "data" / "mnist" / "t10k-labels-idx1-ubyte"
+    gone.unlink()
+    jobs = _dry_run(wd, "--configfile", two)
+    assert jobs.get("data_mnist") == 1 and "data_synthetic" not in jobs, jobs
+    assert {j for j in jobs if j.startswith("train_")} == mnist_trains, jobs
+    snakemake(wd, "--configfile", two)
+    assert hashlib.md5(gone.read_bytes()).hexdigest() == data.MNIST_MD5[gone.name]
+
+    # A bad manifest (what restore moves aside, then asks Snakemake what derives from
+    # it): the dataset is fetched again and nothing retrains or redraws.
+    (wd / "data" / "mnist" / "manifest.json").unlink()
+    jobs = _dry_run(wd, "--configfile", two, "--forcerun", "data/mnist/manifest.json")
+    assert jobs.get("data_mnist") == 1 and not {"figure", "claims"} & set(jobs), jobs
+    assert not any(j.startswith("train_") for j in jobs), jobs
+    snakemake(wd, "--configfile", two)
+
+    # Training reads the copy its rule declares, not $RANKBIAS_DATA (which holds a good one).
+    bad = wd / "data" / "mnist" / "train-labels-idx1-ubyte"
+    raw = bytearray(bad.read_bytes())
+    raw[-1] ^= 1
+    bad.write_bytes(bytes(raw))
+    job = min(mnist_trains)
+    p = snakemake(wd, "--configfile", two, "--forcerun", job, "--until", job, check=False)
+    assert p.returncode != 0
+    log = (wd / "results" / "logs" / "train" / f"{job[len('train_'):]}.log").read_text()
+    assert "checksum mismatch" in log and "data/mnist/train-labels-idx1-ubyte" in log, log[-2000:]
+
+
+def test_make_works_in_a_checkout_path_with_a_space(tmp_path):
+    """`make reproduce` and `make test` (here with the existing venv, and a smaller
+    target and test selection) in a directory whose path holds a space."""
+    wd = copy_repo(tmp_path / "a checkout")
+    venv = BIN.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MAKE"))}
+    env.update(PYTHONPATH=str(wd / "src"), RANKBIAS_OFFLINE="1")
+    make = ["make", "-C", str(wd), f"VENV={venv}", "-o", str(venv / ".installed")]
+    p = subprocess.run([*make, "reproduce", "CORES=2",
+                        "SNAKEMAKE_ARGS=--configfile .test/config.yaml results/figures/fig4.png"],
+                       env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert (wd / "results" / "figures" / "fig4.png").stat().st_size > 1000
+    assert f"Figures: {wd}/results/figures/fig1.png" in p.stdout
+    p = subprocess.run([*make, "test-fast", "TESTS=tests/test_cluster.py"], env=env,
+                       capture_output=True, text=True, timeout=1200, check=False)
+    assert p.returncode == 0 and " passed" in p.stdout, (p.stdout + p.stderr)[-4000:]
