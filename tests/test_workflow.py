@@ -206,8 +206,27 @@ def test_running_jobs_read_the_config_they_were_planned_with(done, tmp_path):
         prov = json.loads((wd / "results" / "figures" / f"{fig}.provenance.json").read_text())
         assert prov["config"]["missing_runs"] == [] and sorted(r["run_id"] for r in prov["runs"]) == sorted(ids), fig
     claims = json.loads((wd / "results" / "claims.json").read_text())
-    assert claims["missing_runs"] == [] and len(claims["runs"]) == len(p.specs)
+    assert claims["missing_runs"] == [] and claims["runs"]["available"] == len(p.specs)
     assert _dry_run(wd, "--configfile", TEST_CONFIG) == {}
+
+
+def test_a_job_parsed_again_reads_the_config_it_was_planned_with(done, tmp_path):
+    """Each SLURM job runs Snakemake again on its node, in remote mode (the command the
+    executor plugins build); the config file has changed since the submission, but the
+    job draws the planned runs (the submitting Snakemake exported its plan)."""
+    wd = tmp_path / "wd"
+    shutil.copytree(done[0], wd, symlinks=True)
+    (wd / TEST_CONFIG).write_text((wd / _other_config(wd)).read_text())
+    planned = sweep.plan_from_file(done[0] / TEST_CONFIG)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["RANKBIAS_PLANNED_CONFIG"] = json.dumps(planned.config, sort_keys=True)
+    job = [str(BIN / "python"), "-m", "snakemake", "--snakefile", "Snakefile", "--target-jobs",
+           "figure:fig=fig2", "--allowed-rules", "figure", "--cores", "1", "--force-use-threads",
+           "--configfiles", TEST_CONFIG, "--mode", "remote"]
+    p = subprocess.run(job, cwd=wd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    prov = json.loads((wd / "results" / "figures" / "fig2.provenance.json").read_text())
+    assert sorted(r["run_id"] for r in prov["runs"]) == sorted(planned.groups["fig2"])
 
 
 def test_bare_snakemake_uses_the_workstation_profile(done):

@@ -19,16 +19,25 @@ from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes
 from rankbias.data import dataset_files
 
 
-# Snakemake's YAML loader keeps the last of two equal keys; read each config file
-# again with one that refuses them, so the error names the key before anything runs.
-try:
-    for _configfile in workflow.configfiles:
-        sweep.load_config(_configfile)
-    validate(config, "../schemas/config.schema.yaml")
-    PLAN = sweep.plan(config)
-    sweep.check_device_memory(PLAN)
-except sweep.SpecError as e:
-    raise ValueError(f"invalid config: {e}") from None
+# A job run by an executor plugin (each SLURM job) parses this file again, in
+# Snakemake's remote mode, with the config files as they are by then; it takes the
+# config the submitting Snakemake planned from the environment instead (sbatch exports
+# it), so the job's inputs, commands and outputs are the planned ones.
+PLANNED_CONFIG = "RANKBIAS_PLANNED_CONFIG"
+if workflow.remote_exec and PLANNED_CONFIG in os.environ:
+    PLAN = sweep.plan(json.loads(os.environ[PLANNED_CONFIG]))
+else:
+    # Snakemake's YAML loader keeps the last of two equal keys; read each config file
+    # again with one that refuses them, so the error names the key before anything runs.
+    try:
+        for _configfile in workflow.configfiles:
+            sweep.load_config(_configfile)
+        validate(config, "../schemas/config.schema.yaml")
+        PLAN = sweep.plan(config)
+        sweep.check_device_memory(PLAN)
+    except sweep.SpecError as e:
+        raise ValueError(f"invalid config: {e}") from None
+    os.environ[PLANNED_CONFIG] = json.dumps(PLAN.config, sort_keys=True)
 
 # The train rule reads these from `config` in its command (not params), so changing
 # them retrains nothing; fill in their defaults.
