@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
-# Extra arguments: `make reproduce SNAKEMAKE_ARGS="--configfile .test/config.yaml"`,
+# Extra arguments: `make reproduce SNAKEMAKE_ARGS="--configfile .test/config.yaml"` (targets
+# before --configfile, which takes several files),
 # `make test TESTS=tests/test_spec.py`.
 SNAKEMAKE_ARGS ?=
 TESTS  ?= tests

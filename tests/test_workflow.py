@@ -320,7 +320,7 @@ def test_make_works_in_a_checkout_path_with_a_space(tmp_path):
     env.update(PYTHONPATH=str(wd / "src"), RANKBIAS_OFFLINE="1")
     make = ["make", "-C", str(wd), f"VENV={venv}", "-o", str(venv / ".installed")]
     p = subprocess.run([*make, "reproduce", "CORES=2",
-                        "SNAKEMAKE_ARGS=--configfile .test/config.yaml results/figures/fig4.png"],
+                        "SNAKEMAKE_ARGS=results/figures/fig4.png --configfile .test/config.yaml"],
                        env=env, capture_output=True, text=True, timeout=1200, check=False)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert (wd / "results" / "figures" / "fig4.png").stat().st_size > 1000
