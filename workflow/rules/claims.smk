@@ -8,6 +8,7 @@ rule claims:
     output:
         md=report("results/claims.md", caption="../report/claims.rst", category="Claims"),
         json="results/claims.json",
+        provenance="results/claims.provenance.json",
     log:
         "results/logs/claims.log",
     shell:
