@@ -4,34 +4,43 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
+# Extra arguments: `make reproduce SNAKEMAKE_ARGS="--configfile .test/config.yaml"` (targets
+# before --configfile, which takes several files),
+# `make test TESTS=tests/test_spec.py`.
+SNAKEMAKE_ARGS ?=
+TESTS  ?= tests
+# Every path below is quoted, so a checkout path with spaces works (make targets stay
+# relative to it). The venv's bin goes first on PATH, as an absolute path.
+WITH_VENV = PATH="$$(cd "$(BIN)" && pwd):$$PATH"
 
 .PHONY: install reproduce test test-fast bench lock clean docker apptainer
 
 install: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements.lock
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+	"$(PYTHON)" -m venv "$(VENV)"
+	"$(BIN)/pip" install --disable-pip-version-check -q -r requirements.lock
+	"$(BIN)/pip" install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch "$(STAMP)"
 
 # The quick profile (config/config.yaml): real MNIST, every figure and the claims table.
+# (`snakemake` finds the workstation profile, workflow/profiles/default, by itself.)
 reproduce: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
+	$(WITH_VENV) "$(BIN)/snakemake" --cores $(CORES) $(SNAKEMAKE_ARGS)
 	@echo
-	@echo "Figures: $(CURDIR)/results/figures/fig1.png ... fig7.png (and .pdf)"
-	@echo "Claims:  $(CURDIR)/results/claims.md"
+	@echo "Figures: $$PWD/results/figures/fig1.png ... fig7.png (and .pdf)"
+	@echo "Claims:  $$PWD/results/claims.md"
 
 # Every test, the slow integration tests (real snakemake, dvc, slurm) included.
 test: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q tests
+	$(WITH_VENV) "$(BIN)/python" -m pytest -q $(TESTS)
 
 # Unit and property tests only.
 test-fast: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not slow" tests
+	$(WITH_VENV) "$(BIN)/python" -m pytest -q -m "not slow" $(TESTS)
 
 bench: $(STAMP)
-	$(BIN)/rankbias bench --json
+	"$(BIN)/rankbias" bench --json
 
 # Regenerate the lock from the direct dependencies (needs the package registry).
 lock:

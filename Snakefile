@@ -46,4 +46,5 @@ rule all:
         expand("results/figures/{fig}.pdf", fig=FIGURES),
         "results/claims.md",
         "results/claims.json",
+        DATASET_FILES,
     default_target: True

@@ -207,13 +207,13 @@ def test_rank_vs_ratio_places_every_run_and_counts_the_rest(world):
 
 
 def test_figure_names_have_one_source():
-    """The workflow's `fig` wildcard and the DVC figure stages follow figures.NAMES."""
+    """The workflow's `fig` wildcard and the DVC figure stages follow sweep.NAMES."""
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     dvc = yaml.safe_load((root / "dvc.yaml").read_text())
     assert dvc["stages"]["figure"]["foreach"] == list(F.NAMES)
     assert list(F.NAMES[:7]) == list(sweep.FIGURES)
     common = (root / "workflow" / "rules" / "common.smk").read_text()
-    assert 'fig="|".join(figures.NAMES)' in common and "fig[1-7]" not in common
+    assert 'fig="|".join(sweep.NAMES)' in common and "fig[1-7]" not in common
 
 
 def _inject_diverged(run_dir):

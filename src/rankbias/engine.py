@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .reference import build_net, epoch_order, loss_fn
-from .spec import RunSpec, check_pack
+from .spec import GRAPH_MODES, RunSpec, check_pack
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
-GRAPH_MODES = ("auto", "on", "off")
 
 
 class BatchedLinear(torch.autograd.Function):

@@ -24,25 +24,10 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
+from . import sweep
 from .results import Run, refuse_unverified
+from .sweep import LAYOUTS, NAMES, SUMMARY, figure_names, figure_runs  # noqa: F401 (the catalogue)
 
-# Which spec key makes the panels and which the lines of each figure.
-LAYOUTS: dict[str, dict[str, Any]] = {
-    "fig1": {"kind": "dynamics", "panel": None, "line": "weight_decay"},
-    "fig2": {"kind": "rank", "panel": "lr", "line": "batch_size"},
-    "fig3": {"kind": "rank", "panel": "batch_size", "line": "weight_decay"},
-    "fig4": {"kind": "rank", "panel": "lr", "line": "batch_size"},
-    "fig5": {"kind": "rank_acc", "panel": "lr", "line": "batch_size"},
-    "fig6": {"kind": "layers", "panel": "lr", "line": "batch_size"},
-    "fig7": {"kind": "layers", "panel": "lr", "line": "batch_size"},
-}
-# Summary figures, drawn whenever the config has a figure section.
-SUMMARY: dict[str, str] = {
-    "figR": "final rank vs the rank tolerance",
-    "figS": "final rank vs B/(eta*lambda)",
-}
-# Every figure name the pipeline knows (the workflow's `fig` wildcard derives from this).
-NAMES: tuple[str, ...] = tuple(LAYOUTS) + tuple(SUMMARY)
 # figR's tolerance axis and the tolerances in use: the paper's text, the authors' code
 # and their plotting notebooks (conv nets).
 TOLERANCES = np.logspace(-5, -1, 41)
@@ -392,23 +377,6 @@ def draw_rank_vs_ratio(data: Sequence[RunData], missing: Sequence[str] = ()):
     return fig
 
 
-def figure_names(p) -> list[str]:
-    """The figures a plan draws: its configured paper figures, then the summary figures."""
-    return list(p.figures) + (list(SUMMARY) if p.figures else [])
-
-
-def figure_runs(p, name: str) -> list[str]:
-    """The run_ids figure `name` is drawn from: its own section's; figR every paper
-    figure's; figS every run of the config."""
-    if name in p.figures:
-        return list(p.figures[name])
-    if name == "figR":
-        return list(dict.fromkeys(r for ids in p.figures.values() for r in ids))
-    if name == "figS":
-        return list(p.specs)
-    raise ValueError(f"figure: {name!r} is not configured (figures: {', '.join(figure_names(p)) or 'none'})")
-
-
 # -- runs and the command ------------------------------------------------------------
 
 def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: float,
@@ -428,8 +396,6 @@ def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: f
 
 
 def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: str | Path) -> dict:
-    from . import sweep
-
     p = sweep.plan_from_file(config_path)
     if name not in figure_names(p):
         raise ValueError(f"figure: {name!r} is not configured in {config_path} "

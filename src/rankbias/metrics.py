@@ -10,11 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-NORMALISATIONS = ("fro", "max", "none")
-# The authors' code divides W by its Frobenius norm and counts sigma > 1e-3; the
-# measured trends in NOTES.md use the same, so it is the default.
-DEFAULT_NORMALISE = "fro"
-DEFAULT_TOL = 1e-3
+from .spec import DEFAULT_NORMALISE, DEFAULT_TOL, NORMALISATIONS
 
 
 @torch.no_grad()

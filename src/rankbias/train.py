@@ -324,7 +324,9 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)   # graphs, streams and events use the current device
     s0 = specs[0]
-    ds = dataset or data_mod.load(s0.dataset, dev, data_dir, s0.train_subset, s0.test_subset)
+    # A given data_dir is the copy the workflow declared as the job's input: read only it.
+    ds = dataset or data_mod.load(s0.dataset, dev, data_dir, s0.train_subset, s0.test_subset,
+                                  strict=data_dir is not None)
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph)
     rec = Recorder(pack, ds)
     run_ids = [s.run_id for s in specs]
@@ -424,7 +426,9 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint-dir", default=None,
                    help="where the pack's checkpoint lives (default: <out>/../packs/<pack_id>)")
     p.add_argument("--checkpoint-every", type=int, default=5, help="epochs between checkpoints (default 5)")
-    p.add_argument("--data-dir", default=None, help="dataset directory (default: $RANKBIAS_DATA)")
+    p.add_argument("--data-dir", default=None,
+                   help="read the dataset only from DIR/<name>/, as `rankbias data fetch --dest DIR` "
+                        "writes it (default: search $RANKBIAS_DATA, ./data, the cache, the downloads)")
     p.add_argument("--graph", default=None, choices=list(GRAPH_MODES),
                    help="CUDA graph for the training step: auto (capture, check against the "
                         "eager step, keep the faster), on, off (default: $RANKBIAS_GRAPH, else "

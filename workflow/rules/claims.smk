@@ -3,18 +3,14 @@
 
 rule claims:
     input:
-        run_json(ALL_RUNS),
+        runs=run_json(ALL_RUNS),
+        config=ancient(job_config()),
     output:
         md=report("results/claims.md", caption="../report/claims.rst", category="Claims"),
         json="results/claims.json",
         provenance="results/claims.provenance.json",
-    params:
-        rank=PLAN.config["rank"],
-        thresholds=PLAN.config["claims"],
-        runs=ALL_RUNS,
-        config=RESOLVED_CONFIG,
     log:
         "results/logs/claims.log",
     shell:
-        "rankbias claims --config {params.config} --runs results/runs --out results/claims"
+        "rankbias claims --config {input.config} --runs results/runs --out results/claims"
         " > {log} 2>&1"

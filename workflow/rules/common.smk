@@ -1,33 +1,58 @@
-# Config -> run specs -> deduplicated runs -> packs, all at parse time.
+# Config -> run specs -> deduplicated runs -> packs, planned at parse time.
 #
-# Pack files are written here, not by a rule, and only when missing or different.
-# A pack's id is a hash of its members' run_ids, so the content under one name never
-# changes: an unchanged config rewrites nothing (a second `snakemake` has nothing to
-# do), and changing one run's hyperparameter gives its pack a new id (only that pack
-# trains again). The resolved config (defaults filled in) is written the same way for
-# the figure and claims commands.
+# Parsing writes nothing (dry runs, --lint, --report and the parse inside each SLURM
+# job included): the files jobs read are outputs of rules. Each job reads a config
+# file named by the hash of its content, results/config/<digest>.json, written by the
+# `plan` rule from what this parse planned, so a dry run with another config, or an
+# edit of the config file, cannot change what a planned job reads. A pack's id is a
+# hash of its members' run_ids, so its file's content never changes under its name
+# either: an unchanged config does nothing, and changing one run's hyperparameter gives
+# its pack a new id (only that pack trains again).
 
 import json
 import os
-from pathlib import Path
 
 from snakemake.utils import validate
 
-from rankbias import figures, sweep
+from rankbias import sweep
 from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes
+from rankbias.data import dataset_files
 
 
-validate(config, "../schemas/config.schema.yaml")
-try:
-    PLAN = sweep.plan(config)
-except sweep.SpecError as e:
-    raise ValueError(f"invalid config: {e}") from None
+# A job run by an executor plugin (each SLURM job) parses this file again, in
+# Snakemake's remote mode, with the config files as they are by then; it takes the
+# config the submitting Snakemake planned from the environment instead (sbatch exports
+# it), so the job's inputs, commands and outputs are the planned ones.
+PLANNED_CONFIG = "RANKBIAS_PLANNED_CONFIG"
+if workflow.remote_exec and PLANNED_CONFIG in os.environ:
+    PLAN = sweep.plan(json.loads(os.environ[PLANNED_CONFIG]))
+else:
+    # Snakemake's YAML loader keeps the last of two equal keys; read each config file
+    # again with one that refuses them, so the error names the key before anything runs.
+    try:
+        for _configfile in workflow.configfiles:
+            sweep.load_config(_configfile)
+        validate(config, "../schemas/config.schema.yaml")
+        PLAN = sweep.plan(config)
+        sweep.check_device_memory(PLAN)
+    except sweep.SpecError as e:
+        raise ValueError(f"invalid config: {e}") from None
+    os.environ[PLANNED_CONFIG] = json.dumps(PLAN.config, sort_keys=True)
 
-RESOLVED_CONFIG = "results/config.resolved.json"
-sweep.write_if_changed(RESOLVED_CONFIG, sweep.config_bytes(PLAN))
-sweep.write_packs(PLAN, "results/packs")
+# The train rule reads these from `config` in its command (not params), so changing
+# them retrains nothing; fill in their defaults.
+for _key in sweep.EXECUTION_KEYS:
+    config[_key] = PLAN.config[_key]
 
-FIGURES = figures.figure_names(PLAN)
+# The config files jobs read (claims and packs: the job config; each figure: its own).
+JOB_CONFIGS = sweep.job_configs(PLAN)
+
+
+def job_config(figure=None):
+    return f"results/config/{sweep.config_digest(JOB_CONFIGS[figure])}.json"
+
+
+FIGURES = sweep.figure_names(PLAN)
 ALL_RUNS = list(PLAN.specs)
 PACKS = list(PLAN.packs)
 DATASETS = sorted({s.dataset for s in PLAN.specs.values()})
@@ -41,12 +66,16 @@ os.environ["RANKBIAS_GRAPH"] = PLAN.config["graph"]
 
 wildcard_constraints:
     pack="[0-9a-f]{12}",
-    fig="|".join(figures.NAMES),
-    dataset="|".join(DATASETS) or "none",
+    fig="|".join(sweep.NAMES),
 
 
 def run_json(run_ids):
     return [f"results/runs/{r}/run.json" for r in run_ids]
+
+
+def dataset_inputs(name):
+    """What training on dataset `name` reads: its files under data/<name>/."""
+    return [f"data/{name}/{f}" for f in dataset_files(name)]
 
 
 def pack_runtime(pid):
@@ -60,4 +89,22 @@ def pack_mem_mb(pid):
 
 
 def figure_runs(wildcards):
-    return run_json(figures.figure_runs(PLAN, wildcards.fig))
+    return run_json(sweep.figure_runs(PLAN, wildcards.fig))
+
+
+# One job writes what this parse planned: the config files and the pack files, all
+# named by hashes of their content. They are `ancient` inputs of every job that reads
+# them (a name never changes its content), so this job running again, because another
+# config was planned meanwhile, retrains and redraws nothing.
+rule plan:
+    output:
+        sorted({job_config(f) for f in JOB_CONFIGS}),
+        [f"results/packs/{pid}.json" for pid in PACKS],
+    params:
+        config=json.dumps(JOB_CONFIGS[None], sort_keys=True, separators=(",", ":")),
+    log:
+        "results/logs/plan.log",
+    localrule: True
+    shell:
+        "rankbias plan --config-json {params.config:q} --write-configs results/config"
+        " --write-packs results/packs > {log} 2>&1"

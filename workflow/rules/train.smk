@@ -3,9 +3,11 @@
 #
 # Snakemake outputs cannot be computed from a wildcard, so each pack gets its own
 # rule (train_<pack_id>) whose outputs are its members' run.json files. The pack
-# file and the dataset manifest are `ancient`: a pack file's content never changes
-# under its name, and the data is verified by checksum, so a newer timestamp on
-# either (a `dvc pull`, a fresh checkout) is no reason to retrain.
+# file and the dataset files are `ancient`: a pack file's content never changes
+# under its name, and the data is verified against published checksums, so a newer
+# timestamp on either (a `dvc pull`, a fresh checkout, a fetch) is no reason to
+# retrain. The dataset's manifest is no input: it records the files, training does not
+# read it, so a rewritten manifest retrains nothing.
 
 
 def _train_rule(pid):
@@ -19,7 +21,7 @@ def _train_rule(pid):
             f"train_{pid}"
         input:
             pack=ancient(f"results/packs/{pid}.json"),
-            data=ancient(f"data/{specs[0].dataset}/manifest.json"),
+            data=ancient(dataset_inputs(specs[0].dataset)),
         output:
             run_json(PLAN.packs[pid]),
         params:
@@ -31,7 +33,8 @@ def _train_rule(pid):
             **resources_,
         shell:
             "OMP_NUM_THREADS={threads} rankbias train {input.pack} --out results/runs"
-            " --checkpoint-dir results/packs/{params.pack} --device {config[device]}"
+            " --checkpoint-dir results/packs/{params.pack} --checkpoint-every {config[checkpoint_every]}"
+            " --data-dir data --device {config[device]}"
             " > {log} 2>&1"
 
 
