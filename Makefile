@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
 
-.PHONY: install reproduce test test-fast bench lock clean docker apptainer
+.PHONY: install reproduce test test-fast bench gpu-check lock clean docker apptainer
 
 install: $(STAMP)
 
@@ -17,7 +17,9 @@ $(STAMP): requirements.lock pyproject.toml
 
 # The quick profile (config/config.yaml): real MNIST, every figure and the claims table.
 reproduce: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
+	start=$$(date +%s) && PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) \
+	  --workflow-profile workflow/profiles/default && \
+	  $(BIN)/rankbias timing --since $$start --cores $(CORES)
 	@echo
 	@echo "Figures: $(CURDIR)/results/figures/fig1.png ... fig7.png (and .pdf)"
 	@echo "Claims:  $(CURDIR)/results/claims.md"
@@ -32,6 +34,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/rankbias bench --json
+
+# On a machine with CUDA and a Python that has torch, numpy, pandas and pytest (no
+# install): the CUDA tests, the bench with its roofline, one timed epoch of the paper
+# profile's slowest pack and the paper profile's GPU-hours.
+gpu-check:
+	PYTHONPATH=src $(PYTHON) scripts/gpu_check.py
 
 # Regenerate the lock from the direct dependencies (needs the package registry).
 lock:

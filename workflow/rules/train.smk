@@ -7,6 +7,8 @@
 # under its name, and the data is verified by checksum, so a newer timestamp on
 # either (a `dvc pull`, a fresh checkout) is no reason to retrain.
 
+from rankbias.cluster import estimate_seconds
+
 
 def _train_rule(pid):
     specs = PLAN.pack_specs(pid)
@@ -27,6 +29,8 @@ def _train_rule(pid):
         log:
             f"results/logs/train/{pid}.log",
         threads: PLAN.config["train_threads"]
+        # longest packs first: the last job to start should not be the longest one
+        priority: round(estimate_seconds(specs, "cuda" if ON_GPU else "cpu"))
         resources:
             **resources_,
         shell:
