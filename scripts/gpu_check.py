@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         timing = time_epoch(specs, args.device, args.max_steps)
         hours = estimate_gpu_hours(plan, specs, timing["step_s"], timing["record_s"])
         print(json.dumps({"pack": pid, **timing, "paper_profile_packs": len(plan.packs),
-                          "paper_profile_gpu_hours": round(hours, 2)}))
+                          "paper_profile_gpu_hours": float(f"{hours:.4g}")}))
         if not math.isfinite(hours):
             failed.append("epoch")
     print("gpu-check:", "FAILED: " + ", ".join(failed) if failed else "ok", flush=True)
