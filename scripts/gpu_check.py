@@ -80,7 +80,7 @@ def time_epoch(specs, device: str, max_steps: int | None = None) -> dict:
     step_s = (time.perf_counter() - t0) / steps
     rec = Recorder(pack, ds)
     t0 = time.perf_counter()
-    rec.record(1, None, final=True)
+    rec.record(0, None, final=False)          # a logged epoch: evaluation and spectra
     sync()
     return {"steps": steps, "epoch_steps": plan.steps, "step_s": step_s,
             "epoch_s": step_s * plan.steps, "record_s": time.perf_counter() - t0,
