@@ -13,7 +13,7 @@ TESTS  ?= tests
 # relative to it). The venv's bin goes first on PATH, as an absolute path.
 WITH_VENV = PATH="$$(cd "$(BIN)" && pwd):$$PATH"
 
-.PHONY: install reproduce test test-fast bench lock clean docker apptainer
+.PHONY: install reproduce test test-fast bench gpu-check lock clean docker apptainer
 
 install: $(STAMP)
 
@@ -26,7 +26,8 @@ $(STAMP): requirements.lock pyproject.toml
 # The quick profile (config/config.yaml): real MNIST, every figure and the claims table.
 # (`snakemake` finds the workstation profile, workflow/profiles/default, by itself.)
 reproduce: $(STAMP)
-	$(WITH_VENV) "$(BIN)/snakemake" --cores $(CORES) $(SNAKEMAKE_ARGS)
+	start=$$(date +%s) && $(WITH_VENV) "$(BIN)/snakemake" --cores $(CORES) $(SNAKEMAKE_ARGS) && \
+	  $(WITH_VENV) "$(BIN)/rankbias" timing --since $$start --cores $(CORES)
 	@echo
 	@echo "Figures: $$PWD/results/figures/fig1.png ... fig7.png (and .pdf)"
 	@echo "Claims:  $$PWD/results/claims.md"
@@ -41,6 +42,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	"$(BIN)/rankbias" bench --json
+
+# On a machine with CUDA and a Python that has torch, numpy, pandas and pytest (no
+# install): the CUDA tests, the bench with its roofline, one timed epoch of the paper
+# profile's slowest pack and the paper profile's GPU-hours.
+gpu-check:
+	PYTHONPATH=src $(PYTHON) scripts/gpu_check.py
 
 # Regenerate the lock from the direct dependencies (needs the package registry).
 lock:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
+
+from . import timing
 
 # Modules that contribute subcommands, in the order `rankbias --help` lists them.
 SUBCOMMAND_MODULES = (
@@ -16,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "rankbias.claims",
     "rankbias.audit",
     "rankbias.restore",
+    "rankbias.timing",
 )
 
 
@@ -31,15 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    startup, t0, rc = timing.process_age(), time.perf_counter(), 1
     try:
-        rc = args.func(args)
+        rc = int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("rankbias: interrupted", file=sys.stderr)
-        return 130
+        rc = 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"rankbias {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    return int(rc or 0)
+    finally:
+        if args.command != "timing":
+            target = " ".join(str(v) for v in vars(args).values() if isinstance(v, (str, list)))[:200]
+            timing.record(args.command, target, startup, time.perf_counter() - t0, rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -58,6 +58,50 @@ def _matrices(spec: RunSpec) -> list[tuple[int, int]]:
     return shapes + [(NUM_CLASSES, h)]
 
 
+def _parameter_count(spec: RunSpec) -> int:
+    """Parameters of one member: every matrix with its bias, and BatchNorm's weight and
+    bias for each hidden matrix's output in a `_bn` architecture."""
+    shapes = _matrices(spec)
+    bn = 2 * sum(o for o, _ in shapes[:-1]) if spec.arch.endswith("_bn") else 0
+    return sum(o * i + o for o, i in shapes) + bn
+
+
+def step_flops(specs: Sequence[RunSpec]) -> float:
+    """Matrix-multiply FLOPs of one training step of a pack (elementwise work, a few
+    FLOPs per activation or parameter, is left out). Per member and example each weight
+    costs 2 FLOPs forward, 2 for the input gradient and 2 for its own gradient; the
+    first matrix's input gradient is never formed (the data needs none). A pack steps
+    every member at its largest batch size."""
+    shapes = _matrices(specs[0])
+    b_max = max(s.batch_size for s in specs)
+    per_example = 6 * sum(o * i for o, i in shapes) - 2 * shapes[0][0] * shapes[0][1]
+    return float(len(specs) * b_max * per_example)
+
+
+def step_bytes(specs: Sequence[RunSpec], itemsize: int = 4) -> float:
+    """The least memory traffic of one training step, in bytes, for an implementation
+    that keeps nothing in cache from one phase to the next: the forward reads every
+    parameter (P), the backward reads the weights again for the input gradients (all
+    but the first matrix) and writes every gradient once (P), a one-pass SGD update
+    reads parameter, gradient and momentum and writes parameter and momentum (5P),
+    and the input rows of the batch are read once. Activations (K * B * width per
+    layer, under 2% here) are left out: this is a lower bound."""
+    first = specs[0]
+    shapes = _matrices(first)
+    k, b_max = len(specs), max(s.batch_size for s in specs)
+    params = _parameter_count(first)
+    reread = sum(o * i for o, i in shapes[1:])
+    inputs = b_max * DATASET_DIMS[first.dataset]
+    return float(itemsize * k * (7 * params + reread + inputs))
+
+
+def roofline_seconds(flops: float, nbytes: float, flops_per_second: float,
+                     bytes_per_second: float) -> float:
+    """The roofline bound: a step can be no faster than its FLOPs at the matmul
+    throughput, nor than its bytes at the stream bandwidth."""
+    return max(flops / flops_per_second, nbytes / bytes_per_second)
+
+
 def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     """Unpadded estimate of a pack's wall time in seconds (no safety factor)."""
     if not specs:
@@ -77,8 +121,9 @@ def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     # batches' with drop_last); each of the steps costs its launches whatever its width.
     steps = pack_steps(list(specs))
     samples = first.epochs * (train // first.batch_size * first.batch_size if first.drop_last else train)
-    # Forward 2 FLOPs per weight per example, backward twice that.
-    train_flops = 6.0 * params * samples * k
+    # step_flops is linear in the batch: a step of B samples costs step_flops, so the
+    # epoch's samples cost step_flops * samples / B.
+    train_flops = step_flops(specs) * samples / first.batch_size
     train_seconds = (train_flops / cost.flops_per_second
                      + steps * OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op)
 
@@ -98,8 +143,9 @@ def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda") -> 
 
     steps = epochs * steps_per_epoch (ceil(train_size / batch_size), or the floor with
     drop_last; train_size from the dataset, or train_subset when > 0); each step costs
-    its FLOPs (6 per weight per example per member) at the device's effective
-    throughput plus a per-op launch cost; each logged
+    its FLOPs (6 per weight per example per member, less the first matrix's input
+    gradient: `step_flops`) at the device's effective throughput plus a per-op launch
+    cost; each logged
     epoch adds a full evaluation pass and one SVD per matrix per member. The total is
     multiplied by SAFETY_FACTOR and is at least MIN_MINUTES.
     """

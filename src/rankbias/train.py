@@ -35,6 +35,7 @@ import torch
 
 from . import data as data_mod
 from . import metrics as M
+from . import timing
 from .engine import GRAPH_MODES, Pack
 from .results import atomic_write_bytes, write_run
 from .spec import RunSpec, load_pack, pack_id
@@ -354,10 +355,14 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
     t0 = time.perf_counter()
     for epoch in range(start, s0.epochs):
         prev = {m: pack.weight(m).detach().clone() for m, _ in pack.matrices}
+        t_epoch = time.perf_counter()
         pack.train_epoch(epoch)
+        t_record = time.perf_counter()
+        timing.add("train_steps", t_record - t_epoch)
         if epoch == start:
             _log(progress, f"[pack {pid}] step: {pack.step_mode}")
         info = rec.record(epoch + 1, prev, final=epoch + 1 == s0.epochs)
+        timing.add("spectra_eval", time.perf_counter() - t_record)
         done = epoch + 1 - start
         elapsed = time.perf_counter() - t0
         eta = elapsed / done * (s0.epochs - epoch - 1)

@@ -62,6 +62,8 @@ ON_GPU = PLAN.config["device"] == "cuda"
 # (a rule's command is part of its code trigger). Jobs inherit it, on SLURM too
 # (sbatch exports the environment, and each job parses this file again).
 os.environ["RANKBIAS_GRAPH"] = PLAN.config["graph"]
+# Every job appends its start-up and run time here (`rankbias timing` sums them).
+os.environ.setdefault("RANKBIAS_TIMING", "results/logs/timing.jsonl")
 
 
 wildcard_constraints:

@@ -9,6 +9,8 @@
 # retrain. The dataset's manifest is no input: it records the files, training does not
 # read it, so a rewritten manifest retrains nothing.
 
+from rankbias.cluster import estimate_seconds
+
 
 def _train_rule(pid):
     specs = PLAN.pack_specs(pid)
@@ -29,6 +31,8 @@ def _train_rule(pid):
         log:
             f"results/logs/train/{pid}.log",
         threads: PLAN.config["train_threads"]
+        # longest packs first: the last job to start should not be the longest one
+        priority: round(estimate_seconds(specs, "cuda" if ON_GPU else "cpu"))
         resources:
             **resources_,
         shell:
