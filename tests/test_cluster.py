@@ -51,12 +51,12 @@ def test_more_work_never_takes_less_time():
 
 def test_the_partial_batch_costs_one_step_and_its_samples():
     # 50,000 / 32: 1562 full batches and a last one of 16 samples, kept by default
-    from rankbias.cluster import COST_MODELS, OPS_PER_LAYER_STEP, _matrices
+    from rankbias.cluster import COST_MODELS, OPS_PER_LAYER_STEP, _matrices, step_flops
     keep = pack(epochs=1000, log_every=1000)
     drop = pack(epochs=1000, log_every=1000, drop_last=True)
     shapes = _matrices(keep[0])
     cost = COST_MODELS["cuda"]
-    one_more_step = (6.0 * sum(o * i for o, i in shapes) * 16 * len(keep) / cost.flops_per_second
+    one_more_step = (step_flops(keep) * 16 / 32 / cost.flops_per_second
                      + OPS_PER_LAYER_STEP * len(shapes) * cost.seconds_per_op)
     assert estimate_seconds(keep, "cuda") - estimate_seconds(drop, "cuda") == pytest.approx(
         1000 * one_more_step, rel=1e-9)
