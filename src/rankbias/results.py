@@ -8,6 +8,9 @@ Layout of ``results/runs/<run_id>/``:
                    ('hidden' | 'output'), distance, weight_norm
   spectra.npz      'epochs' (logged epochs), 'layers' (names), 'sv_<index>' arrays
                    [n_logged, min(out, in)] of float64 singular values, descending
+  lemmas.parquet   gradient ranks of Lemmas 1-2 on the fresh and trained network
+  theory.parquet   Theorem 1 per (logged epoch, matrix, B*), runs with weight decay > 0
+                   (rankbias.theory describes both)
 """
 from __future__ import annotations
 
@@ -79,15 +82,18 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_run(run_dir: str | Path, run_json: dict, metrics: pd.DataFrame,
-              layers: pd.DataFrame, spectra: dict[str, np.ndarray]) -> None:
-    """Write one run's files; run.json goes last and records every file's sha256,
-    so a directory with a run.json is always complete."""
+              layers: pd.DataFrame, spectra: dict[str, np.ndarray],
+              tables: dict[str, pd.DataFrame] | None = None) -> None:
+    """Write one run's files (and any further `tables`, file name -> frame); run.json
+    goes last and records every file's sha256, so a directory with a run.json is always
+    complete."""
     run_dir = Path(run_dir)
     # Retraining into an existing directory: drop the old run.json first, so a kill
     # between file replacements never leaves a complete-looking run with stale hashes.
     (run_dir / "run.json").unlink(missing_ok=True)
     payloads = {"metrics.parquet": parquet_bytes(metrics), "layers.parquet": parquet_bytes(layers),
                 "spectra.npz": npz_bytes(spectra)}
+    payloads.update({name: parquet_bytes(df) for name, df in (tables or {}).items()})
     for name, data in payloads.items():
         atomic_write_bytes(run_dir / name, data)
     run_json = dict(run_json)
@@ -137,6 +143,12 @@ class Run:
     def spectra(self) -> dict[str, np.ndarray]:
         with np.load(self.path / "spectra.npz") as z:
             return {k: z[k] for k in z.files}
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        """A further table the run recorded (e.g. theory.parquet), None if it has none."""
+        if name not in (self.info.get("files") or {}):
+            return None
+        return pd.read_parquet(self.path / name)
 
     @property
     def layer_names(self) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 from . import data as data_mod
 from . import metrics as M
 from .engine import GRAPH_MODES, Pack
+from .theory import TheoryRecorder
 from .results import atomic_write_bytes, write_run
 from .spec import RunSpec, load_pack, pack_id
 
@@ -126,11 +127,11 @@ class Recorder:
 
 
 def _save_checkpoint(path: Path, epoch: int, run_ids: list[str], pack: Pack, rec: Recorder,
-                     elapsed: float) -> None:
+                     elapsed: float, theory: TheoryRecorder) -> None:
     import io
     buf = io.BytesIO()
     torch.save({"epoch": epoch, "run_ids": run_ids, "pack": pack.state(), "recorder": rec.state(),
-                "elapsed": elapsed}, buf)
+                "elapsed": elapsed, "theory": theory.state()}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -157,6 +158,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     ds = dataset or data_mod.load(s0.dataset, dev, data_dir, s0.train_subset, s0.test_subset)
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph)
     rec = Recorder(pack, ds)
+    thy = TheoryRecorder(specs, ds.x_train, ds.y_train, ds.num_classes)
     run_ids = [s.run_id for s in specs]
     from . import provenance  # imported late: it inspects git and packages
 
@@ -168,10 +170,12 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
                                f"(runs {st.get('run_ids')}); delete it to start afresh")
         pack.load_state(st["pack"])
         rec.load_state(st["recorder"])
+        thy.load_state(st["theory"])
         start, elapsed0 = st["epoch"], st["elapsed"]
         _log(progress, f"[pack {pid}] resuming from {ckpt_path} at epoch {start}/{s0.epochs}")
     else:
         info = rec.record(0, None, final=s0.epochs == 0)
+        _theory(thy, pack, rec, 0, "fresh")
         _log(progress, f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset} ({pack.n} samples), "
                        f"{dev.type}: epoch 0 mean rank {info['mean_rank']:.1f}")
     t0 = time.perf_counter()
@@ -181,6 +185,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
         if epoch == start:
             _log(progress, f"[pack {pid}] step: {pack.step_mode}")
         info = rec.record(epoch + 1, prev, final=epoch + 1 == s0.epochs)
+        _theory(thy, pack, rec, epoch + 1, "trained" if epoch + 1 == s0.epochs else None)
         done = epoch + 1 - start
         elapsed = time.perf_counter() - t0
         eta = elapsed / done * (s0.epochs - epoch - 1)
@@ -189,7 +194,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
         _log(progress, f"[pack {pid}] epoch {epoch + 1}/{s0.epochs} loss {info['loss']:.4f}{rank}{div} "
                        f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s")
         if (epoch + 1) % checkpoint_every == 0 and epoch + 1 < s0.epochs:
-            _save_checkpoint(ckpt_path, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed)
+            _save_checkpoint(ckpt_path, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed, thy)
         if on_epoch is not None:
             on_epoch(epoch + 1)
         if info["diverged"] == pack.K:
@@ -210,14 +215,27 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
                       "data_order": f"torch.randperm, Generator seed {spec.seed} * 1000003 + epoch + 1"},
             "dataset": {"name": ds.name, "checksums": ds.checksums, "source": ds.source,
                         "train_size": int(ds.x_train.shape[0]), "test_size": int(ds.x_test.shape[0])},
-            "provenance": env,
+            "provenance": env, "theory": thy.summary(k),
         }
-        write_run(out_dir / spec.run_id, run_json, metrics, layers, spectra)
+        write_run(out_dir / spec.run_id, run_json, metrics, layers, spectra, thy.tables(k))
         paths.append(out_dir / spec.run_id)
     with contextlib.suppress(FileNotFoundError):
         ckpt_path.unlink()
-    _log(progress, f"[pack {pid}] done in {wall:.1f}s; wrote {len(paths)} runs to {out_dir}")
+    _log(progress, f"[pack {pid}] done in {wall:.1f}s; measuring the theory took "
+                   f"{thy.seconds['theorem1']:.1f}s (Theorem 1) and {thy.seconds['lemmas']:.1f}s (lemmas); "
+                   f"wrote {len(paths)} runs to {out_dir}")
     return paths
+
+
+def _theory(thy: TheoryRecorder, pack: Pack, rec: Recorder, epoch: int, lemma_stage: str | None) -> None:
+    """Theorem 1 at a logged epoch, from the spectra just stored, and the lemma checks
+    on the fresh (epoch 0) and the trained (last epoch) networks."""
+    dead = [d is not None for d in rec.diverged]
+    if rec.logged_epochs and rec.logged_epochs[-1] == epoch:
+        spectra = [{m: rec.spectra[k][m][-1] for m, _ in pack.matrices} for k in range(pack.K)]
+        thy.measure(epoch, pack.params, spectra, dead)
+    if lemma_stage is not None:
+        thy.check_lemmas(lemma_stage, epoch, pack.params, dead)
 
 
 def _log(enabled: bool, msg: str) -> None:
