@@ -19,7 +19,7 @@ $(STAMP): requirements.lock pyproject.toml
 reproduce: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
 	@echo
-	@echo "Figures: $(CURDIR)/results/figures/fig1.png ... fig7.png (and .pdf)"
+	@echo "Figures: $(CURDIR)/results/figures/fig1.png ... fig7.png, figT1.png, figT2.png (and .pdf)"
 	@echo "Claims:  $(CURDIR)/results/claims.md"
 
 # Every test, the slow integration tests (real snakemake, dvc, slurm) included.

@@ -101,7 +101,7 @@ def _read_all(path):
     run = Run(path)
     info = run.info
     return (run.metrics, run.layers, run.spectra,
-            {k: v for k, v in info.items() if k not in ("wall_time_s", "provenance", "files")})
+            {k: v for k, v in info.items() if k not in ("wall_time_s", "theory_time_s", "provenance", "files")})
 
 
 def test_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):
@@ -162,7 +162,8 @@ def test_run_json_records_provenance(synthetic, tmp_path):
     info = json.loads((tmp_path / "runs" / spec.run_id / "run.json").read_text())
     assert info["run_id"] == spec.run_id and info["spec"] == spec.to_dict()
     assert info["epochs_completed"] == 1 and info["device"] == "cpu"
-    assert set(info["files"]) == {"metrics.parquet", "layers.parquet", "spectra.npz"}
+    assert set(info["files"]) == {"metrics.parquet", "layers.parquet", "spectra.npz",
+                                  "lemmas.parquet", "theory.parquet"}
     assert "code" in info["provenance"] and "packages" in info["provenance"]
     assert info["dataset"]["name"] == "synthetic"
     assert Run(tmp_path / "runs" / spec.run_id).verify() == []

@@ -1,4 +1,5 @@
-"""Measured verdicts on the paper's claims C1-C7, from whatever runs exist.
+"""Measured verdicts on the paper's claims C1-C7 and its theory T1-T3 (rankbias.theory),
+from whatever runs exist.
 
 Each claim gets a verdict -- ``holds``, ``fails`` or ``insufficient`` (not enough
 runs of the right kind to judge) -- with the effect measured, the runs and seeds it
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
+from . import theory
 from .results import Run, RunError, atomic_write_bytes, atomic_write_json
 from .spec import RunSpec
 
@@ -432,6 +434,7 @@ def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float 
     for cid, fn in CLAIMS.items():
         res = fn(summaries, t)
         claims.append({"id": cid, "statement": STATEMENTS[cid], **res})
+    claims += theory.verdicts([r for r in runs if not r.diverged])
     return {"claims": claims, "rank": {"normalise": normalise, "tol": tol}, "thresholds": t,
             "runs": {"available": len(runs), "judged": len(summaries), "diverged": len(diverged),
                      "missing": len(missing)},
@@ -441,6 +444,8 @@ def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float 
 # -- report ----------------------------------------------------------------------------
 
 def _effect(c: dict) -> str:
+    if "effect" in c:
+        return c["effect"]
     cid = c["id"]
     if cid in ("C1", "C2"):
         return (f"mean Spearman {c['mean_spearman_in_claimed_direction']} over "
@@ -480,6 +485,9 @@ def markdown(result: dict) -> str:
               f"{result['thresholds']['flat']:g} (relative range).", ""]
     for c in result["claims"]:
         lines += [f"### {c['id']}: {c['verdict']}", "", c["rule"], ""]
+        if c.get("n_violations"):
+            lines += [f"{c['n_violations']} violation(s), the first {len(c['violations'])}:", ""]
+            lines += [f"- {json.dumps(v, sort_keys=True)}" for v in c["violations"]] + [""]
     if result["diverged_runs"]:
         lines += ["## Diverged runs (excluded)", ""]
         for d in result["diverged_runs"]:

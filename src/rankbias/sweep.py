@@ -27,7 +27,7 @@ from .engine import GRAPH_MODES
 from .results import atomic_write_bytes
 from .spec import RunSpec, SpecError, make_packs, pack_id, pack_steps
 
-FIGURES = tuple(f"fig{i}" for i in range(1, 8))
+FIGURES = tuple(f"fig{i}" for i in range(1, 8)) + ("figT1", "figT2")
 DEVICES = ("auto", "cpu", "cuda")
 
 SPEC_KEYS = tuple(RunSpec.__dataclass_fields__) + ("model",)

@@ -41,7 +41,7 @@ os.environ["RANKBIAS_GRAPH"] = PLAN.config["graph"]
 
 wildcard_constraints:
     pack="[0-9a-f]{12}",
-    fig="fig[1-7]",
+    fig="fig[1-7]|figT[12]",
     dataset="|".join(DATASETS) or "none",
 
 
