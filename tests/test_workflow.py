@@ -29,13 +29,15 @@ def _dry_run(wd, *args: str) -> dict[str, int]:
 
 def test_end_to_end_builds_every_figure_and_the_claims(done):
     wd, _ = done
-    for i in range(1, 8):
+    for name in sweep.FIGURES:
         for ext in ("png", "pdf"):
-            f = wd / "results" / "figures" / f"fig{i}.{ext}"
+            f = wd / "results" / "figures" / f"{name}.{ext}"
             assert f.stat().st_size > 1000, f
     doc = json.loads((wd / "results" / "claims.json").read_text())
-    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)]
+    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3"]
     assert all(c["verdict"] in ("holds", "fails", "insufficient") for c in doc["claims"])
+    theory = {c["id"]: c for c in doc["claims"] if c["id"].startswith("T")}
+    assert {c["verdict"] for c in theory.values()} == {"holds"}, theory
     assert "| C1 |" in (wd / "results" / "claims.md").read_text()
     p = sweep.plan_from_file(wd / TEST_CONFIG)
     for rid in p.specs:
@@ -104,9 +106,9 @@ def test_report_holds_every_figure(done):
     wd, _ = done
     snakemake(wd, "--configfile", TEST_CONFIG, "--report", "report.zip")
     names = zipfile.ZipFile(wd / "report.zip").namelist()
-    for i in range(1, 8):
-        assert any(n.endswith(f"fig{i}.png") for n in names), names
-        assert any(n.endswith(f"fig{i}.provenance.json") for n in names), names
+    for name in sweep.FIGURES:
+        assert any(n.endswith(f"{name}.png") for n in names), names
+        assert any(n.endswith(f"{name}.provenance.json") for n in names), names
 
 
 @pytest.mark.parametrize("edit, key", [

@@ -13,6 +13,14 @@ KINDS = ("lemmas", "theorem1")
 STAGE_STYLE = {"fresh": "-", "trained": "--"}
 
 
+def _log_scale(ax, axis: str = "y", base: float = 10) -> None:
+    """Log scale where the axis has positive data to show (a figure without its runs'
+    theory tables yet still draws)."""
+    data = [ln.get_ydata() if axis == "y" else ln.get_xdata() for ln in ax.get_lines()]
+    if any(np.any(np.asarray(d, dtype=float) > 0) for d in data):
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log", base=base)
+
+
 def _table(member, name: str) -> pd.DataFrame:
     df = member.run.table(name)
     return df if df is not None else pd.DataFrame()
@@ -64,8 +72,8 @@ def _lemmas(fig, lines: list[Line], colors: dict) -> None:
         ax2.plot(b, b, "k:", lw=1.2, label="bound: rank ≤ B")
         if widest:
             ax2.axhline(widest, color="0.6", ls="-.", lw=1, label=f"largest possible rank ({widest})")
-    ax2.set_xscale("log", base=2)
-    ax2.set_yscale("log", base=2)
+    _log_scale(ax2, "x", 2)
+    _log_scale(ax2, "y", 2)
     ax2.set_xlabel("batch size B")
     ax2.set_ylabel("rank of ∇_W L_S (max over hidden matrices)")
     ax2.set_title("(b) Lemma 2: batch-loss gradient, with and without BN")
@@ -96,11 +104,11 @@ def _theorem1(fig, lines: list[Line], colors: dict) -> None:
         _plot_series(ax1, ln, left, c, "-", positive=True)
         _plot_series(ax1, ln, right, c, "--", label=False, positive=True)
         _plot_series(ax2, ln, ratio, c, "-", label=False, positive=True)
-    ax1.set_yscale("log")
+    _log_scale(ax1)
     ax1.set_ylabel("mean over hidden matrices")
     ax1.set_title("(a) left(B*) = ‖W − W_B*‖_F (solid) ≤ right(B*) = min_S ‖G_S‖_F / λ (dashed)")
-    ax2.set_yscale("log")
     ax2.axhline(1, color="k", ls=":", lw=1.2, label="left = right (the bound)")
+    _log_scale(ax2)
     ax2.set_ylabel("left / right, median over hidden matrices")
     ax2.set_title("(b) tightness of Theorem 1")
     for ax in (ax1, ax2):
