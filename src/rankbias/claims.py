@@ -529,8 +529,8 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 on the stored runs",
-                              description="Judge claims C1-C7 on whatever runs exist; writes "
+    p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 and its theory T1-T3 on the stored runs",
+                              description="Judge claims C1-C7 and theory T1-T3 on whatever runs exist; writes "
                                           "OUT.md and OUT.json. Thresholds (config key `claims`): "
                                           + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items()))
     p.add_argument("--config", default=None,

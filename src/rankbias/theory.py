@@ -45,7 +45,8 @@ from .spec import RunSpec
 THEORY_FILE = "theory.parquet"
 LEMMAS_FILE = "lemmas.parquet"
 LEMMA1_SAMPLES = 8          # inputs whose per-sample gradients are checked, per stage
-# Elements of stacked gradients held at once while measuring Theorem 1 (float32: 256 MiB).
+# Elements of stacked matrices held at once while measuring Theorem 1: the parameter
+# copies and their gradients each take that many (float32: 256 MiB).
 GRAD_BUDGET = 1 << 26
 
 THEORY_COLUMNS = ["epoch", "layer", "index", "kind", "batch_size", "n_batches", "weight_decay",
@@ -114,7 +115,7 @@ class FunctionalNet:
         net = build_net(spec, in_dim, num_classes)
         replace_all_batch_norm_modules_(net)     # batch statistics, no running ones
         self.net = net.train()
-        self.loss, self.bn = spec.loss, spec.arch.endswith("_bn")
+        self.loss, self.bn, self.num_classes = spec.loss, spec.arch.endswith("_bn"), num_classes
         full = {id(p): n for n, p in net.named_parameters()}
         self.matrices = [(short, kind, full[id(w)]) for short, kind, w in net.matrices() if w.dim() == 2]
 
@@ -147,8 +148,7 @@ class FunctionalNet:
                      ) -> tuple[dict, dict]:
         """One network's per-sample gradients for inputs x [S, D]: (∂f_c(x)/∂W
         [S, C, out, in] for every output c, ∇_W loss(x) [S, out, in]) of each matrix."""
-        S = x.shape[0]
-        C = self.net.out.out_features
+        S, C = x.shape[0], self.num_classes
         per_output = _stacked_all(params, (S, C))
         xs = x.view(S, 1, 1, -1).expand(S, C, 1, x.shape[1])
         jac = self.grads(per_output, xs, lambda z: z[:, :, 0, :].diagonal(dim1=1, dim2=2), 2)
