@@ -508,8 +508,11 @@ def write(result: dict, out_stem: str | Path) -> tuple[Path, Path]:
 
 
 def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | Path) -> dict:
-    from . import sweep
-    from .results import load_runs
+    """Judge the claims on the runs of `config_path` (every run in `runs_dir` without one)
+    and write OUT.md, OUT.json and their provenance record OUT.provenance.json. A run that
+    fails verification is an error naming it, before anything is judged."""
+    from . import provenance, sweep
+    from .results import load_runs, refuse_unverified
 
     if config_path is not None:
         p = sweep.plan_from_file(config_path)
@@ -523,15 +526,21 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
         rank, overrides = {"normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL}, {}
     if missing:
         print(f"warning: {len(missing)} run(s) of the config are not in {runs_dir}", file=sys.stderr)
+    refuse_unverified(runs, "claims")
     result = judge(runs, rank["normalise"], rank["tol"], overrides, missing)
-    write(result, out)
+    md, js = write(result, out)
+    record = provenance.figure_provenance(runs, {"rank": rank, "claims": overrides,
+                                                 "missing_runs": missing}, "claims")
+    provenance.save_record([md, js], record)
     return result
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 and its theory T1-T3 on the stored runs",
                               description="Judge claims C1-C7 and theory T1-T3 on whatever runs exist; writes "
-                                          "OUT.md and OUT.json. Thresholds (config key `claims`): "
+                                          "OUT.md, OUT.json and their provenance "
+                                          "OUT.provenance.json (`rankbias audit OUT.md` checks "
+                                          "it). Thresholds (config key `claims`): "
                                           + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items()))
     p.add_argument("--config", default=None,
                    help="config file: judge its runs with its rank settings and thresholds "

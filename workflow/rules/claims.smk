@@ -7,6 +7,7 @@ rule claims:
     output:
         md=report("results/claims.md", caption="../report/claims.rst", category="Claims"),
         json="results/claims.json",
+        provenance="results/claims.provenance.json",
     params:
         rank=PLAN.config["rank"],
         thresholds=PLAN.config["claims"],
