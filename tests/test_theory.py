@@ -148,11 +148,13 @@ def test_pack_theory_columns_equal_the_reference_loop(synthetic64, tmp_path):
 
 
 def test_lemma_rows_on_fresh_and_trained_networks(synthetic, tmp_path):
-    specs = [RunSpec.from_dict({"dataset": "synthetic", "model": m, "epochs": 2, "batch_size": 32})
+    specs = [RunSpec.from_dict({"dataset": "synthetic", "model": m, "epochs": 2, "batch_size": 32, "lr": 0.02})
              for m in ("MLP-2-16", "RES-1-16")]
     for s in specs:
         train_pack([s], tmp_path / "runs", device="cpu", dataset=synthetic, progress=False)
-        lm = Run(tmp_path / "runs" / s.run_id).table(T.LEMMAS_FILE)
+        run = Run(tmp_path / "runs" / s.run_id)
+        assert not run.diverged
+        lm = run.table(T.LEMMAS_FILE)
         assert set(lm["stage"]) == {"fresh", "trained"} and set(lm["epoch"]) == {0, 2}
         l1 = lm[lm["lemma"] == 1]
         assert len(l1) == 2 * T.LEMMA1_SAMPLES * 11 * len(set(lm["layer"]))
