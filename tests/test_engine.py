@@ -189,7 +189,8 @@ def _read_all(path):
     run = Run(path)
     info = run.info
     return (run.metrics, run.layers, run.spectra,
-            {k: v for k, v in info.items() if k not in ("wall_time_s", "provenance", "files", "record_sha256")})
+            {k: v for k, v in info.items()
+             if k not in ("wall_time_s", "theory_time_s", "provenance", "files", "record_sha256")})
 
 
 def test_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):
@@ -250,7 +251,8 @@ def test_run_json_records_provenance(synthetic, tmp_path):
     info = json.loads((tmp_path / "runs" / spec.run_id / "run.json").read_text())
     assert info["run_id"] == spec.run_id and info["spec"] == spec.to_dict()
     assert info["epochs_completed"] == 1 and info["device"] == "cpu"
-    assert set(info["files"]) == {"metrics.parquet", "layers.parquet", "spectra.npz"}
+    assert set(info["files"]) == {"metrics.parquet", "layers.parquet", "spectra.npz",
+                                  "lemmas.parquet", "theory.parquet"}
     assert "code" in info["provenance"] and "packages" in info["provenance"]
     assert info["dataset"]["name"] == "synthetic"
     assert Run(tmp_path / "runs" / spec.run_id).verify() == []

@@ -23,6 +23,8 @@ CFG = {
         "fig5": {"model": "MLP-3-12", "grid": {"batch_size": [8, 32]}},
         "fig6": {"model": "MLP-BN-3-12", "grid": {"lr": [0.01, 0.1], "batch_size": [8, 32]}},
         "fig7": {"model": "RES-2-12", "seeds": [0, 1], "grid": {"batch_size": [8, 32]}},
+        "figT1": {"model": "MLP-3-12", "grid": {"model": ["MLP-3-12", "RES-2-12"]}},
+        "figT2": {"model": "MLP-3-12", "grid": {"batch_size": [8, 32]}},
     },
 }
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import BIN, TEST_CONFIG, copy_repo, needs_mnist, planned_jobs, snakemake
 
-from rankbias import figures, sweep
+from rankbias import sweep
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +33,15 @@ def _dry_run(wd, *args: str) -> dict[str, int]:
 
 def test_end_to_end_builds_every_figure_and_the_claims(done):
     wd, _ = done
-    for name in figures.NAMES:
+    for name in sweep.NAMES:
         for ext in ("png", "pdf"):
             f = wd / "results" / "figures" / f"{name}.{ext}"
             assert f.stat().st_size > 1000, f
     doc = json.loads((wd / "results" / "claims.json").read_text())
-    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)]
+    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3"]
     assert all(c["verdict"] in ("holds", "fails", "insufficient") for c in doc["claims"])
+    theory = {c["id"]: c for c in doc["claims"] if c["id"].startswith("T")}
+    assert {c["verdict"] for c in theory.values()} == {"holds"}, theory
     assert "| C1 |" in (wd / "results" / "claims.md").read_text()
     p = sweep.plan_from_file(wd / TEST_CONFIG)
     for rid in p.specs:
@@ -81,7 +83,7 @@ def test_changing_one_runs_lr_retrains_only_its_pack(done):
     jobs = _dry_run(wd, "--configfile", str(changed.relative_to(wd)))
     assert {k: v for k, v in jobs.items() if k.startswith("train_")} == {f"train_{new_packs.pop()}": 1}
     # fig7, the summary figures (drawn from every run) and the claims only
-    assert jobs.get("figure") == 1 + len(figures.SUMMARY) and jobs.get("claims") == 1
+    assert jobs.get("figure") == 1 + len(sweep.SUMMARY) and jobs.get("claims") == 1
 
 
 def test_rethresholding_redraws_without_retraining(done):
@@ -91,7 +93,7 @@ def test_rethresholding_redraws_without_retraining(done):
     (wd / ".test" / "tol.yaml").write_text(yaml.safe_dump(cfg))
     jobs = _dry_run(wd, "--configfile", ".test/tol.yaml")
     assert not any(k.startswith("train_") for k in jobs)
-    assert jobs.get("figure") == len(figures.NAMES) and jobs.get("claims") == 1
+    assert jobs.get("figure") == len(sweep.NAMES) and jobs.get("claims") == 1
 
 
 def test_switching_the_cuda_graph_retrains_nothing(done):
@@ -109,9 +111,9 @@ def test_report_holds_every_figure(done):
     wd, _ = done
     snakemake(wd, "--configfile", TEST_CONFIG, "--report", "report.zip")
     names = zipfile.ZipFile(wd / "report.zip").namelist()
-    for i in range(1, 8):
-        assert any(n.endswith(f"fig{i}.png") for n in names), names
-        assert any(n.endswith(f"fig{i}.provenance.json") for n in names), names
+    for name in sweep.FIGURES:
+        assert any(n.endswith(f"{name}.png") for n in names), names
+        assert any(n.endswith(f"{name}.provenance.json") for n in names), names
 
 
 @pytest.mark.parametrize("edit, key", [

@@ -1,4 +1,5 @@
-"""Measured verdicts on the paper's claims C1-C7, from whatever runs exist.
+"""Measured verdicts on the paper's claims C1-C7 and its theory T1-T3 (rankbias.theory),
+from whatever runs exist.
 
 Each claim gets a verdict -- ``holds``, ``fails`` or ``insufficient`` (not enough
 runs of the right kind to judge) -- with the effect measured, the runs and seeds it
@@ -30,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
+from . import theory
 from .results import Run, RunError, atomic_write_bytes, atomic_write_json
 from .spec import RunSpec
 
@@ -550,6 +552,7 @@ def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float 
         res = fn(summaries, t)
         res["intervals"] = {k: e.to_dict() for k, e in res["intervals"].items()}
         claims.append({"id": cid, "statement": STATEMENTS[cid], **res})
+    claims += theory.verdicts([r for r in runs if not r.diverged])
     return {"claims": claims, "rank": {"normalise": normalise, "tol": tol}, "thresholds": t,
             "runs": {"available": len(runs), "judged": len(summaries), "diverged": len(diverged),
                      "missing": len(missing)},
@@ -559,6 +562,8 @@ def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float 
 # -- report ----------------------------------------------------------------------------
 
 def _effect(c: dict) -> str:
+    if "effect" in c:
+        return c["effect"]
     cid = c["id"]
     if cid in ("C1", "C2"):
         return f"Spearman in the claimed direction; {c['n_flat']} of {c['n_groups']} groups flat"
@@ -614,6 +619,9 @@ def markdown(result: dict) -> str:
               "", _interval_rule(result["thresholds"]), ""]
     for c in result["claims"]:
         lines += [f"### {c['id']}: {c['verdict']}", "", c["rule"], ""]
+        if c.get("n_violations"):
+            lines += [f"{c['n_violations']} violation(s), the first {len(c['violations'])}:", ""]
+            lines += [f"- {json.dumps(v, sort_keys=True)}" for v in c["violations"]] + [""]
     if result["diverged_runs"]:
         lines += ["## Diverged runs (excluded)", ""]
         for d in result["diverged_runs"]:
@@ -662,8 +670,8 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 on the stored runs",
-                              description="Judge claims C1-C7 on whatever runs exist; writes "
+    p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 and its theory T1-T3 on the stored runs",
+                              description="Judge claims C1-C7 and theory T1-T3 on whatever runs exist; writes "
                                           "OUT.md, OUT.json and their provenance "
                                           "OUT.provenance.json (`rankbias audit OUT.md` checks "
                                           "it). Thresholds (config key `claims`): "

@@ -1,4 +1,5 @@
-"""The paper's seven figures, and two summary figures, drawn from stored runs.
+"""The paper's seven figures, the theory's two (figT1, figT2) and two summary figures,
+drawn from stored runs.
 
 Every figure is drawn from whatever subset of its runs exists (missing runs are
 listed as a warning and noted on the figure). Ranks come from the stored spectra with
@@ -185,7 +186,7 @@ def _legend(fig) -> None:
 
 
 def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
-    """A matplotlib Figure of `name` (fig1..fig7) from the loaded runs."""
+    """A matplotlib Figure of `name` (fig1..fig7, figT1, figT2) from the loaded runs."""
     from matplotlib.figure import Figure
 
     if name not in LAYOUTS:
@@ -196,7 +197,11 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
     all_lines = [ln for lines in panels.values() for ln in lines]
     colors, styles = _line_colors(all_lines), _styles(all_lines)
 
-    if kind == "dynamics":
+    if kind in ("lemmas", "theorem1"):
+        from . import theory_figures
+        fig = Figure(figsize=(15, 5), layout="constrained")
+        theory_figures.draw(fig, kind, all_lines, colors)
+    elif kind == "dynamics":
         fig = Figure(figsize=(15, 4.2), layout="constrained")
         axes = fig.subplots(1, 4)
         lines = all_lines
@@ -435,9 +440,9 @@ def _save(fig, png: Path, pdf: Path, runs: list[Run], section: dict, name: str) 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("figure", help="draw one of the paper's figures from stored runs",
-                              description="Draw fig1..fig7, or a summary figure (figR: final rank "
-                                          "vs tolerance; figS: final rank vs B/(eta*lambda)), from "
-                                          "the runs in --runs (PNG and PDF, with provenance).")
+                              description="Draw fig1..fig7, figT1 or figT2, or a summary figure (figR: "
+                                          "final rank vs tolerance; figS: final rank vs B/(eta*lambda)), "
+                                          "from the runs in --runs (PNG and PDF, with provenance).")
     p.add_argument("name", choices=list(NAMES), help="which figure")
     p.add_argument("--config", default="config/config.yaml", help="config file (default: %(default)s)")
     p.add_argument("--runs", default="results/runs", help="runs directory (default: %(default)s)")

@@ -87,6 +87,11 @@ class RunSpec:
     log_every: int = 1
     train_subset: int = 0
     test_subset: int = 0
+    # Theorem 1 measured during training (rankbias.theory): batches sampled per B* and
+    # the B* values; () means the run's own batch size. They change no training, only
+    # what is measured, so they leave the run_id alone at their defaults (OMITTED_AT_DEFAULT).
+    theory_batches: int = 32
+    theory_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # RunSpec(lr=1) and RunSpec.from_dict({"lr": 1}) must be one run with one run_id.
@@ -94,8 +99,9 @@ class RunSpec:
             v = getattr(self, key)
             if isinstance(v, int) and not isinstance(v, bool):
                 object.__setattr__(self, key, float(v))
-        if isinstance(self.milestones, list):
-            object.__setattr__(self, "milestones", tuple(self.milestones))
+        for key in ("milestones", "theory_sizes"):
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
         _validate(self)
 
     def sizes(self) -> tuple[int, int]:
@@ -111,6 +117,16 @@ class RunSpec:
         if self.test_subset > test:
             raise SpecError(f"test_subset: {self.test_subset} exceeds the {test} test examples of {self.dataset}")
         self.check_batches(self.sizes()[0], f" this run uses ({self.dataset}, train_subset={self.train_subset})")
+
+        for b in self.theory_sizes:
+            if b > self.sizes()[0]:
+                raise SpecError(f"theory_sizes: B*={b} exceeds the {self.sizes()[0]} training "
+                                f"examples this run uses ({self.dataset}, train_subset={self.train_subset})")
+
+    @property
+    def theory_batch_sizes(self) -> tuple[int, ...]:
+        """The B* values Theorem 1 is measured at: theory_sizes, else the run's own B."""
+        return self.theory_sizes or (self.batch_size,)
 
     def check_batches(self, n: int, where: str = "") -> None:
         """An epoch over n samples cuts into batches this run can train on."""
@@ -132,6 +148,10 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
+        d["theory_sizes"] = list(self.theory_sizes)
+        for key, default in OMITTED_AT_DEFAULT.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     def canonical_json(self) -> str:
@@ -193,7 +213,10 @@ class RunSpec:
 
 
 _INT_KEYS = {"depth", "width", "batch_size", "epochs", "seed", "log_every",
-             "train_subset", "test_subset"}
+             "train_subset", "test_subset", "theory_batches"}
+# Keys added after results were first stored: absent from a spec at their default, so
+# every earlier run keeps its run_id.
+OMITTED_AT_DEFAULT: dict[str, Any] = {"theory_batches": 32, "theory_sizes": []}
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma"}
 _BOOL_KEYS = {"drop_last"}
 
@@ -214,15 +237,16 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{key}: expected a number, got {value!r}")
         return float(value)
-    if key == "milestones":
+    if key in ("milestones", "theory_sizes"):
+        what = "epochs" if key == "milestones" else "batch sizes"
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise SpecError(f"milestones: expected a list of epochs, got {value!r}")
+            raise SpecError(f"{key}: expected a list of {what}, got {value!r}")
         out = []
         for v in value:
             if isinstance(v, bool) or not isinstance(v, int):
-                raise SpecError(f"milestones: expected integer epochs, got {v!r}")
+                raise SpecError(f"{key}: expected integer {what}, got {v!r}")
             out.append(v)
-        return tuple(sorted(out))
+        return tuple(sorted(set(out))) if key == "theory_sizes" else tuple(sorted(out))
     return value
 
 
@@ -242,7 +266,7 @@ def _validate(s: RunSpec) -> None:
     for key in _BOOL_KEYS:
         if not isinstance(getattr(s, key), bool):
             raise SpecError(f"{key}: expected true or false, got {getattr(s, key)!r}")
-    for key in ("depth", "width", "batch_size", "epochs", "log_every"):
+    for key in ("depth", "width", "batch_size", "epochs", "log_every", "theory_batches"):
         if getattr(s, key) < 1:
             raise SpecError(f"{key}: must be >= 1, got {getattr(s, key)!r}")
     for key in ("seed", "train_subset", "test_subset"):
@@ -280,6 +304,13 @@ def _validate(s: RunSpec) -> None:
                         f"learning rate drops at the start of 0-based epoch m, so each must be < {s.epochs}")
     if s.batch_size == 1 and s.arch.endswith("_bn"):
         raise SpecError("batch_size: BatchNorm architectures need batch_size >= 2")
+    if not isinstance(s.theory_sizes, tuple) or any(
+            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in s.theory_sizes):
+        raise SpecError(f"theory_sizes: expected positive integer batch sizes B*, got {s.theory_sizes!r}")
+    if list(s.theory_sizes) != sorted(set(s.theory_sizes)):
+        raise SpecError(f"theory_sizes: must be strictly increasing, got {list(s.theory_sizes)!r}")
+    if s.arch.endswith("_bn") and any(b < 2 for b in s.theory_sizes):
+        raise SpecError("theory_sizes: BatchNorm architectures need B* >= 2")
 
 
 # -- packs -----------------------------------------------------------------------

@@ -47,6 +47,9 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "fig5": {"kind": "rank_acc", "panel": "lr", "line": "batch_size"},
     "fig6": {"kind": "layers", "panel": "lr", "line": "batch_size"},
     "fig7": {"kind": "layers", "panel": "lr", "line": "batch_size"},
+    # the theory (rankbias.theory_figures): Lemmas 1-2 and Theorem 1
+    "figT1": {"kind": "lemmas", "panel": None, "line": "model"},
+    "figT2": {"kind": "theorem1", "panel": None, "line": "batch_size"},
 }
 # Summary figures, drawn whenever the config has a figure section.
 SUMMARY: dict[str, str] = {

@@ -37,6 +37,7 @@ from . import data as data_mod
 from . import metrics as M
 from . import timing
 from .engine import GRAPH_MODES, Pack
+from .theory import TheoryRecorder
 from .results import atomic_write_bytes, write_run
 from .spec import RunSpec, load_pack, pack_id
 
@@ -188,14 +189,14 @@ class Recorder:
 
 
 def _save_checkpoint(checkpoint_dir: Path, epoch: int, run_ids: list[str], pack: Pack, rec: Recorder,
-                     elapsed: float) -> bool:
+                     elapsed: float, theory: TheoryRecorder) -> bool:
     """Write the checkpoint, keeping the one before it as PREVIOUS_CHECKPOINT; whether it
     was written. A write that fails (a full disk) is a warning: training goes on, and a
     kill later resumes from the last checkpoint that was written."""
     path, prev = checkpoint_dir / CHECKPOINT, checkpoint_dir / PREVIOUS_CHECKPOINT
     buf = io.BytesIO()
     torch.save({"epoch": epoch, "run_ids": run_ids, "pack": pack.state(), "recorder": rec.state(),
-                "elapsed": elapsed}, buf)
+                "elapsed": elapsed, "theory": theory.state()}, buf)
     try:
         if path.exists():
             os.replace(path, prev)
@@ -210,7 +211,7 @@ def _save_checkpoint(checkpoint_dir: Path, epoch: int, run_ids: list[str], pack:
 
 def _checkpoint_matches(st, pack: Pack) -> bool:
     """Whether `st` has the layout of this pack's checkpoint (keys and tensor shapes)."""
-    if not isinstance(st, dict) or not {"epoch", "run_ids", "pack", "recorder", "elapsed"} <= set(st):
+    if not isinstance(st, dict) or not {"epoch", "run_ids", "pack", "recorder", "elapsed", "theory"} <= set(st):
         return False
     want, got = pack.state(), st["pack"]
     if not isinstance(got, dict) or set(got) != set(want):
@@ -330,6 +331,7 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
                                   strict=data_dir is not None)
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph)
     rec = Recorder(pack, ds)
+    thy = TheoryRecorder(specs, ds.x_train, ds.y_train, ds.num_classes)
     run_ids = [s.run_id for s in specs]
     from . import provenance  # imported late: it inspects git and packages
 
@@ -340,6 +342,7 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         ckpt_path, st = found
         pack.load_state(st["pack"])
         rec.load_state(st["recorder"])
+        thy.load_state(st["theory"])
         start, elapsed0 = st["epoch"], st["elapsed"]
         msg = f"[pack {pid}] resuming from {ckpt_path} at epoch {start}/{s0.epochs}"
         if ckpt_path.name == PREVIOUS_CHECKPOINT:
@@ -350,6 +353,7 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         if had_checkpoint:
             _warn(f"[pack {pid}] no readable checkpoint in {checkpoint_dir}; restarting from epoch 0")
         info = rec.record(0, None, final=s0.epochs == 0)
+        _theory(thy, pack, rec, 0, "fresh")
         _log(progress, f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset} ({pack.n} samples), "
                        f"{dev.type}: epoch 0 mean rank {info['mean_rank']:.1f}")
     t0 = time.perf_counter()
@@ -363,6 +367,9 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
             _log(progress, f"[pack {pid}] step: {pack.step_mode}")
         info = rec.record(epoch + 1, prev, final=epoch + 1 == s0.epochs)
         timing.add("spectra_eval", time.perf_counter() - t_record)
+        t_theory = time.perf_counter()
+        _theory(thy, pack, rec, epoch + 1, "trained" if epoch + 1 == s0.epochs else None)
+        timing.add("theory", time.perf_counter() - t_theory)
         done = epoch + 1 - start
         elapsed = time.perf_counter() - t0
         eta = elapsed / done * (s0.epochs - epoch - 1)
@@ -373,7 +380,7 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         last = epoch + 1 == s0.epochs
         saved = False
         if ((epoch + 1) % checkpoint_every == 0 or stop.is_set()) and not last:
-            saved = _save_checkpoint(checkpoint_dir, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed)
+            saved = _save_checkpoint(checkpoint_dir, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed, thy)
         if stop.is_set() and not last:
             raise Preempted(f"[pack {pid}] SIGTERM: " + (
                 f"checkpoint of epoch {epoch + 1}/{s0.epochs} in {checkpoint_dir}; a rerun resumes from it"
@@ -394,19 +401,35 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
             "run_id": spec.run_id, "spec": spec.to_dict(), "model": spec.model, "pack_id": pid,
             "pack_size": pack.K, "status": "complete", "diverged": rec.diverged[k],
             "epochs_completed": int(metrics["epoch"].max()),
-            "wall_time_s": round(wall, 3), "device": device_name(dev), "step": pack.step_mode,
+            "wall_time_s": round(wall, 3),
+            # the whole pack's time measuring the theory (part of wall_time_s after epoch 0)
+            "theory_time_s": {part: round(t, 3) for part, t in thy.seconds.items()},
+            "device": device_name(dev), "step": pack.step_mode,
             "seeds": {"init": f"torch.manual_seed({spec.seed})",
                       "data_order": f"torch.randperm, Generator seed {spec.seed} * 1000003 + epoch + 1"},
             "dataset": {"name": ds.name, "checksums": ds.checksums, "source": ds.source,
                         "train_size": int(ds.x_train.shape[0]), "test_size": int(ds.x_test.shape[0])},
-            "provenance": env,
+            "provenance": env, "theory": thy.summary(k),
         }
-        write_run(out_dir / spec.run_id, run_json, metrics, layers, spectra)
+        write_run(out_dir / spec.run_id, run_json, metrics, layers, spectra, thy.tables(k))
         paths.append(out_dir / spec.run_id)
     for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
         (checkpoint_dir / name).unlink(missing_ok=True)
-    _log(progress, f"[pack {pid}] done in {wall:.1f}s; wrote {len(paths)} runs to {out_dir}")
+    _log(progress, f"[pack {pid}] done in {wall:.1f}s; measuring the theory took "
+                   f"{thy.seconds['theorem1']:.1f}s (Theorem 1) and {thy.seconds['lemmas']:.1f}s (lemmas); "
+                   f"wrote {len(paths)} runs to {out_dir}")
     return paths
+
+
+def _theory(thy: TheoryRecorder, pack: Pack, rec: Recorder, epoch: int, lemma_stage: str | None) -> None:
+    """Theorem 1 at a logged epoch, from the spectra just stored, and the lemma checks
+    on the fresh (epoch 0) and the trained (last epoch) networks."""
+    dead = [d is not None for d in rec.diverged]
+    if rec.logged_epochs and rec.logged_epochs[-1] == epoch:
+        spectra = [{m: rec.spectra[k][m][-1] for m, _ in pack.matrices} for k in range(pack.K)]
+        thy.measure(epoch, pack.params, spectra, dead)
+    if lemma_stage is not None:
+        thy.check_lemmas(lemma_stage, epoch, pack.params, dead)
 
 
 def _log(enabled: bool, msg: str) -> None:
