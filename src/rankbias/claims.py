@@ -596,7 +596,7 @@ def interval_text(e: dict) -> str:
 
 
 def _intervals(c: dict) -> str:
-    return "; ".join(f"{name}: {interval_text(e)}" for name, e in c["intervals"].items()) or "-"
+    return "; ".join(f"{name}: {interval_text(e)}" for name, e in c.get("intervals", {}).items()) or "-"
 
 
 def markdown(result: dict) -> str:
