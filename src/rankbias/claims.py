@@ -491,12 +491,35 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write(result: dict, out_stem: str | Path) -> tuple[Path, Path]:
+def metrics(result: dict) -> dict:
+    """The verdicts and measured effects as one flat mapping, for `dvc metrics show` and
+    `dvc exp show`: ``C1.verdict``, ``C1.mean_spearman_in_claimed_direction``,
+    ``C3.lambda0.min_final_over_initial``, ... Numbers (one level of nesting deep) and
+    verdicts only; per-group lists, texts and unmeasured (null) values are left out."""
+    flat: dict[str, str | int | float] = {}
+    for c in result["claims"]:
+        for key, value in c.items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in items:
+                name = ".".join(str(part) for part in (c["id"], key, sub) if part is not None)
+                if (sub or key) == "verdict" or str(sub or key).endswith("_verdict"):
+                    flat[name] = str(v)
+                elif isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+                    flat[name] = v
+    for key, value in result["runs"].items():
+        flat[f"runs.{key}"] = value
+    return flat
+
+
+def write(result: dict, out_stem: str | Path) -> tuple[Path, Path, Path]:
+    """OUT.json (everything), OUT.md (the table) and OUT.metrics.json (metrics())."""
     out = Path(out_stem)
     md, js = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
+    flat = out.with_name(out.name + ".metrics.json")
     atomic_write_json(js, result)
+    atomic_write_json(flat, metrics(result))
     atomic_write_bytes(md, markdown(result).encode())
-    return md, js
+    return md, js, flat
 
 
 def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | Path) -> dict:
@@ -523,7 +546,8 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
 def register(subparsers) -> None:
     p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 on the stored runs",
                               description="Judge claims C1-C7 on whatever runs exist; writes "
-                                          "OUT.md and OUT.json. Thresholds (config key `claims`): "
+                                          "OUT.md, OUT.json and OUT.metrics.json (flat verdicts "
+                                          "and effects, for DVC). Thresholds (config key `claims`): "
                                           + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items()))
     p.add_argument("--config", default=None,
                    help="config file: judge its runs with its rank settings and thresholds "
@@ -537,5 +561,5 @@ def _cmd_claims(args: argparse.Namespace) -> int:
     result = run_claims(args.config, args.runs, args.out)
     for c in result["claims"]:
         print(f"{c['id']}: {c['verdict']:<12} {_effect(c)}")
-    print(f"written: {args.out}.md, {args.out}.json")
+    print(f"written: {args.out}.md, {args.out}.json, {args.out}.metrics.json")
     return 0
