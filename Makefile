@@ -30,6 +30,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not slow" tests
 
+# Static checks (CI runs them before the tests): ruff and mypy on the package, snakefmt
+# and Snakemake's own linter on the workflow.
+lint: $(STAMP)
+	$(BIN)/ruff check src containers
+	$(BIN)/mypy
+	$(BIN)/snakefmt --check Snakefile workflow
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint --cores 1
+
 bench: $(STAMP)
 	$(BIN)/rankbias bench --json
 

@@ -61,6 +61,17 @@ STATEMENTS = {
     "C7": "Full-batch gradient descent does not reduce rank (except on tiny data).",
 }
 
+# The claims each of the paper's figures shows (the paper's own attribution).
+FIGURE_CLAIMS = {
+    "fig1": ("C4",),
+    "fig2": ("C1", "C2"),
+    "fig3": ("C3",),
+    "fig4": ("C1", "C2"),
+    "fig5": ("C1", "C2", "C5"),
+    "fig6": ("C6",),
+    "fig7": ("C6",),
+}
+
 
 # -- numerics ------------------------------------------------------------------------
 
@@ -491,6 +502,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def measured(result: dict, figure: str) -> str:
+    """One line per claim that `figure` shows: the verdict and effect this run measured."""
+    by_id = {c["id"]: c for c in result["claims"]}
+    return "; ".join(f"{cid} {by_id[cid]['verdict']}: {_effect(by_id[cid])}"
+                     for cid in FIGURE_CLAIMS.get(figure, ()) if cid in by_id)
+
+
+def html(result: dict) -> str:
+    """The claims table (markdown()) as a stand-alone HTML page, for Snakemake's report."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown(result))
+    style = ("body{font-family:sans-serif;max-width:72em;margin:1em auto;line-height:1.4}"
+             "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:.3em .5em;"
+             "vertical-align:top}th{background:#eee}")
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Claims</title>'
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+
+
 def metrics(result: dict) -> dict:
     """The verdicts and measured effects as one flat mapping, for `dvc metrics show` and
     `dvc exp show`: ``C1.verdict``, ``C1.mean_spearman_in_claimed_direction``,
@@ -511,15 +541,15 @@ def metrics(result: dict) -> dict:
     return flat
 
 
-def write(result: dict, out_stem: str | Path) -> tuple[Path, Path, Path]:
-    """OUT.json (everything), OUT.md (the table) and OUT.metrics.json (metrics())."""
+def write(result: dict, out_stem: str | Path) -> list[Path]:
+    """OUT.json (everything), OUT.md and OUT.html (the table), OUT.metrics.json (metrics())."""
     out = Path(out_stem)
-    md, js = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
-    flat = out.with_name(out.name + ".metrics.json")
-    atomic_write_json(js, result)
-    atomic_write_json(flat, metrics(result))
-    atomic_write_bytes(md, markdown(result).encode())
-    return md, js, flat
+    paths = [out.with_name(out.name + suffix) for suffix in (".json", ".md", ".html", ".metrics.json")]
+    atomic_write_json(paths[0], result)
+    atomic_write_bytes(paths[1], markdown(result).encode())
+    atomic_write_bytes(paths[2], html(result).encode())
+    atomic_write_json(paths[3], metrics(result))
+    return paths
 
 
 def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | Path) -> dict:
@@ -546,8 +576,8 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
 def register(subparsers) -> None:
     p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 on the stored runs",
                               description="Judge claims C1-C7 on whatever runs exist; writes "
-                                          "OUT.md, OUT.json and OUT.metrics.json (flat verdicts "
-                                          "and effects, for DVC). Thresholds (config key `claims`): "
+                                          "OUT.json, OUT.md, OUT.html and OUT.metrics.json (flat "
+                                          "verdicts and effects, for DVC). Thresholds (config key `claims`): "
                                           + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items()))
     p.add_argument("--config", default=None,
                    help="config file: judge its runs with its rank settings and thresholds "
@@ -561,5 +591,5 @@ def _cmd_claims(args: argparse.Namespace) -> int:
     result = run_claims(args.config, args.runs, args.out)
     for c in result["claims"]:
         print(f"{c['id']}: {c['verdict']:<12} {_effect(c)}")
-    print(f"written: {args.out}.md, {args.out}.json, {args.out}.metrics.json")
+    print(f"written: {args.out}.json, {args.out}.md, {args.out}.html, {args.out}.metrics.json")
     return 0

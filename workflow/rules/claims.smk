@@ -5,8 +5,15 @@ rule claims:
     input:
         run_json(ALL_RUNS),
     output:
-        md=report("results/claims.md", caption="../report/claims.rst", category="Claims"),
+        md="results/claims.md",
         json="results/claims.json",
+        html=report(
+            "results/claims.html",
+            caption="../report/claims.rst",
+            category="Claims",
+            labels={"table": "verdicts on claims C1-C7"},
+        ),
+        metrics="results/claims.metrics.json",
     params:
         rank=PLAN.config["rank"],
         thresholds=PLAN.config["claims"],
