@@ -14,6 +14,10 @@ min_version("9.0")
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
+envvars:
+    "PATH",
+
+
 # The quick profile is the default; a --configfile replaces it entirely (Snakemake would
 # otherwise merge the two, and a paper or test config would inherit quick-profile runs).
 if not workflow.overwrite_configfiles:

@@ -247,9 +247,9 @@ def register(subparsers) -> None:
 
 
 def graph_mode(arg: str | None) -> str:
-    """--graph, else $RANKBIAS_GRAPH (the workflow sets it from the config's `graph`,
-    so that the choice, which changes no result, is not part of the rule's command
-    and changing it retrains nothing), else auto."""
+    """--graph (the workflow passes the config's `graph` as a job resource, so that the
+    choice, which changes no result, retrains nothing when changed), else
+    $RANKBIAS_GRAPH, else auto."""
     if arg is not None:
         return arg
     mode = os.environ.get("RANKBIAS_GRAPH", "auto")

@@ -2,24 +2,6 @@
 # off the stored spectra with the config's `rank` settings (a params change redraws
 # the figures and never retrains).
 
-import json
-from pathlib import Path
-
-
-def figure_labels(wildcards):
-    """Report labels, evaluated by `snakemake --report` only: the figure's name and this
-    run's verdict and effect for each claim the figure shows (from results/claims.json)."""
-    from rankbias.claims import measured
-
-    try:
-        result = json.loads(Path("results/claims.json").read_text())
-    except (OSError, ValueError):
-        result = None
-    return {
-        "figure": f"Figure {wildcards.fig[3:]}",
-        "measured": measured(result, wildcards.fig) if result else "claims not judged",
-    }
-
 
 rule figure:
     input:

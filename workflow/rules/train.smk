@@ -10,7 +10,7 @@
 
 def _train_rule(pid):
     specs = PLAN.pack_specs(pid)
-    resources_ = dict(runtime=pack_runtime(pid), mem_mb=pack_mem_mb(pid))
+    resources_ = dict(runtime=pack_runtime(pid), mem_mb=pack_mem_mb(pid), **EXECUTION)
     if ON_GPU:
         resources_["gpu"] = 1
 
@@ -31,7 +31,8 @@ def _train_rule(pid):
             **resources_,
         shell:
             "OMP_NUM_THREADS={threads} rankbias train {input.pack} --out results/runs"
-            " --checkpoint-dir results/packs/{params.pack} --device {config[device]}"
+            " --checkpoint-dir results/packs/{params.pack} --device {resources.device}"
+            " --graph {resources.graph}"
             " > {log} 2>&1"
 
 
