@@ -457,3 +457,17 @@ def test_image_runs_the_tiny_pipeline_as_a_run_outside(tiny_pipeline, tmp_path):
     for run_json in (wd / "results" / "runs").glob("*/run.json"):
         container = json.loads(run_json.read_text())["provenance"]["container"]
         assert container == {"image": "rankbias:test", "image_digest": digest, "runtime": "podman"}, run_json
+
+
+def test_partition_file_routes_training_to_the_gpu_partition():
+    from snakemake_executor_plugin_slurm.partitions import read_partition_file
+
+    partitions = {p.name: p.limits for p in read_partition_file(PROFILE.parent / "partitions.yaml")}
+    assert partitions["gpu"].max_gpu > 0 and partitions["cpu"].max_gpu == 0
+    assert "partitions.yaml" in PROFILE.read_text()
+
+
+def test_data_figures_and_claims_run_on_the_submitting_host():
+    rules = ROOT / "workflow" / "rules"
+    for name in ("data", "figures", "claims"):
+        assert re.search(r"^    localrule: True$", (rules / f"{name}.smk").read_text(), re.M), name

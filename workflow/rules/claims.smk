@@ -19,6 +19,8 @@ rule claims:
         thresholds=PLAN.config["claims"],
         runs=ALL_RUNS,
         config=RESOLVED_CONFIG,
+    # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
+    localrule: True
     log:
         "results/logs/claims.log",
     shell:

@@ -5,6 +5,8 @@
 rule data:
     output:
         "data/{dataset}/manifest.json",
+    # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
+    localrule: True
     log:
         "results/logs/data/{dataset}.log",
     shell:

@@ -25,6 +25,8 @@ rule figure:
         rank=lambda wildcards: PLAN.config["rank"],
         runs=lambda wildcards: PLAN.groups[wildcards.fig],
         config=RESOLVED_CONFIG,
+    # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
+    localrule: True
     log:
         "results/logs/figures/{fig}.log",
     shell:
