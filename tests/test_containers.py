@@ -420,6 +420,8 @@ def _same_results(inside: Path, outside: Path) -> None:
                 x, y = json.loads(f.read_text()), json.loads((b / f.name).read_text())
                 for d in (x, y):
                     d.pop("provenance"), d.pop("wall_time_s", None)
+                    # an .npz is a zip whose member timestamps differ; its arrays are compared above
+                    d["files"] = {k: v for k, v in d["files"].items() if not k.endswith(".npz")}
                 assert x == y, run_id
     for name in ("claims.json", "claims.metrics.json"):
         assert json.loads((inside / "results" / name).read_text()) == \

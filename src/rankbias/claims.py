@@ -19,13 +19,13 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .results import Run, RunError, atomic_write_bytes, atomic_write_json
+from .results import Run, atomic_write_bytes, atomic_write_json
 from .spec import RunSpec
 
 HOLDS, FAILS, INSUFFICIENT = "holds", "fails", "insufficient"
