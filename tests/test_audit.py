@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,9 +19,10 @@ import yaml  # noqa: E402
 from fabricate import fabricate  # noqa: E402
 from rankbias import audit as A  # noqa: E402
 from rankbias import provenance as P  # noqa: E402
+from rankbias import dvcstate  # noqa: E402
 from rankbias import restore as R  # noqa: E402
 from rankbias.cli import main  # noqa: E402
-from rankbias.results import load_runs  # noqa: E402
+from rankbias.results import RECORD_HASH, load_runs, record_hash  # noqa: E402
 from rankbias.spec import RunSpec  # noqa: E402
 
 FIG = "results/figures/fig2.png"
@@ -86,12 +89,14 @@ def test_tampered_metrics_named(tree, capsys):
 
 
 def test_consistent_rewrite_of_a_run_is_still_caught(tree, capsys):
-    """Changing a file AND its hash in run.json still differs from the figure's record."""
+    """Changing a file AND its hash in run.json AND the record's own hash still differs
+    from the figure's record."""
     run = sorted((tree / "results/runs").iterdir())[0]
     f = run / "spectra.npz"
     f.write_bytes(f.read_bytes() + b"\0")
     info = json.loads((run / "run.json").read_text())
     info["files"]["spectra.npz"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    info[RECORD_HASH] = record_hash(info)
     (run / "run.json").write_text(json.dumps(info))
     rc, out = audit(tree, capsys)
     text = "\n".join(mismatches(out))
@@ -110,6 +115,7 @@ def test_each_differing_file_is_named_once(tree, capsys):
     s.write_bytes(s.read_bytes() + b"\0")
     info = json.loads((run / "run.json").read_text())
     info["files"]["spectra.npz"] = hashlib.sha256(s.read_bytes()).hexdigest()
+    info[RECORD_HASH] = record_hash(info)
     (run / "run.json").write_text(json.dumps(info))
     rc, out = audit(tree, capsys)
     lines = mismatches(out)
@@ -153,7 +159,6 @@ def _count_hashing(monkeypatch) -> Counter:
         return real(path)
 
     monkeypatch.setattr(results, "sha256_file", counting)
-    monkeypatch.setattr(A, "sha256_file", counting)
     return counts
 
 
@@ -217,8 +222,8 @@ def test_code_changes_are_named(tree, capsys):
 
 
 def _write_lock(root: Path, png_md5: str) -> None:
-    runs_md5, manifest = R.dir_md5(root / "results/runs")
-    obj = R.cache_object(root, runs_md5)
+    runs_md5, manifest = dvcstate.dir_md5(root / "results/runs")
+    obj = dvcstate.cache_object(root, runs_md5)
     obj.parent.mkdir(parents=True, exist_ok=True)
     obj.write_text(json.dumps([{"md5": m, "relpath": k} for k, m in sorted(manifest.items())]))
     fig = {"path": FIG, "hash": "md5", "md5": png_md5}
@@ -230,7 +235,7 @@ def _write_lock(root: Path, png_md5: str) -> None:
 
 
 def test_dvc_lock_is_checked(tree, capsys):
-    _write_lock(tree, R.md5_file(tree / FIG))
+    _write_lock(tree, dvcstate.md5_file(tree / FIG))
     rc, out = audit(tree, capsys)
     assert rc == 0, out
     # A run file that differs from the runs directory the figure's stage depended on.
@@ -319,3 +324,134 @@ localrule figure:
     assert R.planned_outputs(text) == [
         ("train_abc", ["results/runs/a/run.json", "results/runs/b/run.json"]),
         ("figure", ["results/figures/fig1.png", "results/figures/fig1.pdf"])]
+
+
+# -- paths from dvc.lock and provenance records stay inside the repository -------------
+
+def _victim(tree: Path) -> Path:
+    victim = tree.parent / "outside" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("not the pipeline's\n")
+    victim.chmod(0o444)
+    return victim
+
+
+def _lock_with(root: Path, path: str, md5: str) -> None:
+    lock = {"schema": "2.0", "stages": {"crafted": {"cmd": "true", "outs": [
+        {"path": path, "hash": "md5", "md5": md5}]}}}
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+
+
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "symlink", "md5 into a cache path"])
+def test_restore_never_touches_a_file_outside_the_repository(tree, capsys, case):
+    victim = _victim(tree)
+    if case == "absolute":
+        path, md5 = str(victim), "0" * 32
+    elif case == "dotdot":
+        path, md5 = "../outside/victim.txt", "0" * 32
+    elif case == "symlink":
+        (tree / "results" / "escape").symlink_to(victim.parent, target_is_directory=True)
+        path, md5 = "results/escape/victim.txt", "0" * 32
+    else:   # a hash that makes the "corrupt cache object" the victim
+        path, md5 = FIG, ".." + str(victim)
+    _lock_with(tree, path, md5)
+    assert main(["restore", "--root", str(tree)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED dvc.lock: dvc.lock stage crafted out {path!r}:" in out and "refused" in out, out
+    assert victim.read_text() == "not the pipeline's\n"
+    assert victim.stat().st_mode & 0o777 == 0o444
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["victim.txt"]
+
+
+def test_a_file_list_entry_that_leaves_the_repository_is_refused(tree, capsys):
+    victim = _victim(tree)
+    listing = json.dumps([{"md5": "0" * 32, "relpath": "../../../outside/victim.txt"}])
+    md5 = hashlib.md5(listing.encode()).hexdigest() + ".dir"
+    obj = dvcstate.cache_object(tree, md5)
+    obj.parent.mkdir(parents=True)
+    obj.write_text(listing)
+    _lock_with(tree, "results/runs", md5)
+    assert main(["restore", "--root", str(tree)]) == 1
+    out = capsys.readouterr().out
+    assert "entry '../../../outside/victim.txt'" in out and "refused" in out, out
+    assert victim.read_text() == "not the pipeline's\n" and victim.stat().st_mode & 0o777 == 0o444
+
+
+def test_a_figure_record_naming_a_run_outside_results_is_a_mismatch(tree, capsys):
+    import shutil
+
+    runs = load_runs(tree / "results/runs")
+    elsewhere = tree.parent / "elsewhere" / runs[0].path.name
+    shutil.copytree(runs[0].path, elsewhere)
+    record = P.figure_provenance(runs, {}, "fig2", root=tree)
+    record["runs"][0]["path"] = str(elsewhere)
+    fig, _ = plt.subplots()
+    P.save_figure(fig, tree / FIG, tree / FIG.replace(".png", ".pdf"), record)
+    plt.close(fig)
+    rc, out = audit(tree, capsys)
+    assert rc == 1
+    assert any(f"run {runs[0].run_id}: path {str(elsewhere)!r}" in x and "outside" in x
+               for x in mismatches(out)), out
+
+
+# -- every field of a run record is checked --------------------------------------------
+
+def test_an_injected_field_in_run_json_fails_restore_and_audit(tree, capsys):
+    run = sorted((tree / "results/runs").iterdir())[0]
+    info = json.loads((run / "run.json").read_text())
+    info["diverged"] = {"epoch": 1, "reason": "injected"}
+    (run / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    assert main(["restore", "--root", str(tree), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED results/runs/{run.name}: run.json: edited after it was written" in out
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and f"MISMATCH results/runs/{run.name}/run.json: edited after it was written" in out
+
+
+def test_untracked_code_is_a_code_change(tree, capsys):
+    (tree / "new_module.py").write_text("import os\n")
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and any(x.startswith("MISMATCH new_module.py: not tracked by git") for x in mismatches(out))
+    with open(tree / ".git" / "info" / "exclude", "a") as f:   # ignored files are not code
+        f.write("new_module.py\n")
+    rc, out = audit(tree, capsys)
+    assert rc == 0, out
+
+
+# -- the claims table has provenance and an audit ---------------------------------------
+
+def test_claims_are_audited_like_a_figure(tree, capsys):
+    from rankbias import claims
+
+    claims.run_claims(None, tree / "results/runs", tree / "results/claims")
+    record = json.loads((tree / "results/claims.provenance.json").read_text())
+    assert record["figure"] == "claims" and set(record["outputs"]) == {"claims.md", "claims.json"}
+    assert {r["run_id"] for r in record["runs"]} == {p.name for p in (tree / "results/runs").iterdir()}
+    assert all(len(r["run_json_sha256"]) == 64 for r in record["runs"])
+    rc, out = audit(tree, capsys, "results/claims.md")
+    assert rc == 0 and "audit: OK" in out, out
+    assert main(["restore", "--root", str(tree), "--check"]) == 0
+    assert "2 run(s) and 2 figure(s) verified" in capsys.readouterr().out
+    md = tree / "results/claims.md"
+    md.write_text(md.read_text().replace("**", "__", 1))
+    rc, out = audit(tree, capsys, "results/claims.md")
+    assert rc == 1 and "MISMATCH results/claims.md: sha256 differs from the one " \
+                       "results/claims.provenance.json records" in out
+    assert main(["restore", "--root", str(tree), "--check"]) == 1
+    capsys.readouterr()
+    md.write_text(md.read_text().replace("__", "**", 1))
+    run = sorted((tree / "results/runs").iterdir())[0]
+    f = run / "layers.parquet"
+    f.write_bytes(f.read_bytes() + b"\0")
+    rc, out = audit(tree, capsys, "results/claims.md")
+    assert rc == 1 and f"MISMATCH results/runs/{run.name}/layers.parquet" in out
+
+
+def test_audit_and_restore_import_in_one_direction():
+    """DVC state lives in dvcstate and the per-run check in results: the audit needs
+    nothing of restore, which builds on the audit."""
+    code = ("import sys, rankbias.audit; assert 'rankbias.restore' not in sys.modules, 'audit imports restore'; "
+            "import rankbias.restore")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(A.__file__).parents[1])})
+    assert proc.returncode == 0, proc.stderr

@@ -232,3 +232,22 @@ def test_c4_insufficient_without_lambda0_distance(tmp_path):
     fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E, seed=1), distance=[0.2] * E)
     v, _ = verdicts(tmp_path)
     assert v["C4"]["verdict"] == "holds" and v["C4"]["n_runs"] == 2 and v["C4"]["seeds"] == [1]
+
+
+def test_claims_refuse_a_run_that_fails_verification_and_record_provenance(tmp_path):
+    from rankbias.cli import main
+    runs = tmp_path / "runs"
+    paths = [fabricate(runs, spec(batch_size=b), final_ranks=[r] * 3) for b, r in ((8, 6), (32, 12))]
+    assert main(["claims", "--runs", str(runs), "--out", str(tmp_path / "claims")]) == 0
+    record = json.loads((tmp_path / "claims.provenance.json").read_text())
+    assert sorted(r["run_id"] for r in record["runs"]) == sorted(p.name for p in paths)
+    info = json.loads((paths[0] / "run.json").read_text())
+    info["diverged"] = {"epoch": 1, "reason": "injected"}
+    (paths[0] / "run.json").write_text(json.dumps(info))
+    with pytest.raises(RuntimeError, match=f"claims: refusing 1 run.* {paths[0].name} .*edited"):
+        C.run_claims(None, runs, tmp_path / "again")
+    f = paths[1] / "spectra.npz"
+    f.write_bytes(f.read_bytes() + b"\0")
+    with pytest.raises(RuntimeError, match=f"refusing 2 run.*{paths[1].name} .*spectra.npz: sha256"):
+        C.run_claims(None, runs, tmp_path / "again")
+    assert not (tmp_path / "again.md").exists()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import TEST_CONFIG, copy_repo, planned_jobs
 
-from rankbias import restore as R
+from rankbias import dvcstate
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def use_config(repo: Path, configfile: str) -> None:
 
 
 def cache_object_of(repo: Path, f: Path) -> Path:
-    return R.cache_object(repo, R.md5_file(f))
+    return dvcstate.cache_object(repo, dvcstate.md5_file(f))
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +92,11 @@ def test_dvc_lock_records_each_figure_and_our_hashes_agree_with_dvc(pushed):
         outs = {o["path"]: o["md5"] for o in lock[f"figure@{fig}"]["outs"]}
         for suffix in (".png", ".pdf", ".provenance.json"):
             path = f"results/figures/{fig}{suffix}"
-            assert outs[path] == R.md5_file(repo / path)
+            assert outs[path] == dvcstate.md5_file(repo / path)
         deps = {d["path"]: d["md5"] for d in lock[f"figure@{fig}"]["deps"]}
         # Our directory hash equals DVC's (the audit relies on reading it the same way).
-        assert deps["results/runs"] == R.dir_md5(repo / "results/runs")[0]
-        assert R.dir_manifest(repo, deps["results/runs"]) == R.dir_md5(repo / "results/runs")[1]
+        assert deps["results/runs"] == dvcstate.dir_md5(repo / "results/runs")[0]
+        assert dvcstate.dir_manifest(repo, deps["results/runs"]) == dvcstate.dir_md5(repo / "results/runs")[1]
 
 
 def test_pull_and_restore_plan_no_training(pushed):
@@ -144,13 +144,13 @@ def test_corrupt_cache_object_is_an_error_not_used(pushed):
     jobs = dry_run(repo)
     assert any(j.startswith("train_") for j in jobs), jobs  # retrained, not used
     sh(repo, "dvc", "pull", *STAGES)
-    assert R.md5_file(obj) == obj.parent.name + obj.name  # a good copy again
+    assert dvcstate.md5_file(obj) == obj.parent.name + obj.name  # a good copy again
 
 
 def test_corrupt_remote_object_fails_the_pull_clearly(pushed):
     remote = pushed / "rankbias-dvc-remote"
     src = pushed / "repo/results/figures/fig2.pdf"
-    md5 = R.md5_file(src)
+    md5 = dvcstate.md5_file(src)
     obj = remote / "files" / "md5" / md5[:2] / md5[2:]
     good = obj.read_bytes()
     try:
@@ -163,7 +163,7 @@ def test_corrupt_remote_object_fails_the_pull_clearly(pushed):
         assert p.returncode == 1
         assert "results/figures/fig2.pdf" in p.stdout, p.stdout
         f = repo / "results/figures/fig2.pdf"
-        assert not f.exists() or R.md5_file(f) == md5  # never the corrupt bytes
+        assert not f.exists() or dvcstate.md5_file(f) == md5  # never the corrupt bytes
     finally:
         obj.write_bytes(good)
 

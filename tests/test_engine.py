@@ -101,7 +101,7 @@ def _read_all(path):
     run = Run(path)
     info = run.info
     return (run.metrics, run.layers, run.spectra,
-            {k: v for k, v in info.items() if k not in ("wall_time_s", "provenance", "files")})
+            {k: v for k, v in info.items() if k not in ("wall_time_s", "provenance", "files", "record_sha256")})
 
 
 def test_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):

@@ -146,3 +146,30 @@ def test_metrics_logged_every_few_epochs_still_draw_lines(tmp_path, synthetic):
         assert len(drawn) == 2, ax.get_title()
         for ln in drawn:
             assert list(ln.get_xdata()) == [0, 2, 4]
+
+
+def _inject_diverged(run_dir):
+    info = json.loads((run_dir / "run.json").read_text())
+    info["diverged"] = {"epoch": 2, "reason": "injected"}
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def _alter_metrics(run_dir):
+    f = run_dir / "metrics.parquet"
+    df = Run(run_dir).metrics
+    df.loc[df.index[-1], "train_acc"] = 1.0
+    df.to_parquet(f, index=False)
+
+
+@pytest.mark.parametrize("tamper", [_inject_diverged, _alter_metrics])
+def test_a_run_that_fails_verification_is_refused_by_name(world, tmp_path, capsys, tamper):
+    from rankbias.cli import main
+    cfg, runs, p = world
+    victim = p.figures["fig2"][1]
+    tamper(runs / victim)
+    out = tmp_path / "out" / "fig2.png"
+    with pytest.raises(RuntimeError, match=f"fig2: refusing 1 run.* {victim} "):
+        F.make_figure("fig2", cfg, runs, out)
+    assert main(["figure", "fig2", "--config", str(cfg), "--runs", str(runs), "--out", str(out)]) == 1
+    assert victim in capsys.readouterr().err
+    assert not out.exists() and not out.with_suffix(".pdf").exists()

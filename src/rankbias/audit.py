@@ -1,18 +1,22 @@
-"""`rankbias audit FIGURE`: show what made a figure and check the tree still matches.
+"""`rankbias audit FIGURE`: show what made a figure (or the claims table) and check the
+tree still matches.
 
 The figure's provenance (embedded in the PNG/PDF, and in the sidecar
 ``<stem>.provenance.json``) names every run it drew from with the sha256 of each of
 the run's files, the code commit, the datasets' checksums and the environment. The
 audit prints that record as a tree and then checks, against the tree as it is now:
 
-  * the sidecar exists and equals what is embedded in the PNG and the PDF;
+  * the sidecar exists and equals what is embedded in the PNG and the PDF (for the
+    claims table ``results/claims.md``: the sidecar records the sha256 of claims.md and
+    claims.json, and both still have it);
   * every run directory exists, passes ``Run.verify()`` (files match run.json, run_id
     matches its spec) and holds exactly the files, hashes and spec the figure recorded;
   * the datasets' recorded checksums equal the published ones and the local manifest;
   * ``dvc.lock`` (when present) records the figure's files with their current md5, and
     the run files with the md5 in the recorded ``results/runs`` manifest;
   * the code that made the figure equals the working tree (``git diff`` against the
-    recorded commit, ignoring DVC bookkeeping and Markdown).
+    recorded commit, ignoring DVC bookkeeping and Markdown; a file that git neither
+    tracks nor ignores counts as a change).
 
 Exit status: 0 everything matches, 1 a mismatch (one line per differing file or fact),
 2 bad usage or a missing figure.
@@ -23,76 +27,32 @@ import argparse
 import json
 import subprocess
 import sys
-from functools import cached_property
 from pathlib import Path
 
-from . import restore as dvcstate
+from . import dvcstate
 from . import provenance as P
-from .results import Run, RunError, sha256_file
+from .results import CheckedRun, check_run, sha256_file
 
 # Paths whose changes cannot change a figure: DVC bookkeeping and prose.
 CODE_EXCLUDES = (":(exclude)dvc.lock", ":(exclude,glob)**/*.dvc", ":(exclude).dvc",
                  ":(exclude,glob)**/*.md", ":(exclude).dvcignore")
 
 
-class CheckedRun:
-    """One run directory, checked once however many figures draw from it: ``Run.verify()``
-    (its files against run.json) and the sha256 of run.json itself."""
-
-    def __init__(self, path: Path):
-        self.run = Run(path)
-        try:
-            self.problems: list[str] = self.run.verify()
-        except (ValueError, OSError, AttributeError, TypeError) as e:  # run.json not a record
-            self.problems = [f"{path / 'run.json'}: unreadable ({e})"]
-
-    @property
-    def path(self) -> Path:
-        return self.run.path
-
-    @cached_property
-    def info(self) -> dict | None:
-        """run.json, or None when it is unreadable (``problems`` then says so)."""
-        try:
-            info = self.run.info
-        except (ValueError, OSError, RunError):
-            return None
-        return info if isinstance(info, dict) else None
-
-    @cached_property
-    def run_json_sha256(self) -> str | None:
-        try:
-            return sha256_file(self.path / "run.json")
-        except OSError:
-            return None
-
-    @cached_property
-    def bad_files(self) -> set[str]:
-        """Names listed in run.json whose file is missing or differs from the sha256 recorded
-        there: the files ``verify()`` named. Empty, without reading a file, when verify() was
-        clean; only a run that failed it is hashed again, to tell which files failed."""
-        if not self.problems or self.info is None:
-            return set()
-        files = self.info.get("files")
-        if not isinstance(files, dict):
-            return set()
-        return {name for name, digest in files.items()
-                if not (self.path / name).is_file() or sha256_file(self.path / name) != digest}
-
-
-def check_run(d: Path, cache: dict[Path, CheckedRun] | None = None) -> CheckedRun:
-    """The check of run directory `d`, made once per `cache` (keyed by resolved path)."""
-    if cache is None:
-        return CheckedRun(d)
-    key = d.resolve()
-    if key not in cache:
-        cache[key] = CheckedRun(d)
-    return cache[key]
-
-
 def other_format(figure: Path) -> Path:
     """The figure's other image: the PDF of a PNG, the PNG of a PDF."""
     return figure.with_suffix(".pdf" if figure.suffix.lower() == ".png" else ".png")
+
+
+def is_table(output: Path) -> bool:
+    """The claims table (Markdown, with its JSON beside it) rather than a figure."""
+    return output.suffix.lower() == ".md"
+
+
+def own_files(output: Path) -> list[Path]:
+    """The files one provenance record covers: a figure's PNG, PDF and sidecar, or the
+    claims' Markdown, JSON and sidecar."""
+    other = output.with_suffix(".json") if is_table(output) else other_format(output)
+    return [output, other, P.sidecar_path(output)]
 
 
 class Audit:
@@ -115,6 +75,37 @@ class Audit:
         self.checked += 1
 
     # -- the checks ----------------------------------------------------------------
+    def record(self) -> dict | None:
+        """The output's provenance record, checked against the files it describes."""
+        return self.table() if is_table(self.figure) else self.images()
+
+    def table(self) -> dict | None:
+        """The claims' sidecar, and the sha256 it records of the Markdown and the JSON."""
+        side = P.sidecar_path(self.figure)
+        try:
+            record = P.read_sidecar(self.figure)
+        except FileNotFoundError:
+            self.fail(self.rel(side), "provenance sidecar missing")
+            return None
+        except P.ProvenanceError as e:
+            self.fail(self.rel(side), e.detail)
+            return None
+        outputs = record.get("outputs")
+        if not isinstance(outputs, dict):
+            self.fail(self.rel(side), "records no sha256 of the outputs it describes")
+            return record
+        for f in own_files(self.figure)[:2]:
+            want = outputs.get(f.name)
+            if want is None:
+                self.fail(self.rel(f), f"not recorded in {self.rel(side)}")
+            elif not f.is_file():
+                self.fail(self.rel(f), f"missing (recorded in {self.rel(side)})")
+            elif sha256_file(f) != want:
+                self.fail(self.rel(f), f"sha256 differs from the one {self.rel(side)} records")
+            else:
+                self.ok()
+        return record
+
     def images(self) -> dict | None:
         try:
             record = P.read_embedded(self.figure)
@@ -149,12 +140,19 @@ class Audit:
         return record
 
     def run_dir(self, rec: dict) -> Path:
+        """The run directory a record names, which must lie inside the repository's
+        results/ (DvcStateError naming the record otherwise)."""
         p = Path(rec.get("path") or Path("results/runs") / str(rec.get("run_id")))
-        return p if p.is_absolute() else self.root / p
+        dvcstate.repo_path(self.root, p, f"{self.rel(self.figure)}: run {rec.get('run_id')}")
+        return self.root / p
 
     def runs(self, record: dict) -> None:
         for rec in record.get("runs", []):
-            d = self.run_dir(rec)
+            try:
+                d = self.run_dir(rec)
+            except dvcstate.DvcStateError as e:
+                self.problems.append(str(e))
+                continue
             if not (d / "run.json").exists():
                 self.fail(self.rel(d / "run.json") if d.exists() else self.rel(d),
                           f"missing (run {rec.get('run_id')} of this figure)")
@@ -184,8 +182,10 @@ class Audit:
                     self.fail(self.rel(f), "sha256 differs from the one the figure recorded")
                 else:
                     self.ok()
+            run_json_named = any(p.startswith(str(d / "run.json")) for p in checked.problems)
             if rec.get("run_json_sha256") and checked.run_json_sha256 != rec["run_json_sha256"]:
-                self.fail(self.rel(d / "run.json"), "differs from the run.json the figure was made from")
+                if not run_json_named:
+                    self.fail(self.rel(d / "run.json"), "differs from the run.json the figure was made from")
             elif not checked.problems:
                 self.ok()
 
@@ -229,7 +229,7 @@ class Audit:
         except dvcstate.DvcStateError as e:
             self.fail("dvc.lock", str(e))
             return
-        mine = [self.figure, other_format(self.figure), P.sidecar_path(self.figure)]
+        mine = own_files(self.figure)
         found = False
         for f in mine:
             rel = self.rel(f)
@@ -260,7 +260,10 @@ class Audit:
                 continue
             base = self.root / e.path
             for rec in record.get("runs", []):
-                d = self.run_dir(rec)
+                try:
+                    d = self.run_dir(rec)
+                except dvcstate.DvcStateError:
+                    continue  # named by runs()
                 for name in ["run.json", *sorted(rec.get("files") or {})]:
                     f = d / name
                     try:
@@ -302,6 +305,14 @@ class Audit:
         for f in changed:
             self.fail(f, f"differs from commit {commit[:12]} that made the figure "
                          f"(HEAD is {now['commit'][:12]}{', dirty' if now['dirty'] else ''})")
+        # A new module that git does not track changes the code as much as an edit does;
+        # only what .gitignore excludes (outputs, caches) is not code.
+        untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--",
+                                    ".", *CODE_EXCLUDES], cwd=self.root, capture_output=True, text=True)
+        new = [line for line in untracked.stdout.splitlines() if line.strip()]
+        for f in new:
+            self.fail(f, f"not tracked by git, so not part of commit {commit[:12]} that made the figure")
+        changed += new
         if not changed:
             self.ok()
 
@@ -386,7 +397,7 @@ def audit(figure: str | Path, root: str | Path = ".") -> tuple[dict | None, Audi
     if not fig.is_absolute() and not fig.exists() and (root / fig).exists():
         fig = root / fig
     a = Audit(fig, root)
-    record = a.images()
+    record = a.record()
     if record is not None:
         a.runs(record)
         a.datasets(record)
@@ -400,8 +411,9 @@ def run(args: argparse.Namespace) -> int:
     if not fig.exists() and not (Path(args.root) / fig).exists():
         print(f"rankbias audit: error: {fig}: no such figure", file=sys.stderr)
         return 2
-    if fig.suffix.lower() not in (".png", ".pdf"):
-        print(f"rankbias audit: error: {fig}: expected a .png or .pdf figure", file=sys.stderr)
+    if fig.suffix.lower() not in (".png", ".pdf", ".md"):
+        print(f"rankbias audit: error: {fig}: expected a .png or .pdf figure or the claims "
+              f"table (.md)", file=sys.stderr)
         return 2
     if not Path(args.root).is_dir():
         print(f"rankbias audit: error: --root {args.root}: not a directory", file=sys.stderr)
@@ -427,9 +439,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("audit", help="show a figure's provenance and check it against the tree",
+    p = subparsers.add_parser("audit", help="show a figure's or the claims' provenance and check it "
+                                            "against the tree",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("figure", help="a figure written by `rankbias figure` (.png or .pdf)")
+    p.add_argument("figure", help="a figure written by `rankbias figure` (.png or .pdf), or the "
+                                  "claims table written by `rankbias claims` (.md)")
     p.add_argument("--root", default=".", help="repository root the recorded paths are relative to")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)

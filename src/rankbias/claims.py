@@ -541,20 +541,24 @@ def metrics(result: dict) -> dict:
     return flat
 
 
-def write(result: dict, out_stem: str | Path) -> list[Path]:
-    """OUT.json (everything), OUT.md and OUT.html (the table), OUT.metrics.json (metrics())."""
+def write(result: dict, out_stem: str | Path) -> tuple[Path, Path]:
+    """OUT.json (everything) and OUT.md (the table), returned; beside them the same table
+    as OUT.html and the verdicts and effects as OUT.metrics.json (metrics())."""
     out = Path(out_stem)
-    paths = [out.with_name(out.name + suffix) for suffix in (".json", ".md", ".html", ".metrics.json")]
-    atomic_write_json(paths[0], result)
-    atomic_write_bytes(paths[1], markdown(result).encode())
-    atomic_write_bytes(paths[2], html(result).encode())
-    atomic_write_json(paths[3], metrics(result))
-    return paths
+    md, js = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
+    atomic_write_json(js, result)
+    atomic_write_bytes(md, markdown(result).encode())
+    atomic_write_bytes(out.with_name(out.name + ".html"), html(result).encode())
+    atomic_write_json(out.with_name(out.name + ".metrics.json"), metrics(result))
+    return md, js
 
 
 def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | Path) -> dict:
-    from . import sweep
-    from .results import load_runs
+    """Judge the claims on the runs of `config_path` (every run in `runs_dir` without one)
+    and write OUT.md, OUT.json and their provenance record OUT.provenance.json. A run that
+    fails verification is an error naming it, before anything is judged."""
+    from . import provenance, sweep
+    from .results import load_runs, refuse_unverified
 
     if config_path is not None:
         p = sweep.plan_from_file(config_path)
@@ -568,16 +572,22 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
         rank, overrides = {"normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL}, {}
     if missing:
         print(f"warning: {len(missing)} run(s) of the config are not in {runs_dir}", file=sys.stderr)
+    refuse_unverified(runs, "claims")
     result = judge(runs, rank["normalise"], rank["tol"], overrides, missing)
-    write(result, out)
+    md, js = write(result, out)
+    record = provenance.figure_provenance(runs, {"rank": rank, "claims": overrides,
+                                                 "missing_runs": missing}, "claims")
+    provenance.save_record([md, js], record)
     return result
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 on the stored runs",
                               description="Judge claims C1-C7 on whatever runs exist; writes "
-                                          "OUT.json, OUT.md, OUT.html and OUT.metrics.json (flat "
-                                          "verdicts and effects, for DVC). Thresholds (config key `claims`): "
+                                          "OUT.md, OUT.json and their provenance "
+                                          "OUT.provenance.json (`rankbias audit OUT.md` checks "
+                                          "it); the table as OUT.html and the verdicts and effects "
+                                          "as OUT.metrics.json (for DVC). Thresholds (config key `claims`): "
                                           + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items()))
     p.add_argument("--config", default=None,
                    help="config file: judge its runs with its rank settings and thresholds "

@@ -5,7 +5,8 @@ listed as a warning and noted on the figure). Ranks come from the stored spectra
 the config's ``rank: {normalise, tol}``, so re-thresholding never retrains. A run
 that diverged is drawn up to its last finite value, marked with a cross there and
 labelled "diverged at epoch e"; it is never dropped silently. Several seeds of one
-setting are drawn as their mean with a band from min to max.
+setting are drawn as their mean with a band from min to max. A run that fails
+verification (``Run.verify``) stops the figure, named in the error.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .results import Run, RunError
+from .results import Run, refuse_unverified
 
 # Which spec key makes the panels and which the lines of each figure.
 LAYOUTS: dict[str, dict[str, Any]] = {
@@ -271,21 +272,20 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
 
 # -- runs and the command ------------------------------------------------------------
 
-def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: float
-            ) -> tuple[list[RunData], list[str]]:
-    """Load the runs that exist; return them and the run_ids that do not."""
-    data, missing = [], []
+def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: float,
+            what: str = "figure") -> tuple[list[RunData], list[str]]:
+    """Load the runs that exist; return them and the run_ids that do not. A run that
+    fails verification (an edited record, an altered file) is an error naming it:
+    nothing is drawn from it, and it is not passed off as missing either."""
+    runs, missing = [], []
     for rid in run_ids:
         path = Path(runs_dir) / rid
-        if not (path / "run.json").exists():
+        if (path / "run.json").exists():
+            runs.append(Run(path))
+        else:
             missing.append(rid)
-            continue
-        try:
-            data.append(load_run(Run(path), normalise, tol))
-        except (RunError, OSError, ValueError) as e:
-            print(f"warning: {path}: unreadable ({e}); left out", file=sys.stderr)
-            missing.append(rid)
-    return data, missing
+    refuse_unverified(runs, what)
+    return [load_run(run, normalise, tol) for run in runs], missing
 
 
 def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: str | Path) -> dict:
@@ -296,7 +296,7 @@ def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: s
         raise ValueError(f"figure: {name!r} is not configured in {config_path} "
                          f"(figures: {', '.join(p.figures) or 'none'})")
     rank = p.config["rank"]
-    data, missing = collect(runs_dir, p.figures[name], rank["normalise"], rank["tol"])
+    data, missing = collect(runs_dir, p.figures[name], rank["normalise"], rank["tol"], name)
     if missing:
         print(f"warning: {name}: {len(missing)} of {len(p.figures[name])} runs missing in "
               f"{runs_dir}: {', '.join(missing)}", file=sys.stderr)

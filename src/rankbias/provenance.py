@@ -6,7 +6,9 @@ in each run's ``run.json``; ``figure_provenance()`` gathers, for one figure, the
 it drew from (spec, run_id, file hashes, each run's own provenance, dataset
 checksums) plus the environment that drew it. ``save_figure()`` writes the PNG and PDF
 with that record embedded and a ``<stem>.provenance.json`` sidecar beside them;
-``read_embedded()`` reads it back from either image format with plain Python.
+``read_embedded()`` reads it back from either image format with plain Python. The
+claims table, which cannot embed it, gets the same record from ``save_record()``, with
+the sha256 of its Markdown and JSON.
 """
 from __future__ import annotations
 
@@ -254,6 +256,18 @@ def save_figure(fig, png_path: str | Path, pdf_path: str | Path | None, provenan
             fig.savefig(buf, format="pdf", metadata=meta)
         atomic_write_bytes(pdf_path, buf.getvalue())
     atomic_write_json(sidecar_path(png_path), record)
+
+
+def save_record(outputs: list[Path], provenance: dict) -> Path:
+    """Write the provenance sidecar of outputs that cannot embed a record (the claims'
+    Markdown and JSON): `provenance` plus the sha256 of each output, so the record names
+    the exact bytes it describes. Written after the outputs, beside the first of them."""
+    from .results import atomic_write_json, sha256_file
+
+    record = json.loads(_json({**provenance, "outputs": {Path(p).name: sha256_file(p) for p in outputs}}))
+    side = sidecar_path(outputs[0])
+    atomic_write_json(side, record)
+    return side
 
 
 # -- reading an embedded record back -------------------------------------------------

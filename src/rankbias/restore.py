@@ -7,11 +7,15 @@ tampered file. So restore
 
   1. checks every output recorded in ``dvc.lock`` against its md5 (a directory
      against the file list DVC stored for it); a file that differs is named, and a
-     corrupt object in the DVC cache is removed so the next `dvc pull` fetches it again;
-  2. verifies every run under ``results/runs``: run.json readable, its run_id the hash
-     of its spec and its directory name, every file's sha256 as recorded;
-  3. verifies every figure: provenance sidecar equal to what the PNG and PDF embed, and
-     every run it records present with the same hashes;
+     corrupt object in the DVC cache is removed so the next `dvc pull` fetches it again.
+     A path that does not resolve inside the repository's data/ or results/ (absolute,
+     ``../``, through a symbolic link) is an error naming the entry, and is not touched;
+  2. verifies every run under ``results/runs``: run.json readable and unedited (its
+     ``record_sha256``), its run_id the hash of its spec and its directory name, every
+     file's sha256 as recorded;
+  3. verifies every figure and the claims table: provenance sidecar equal to what the
+     PNG and PDF embed (the claims' sidecar: the sha256 of claims.md and claims.json),
+     and every run it records present with the same hashes;
   4. moves whatever failed to ``results/quarantine/<time>/`` (named in the report),
      together with every output Snakemake derives from it, so `snakemake` rebuilds
      exactly those;
@@ -24,11 +28,7 @@ reported: the next `snakemake` retrains or redraws it); 2 bad usage.
 from __future__ import annotations
 
 import argparse
-import configparser
 import datetime as _dt
-import hashlib
-import json
-import os
 import re
 import shutil
 import subprocess
@@ -36,98 +36,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from . import dvcstate
+from .audit import Audit, own_files
+from .dvcstate import DvcStateError, cache_object, dir_manifest, md5_file, repo_path
 from .provenance import rel_path
-from .results import file_digest
+from .results import check_run
 
 RUNS_DIR = Path("results/runs")
 FIGURES_DIR = Path("results/figures")
 QUARANTINE_DIR = Path("results/quarantine")
-
-
-class DvcStateError(RuntimeError):
-    pass
-
-
-# -- DVC's records, read without importing DVC -----------------------------------------
-
-@dataclass(frozen=True)
-class LockEntry:
-    stage: str
-    kind: str  # "dep" or "out"
-    path: str
-    md5: str
-
-
-def lock_entries(root: str | Path) -> list[LockEntry]:
-    """Every dep and out with an md5 in ``<root>/dvc.lock``."""
-    lock = Path(root) / "dvc.lock"
-    try:
-        data = yaml.safe_load(lock.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise DvcStateError(f"{lock}: unreadable ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
-        raise DvcStateError(f"{lock}: expected a mapping with key 'stages' (DVC lock schema 2.0)")
-    out = []
-    for stage, body in data["stages"].items():
-        for kind in ("deps", "outs"):
-            for e in (body or {}).get(kind) or []:
-                if isinstance(e, dict) and e.get("path") and e.get("md5"):
-                    out.append(LockEntry(stage, kind[:-1], str(e["path"]), str(e["md5"])))
-    return out
-
-
-def md5_file(path: str | Path) -> str:
-    """DVC 3's hash of a file: the md5 of its bytes."""
-    return file_digest(path, "md5")
-
-
-def dir_md5(path: str | Path) -> tuple[str, dict[str, str]]:
-    """DVC 3's hash of a directory (``<md5>.dir``) and its file list {relpath: md5}.
-
-    The hash is the md5 of the JSON list of {"md5", "relpath"} sorted by relpath, as
-    DVC writes it into the cache. (No .dvcignore handling: for checking only.)"""
-    path = Path(path)
-    manifest = {}
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            p = Path(dirpath) / name
-            manifest[p.relative_to(path).as_posix()] = md5_file(p)
-    entries = [{"md5": manifest[k], "relpath": k} for k in sorted(manifest)]
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir", manifest
-
-
-def cache_dir(root: str | Path) -> Path:
-    """The DVC cache directory: ``cache.dir`` of .dvc/config(.local), else .dvc/cache."""
-    dvc = Path(root) / ".dvc"
-    found = None
-    for name in ("config", "config.local"):
-        cp = configparser.ConfigParser()
-        try:
-            cp.read(dvc / name)
-        except configparser.Error:
-            continue
-        if cp.has_option("cache", "dir"):
-            found = cp.get("cache", "dir")
-    if found is None:
-        return dvc / "cache"
-    p = Path(os.path.expanduser(found))
-    return p if p.is_absolute() else dvc / p
-
-
-def cache_object(root: str | Path, md5: str) -> Path:
-    return cache_dir(root) / "files" / "md5" / md5[:2] / md5[2:]
-
-
-def dir_manifest(root: str | Path, md5: str) -> dict[str, str] | None:
-    """{relpath: md5} of a directory as DVC recorded it, or None if not in the cache."""
-    p = cache_object(root, md5)
-    try:
-        entries = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    return {e["relpath"]: e["md5"] for e in entries}
+CLAIMS_SIDECAR = Path("results/claims.provenance.json")
 
 
 # -- verification ----------------------------------------------------------------------
@@ -140,7 +58,7 @@ class Report:
     actions: list[str] = field(default_factory=list)
     verified_runs: int = 0
     verified_figures: int = 0
-    # Run directories checked so far (resolved path -> audit.CheckedRun): each run is
+    # Run directories checked so far (resolved path -> results.CheckedRun): each run is
     # verified once, by check_runs, and its result reused for every figure drawn from it.
     runs: dict = field(default_factory=dict)
 
@@ -168,7 +86,7 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
     if not (root / "dvc.lock").exists():
         return
     try:
-        entries = lock_entries(root)
+        entries = dvcstate.lock_entries(root)
     except DvcStateError as e:
         rep.fail("dvc.lock", str(e))
         return
@@ -177,6 +95,13 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
         if e.kind != "out" or e.path in seen:
             continue
         seen.add(e.path)
+        entry = f"dvc.lock stage {e.stage} out {e.path!r}"
+        try:
+            repo_path(root, e.path, entry)
+            dvcstate.check_md5(e.md5, entry)
+        except DvcStateError as err:
+            rep.fail("dvc.lock", str(err))
+            continue
         p = root / e.path
         if e.md5.endswith(".dir"):
             manifest = dir_manifest(root, e.md5)
@@ -184,7 +109,14 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
                 rep.fail(e.path, f"the file list {e.md5} recorded in dvc.lock is not in the DVC "
                                  f"cache; run `dvc pull` (files inside are still verified below)")
                 continue
-            files = [(p / rel, md5) for rel, md5 in sorted(manifest.items())]
+            files = []
+            for rel, md5 in sorted(manifest.items()):
+                where = f"{entry}: file list {e.md5} entry {rel!r}"
+                try:
+                    repo_path(root, Path(e.path) / rel, where)
+                    files.append((p / rel, dvcstate.check_md5(md5, where)))
+                except DvcStateError as err:
+                    rep.fail("dvc.lock", str(err))
         else:
             files = [(p, e.md5)]
         for f, want in files:
@@ -197,7 +129,7 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
                 continue
             detail = f"md5 {got} differs from {want} recorded in dvc.lock (stage {e.stage})"
             obj = cache_object(root, want)
-            if obj.exists() and md5_file(obj) != want:
+            if obj.is_file() and not obj.is_symlink() and md5_file(obj) != want:
                 detail += f"; the DVC cache object {rep.rel(obj)} is corrupt"
                 if not fix_cache:
                     rep.fail(f, detail, bad=_owner(root, f))
@@ -213,14 +145,18 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
 
 def check_runs(rep: Report) -> set[str]:
     """Verify every run directory; returns the run_ids that failed."""
-    from .audit import check_run
-
     failed = set()
     runs_dir = rep.root / RUNS_DIR
     if not runs_dir.is_dir():
         return failed
     for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
         if d in rep.bad:
+            failed.add(d.name)
+            continue
+        try:
+            repo_path(rep.root, d, f"run directory {d.name}")
+        except DvcStateError as err:
+            rep.fail(d, str(err), bad=d)
             failed.add(d.name)
             continue
         if not (d / "run.json").exists():
@@ -237,32 +173,40 @@ def check_runs(rep: Report) -> set[str]:
     return failed
 
 
-def check_figures(rep: Report, failed_runs: set[str]) -> None:
-    from .audit import Audit
-
-    fig_dir = rep.root / FIGURES_DIR
-    if not fig_dir.is_dir():
-        return
-    for side in sorted(fig_dir.glob("*.provenance.json")):
+def recorded_outputs(root: Path) -> list[tuple[Path, Path | None]]:
+    """(sidecar, output it describes or None when absent) for every figure and the claims."""
+    found = []
+    fig_dir = root / FIGURES_DIR
+    for side in sorted(fig_dir.glob("*.provenance.json")) if fig_dir.is_dir() else []:
         stem = side.name[: -len(".provenance.json")]
         png, pdf = side.with_name(stem + ".png"), side.with_name(stem + ".pdf")
-        trio = [x for x in (png, pdf, side) if x.exists()]
-        figure = png if png.exists() else pdf if pdf.exists() else None
-        if figure is None:
-            rep.fail(side, "provenance sidecar without its figure", bad=side)
+        found.append((side, png if png.exists() else pdf if pdf.exists() else None))
+    claims_side = root / CLAIMS_SIDECAR
+    if claims_side.exists():
+        md = claims_side.with_name("claims.md")
+        found.append((claims_side, md if md.exists() else None))
+    return found
+
+
+def check_figures(rep: Report, failed_runs: set[str]) -> None:
+    """Verify every figure and the claims table against their provenance records."""
+    for side, output in recorded_outputs(rep.root):
+        if output is None:
+            rep.fail(side, "provenance sidecar without the output it describes", bad=side)
             continue
-        a = Audit(figure, rep.root, runs=rep.runs)
-        record = a.images()
+        trio = [x for x in own_files(output) if x.exists()]
+        a = Audit(output, rep.root, runs=rep.runs)
+        record = a.record()
         if record is not None:
             used = {r.get("run_id") for r in record.get("runs", [])}
             stale = sorted(used & failed_runs)
             if stale:
-                a.problems.append(f"{a.rel(figure)}: drawn from run(s) that failed verification: "
+                a.problems.append(f"{a.rel(output)}: drawn from run(s) that failed verification: "
                                   f"{', '.join(stale)}")
             else:
                 a.runs(record)
         if any(x in rep.bad for x in trio):
-            a.problems.append(f"{a.rel(figure)}: figure files differ from dvc.lock")
+            a.problems.append(f"{a.rel(output)}: files differ from dvc.lock")
         for p in a.problems:
             rep.problems.append(p)
         if a.problems:
@@ -328,7 +272,14 @@ def quarantine(rep: Report, paths: list[Path], stamp: str) -> list[Path]:
     moved = []
     base = rep.root / QUARANTINE_DIR / stamp
     for p in sorted(set(paths)):
-        if not p.exists():
+        if not p.exists() and not p.is_symlink():
+            continue
+        try:
+            # Checked again here, at the only place that moves files: whatever the
+            # findings name, nothing outside data/ and results/ is moved.
+            repo_path(rep.root, p.parent, f"move {p}")
+        except DvcStateError as err:
+            rep.problems.append(str(err))
             continue
         rel = Path(rep.rel(p))
         dest = base / (rel.relative_to("results") if rel.parts[:1] == ("results",) else rel)

@@ -1,7 +1,9 @@
 """Per-run result files: atomic writers and the reader that figures and claims use.
 
 Layout of ``results/runs/<run_id>/``:
-  run.json         spec, run_id, status, divergence, provenance, sha256 of each file
+  run.json         spec, run_id, status, divergence, provenance, sha256 of each file,
+                   and ``record_sha256``: the sha256 of the canonical JSON of every other
+                   field, so that no field can be edited unnoticed
   metrics.parquet  one row per epoch 0..E: epoch, logged, lr, step_loss, train_loss,
                    train_acc, test_loss, test_acc, distance, mean_rank, diverged
   layers.parquet   one row per (epoch, matrix): epoch, layer, index, kind
@@ -15,11 +17,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from zlib import error as zlib_error
 
 import numpy as np
 import pandas as pd
@@ -28,16 +33,36 @@ from . import metrics as M
 from .spec import RunSpec
 
 RUN_FILES = ("metrics.parquet", "layers.parquet", "spectra.npz")
+RECORD_HASH = "record_sha256"
+# The temporary files atomic_write_bytes makes: ".<name>.<random>.tmp".
+_TMP_RE = re.compile(r"^\..+\.tmp$")
 
 
 # -- atomic writes ---------------------------------------------------------------
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (os.umask
+    can only be read by setting it, which races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename."""
+    """Write to a temporary file in the same directory, fsync, then rename. The file gets
+    the mode a plain open() would give it (0666 less the umask), not mkstemp's 0600, so
+    results on a shared filesystem are as readable as the user's umask allows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -78,20 +103,43 @@ def sha256_file(path: str | Path) -> str:
     return file_digest(path, "sha256")
 
 
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      default=str).encode()
+
+
+def record_hash(info: dict) -> str:
+    """sha256 of a run record's canonical JSON, its own hash field left out."""
+    return hashlib.sha256(canonical_json({k: v for k, v in info.items() if k != RECORD_HASH})).hexdigest()
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temporary files a write killed before its rename left behind."""
+    if directory.is_dir():
+        for p in directory.iterdir():
+            if _TMP_RE.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+
+
 def write_run(run_dir: str | Path, run_json: dict, metrics: pd.DataFrame,
               layers: pd.DataFrame, spectra: dict[str, np.ndarray]) -> None:
-    """Write one run's files; run.json goes last and records every file's sha256,
-    so a directory with a run.json is always complete."""
+    """Write one run's files; run.json goes last and records every file's sha256 and the
+    hash of the whole record, so a directory with a run.json is always complete."""
     run_dir = Path(run_dir)
     # Retraining into an existing directory: drop the old run.json first, so a kill
-    # between file replacements never leaves a complete-looking run with stale hashes.
+    # between file replacements never leaves a complete-looking run with stale hashes,
+    # and the temporaries of an earlier write that was killed.
     (run_dir / "run.json").unlink(missing_ok=True)
+    remove_stale_temporaries(run_dir)
     payloads = {"metrics.parquet": parquet_bytes(metrics), "layers.parquet": parquet_bytes(layers),
                 "spectra.npz": npz_bytes(spectra)}
     for name, data in payloads.items():
         atomic_write_bytes(run_dir / name, data)
     run_json = dict(run_json)
     run_json["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in payloads.items()}
+    # Hash the record as it will read back (JSON types), not the Python objects given.
+    run_json = json.loads(json.dumps(run_json, default=str))
+    run_json[RECORD_HASH] = record_hash(run_json)
     atomic_write_json(run_dir / "run.json", run_json)
 
 
@@ -125,18 +173,28 @@ class Run:
     def diverged(self) -> bool:
         return self.info.get("diverged") is not None
 
+    def _parquet(self, name: str) -> pd.DataFrame:
+        try:
+            return pd.read_parquet(self.path / name)
+        except (OSError, ValueError) as e:   # pyarrow's ArrowInvalid is a ValueError
+            raise RunError(f"{self.path / name}: unreadable ({e})") from None
+
     @cached_property
     def metrics(self) -> pd.DataFrame:
-        return pd.read_parquet(self.path / "metrics.parquet")
+        return self._parquet("metrics.parquet")
 
     @cached_property
     def layers(self) -> pd.DataFrame:
-        return pd.read_parquet(self.path / "layers.parquet")
+        return self._parquet("layers.parquet")
 
     @cached_property
     def spectra(self) -> dict[str, np.ndarray]:
-        with np.load(self.path / "spectra.npz") as z:
-            return {k: z[k] for k in z.files}
+        p = self.path / "spectra.npz"
+        try:
+            with np.load(p) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib_error) as e:
+            raise RunError(f"{p}: unreadable ({type(e).__name__}: {e})") from None
 
     @property
     def layer_names(self) -> list[str]:
@@ -177,12 +235,21 @@ class Run:
         return self.hidden_ranks(normalise, tol)[0]
 
     def verify(self) -> list[str]:
-        """Problems with this run's files (empty when every recorded hash matches)."""
+        """Problems with this run's record and files (empty when the record's own hash and
+        every recorded file hash match)."""
         problems = []
         try:
             info = self.info
         except (RunError, json.JSONDecodeError) as e:
             return [f"{self.path / 'run.json'}: {e}"]
+        if not isinstance(info, dict):
+            return [f"{self.path / 'run.json'}: not a JSON object"]
+        if RECORD_HASH not in info:
+            problems.append(f"{self.path / 'run.json'}: no {RECORD_HASH}, so its fields cannot be "
+                            f"verified (written by an older rankbias; retrain the run)")
+        elif record_hash(info) != info[RECORD_HASH]:
+            problems.append(f"{self.path / 'run.json'}: edited after it was written (its fields "
+                            f"do not hash to the {RECORD_HASH} it records)")
         try:
             spec = RunSpec.from_dict(info.get("spec", {}))
         except Exception as e:  # noqa: BLE001 - report any spec problem as a finding
@@ -190,13 +257,85 @@ class Run:
         if spec.run_id != info.get("run_id") or self.path.name != spec.run_id:
             problems.append(f"{self.path / 'run.json'}: run_id {info.get('run_id')!r} does not match "
                             f"its spec's hash {spec.run_id!r} or its directory name")
-        for name, digest in info.get("files", {}).items():
+        files = info.get("files")
+        if not isinstance(files, dict):
+            return problems + [f"{self.path / 'run.json'}: 'files' is not a mapping of name to sha256"]
+        for name, digest in files.items():
             p = self.path / name
             if not p.exists():
                 problems.append(f"{p}: missing")
             elif sha256_file(p) != digest:
                 problems.append(f"{p}: sha256 differs from the one recorded in run.json")
         return problems
+
+
+class CheckedRun:
+    """One run directory, checked once however many figures draw from it: ``Run.verify()``
+    (its record and files) and the sha256 of run.json itself."""
+
+    def __init__(self, path: Path):
+        self.run = Run(path)
+        try:
+            self.problems: list[str] = self.run.verify()
+        except (ValueError, OSError, AttributeError, TypeError) as e:  # run.json not a record
+            self.problems = [f"{path / 'run.json'}: unreadable ({e})"]
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @cached_property
+    def info(self) -> dict | None:
+        """run.json, or None when it is unreadable (``problems`` then says so)."""
+        try:
+            info = self.run.info
+        except (ValueError, OSError, RunError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    @cached_property
+    def run_json_sha256(self) -> str | None:
+        try:
+            return sha256_file(self.path / "run.json")
+        except OSError:
+            return None
+
+    @cached_property
+    def bad_files(self) -> set[str]:
+        """Names listed in run.json whose file is missing or differs from the sha256 recorded
+        there: the files ``verify()`` named. Empty, without reading a file, when verify() was
+        clean; only a run that failed it is hashed again, to tell which files failed."""
+        if not self.problems or self.info is None:
+            return set()
+        files = self.info.get("files")
+        if not isinstance(files, dict):
+            return set()
+        return {name for name, digest in files.items()
+                if not (self.path / name).is_file() or sha256_file(self.path / name) != digest}
+
+
+def check_run(d: Path, cache: dict[Path, CheckedRun] | None = None) -> CheckedRun:
+    """The check of run directory `d`, made once per `cache` (keyed by resolved path)."""
+    if cache is None:
+        return CheckedRun(d)
+    key = d.resolve()
+    if key not in cache:
+        cache[key] = CheckedRun(d)
+    return cache[key]
+
+
+def refuse_unverified(runs: list[Run], what: str) -> None:
+    """Raise RunError naming every run in `runs` that fails ``verify()``: `what` (a figure,
+    the claims) is never made from a record or file that differs from what was trained."""
+    failed = []
+    for run in runs:
+        problems = CheckedRun(run.path).problems
+        if problems:
+            failed.append(f"{run.path.name} ({'; '.join(problems)})")
+    if failed:
+        raise RunError(f"{what}: refusing {len(failed)} run(s) that fail verification: "
+                       + ", ".join(failed)
+                       + ". Run `rankbias restore` to move them aside, then `snakemake` retrains them")
 
 
 def load_runs(runs_dir: str | Path, run_ids=None) -> list[Run]:

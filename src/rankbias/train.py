@@ -1,10 +1,31 @@
-"""`rankbias train`: train a pack, record every metric, checkpoint, write run outputs."""
+"""`rankbias train`: train a pack, record every metric, checkpoint, write run outputs.
+
+Robustness of a training job:
+  * a lock file in the pack's checkpoint directory: a second training of the same pack
+    fails at once, naming the process that holds it;
+  * checkpoints hold only tensors and plain containers and are read with
+    ``torch.load(weights_only=True)``, which cannot run code; the previous checkpoint is
+    kept, so a truncated or corrupt one is named and training resumes from the one
+    before it (or restarts, saying so);
+  * a checkpoint that cannot be written (disk full) is a warning, not the end of the job;
+  * SIGTERM (what SLURM sends before it preempts or times out a job) writes a
+    checkpoint at the end of the current epoch and exits with status 143 (128 + SIGTERM,
+    what a shell reports for a process SIGTERM ended), so a requeued job resumes.
+"""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import io
+import json
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +40,25 @@ from .results import atomic_write_bytes, write_run
 from .spec import RunSpec, load_pack, pack_id
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+LOCK = "train.lock"
+# Exit status after a SIGTERM that left a checkpoint behind: 128 + the signal number.
+PREEMPTED_EXIT = 128 + signal.SIGTERM
+# Divergence besides NaN/inf: an epoch's mean training loss above this multiple of the
+# member's loss at initialisation. At initialisation a classifier is near chance (cross
+# entropy ~ln 10 = 2.3 for ten classes); ten times that means confidently wrong
+# predictions on the data it trains on, which no run that learns passes through, while an
+# lr far too large keeps the loss finite in the thousands at chance accuracy. Such a
+# member is evidence of nothing and is treated like a NaN one.
+BLOWUP_FACTOR = 10.0
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after writing a checkpoint."""
+
+
+class PackLocked(RuntimeError):
+    """Another process is training the same pack."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -54,12 +94,18 @@ class Recorder:
         self.diverged: list[dict | None] = [None] * pack.K
 
     def state(self) -> dict:
-        return {"metrics": self.metrics, "layers": self.layers, "spectra": self.spectra,
+        """Plain containers, numbers, strings and tensors only: what
+        ``torch.load(weights_only=True)`` reads back (numpy arrays it would refuse)."""
+        spectra = [{m: [torch.from_numpy(np.asarray(s)) for s in svs] for m, svs in member.items()}
+                   for member in self.spectra]
+        return {"metrics": self.metrics, "layers": self.layers, "spectra": spectra,
                 "logged_epochs": self.logged_epochs, "diverged": self.diverged}
 
     def load_state(self, st: dict) -> None:
-        for k in ("metrics", "layers", "spectra", "logged_epochs", "diverged"):
+        for k in ("metrics", "layers", "logged_epochs", "diverged"):
             setattr(self, k, st[k])
+        self.spectra = [{m: [s.numpy() for s in svs] for m, svs in member.items()}
+                        for member in st["spectra"]]
 
     @torch.no_grad()
     def record(self, epoch: int, prev: dict[str, torch.Tensor] | None, final: bool) -> dict:
@@ -67,14 +113,16 @@ class Recorder:
         pack, K = self.pack, self.pack.K
         spec0 = pack.specs[0]
         step_loss = pack.epoch_loss().cpu().numpy() if epoch > 0 else np.full(K, np.nan)
-        # Divergence: a member whose loss or weights went non-finite leaves the pack.
+        # Divergence: a member whose loss or weights went non-finite, or whose loss blew
+        # up (BLOWUP_FACTOR), leaves the pack.
         if epoch > 0:
             finite_w = pack.finite().cpu().numpy()
             for k in range(K):
-                if self.diverged[k] is None and (not np.isfinite(step_loss[k]) or not finite_w[k]):
-                    reason = "non-finite training loss" if not np.isfinite(step_loss[k]) else "non-finite weights"
-                    self.diverged[k] = {"epoch": epoch, "reason": reason}
-                    pack.freeze(k)
+                if self.diverged[k] is None:
+                    reason = self.divergence(k, float(step_loss[k]), bool(finite_w[k]))
+                    if reason is not None:
+                        self.diverged[k] = {"epoch": epoch, "reason": reason}
+                        pack.freeze(k)
         dead = np.array([d is not None for d in self.diverged])
         logged = epoch == 0 or final or epoch % spec0.log_every == 0
 
@@ -121,6 +169,19 @@ class Recorder:
                 "mean_rank": float(np.nanmean(np.array(mean_ranks)[alive])) if logged and alive.any() else None,
                 "diverged": int(dead.sum())}
 
+    def divergence(self, k: int, loss: float, finite_weights: bool) -> str | None:
+        """Why member `k` counts as diverged after an epoch with mean training loss `loss`,
+        or None when it does not."""
+        if not np.isfinite(loss):
+            return "non-finite training loss"
+        if not finite_weights:
+            return "non-finite weights"
+        initial = self.metrics[k][0]["train_loss"]
+        if np.isfinite(initial) and loss > BLOWUP_FACTOR * initial:
+            return (f"training loss {loss:.4g} above {BLOWUP_FACTOR:g} times its initial "
+                    f"{initial:.4g}")
+        return None
+
     def frames(self, k: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray]]:
         spectra = {"epochs": np.array(self.logged_epochs, dtype=np.int64),
                    "layers": np.array([m for m, _ in self.pack.matrices])}
@@ -129,13 +190,113 @@ class Recorder:
         return pd.DataFrame(self.metrics[k]), pd.DataFrame(self.layers[k]), spectra
 
 
-def _save_checkpoint(path: Path, epoch: int, run_ids: list[str], pack: Pack, rec: Recorder,
-                     elapsed: float) -> None:
-    import io
+def _save_checkpoint(checkpoint_dir: Path, epoch: int, run_ids: list[str], pack: Pack, rec: Recorder,
+                     elapsed: float) -> bool:
+    """Write the checkpoint, keeping the one before it as PREVIOUS_CHECKPOINT; whether it
+    was written. A write that fails (a full disk) is a warning: training goes on, and a
+    kill later resumes from the last checkpoint that was written."""
+    path, prev = checkpoint_dir / CHECKPOINT, checkpoint_dir / PREVIOUS_CHECKPOINT
     buf = io.BytesIO()
     torch.save({"epoch": epoch, "run_ids": run_ids, "pack": pack.state(), "recorder": rec.state(),
                 "elapsed": elapsed}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        if path.exists():
+            os.replace(path, prev)
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        what = "disk full" if e.errno == errno.ENOSPC else e.strerror or type(e).__name__
+        _warn(f"warning: {path}: checkpoint at epoch {epoch} not written ({what}: {e}); "
+              f"training goes on, a kill now resumes from the last checkpoint written")
+        return False
+    return True
+
+
+def _checkpoint_matches(st, pack: Pack) -> bool:
+    """Whether `st` has the layout of this pack's checkpoint (keys and tensor shapes)."""
+    if not isinstance(st, dict) or not {"epoch", "run_ids", "pack", "recorder", "elapsed"} <= set(st):
+        return False
+    want, got = pack.state(), st["pack"]
+    if not isinstance(got, dict) or set(got) != set(want):
+        return False
+    for key in ("params", "running"):
+        if set(got[key]) != set(want[key]) or any(
+                got[key][n].shape != want[key][n].shape for n in want[key]):
+            return False
+    return (len(got["bufs"]) == len(want["bufs"])
+            and all(a.shape == b.shape for a, b in zip(got["bufs"], want["bufs"]))
+            and got["alive"].shape == want["alive"].shape
+            and isinstance(st["recorder"], dict) and isinstance(st["epoch"], int))
+
+
+def load_checkpoint(checkpoint_dir: Path, run_ids: list[str], pack: Pack) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint of this pack as (path, state), or None to start
+    afresh. An unreadable one is named and deleted, so it never replaces the good one
+    kept beside it; a readable one of another pack is an error."""
+    for path in (checkpoint_dir / CHECKPOINT, checkpoint_dir / PREVIOUS_CHECKPOINT):
+        if not path.exists():
+            continue
+        try:
+            # weights_only: tensors and plain containers only; a pickle that would
+            # construct anything else (and so could run code) is refused.
+            st = torch.load(path, map_location="cpu", weights_only=True)
+            problem = None if _checkpoint_matches(st, pack) else "not a checkpoint of this pack's layout"
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt or unsafe: all unusable
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if problem is None and st["run_ids"] != run_ids:
+            raise RuntimeError(f"{path}: checkpoint belongs to another pack "
+                               f"(runs {st['run_ids']}); delete it to start afresh")
+        if problem is None:
+            return path, st
+        _warn(f"warning: {path}: unreadable checkpoint ({problem}); deleted")
+        path.unlink(missing_ok=True)
+    return None
+
+
+@contextlib.contextmanager
+def pack_lock(checkpoint_dir: Path, pid: str):
+    """Hold the pack's lock file for the block; PackLocked, at once, naming the holder
+    (pid, host, start time), when another process holds it. The lock is the kernel's
+    (flock), so it is released whenever its holder ends, even killed."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_dir / LOCK
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                holder = json.loads(f.read())
+                who = (f"pid {holder.get('pid')} on host {holder.get('host')}, "
+                       f"started {holder.get('started')}")
+            except ValueError:
+                who = "a process that has not yet written its name"
+            raise PackLocked(f"{path}: pack {pid} is already being trained by {who}; "
+                             f"wait for it to finish or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}))
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+@contextlib.contextmanager
+def sigterm_requested():
+    """A flag set by SIGTERM during the block (the handler only sets it, so the training
+    step is never interrupted halfway). Outside the main thread signals cannot be caught,
+    and the flag stays unset."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
@@ -147,13 +308,22 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     Resumes from `checkpoint_dir/checkpoint.pt` when it holds this pack. `on_epoch(epoch)`
     is called after each epoch's checkpoint (tests use it to simulate a kill). `graph`
     (auto|on|off) says whether a CUDA step may be a captured graph (engine.choose_stepper).
+    Raises PackLocked when another process trains the pack, and Preempted after SIGTERM
+    (with a checkpoint written).
     """
     if checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every: must be >= 1, got {checkpoint_every}")
     out_dir = Path(out_dir)
     pid = pack_id(specs)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.parent / "packs" / pid
-    ckpt_path = checkpoint_dir / CHECKPOINT
+    with pack_lock(checkpoint_dir, pid), sigterm_requested() as stop:
+        return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, device,
+                             data_dir, dataset, progress, on_epoch, graph, stop)
+
+
+def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
+                  device: str, data_dir, dataset, progress: bool, on_epoch, graph: str,
+                  stop: threading.Event) -> list[Path]:
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)   # graphs, streams and events use the current device
@@ -165,16 +335,21 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     from . import provenance  # imported late: it inspects git and packages
 
     start, elapsed0 = 0, 0.0
-    if ckpt_path.exists():
-        st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if st.get("run_ids") != run_ids:
-            raise RuntimeError(f"{ckpt_path}: checkpoint belongs to another pack "
-                               f"(runs {st.get('run_ids')}); delete it to start afresh")
+    had_checkpoint = any((checkpoint_dir / n).exists() for n in (CHECKPOINT, PREVIOUS_CHECKPOINT))
+    found = load_checkpoint(checkpoint_dir, run_ids, pack)
+    if found is not None:
+        ckpt_path, st = found
         pack.load_state(st["pack"])
         rec.load_state(st["recorder"])
         start, elapsed0 = st["epoch"], st["elapsed"]
-        _log(progress, f"[pack {pid}] resuming from {ckpt_path} at epoch {start}/{s0.epochs}")
+        msg = f"[pack {pid}] resuming from {ckpt_path} at epoch {start}/{s0.epochs}"
+        if ckpt_path.name == PREVIOUS_CHECKPOINT:
+            _warn(msg + " (the checkpoint before the unreadable one)")
+        else:
+            _log(progress, msg)
     else:
+        if had_checkpoint:
+            _warn(f"[pack {pid}] no readable checkpoint in {checkpoint_dir}; restarting from epoch 0")
         info = rec.record(0, None, final=s0.epochs == 0)
         _log(progress, f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset} ({pack.n} samples), "
                        f"{dev.type}: epoch 0 mean rank {info['mean_rank']:.1f}")
@@ -192,8 +367,15 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
         div = f" ({info['diverged']} diverged)" if info["diverged"] else ""
         _log(progress, f"[pack {pid}] epoch {epoch + 1}/{s0.epochs} loss {info['loss']:.4f}{rank}{div} "
                        f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s")
-        if (epoch + 1) % checkpoint_every == 0 and epoch + 1 < s0.epochs:
-            _save_checkpoint(ckpt_path, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed)
+        last = epoch + 1 == s0.epochs
+        saved = False
+        if ((epoch + 1) % checkpoint_every == 0 or stop.is_set()) and not last:
+            saved = _save_checkpoint(checkpoint_dir, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed)
+        if stop.is_set() and not last:
+            raise Preempted(f"[pack {pid}] SIGTERM: " + (
+                f"checkpoint of epoch {epoch + 1}/{s0.epochs} in {checkpoint_dir}; a rerun resumes from it"
+                if saved else f"no checkpoint could be written; a rerun resumes from the last one "
+                              f"in {checkpoint_dir}, if any"))
         if on_epoch is not None:
             on_epoch(epoch + 1)
         if info["diverged"] == pack.K:
@@ -218,8 +400,8 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
         }
         write_run(out_dir / spec.run_id, run_json, metrics, layers, spectra)
         paths.append(out_dir / spec.run_id)
-    with contextlib.suppress(FileNotFoundError):
-        ckpt_path.unlink()
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        (checkpoint_dir / name).unlink(missing_ok=True)
     _log(progress, f"[pack {pid}] done in {wall:.1f}s; wrote {len(paths)} runs to {out_dir}")
     return paths
 
@@ -227,6 +409,11 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
 def _log(enabled: bool, msg: str) -> None:
     if enabled:
         print(msg, file=sys.stderr, flush=True)
+
+
+def _warn(msg: str) -> None:
+    """What a user must see even with --quiet."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 # -- CLI -----------------------------------------------------------------------------
@@ -275,6 +462,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         ctx = acquire_gpu()
     with ctx:
         for specs in packs:
-            train_pack(specs, args.out, args.device, args.checkpoint_dir, args.checkpoint_every,
-                       args.data_dir, progress=not args.quiet, graph=graph)
+            try:
+                train_pack(specs, args.out, args.device, args.checkpoint_dir, args.checkpoint_every,
+                           args.data_dir, progress=not args.quiet, graph=graph)
+            except Preempted as e:
+                _warn(str(e))
+                return PREEMPTED_EXIT
     return 0

@@ -7,6 +7,7 @@ rule claims:
     output:
         md="results/claims.md",
         json="results/claims.json",
+        provenance="results/claims.provenance.json",
         html=report(
             "results/claims.html",
             caption="../report/claims.rst",
