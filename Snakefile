@@ -11,7 +11,9 @@ min_version("9.0")
 
 # Rules call the `rankbias` command; find it beside the Python running Snakemake, so
 # `.venv/bin/snakemake` works without activating the virtual environment.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+os.environ["PATH"] = (
+    os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+)
 
 
 envvars:
@@ -23,7 +25,6 @@ envvars:
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
-
 
 
 # With --sdm apptainer every job runs in the project image, pinned by digest (env
@@ -45,9 +46,9 @@ include: "workflow/rules/claims.smk"
 
 
 rule all:
+    default_target: True
     input:
         expand("results/figures/{fig}.png", fig=FIGURES),
         expand("results/figures/{fig}.pdf", fig=FIGURES),
         "results/claims.md",
         "results/claims.json",
-    default_target: True

@@ -15,15 +15,15 @@ rule claims:
             labels={"table": "verdicts on claims C1-C7"},
         ),
         metrics="results/claims.metrics.json",
+    log:
+        "results/logs/claims.log",
+    # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
+    localrule: True
     params:
         rank=PLAN.config["rank"],
         thresholds=PLAN.config["claims"],
         runs=ALL_RUNS,
         config=RESOLVED_CONFIG,
-    # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
-    localrule: True
-    log:
-        "results/logs/claims.log",
     shell:
         "rankbias claims --config {params.config} --runs results/runs --out results/claims"
         " > {log} 2>&1"

@@ -15,7 +15,6 @@ from snakemake.utils import validate
 from rankbias import sweep
 from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes
 
-
 validate(config, "../schemas/config.schema.yaml")
 try:
     PLAN = sweep.plan(config)
@@ -63,7 +62,8 @@ def figure_runs(wildcards):
 
 def figure_labels(wildcards):
     """Report labels, evaluated by `snakemake --report` only: the figure's name and this
-    run's verdict and effect for each claim the figure shows (from results/claims.json)."""
+    run's verdict and effect for each claim the figure shows (from results/claims.json).
+    """
     from rankbias.claims import measured
 
     try:

@@ -5,9 +5,9 @@
 rule data:
     output:
         "data/{dataset}/manifest.json",
-    # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
-    localrule: True
     log:
         "results/logs/data/{dataset}.log",
+    # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
+    localrule: True
     shell:
         "rankbias data fetch --dataset {wildcards.dataset} --dest data > {log} 2>&1"

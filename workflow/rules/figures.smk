@@ -21,14 +21,14 @@ rule figure:
             subcategory="Provenance",
             labels=lambda wildcards: {"figure": f"Figure {wildcards.fig[3:]}"},
         ),
+    log:
+        "results/logs/figures/{fig}.log",
+    # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
+    localrule: True
     params:
         rank=lambda wildcards: PLAN.config["rank"],
         runs=lambda wildcards: PLAN.groups[wildcards.fig],
         config=RESOLVED_CONFIG,
-    # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
-    localrule: True
-    log:
-        "results/logs/figures/{fig}.log",
     shell:
         "rankbias figure {wildcards.fig} --config {params.config} --runs results/runs"
         " --out {output.png} > {log} 2>&1"

@@ -22,13 +22,13 @@ def _train_rule(pid):
             data=ancient(f"data/{specs[0].dataset}/manifest.json"),
         output:
             run_json(PLAN.packs[pid]),
-        params:
-            pack=pid,
         log:
             f"results/logs/train/{pid}.log",
         threads: PLAN.config["train_threads"]
         resources:
             **resources_,
+        params:
+            pack=pid,
         shell:
             "OMP_NUM_THREADS={threads} rankbias train {input.pack} --out results/runs"
             " --checkpoint-dir results/packs/{params.pack} --device {resources.device}"
