@@ -201,7 +201,7 @@ def test_metrics_are_the_claims_verdicts_and_effects(committed):
 def test_plots_are_the_figures(committed):
     out = committed / "plots"
     p = sh(committed, "dvc", "plots", "show", "--json", "-o", str(out))
-    shown = json.loads(p.stdout)
+    shown = json.loads(p.stdout)["data"]
     figures = {f"results/figures/fig{i}.png" for i in range(1, 8)}
     assert figures <= set(shown), sorted(shown)
     for fig in figures:
@@ -223,7 +223,8 @@ def test_params_are_the_config_and_code_is_a_dependency(committed):
     try:
         config.write_text(text.replace("  epochs: 3", "  epochs: 4"))
         diff = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
-        assert diff[TEST_CONFIG]["defaults.epochs"] == {"old": 3, "new": 4}, diff
+        change = diff[TEST_CONFIG]["defaults.epochs"]
+        assert (change["old"], change["new"]) == (3, 4), diff
         shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
         assert "workspace" in json.dumps(shown) and "C1.verdict" in json.dumps(shown)
     finally:
