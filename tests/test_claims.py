@@ -1,4 +1,5 @@
-"""Claims C1-C7 on fabricated runs: every verdict reachable, diverged runs excluded."""
+"""Claims C1-C7 on fabricated runs: every verdict reachable, diverged runs excluded,
+intervals across seeds against hand-computed cases."""
 from __future__ import annotations
 
 import json
@@ -41,18 +42,67 @@ def test_nothing_is_insufficient(tmp_path):
     assert [c["id"] for c in res["claims"]] == [f"C{i}" for i in range(1, 8)]
 
 
-def test_c1_holds_fails_and_diverged_runs_are_excluded(tmp_path):
-    for b, r in ((8, 6), (32, 12), (128, 19)):
-        fabricate(tmp_path, spec(batch_size=b), final_ranks=[r] * 3)
+SEEDS = (0, 1)
+
+
+def test_bootstrap_interval_of_two_values_is_their_range_and_reproducible():
+    # Resampled means of [a, b] are a (p 1/4), (a+b)/2 (p 1/2) and b (p 1/4): the 95%
+    # percentile interval is exactly [a, b].
+    assert C.bootstrap_interval([0.2, 0.8], 0.95, 4000, 0) == pytest.approx((0.2, 0.8))
+    v = np.random.default_rng(3).normal(1.0, 2.0, 40)
+    lo, hi = C.bootstrap_interval(v, 0.95, 20000, 7)
+    assert (lo, hi) == C.bootstrap_interval(v, 0.95, 20000, 7)
+    # Against the normal approximation mean +- 1.96 s / sqrt(n) (independent of the bootstrap).
+    half = 1.96 * v.std(ddof=1) / np.sqrt(len(v))
+    assert lo == pytest.approx(v.mean() - half, abs=0.1 * half)
+    assert hi == pytest.approx(v.mean() + half, abs=0.1 * half)
+
+
+def test_across_seeds_averages_per_seed_and_resamples_seeds_or_groups():
+    t = C.thresholds({})
+    e = C.across_seeds([(0, 1.0), (0, 0.5), (1, 0.0), (1, 0.5)], t)
+    assert e.per_seed == {0: 0.75, 1: 0.25} and e.over == "seeds"
+    assert e.values == [0.75, 0.25] and e.mean == pytest.approx(0.5)
+    assert e.ci == pytest.approx((0.25, 0.75))
+    one = C.across_seeds([(3, 1.0), (3, 0.5), (3, 0.0)], t)
+    assert one.over == "groups" and one.values == [1.0, 0.5, 0.0] and one.ci is not None
+    few = C.across_seeds([(0, 0.9)], t)
+    assert few.ci is None and few.to_dict()["ci"] is None
+    assert "too few values" in C.interval_text(few.to_dict())
+    assert C.across_seeds([(0, 0.9)], C.thresholds({"ci_min_values": 1})).ci == pytest.approx((0.9, 0.9))
+
+
+def test_c1_holds_across_seeds_fails_when_a_seed_contradicts(tmp_path):
+    for seed in SEEDS:
+        for b, r in ((8, 6), (32, 12), (128, 19)):
+            fabricate(tmp_path, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
     v, _ = verdicts(tmp_path)
+    sp = v["C1"]["spearman_in_claimed_direction"]
     assert v["C1"]["verdict"] == "holds"
-    assert v["C1"]["mean_spearman_in_claimed_direction"] == pytest.approx(1.0)
-    assert v["C1"]["n_runs"] == 3 and v["C1"]["seeds"] == [0]
-    # A second seed with the opposite trend makes the claim fail.
+    assert sp["per_seed"] == {"0": 1.0, "1": 1.0} and sp["over"] == "seeds"
+    assert sp["mean"] == pytest.approx(1.0) and sp["ci"] == pytest.approx([1.0, 1.0])
+    assert v["C1"]["intervals"]["Spearman"] == sp
+    assert v["C1"]["n_runs"] == 6 and v["C1"]["seeds"] == [0, 1]
+    # A third seed with the opposite trend puts no effect inside the interval.
     for b, r in ((8, 19), (32, 12), (128, 6)):
-        fabricate(tmp_path, spec(batch_size=b, seed=1), final_ranks=[r] * 3)
+        fabricate(tmp_path, spec(batch_size=b, seed=2), final_ranks=[r] * 3)
     v, _ = verdicts(tmp_path)
     assert v["C1"]["verdict"] == "fails" and v["C1"]["n_contradicting"] == 1
+    assert v["C1"]["spearman_in_claimed_direction"]["ci"][0] < 0
+
+
+def test_c1_one_seed_resamples_groups_and_one_group_is_too_few(tmp_path):
+    for b, r in ((8, 6), (32, 12), (128, 19)):
+        fabricate(tmp_path, spec(batch_size=b), final_ranks=[r] * 3)
+    v, res = verdicts(tmp_path)
+    assert v["C1"]["verdict"] == "insufficient"
+    assert v["C1"]["spearman_in_claimed_direction"]["n_values"] == 1
+    assert "too few values for an interval" in C.markdown(res)
+    for b, r in ((8, 5), (32, 9), (128, 18)):
+        fabricate(tmp_path, spec(batch_size=b, lr=0.05), final_ranks=[r] * 3)
+    v, _ = verdicts(tmp_path)
+    sp = v["C1"]["spearman_in_claimed_direction"]
+    assert v["C1"]["verdict"] == "holds" and sp["over"] == "groups" and sp["n_values"] == 2
 
 
 def test_c1_insufficient_with_two_batch_sizes_or_diverged(tmp_path):
@@ -65,35 +115,42 @@ def test_c1_insufficient_with_two_batch_sizes_or_diverged(tmp_path):
 
 
 def test_c1_flat_groups_fail(tmp_path):
-    for b in (8, 32, 128):
-        fabricate(tmp_path, spec(batch_size=b), final_ranks=[20] * 3)
+    for seed in SEEDS:
+        for b in (8, 32, 128):
+            fabricate(tmp_path, spec(batch_size=b, seed=seed), final_ranks=[20] * 3)
     v, _ = verdicts(tmp_path)
-    assert v["C1"]["verdict"] == "fails" and v["C1"]["n_flat"] == 1
+    assert v["C1"]["verdict"] == "fails" and v["C1"]["n_flat"] == 2
+    assert v["C1"]["spearman_in_claimed_direction"]["ci"] == [0.0, 0.0]
 
 
 def test_c2(tmp_path):
-    fabricate(tmp_path, spec(lr=0.01), final_ranks=[18] * 3)
-    fabricate(tmp_path, spec(lr=0.1), final_ranks=[8] * 3)
+    for seed in SEEDS:
+        fabricate(tmp_path, spec(lr=0.01, seed=seed), final_ranks=[18] * 3)
+        fabricate(tmp_path, spec(lr=0.1, seed=seed), final_ranks=[8] * 3)
     assert verdicts(tmp_path)[0]["C2"]["verdict"] == "holds"
-    fabricate(tmp_path, spec(lr=0.01, seed=1), final_ranks=[8] * 3)
-    fabricate(tmp_path, spec(lr=0.1, seed=1), final_ranks=[18] * 3)
+    fabricate(tmp_path, spec(lr=0.01, seed=2), final_ranks=[8] * 3)
+    fabricate(tmp_path, spec(lr=0.1, seed=2), final_ranks=[18] * 3)
     assert verdicts(tmp_path)[0]["C2"]["verdict"] == "fails"
 
 
 def test_c3_needs_both_trend_and_no_reduction_at_zero(tmp_path):
-    fabricate(tmp_path, spec(weight_decay=5e-4), final_ranks=[14] * 3)
-    fabricate(tmp_path, spec(weight_decay=5e-3), final_ranks=[6] * 3)
+    for seed in SEEDS:
+        fabricate(tmp_path, spec(weight_decay=5e-4, seed=seed), final_ranks=[14] * 3)
+        fabricate(tmp_path, spec(weight_decay=5e-3, seed=seed), final_ranks=[6] * 3)
     assert verdicts(tmp_path)[0]["C3"]["verdict"] == "insufficient"
-    fabricate(tmp_path, spec(weight_decay=0.0), final_ranks=[20] * 3)
+    for seed in SEEDS:
+        fabricate(tmp_path, spec(weight_decay=0.0, seed=seed), final_ranks=[20] * 3)
     v, _ = verdicts(tmp_path)
     assert v["C3"]["verdict"] == "holds"
     assert v["C3"]["lambda0"]["min_final_over_initial"] == pytest.approx(1.0)
+    assert v["C3"]["lambda0"]["rank_reduction"]["ci"] == pytest.approx([0.0, 0.0])
 
 
 def test_c3_fails_when_lambda0_reduces_rank(tmp_path):
-    fabricate(tmp_path, spec(weight_decay=0.0), final_ranks=[15] * 3)
-    fabricate(tmp_path, spec(weight_decay=5e-4), final_ranks=[10] * 3)
-    fabricate(tmp_path, spec(weight_decay=5e-3), final_ranks=[5] * 3)
+    for seed in SEEDS:
+        fabricate(tmp_path, spec(weight_decay=0.0, seed=seed), final_ranks=[15] * 3)
+        fabricate(tmp_path, spec(weight_decay=5e-4, seed=seed), final_ranks=[10] * 3)
+        fabricate(tmp_path, spec(weight_decay=5e-3, seed=seed), final_ranks=[5] * 3)
     v, _ = verdicts(tmp_path)
     assert v["C3"]["trend_verdict"] == "holds"
     assert v["C3"]["lambda0"]["verdict"] == "fails" and v["C3"]["verdict"] == "fails"
@@ -103,69 +160,91 @@ def _decaying(e, start=0.1, rate=0.6):
     return [start * rate ** k for k in range(e)]
 
 
+def _c4_pair(tmp_path, d0, d, seeds=SEEDS, E=8):
+    for seed in seeds:
+        fabricate(tmp_path, spec(weight_decay=0.0, epochs=E, seed=seed), distance=d0)
+        fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E, seed=seed), distance=d)
+
+
 def test_c4_ratio_and_persistence(tmp_path):
     E = 8
-    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E), distance=_decaying(E))
-    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E), distance=[0.2] * E)
+    _c4_pair(tmp_path, _decaying(E), [0.2] * E)
     v, _ = verdicts(tmp_path)
     c4 = v["C4"]
-    late0 = np.mean(_decaying(E)[5:])      # epochs 7, 8 (last quarter of 8)
-    assert c4["pairs"][0]["d_late_lambda0"] == pytest.approx(np.mean(_decaying(E)[6:]), rel=1e-3)
-    assert c4["median_ratio"] == pytest.approx(0.2 / np.mean(_decaying(E)[6:]), rel=1e-3)
-    assert late0 > 0 and c4["verdict"] == "holds"
+    late0 = np.mean(_decaying(E)[6:])      # epochs 7, 8 (last quarter of 8)
+    assert c4["pairs"][0]["d_late_lambda0"] == pytest.approx(late0, rel=1e-3)
+    assert c4["median_ratio"] == pytest.approx(0.2 / late0, rel=1e-3)
+    assert c4["log10_ratio"]["mean"] == pytest.approx(np.log10(0.2 / late0), abs=1e-3)
+    assert c4["log10_ratio"]["per_seed"].keys() == {"0", "1"}
+    assert c4["verdict"] == "holds"
 
 
 def test_c4_fails_when_distances_equal_or_decay(tmp_path):
     E = 8
-    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E), distance=[0.1] * E)
-    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E), distance=[0.12] * E)
+    _c4_pair(tmp_path, [0.1] * E, [0.12] * E)
     assert verdicts(tmp_path)[0]["C4"]["verdict"] == "fails"
 
 
 def test_c4_fails_when_lambda_run_converges(tmp_path):
     E = 8
-    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E), distance=_decaying(E, 0.01, 0.5))
-    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E), distance=_decaying(E, 1.0, 0.5))
+    _c4_pair(tmp_path, _decaying(E, 0.01, 0.5), _decaying(E, 1.0, 0.5))
     v, _ = verdicts(tmp_path)
     assert v["C4"]["median_ratio"] > 2 and v["C4"]["verdict"] == "fails"
 
 
-def test_c5(tmp_path):
-    fabricate(tmp_path, spec(batch_size=8), final_ranks=[3] * 3, train_acc=np.linspace(0.1, 0.8, 9),
-              test_acc=np.linspace(0.1, 0.78, 9))
-    fabricate(tmp_path, spec(batch_size=128), final_ranks=[20] * 3, train_acc=np.linspace(0.1, 0.99, 9),
-              test_acc=np.linspace(0.1, 0.9, 9))
+def _c5_runs(tmp_path, low_test_end, seeds=SEEDS):
+    for seed in seeds:
+        fabricate(tmp_path, spec(batch_size=8, seed=seed), final_ranks=[3] * 3,
+                  train_acc=np.linspace(0.1, 0.8, 9), test_acc=np.linspace(0.1, low_test_end, 9))
+        fabricate(tmp_path, spec(batch_size=128, seed=seed), final_ranks=[20] * 3,
+                  train_acc=np.linspace(0.1, 0.99, 9), test_acc=np.linspace(0.1, 0.9, 9))
+
+
+def test_c5_judges_the_generalisation_gap(tmp_path):
+    # Very low rank: train 0.80, test 0.71 (gap 0.09); high rank: train 0.99, test 0.90 (gap 0.09).
+    # Test accuracy alone drops by 0.19, yet the gaps are equal: a marginal effect on generalisation.
+    _c5_runs(tmp_path, 0.71)
     v, _ = verdicts(tmp_path)
-    assert v["C5"]["verdict"] == "holds"
-    g = v["C5"]["groups"][0]
-    assert g["train_acc_drop"] == pytest.approx(0.19) and g["test_acc_gain"] == pytest.approx(-0.12)
+    c5 = v["C5"]
+    assert c5["verdict"] == "holds" and c5["hurts_training"] == "holds"
+    g = c5["groups"][0]
+    assert g["gap_low"] == pytest.approx(0.09) and g["gap_high"] == pytest.approx(0.09)
+    assert g["train_acc_drop"] == pytest.approx(0.19) and g["test_acc_gain"] == pytest.approx(-0.19)
+    assert c5["gap_difference"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert c5["train_acc_drop"]["ci"] == pytest.approx([0.19, 0.19])
 
 
-def test_c5_fails_when_low_rank_generalises_better(tmp_path):
-    fabricate(tmp_path, spec(batch_size=8), final_ranks=[3] * 3, train_acc=np.linspace(0.1, 0.8, 9),
-              test_acc=np.linspace(0.1, 0.95, 9))
-    fabricate(tmp_path, spec(batch_size=128), final_ranks=[20] * 3, train_acc=np.linspace(0.1, 0.99, 9),
-              test_acc=np.linspace(0.1, 0.9, 9))
-    assert verdicts(tmp_path)[0]["C5"]["verdict"] == "fails"
+def test_c5_fails_when_the_gaps_differ(tmp_path):
+    # Very low rank: train 0.80, test 0.78 (gap 0.02) against a gap of 0.09: not marginal.
+    _c5_runs(tmp_path, 0.78)
+    v, _ = verdicts(tmp_path)
+    assert v["C5"]["gap_difference"]["mean"] == pytest.approx(-0.07)
+    assert v["C5"]["marginal_generalisation"] == "fails" and v["C5"]["verdict"] == "fails"
+    assert verdicts(tmp_path, overrides={"c5_gap_margin": 0.08})[0]["C5"]["verdict"] == "holds"
 
 
 def test_c6_parts(tmp_path):
-    fabricate(tmp_path, spec(depth=5), final_ranks=[18, 9, 4, 10, 16])
+    for seed in SEEDS:
+        fabricate(tmp_path, spec(depth=5, seed=seed), final_ranks=[18, 9, 4, 10, 16])
     v, _ = verdicts(tmp_path)
     assert v["C6"]["mlp"]["verdict"] == "holds" and v["C6"]["verdict"] == "insufficient"
-    fabricate(tmp_path, spec(arch="res", depth=2), final_ranks=[18, 10, 10, 9, 11])
+    for seed in SEEDS:
+        fabricate(tmp_path, spec(arch="res", depth=2, seed=seed), final_ranks=[18, 10, 10, 9, 11])
     v, _ = verdicts(tmp_path)
     assert v["C6"]["resnet"]["fraction_balanced"] == 1.0 and v["C6"]["verdict"] == "holds"
-    fabricate(tmp_path, spec(depth=5, seed=1), final_ranks=[18, 14, 10, 6, 2])
-    fabricate(tmp_path, spec(depth=5, seed=2), final_ranks=[18, 14, 10, 6, 2])
+    for seed in (2, 3, 4, 5):
+        fabricate(tmp_path, spec(depth=5, seed=seed), final_ranks=[18, 14, 10, 6, 2])
     v, _ = verdicts(tmp_path)
-    assert v["C6"]["mlp"]["fraction_bottleneck"] == pytest.approx(1 / 3, abs=1e-3) and v["C6"]["verdict"] == "fails"
+    assert v["C6"]["mlp"]["fraction_bottleneck"] == pytest.approx(1 / 3, abs=1e-3)
+    assert v["C6"]["mlp"]["fraction"]["per_seed"]["2"] == 0.0 and v["C6"]["verdict"] == "fails"
 
 
 def test_c7(tmp_path):
-    fabricate(tmp_path, spec(batch_size=1000), final_ranks=[20] * 3)
-    assert verdicts(tmp_path)[0]["C7"]["verdict"] == "holds"
-    fabricate(tmp_path, spec(batch_size=1000, seed=1), final_ranks=[5] * 3)
+    for seed in SEEDS:
+        fabricate(tmp_path, spec(batch_size=1000, seed=seed), final_ranks=[20] * 3)
+    v, _ = verdicts(tmp_path)
+    assert v["C7"]["verdict"] == "holds" and v["C7"]["rank_reduction"]["ci"] == pytest.approx([0, 0])
+    fabricate(tmp_path, spec(batch_size=1000, seed=2), final_ranks=[5] * 3)
     assert verdicts(tmp_path)[0]["C7"]["verdict"] == "fails"
 
 
@@ -177,8 +256,9 @@ def test_c7_tiny_data_is_exempt(tmp_path):
 
 def test_rank_tolerance_is_applied(tmp_path):
     # Singular values 1e-7 are above tol 1e-9: every matrix is full rank, C1 is flat.
-    for b, r in ((8, 6), (32, 12), (128, 19)):
-        fabricate(tmp_path, spec(batch_size=b), final_ranks=[r] * 3)
+    for seed in SEEDS:
+        for b, r in ((8, 6), (32, 12), (128, 19)):
+            fabricate(tmp_path, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
     assert verdicts(tmp_path)[0]["C1"]["verdict"] == "holds"
     assert verdicts(tmp_path, tol=1e-9)[0]["C1"]["verdict"] == "fails"
 
@@ -191,21 +271,22 @@ def test_unknown_threshold_is_named(tmp_path):
 def test_cli_writes_md_and_json(tmp_path):
     from rankbias.cli import main
     runs = tmp_path / "runs"
-    for b, r in ((8, 6), (32, 12), (128, 19)):
-        fabricate(runs, spec(batch_size=b), final_ranks=[r] * 3)
+    for seed in SEEDS:
+        for b, r in ((8, 6), (32, 12), (128, 19)):
+            fabricate(runs, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
     assert main(["claims", "--runs", str(runs), "--out", str(tmp_path / "claims")]) == 0
     doc = json.loads((tmp_path / "claims.json").read_text())
     assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)]
     assert doc["claims"][0]["verdict"] == "holds"
     md = (tmp_path / "claims.md").read_text()
-    assert "| C1 |" in md and "**holds**" in md
+    assert "| C1 |" in md and "**holds**" in md and "Spearman: 1 [1, 1] (2 seeds)" in md
+    assert "2: 0, 1 |" in md
 
 
 def test_c4_verdict_uses_unrounded_ratios(tmp_path):
     # Ratio 1.0004 rounds to 1.0 for display, but it is > 1 and meets c4_min_ratio = 1.
     E = 8
-    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E), distance=[0.1] * E)
-    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E), distance=[0.10004] * E)
+    _c4_pair(tmp_path, [0.1] * E, [0.10004] * E)
     v, _ = verdicts(tmp_path, overrides={"c4_min_ratio": 1.0})
     assert v["C4"]["pairs"][0]["ratio"] == pytest.approx(1.0)
     assert v["C4"]["verdict"] == "holds"
@@ -213,11 +294,11 @@ def test_c4_verdict_uses_unrounded_ratios(tmp_path):
 
 def test_c4_holds_when_lambda0_run_stops_moving(tmp_path):
     E = 8
-    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E), distance=[0.1] * 4 + [0.0] * 4)
-    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E), distance=[0.2] * E)
+    _c4_pair(tmp_path, [0.1] * 4 + [0.0] * 4, [0.2] * E)
     v, _ = verdicts(tmp_path)
     assert v["C4"]["pairs"][0]["d_late_lambda0"] == 0.0
-    assert v["C4"]["verdict"] == "holds" and v["C4"]["n_runs"] == 2
+    assert v["C4"]["pairs"][0]["log10_ratio"] == C.C4_MAX_LOG10
+    assert v["C4"]["verdict"] == "holds" and v["C4"]["n_runs"] == 4
 
 
 def test_c4_insufficient_without_lambda0_distance(tmp_path):
@@ -228,10 +309,9 @@ def test_c4_insufficient_without_lambda0_distance(tmp_path):
     assert v["C4"]["verdict"] == "insufficient"
     assert v["C4"]["pairs"] == [] and v["C4"]["n_runs"] == 0 and v["C4"]["n_unusable_pairs"] == 1
     # A usable pair of another seed is judged on its own.
-    fabricate(tmp_path, spec(weight_decay=0.0, epochs=E, seed=1), distance=_decaying(E))
-    fabricate(tmp_path, spec(weight_decay=5e-4, epochs=E, seed=1), distance=[0.2] * E)
+    _c4_pair(tmp_path, _decaying(E), [0.2] * E, seeds=(1, 2))
     v, _ = verdicts(tmp_path)
-    assert v["C4"]["verdict"] == "holds" and v["C4"]["n_runs"] == 2 and v["C4"]["seeds"] == [1]
+    assert v["C4"]["verdict"] == "holds" and v["C4"]["n_runs"] == 4 and v["C4"]["seeds"] == [1, 2]
 
 
 def test_claims_refuse_a_run_that_fails_verification_and_record_provenance(tmp_path):

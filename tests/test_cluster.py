@@ -29,7 +29,7 @@ def test_tiny_packs_get_the_minimum():
 
 
 def test_training_time_follows_the_step_count():
-    # steps = epochs * ceil(train_size / batch): the per-step part of the estimate
+    # steps = epochs * steps_per_epoch: the per-step part of the estimate
     # scales with it exactly (startup and per-epoch work subtracted out).
     t1 = estimate_seconds(pack(epochs=1000, log_every=1000), "cuda")
     t2 = estimate_seconds(pack(epochs=2000, log_every=2000), "cuda")
@@ -47,6 +47,19 @@ def test_more_work_never_takes_less_time():
     assert estimate_seconds(pack(batch_size=8), "cuda") > base
     assert estimate_seconds(pack(train_subset=5000), "cuda") < base
     assert estimate_seconds(pack(), "cpu") > base
+
+
+def test_the_partial_batch_costs_one_step_and_its_samples():
+    # 50,000 / 32: 1562 full batches and a last one of 16 samples, kept by default
+    from rankbias.cluster import COST_MODELS, OPS_PER_LAYER_STEP, _matrices
+    keep = pack(epochs=1000, log_every=1000)
+    drop = pack(epochs=1000, log_every=1000, drop_last=True)
+    shapes = _matrices(keep[0])
+    cost = COST_MODELS["cuda"]
+    one_more_step = (6.0 * sum(o * i for o, i in shapes) * 16 * len(keep) / cost.flops_per_second
+                     + OPS_PER_LAYER_STEP * len(shapes) * cost.seconds_per_op)
+    assert estimate_seconds(keep, "cuda") - estimate_seconds(drop, "cuda") == pytest.approx(
+        1000 * one_more_step, rel=1e-9)
 
 
 def test_batch_count_uses_the_train_size_or_subset():

@@ -13,13 +13,15 @@ from rankbias.spec import RunSpec
 from rankbias.train import train_pack
 
 
-def _pack(model, loss="ce", epochs=3, schedule=None, batch=(16, 32, 64)):
-    """Three members that differ in lr, weight decay, momentum, seed and batch size."""
+def _pack(model, loss="ce", epochs=3, schedule=None, batch=100, drop_last=False):
+    """Three members that differ in lr, weight decay, momentum and seed. The synthetic
+    set's 1024 samples make B=100 ten full batches and a last one of 24."""
     extra = dict(schedule="multistep", milestones=(2,), gamma=0.5) if schedule else {}
-    base = dict(dataset="synthetic", model=model, loss=loss, epochs=epochs, log_every=1, **extra)
-    return [RunSpec.from_dict({**base, "batch_size": batch[0], "lr": 0.1, "weight_decay": 0.0, "momentum": 0.9, "seed": 0}),
-            RunSpec.from_dict({**base, "batch_size": batch[1], "lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9, "seed": 1}),
-            RunSpec.from_dict({**base, "batch_size": batch[2], "lr": 0.02, "weight_decay": 1e-3, "momentum": 0.5, "seed": 2})]
+    base = dict(dataset="synthetic", model=model, loss=loss, epochs=epochs, log_every=1,
+                batch_size=batch, drop_last=drop_last, **extra)
+    return [RunSpec.from_dict({**base, "lr": 0.1, "weight_decay": 0.0, "momentum": 0.9, "seed": 0}),
+            RunSpec.from_dict({**base, "lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9, "seed": 1}),
+            RunSpec.from_dict({**base, "lr": 0.02, "weight_decay": 1e-3, "momentum": 0.5, "seed": 2})]
 
 
 def _compare(specs, ds, tmp_path, rtol, atol, acc_samples=0):
@@ -52,19 +54,21 @@ def _compare(specs, ds, tmp_path, rtol, atol, acc_samples=0):
 
 @pytest.mark.parametrize("model", ["MLP-BN-2-16", "MLP-2-16", "RES-BN-2-16", "RES-2-16"])
 def test_first_steps_equal_torch_sgd_float64(model, synthetic64):
-    """Step by step, each member's parameters equal nn.Module + torch.optim.SGD's
+    """Step by step through a whole epoch, its partial last batch included, each
+    member's parameters and BatchNorm statistics equal nn.Module + torch.optim.SGD's
     up to float64 rounding (both see the same mini-batches)."""
     ds = synthetic64
     specs = _pack(model)
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
     plan = pack.epoch_plan(0)
+    assert (plan.steps, plan.full_steps, plan.last_idx.shape) == (11, 10, (3, 24))
     refs = []
     for spec in specs:
         net = build_net(spec, ds.input_dim, ds.num_classes).double()
         opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
                               weight_decay=spec.weight_decay)
         refs.append((net, opt, epoch_order(spec, 0, ds.x_train.shape[0]), spec.batch_size))
-    for t in range(8):
+    for t in range(plan.steps):
         pack.step(plan.inputs(t))
         for net, opt, order, B in refs:
             idx = order[t * B:(t + 1) * B]
@@ -82,10 +86,15 @@ def test_first_steps_equal_torch_sgd_float64(model, synthetic64):
 
 @pytest.mark.parametrize("model", ["MLP-BN-2-16", "RES-BN-2-16", "RES-2-16"])
 def test_pack_matches_reference_float64(model, synthetic64, tmp_path):
-    """Same seeds and data order: over three epochs (with an lr drop) every member's
-    losses, accuracies, spectra, ranks and distances equal its own plain PyTorch run.
-    Summation order differs (bmm vs mm), so agreement is to rounding, not bitwise."""
+    """Same seeds and data order: over three epochs (with an lr drop, and each epoch's
+    partial last batch) every member's losses, accuracies, spectra, ranks and distances
+    equal its own plain PyTorch run. Summation order differs (bmm vs mm), so agreement
+    is to rounding, not bitwise."""
     _compare(_pack(model, schedule=True), synthetic64, tmp_path, rtol=1e-8, atol=1e-11)
+
+
+def test_pack_with_drop_last_matches_reference_float64(synthetic64, tmp_path):
+    _compare(_pack("MLP-BN-2-16", epochs=2, drop_last=True), synthetic64, tmp_path, rtol=1e-8, atol=1e-11)
 
 
 def test_pack_matches_reference_float32_mse(synthetic, tmp_path):
@@ -93,8 +102,52 @@ def test_pack_matches_reference_float32_mse(synthetic, tmp_path):
              acc_samples=3)
 
 
-def test_uniform_batch_pack_matches_reference(synthetic64, tmp_path):
-    _compare(_pack("MLP-BN-2-16", epochs=2, batch=(32, 32, 32)), synthetic64, tmp_path, rtol=1e-7, atol=1e-9)
+def test_pack_without_a_partial_batch_matches_reference(synthetic64, tmp_path):
+    _compare(_pack("MLP-BN-2-16", epochs=2, batch=32), synthetic64, tmp_path, rtol=1e-7, atol=1e-9)
+
+
+def test_partial_last_batch_by_hand(synthetic64):
+    """n=10, B=4: batches of 4, 4 and 2 samples of each member's own order; the last
+    step's BatchNorm statistics are over its 2 samples, the running variance unbiased
+    by 2/(2-1), as nn.BatchNorm1d does on a batch of 2."""
+    x, y = synthetic64.x_train[:10], synthetic64.y_train[:10]
+    specs = [RunSpec(dataset="synthetic", arch="mlp_bn", depth=1, width=4, batch_size=4,
+                     lr=lr, momentum=m, weight_decay=wd, seed=seed)
+             for lr, m, wd, seed in ((0.1, 0.9, 0.0, 0), (0.05, 0.0, 1e-3, 1))]
+    assert [s.steps_per_epoch(10) for s in specs] == [3, 3]
+    assert RunSpec(batch_size=4, drop_last=True).steps_per_epoch(10) == 2
+    pack = Pack(specs, x, y, 10, "cpu")
+    plan = pack.epoch_plan(0)
+    assert (plan.steps, plan.full_steps) == (3, 2)
+    for k, s in enumerate(specs):
+        order = epoch_order(s, 0, 10)
+        batches = [plan.inputs(t).idx[k].tolist() for t in range(3)]
+        assert batches == [order[:4].tolist(), order[4:8].tolist(), order[8:].tolist()]
+    for t in range(2):
+        pack.step(plan.inputs(t))
+    w, b = (pack.params[f"hidden.fc1.{n}"].detach().clone() for n in ("weight", "bias"))
+    rm, rv = (pack.running[f"hidden.bn1.running_{n}"].clone() for n in ("mean", "var"))
+    last = plan.inputs(2).idx                                        # [2 members, 2 samples]
+    pack.step(plan.inputs(2))
+    for k in range(2):
+        h = (x[last[k]] @ w[k].T + b[k]).numpy()                      # the 2 rows' activations
+        mean, var = h.mean(0), ((h[0] - h[1]) ** 2) / 2             # unbiased over 2 rows
+        np.testing.assert_allclose(pack.running["hidden.bn1.running_mean"][k].numpy(),
+                                   0.9 * rm[k].numpy() + 0.1 * mean, rtol=1e-12)
+        np.testing.assert_allclose(pack.running["hidden.bn1.running_var"][k].numpy(),
+                                   0.9 * rv[k].numpy() + 0.1 * var, rtol=1e-12)
+
+
+def test_pack_rejects_mixed_batch_sizes_and_a_last_batch_of_one(synthetic):
+    a = RunSpec(dataset="synthetic", arch="mlp_bn", depth=2, width=16, batch_size=32)
+    with pytest.raises(ValueError, match="batch_size"):
+        Pack([a, RunSpec.from_dict({**a.to_dict(), "batch_size": 64})], synthetic.x_train,
+             synthetic.y_train, 10, "cpu")
+    one_left = RunSpec.from_dict({**a.to_dict(), "batch_size": 3})     # 1024 = 341 * 3 + 1
+    with pytest.raises(ValueError, match="batch_size: 3 leaves a last batch of 1.*drop_last"):
+        Pack([one_left], synthetic.x_train, synthetic.y_train, 10, "cpu")
+    Pack([RunSpec.from_dict({**one_left.to_dict(), "drop_last": True})], synthetic.x_train,
+         synthetic.y_train, 10, "cpu")
 
 
 def _read_all(path):

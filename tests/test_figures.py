@@ -148,6 +148,74 @@ def test_metrics_logged_every_few_epochs_still_draw_lines(tmp_path, synthetic):
             assert list(ln.get_xdata()) == [0, 2, 4]
 
 
+def test_summary_figures_are_written_with_provenance_and_audit(world, tmp_path):
+    from rankbias import audit
+    import shutil
+    cfg, runs, p = world
+    runs = shutil.copytree(runs, tmp_path / "results" / "runs")   # audit reads runs under results/
+    assert F.figure_names(p) == list(sweep.FIGURES) + ["figR", "figS"]
+    every_figure = sorted({r for ids in p.figures.values() for r in ids})
+    for name, expected in (("figR", every_figure), ("figS", sorted(p.specs))):
+        out = tmp_path / "results" / "figures" / f"{name}.png"
+        r = F.make_figure(name, cfg, runs, out)
+        assert r["missing"] == [] and r["runs"] == len(expected)
+        assert out.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+        prov = provenance.read_embedded(out)
+        assert sorted(x["run_id"] for x in prov["runs"]) == expected
+        assert prov["rank"] == {"normalise": "fro", "tol": 1e-3}
+        # What `rankbias audit` checks of a figure's images and runs (code and DVC need a repo).
+        a = audit.Audit(out, tmp_path)
+        record = a.images()
+        a.runs(record)
+        assert record["figure"] == name and a.problems == []
+
+
+def test_final_rank_by_tolerance_matches_a_direct_count(tmp_path):
+    s = sweep.plan({"defaults": {"dataset": "synthetic", "epochs": 2},
+                    "figures": {"fig2": {"model": "MLP-BN-2-10", "grid": {"batch_size": [8]}}}})
+    spec = next(iter(s.specs.values()))
+    fabricate(tmp_path, spec, layer_ranks=[[10, 10], [6, 8], [4, 2]])
+    run = Run(tmp_path / spec.run_id)
+    d = F.load_run(run, "fro", 1e-3)
+    tols = [1e-9, 1e-5, 1e-3, 0.04, 0.3]
+    got = F.final_rank_by_tolerance(d, "fro", tols)
+    sv = [run.spectra["sv_0"][-1], run.spectra["sv_1"][-1]]
+    direct = [np.mean([(x / np.linalg.norm(x) > tol).sum() for x in sv]) for tol in tols]
+    assert list(got.index) == tols and list(got.values) == direct
+    assert got[1e-3] == 3.0 and got[1e-9] == 10.0          # ranks 4 and 2; the 1e-7 tail below
+    fig = F.draw_rank_vs_tolerance({"fig2": [d]}, "fro")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    marks = sorted(ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == ":")
+    assert marks == [1e-4, 1e-3, 0.04]
+
+
+def test_rank_vs_ratio_places_every_run_and_counts_the_rest(world):
+    _, runs, p = world
+    data, _ = F.collect(runs, list(p.specs), "fro", 1e-3)
+    fig = F.draw_rank_vs_ratio(data)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    shown = {tuple(xy) for c in ax.collections for xy in c.get_offsets()}
+    positive = [d for d in data if d.spec["weight_decay"] > 0]
+    expected = {(d.spec["batch_size"] / (d.spec["lr"] * d.spec["weight_decay"]),
+                 float(d.mean_rank.dropna().iloc[-1])) for d in positive}
+    assert shown == expected
+    assert f"{len(data) - len(positive)} run(s) with λ = 0 not shown" in fig._suptitle.get_text()
+    assert len(ax.collections) == len({d.spec["model"] for d in data})
+    assert F.theorem1_ratio({"batch_size": 32, "lr": 0.1, "weight_decay": 5e-4}) == pytest.approx(640000)
+
+
+def test_figure_names_have_one_source():
+    """The workflow's `fig` wildcard and the DVC figure stages follow figures.NAMES."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text())
+    assert dvc["stages"]["figure"]["foreach"] == list(F.NAMES)
+    assert list(F.NAMES[:7]) == list(sweep.FIGURES)
+    common = (root / "workflow" / "rules" / "common.smk").read_text()
+    assert 'fig="|".join(figures.NAMES)' in common and "fig[1-7]" not in common
+
+
 def _inject_diverged(run_dir):
     info = json.loads((run_dir / "run.json").read_text())
     info["diverged"] = {"epoch": 2, "reason": "injected"}

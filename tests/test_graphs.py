@@ -26,10 +26,15 @@ HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_se
               "unique", "_unique2", "equal", "allclose", "lift_fresh", "tolist"}
 
 
-def _specs(model, batch=(16, 32, 64), epochs=2):
-    base = dict(dataset="synthetic", model=model, epochs=epochs, log_every=1)
-    return [RunSpec.from_dict({**base, "batch_size": b, "lr": 0.05 * (k + 1), "weight_decay": 5e-4 * k,
-                               "momentum": 0.9 - 0.2 * k, "seed": k}) for k, b in enumerate(batch)]
+# The synthetic set's 1024 samples: B=32 cuts them into whole batches; B=100 leaves a
+# partial last batch of 24, a narrower step that the graph path runs eagerly.
+BATCHES = pytest.mark.parametrize("batch", [32, 100], ids=["whole", "partial"])
+
+
+def _specs(model, batch=100, epochs=2, k=3):
+    base = dict(dataset="synthetic", model=model, epochs=epochs, log_every=1, batch_size=batch)
+    return [RunSpec.from_dict({**base, "lr": 0.05 * (i + 1), "weight_decay": 5e-4 * i,
+                               "momentum": 0.9 - 0.2 * i, "seed": i}) for i in range(k)]
 
 
 class _OpLog(TorchDispatchMode):
@@ -43,25 +48,26 @@ class _OpLog(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("model", ["MLP-BN-3-16", "RES-BN-2-16", "MLP-2-16"])
-@pytest.mark.parametrize("batch", [(32, 32, 32), (16, 32, 64)], ids=["uniform", "mixed"])
+@BATCHES
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 def test_step_reads_nothing_back_to_the_host(model, batch, loss, synthetic):
     specs = [RunSpec.from_dict({**s.to_dict(), "loss": loss}) for s in _specs(model, batch)]
     pack = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
     plan = pack.epoch_plan(0)
-    s = plan.inputs(1)
-    with _OpLog() as log:
-        pack.step(s)
-    assert "bmm" in log.ops, "the backward pass was not observed"
-    assert log.ops.count("_foreach_addcmul_") == 2, "the SGD update was not observed"
-    assert not HOST_READS & set(log.ops), f"host reads in the step: {sorted(HOST_READS & set(log.ops))}"
+    for t in (1, plan.steps - 1):                  # a full step, and the epoch's last
+        s = plan.inputs(t)
+        with _OpLog() as log:
+            pack.step(s)
+        assert "bmm" in log.ops, "the backward pass was not observed"
+        assert log.ops.count("_foreach_addcmul_") == 2, "the SGD update was not observed"
+        assert not HOST_READS & set(log.ops), f"host reads in step {t}: {sorted(HOST_READS & set(log.ops))}"
 
 
 def _state(pack):
     return [t.clone() for t in pack.snapshot()]
 
 
-@pytest.mark.parametrize("batch", [(32, 32, 32), (16, 32, 64)], ids=["uniform", "mixed"])
+@BATCHES
 def test_static_buffer_step_equals_plain_step_bitwise(batch, synthetic):
     specs = _specs("RES-BN-2-16", batch)
     a = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
@@ -110,7 +116,7 @@ class _OneMemberStands(GraphedStep):
 def test_the_check_rejects_a_replay_with_stale_inputs(broken, synthetic, monkeypatch):
     # member 1's updates are 5000x smaller than member 0's: checked member by member
     specs = [RunSpec.from_dict({**s.to_dict(), "lr": lr})
-             for s, lr in zip(_specs("MLP-BN-2-16", (32, 32, 32)), (0.5, 1e-4, 0.1))]
+             for s, lr in zip(_specs("MLP-BN-2-16", 32), (0.5, 1e-4, 0.1))]
     pack = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
     before = _state(pack)
     monkeypatch.setattr(engine, "GraphedStep", broken)
@@ -132,7 +138,7 @@ def test_the_check_rejects_a_replay_with_stale_inputs(broken, synthetic, monkeyp
 
 
 def test_graph_modes_on_the_cpu(synthetic, tmp_path):
-    specs = _specs("MLP-2-16", (32, 32, 32), epochs=1)
+    specs = _specs("MLP-2-16", 32, epochs=1)
     with pytest.raises(ValueError, match="graph: 'sometimes'"):
         Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu", graph="sometimes")
     with pytest.raises(RuntimeError, match="--graph on: CUDA graphs need a CUDA device"):
@@ -153,7 +159,7 @@ def test_graph_mode_comes_from_the_flag_then_the_environment(monkeypatch):
 
 
 def test_a_restore_drops_gradients_left_by_a_step_cut_short(synthetic):
-    pack = Pack(_specs("MLP-2-16", (32, 32, 32)), synthetic.x_train, synthetic.y_train,
+    pack = Pack(_specs("MLP-2-16", 32), synthetic.x_train, synthetic.y_train,
                 synthetic.num_classes, "cpu")
     snap = pack.snapshot()
     pack.plist[0].grad = torch.ones_like(pack.plist[0])
@@ -162,7 +168,7 @@ def test_a_restore_drops_gradients_left_by_a_step_cut_short(synthetic):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("batch", [(32, 32, 32), (16, 32, 64)], ids=["uniform", "mixed"])
+@BATCHES
 def test_cuda_graph_trains_like_the_eager_step(batch, synthetic, tmp_path):
     import dataclasses
     dev = torch.device("cuda")
@@ -269,7 +275,7 @@ def _pack_on_fake_cuda(synthetic, batch):
     return pack, plan
 
 
-@pytest.mark.parametrize("batch", [(32, 32, 32), (16, 32, 64)], ids=["uniform", "mixed"])
+@BATCHES
 def test_capture_path_on_a_fake_cuda(batch, synthetic, monkeypatch):
     _FakeCuda(monkeypatch)
     pack, plan = _pack_on_fake_cuda(synthetic, batch)
@@ -290,7 +296,7 @@ def test_capture_path_on_a_fake_cuda(batch, synthetic, monkeypatch):
 
 def test_a_failed_capture_falls_back_cleanly(synthetic, monkeypatch):
     fake = _FakeCuda(monkeypatch, fail_capture=True)
-    pack, plan = _pack_on_fake_cuda(synthetic, (32, 32, 32))
+    pack, plan = _pack_on_fake_cuda(synthetic, 32)
     before = _state(pack)
     step, mode = choose_stepper(pack, plan, "auto")
     assert step == pack.step and mode.startswith("eager (graph capture failed: RuntimeError")

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rankbias.spec import (RunSpec, SpecError, load_pack, make_packs, model_name, pack_id,
-                           parse_model_name)
+                           pack_steps, parse_model_name)
 
 specs = st.builds(
     RunSpec,
@@ -14,7 +14,7 @@ specs = st.builds(
     arch=st.sampled_from(["mlp", "mlp_bn", "res", "res_bn"]),
     depth=st.integers(1, 12), width=st.integers(1, 2048),
     loss=st.sampled_from(["ce", "mse"]),
-    batch_size=st.integers(2, 4096),
+    batch_size=st.integers(2, 4096), drop_last=st.booleans(),
     lr=st.floats(1e-6, 10, allow_nan=False), momentum=st.floats(0, 0.99),
     weight_decay=st.floats(0, 1e-1), epochs=st.integers(1, 500), seed=st.integers(0, 2**31),
     log_every=st.integers(1, 50), train_subset=st.integers(0, 60000),
@@ -52,8 +52,8 @@ def test_paper_names():
 def test_run_id_is_pinned():
     """A stored result must stay addressable: the hash of the default spec never changes."""
     assert RunSpec().canonical_json() == (
-        '{"arch":"mlp_bn","batch_size":32,"dataset":"mnist","depth":5,"epochs":20,"gamma":0.2,'
-        '"log_every":1,"loss":"ce","lr":0.1,"milestones":[],"momentum":0.9,"schedule":"constant",'
+        '{"arch":"mlp_bn","batch_size":32,"dataset":"mnist","depth":5,"drop_last":false,"epochs":20,'
+        '"gamma":0.2,"log_every":1,"loss":"ce","lr":0.1,"milestones":[],"momentum":0.9,"schedule":"constant",'
         '"seed":0,"test_subset":0,"train_subset":0,"weight_decay":0.0005,"width":100}')
     assert RunSpec().run_id == RunSpec.from_dict({"lr": 1e-1, "weight_decay": 5e-4}).run_id
 
@@ -73,6 +73,7 @@ def test_int_and_float_spellings_are_one_run():
     ({"batch_sise": 32}, "batch_sise"), ({"loss": "hinge"}, "loss"), ({"gamma": 0}, "gamma"),
     ({"model": "MLP-2-10", "depth": 3}, "depth"), ({"arch": "mlp_bn", "batch_size": 1}, "batch_size"),
     ({"seed": -1}, "seed"), ({"train_subset": -5}, "train_subset"), ({"seed": True}, "seed"),
+    ({"drop_last": "no"}, "drop_last"), ({"drop_last": 0}, "drop_last"),
 ])
 def test_bad_values_name_the_key(raw, key):
     with pytest.raises(SpecError, match=key):
@@ -86,9 +87,52 @@ def test_unknown_key_lists_allowed_keys():
 
 
 def test_lr_schedule_is_multistep():
+    """Milestones count epochs from 1: with (2, 4) the 2nd and 4th epochs (0-based 1
+    and 3) are the first at the lower rates."""
     s = RunSpec(lr=0.1, schedule="multistep", milestones=(2, 4), gamma=0.5)
-    assert [s.lr_at(e) for e in range(6)] == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+    assert [s.lr_at(e) for e in range(6)] == [0.1, 0.05, 0.05, 0.025, 0.025, 0.025]
     assert RunSpec(lr=0.1).lr_at(100) == 0.1
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")       # step(epoch) is deprecated in torch
+@pytest.mark.parametrize("milestones, epochs", [((60, 100, 200), 250), ((1, 2, 5), 8), ((3,), 4)])
+def test_lr_schedule_is_the_authors_multistep_lr(milestones, epochs):
+    """torch's MultiStepLR driven as the authors' train.py drives it: an SGD optimiser,
+    then `scheduler.step(epoch)` before training each epoch = 1 .. EPOCH."""
+    import torch
+    spec = RunSpec(lr=0.1, schedule="multistep", milestones=milestones, gamma=0.2, epochs=epochs)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=spec.lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=0.2)
+    theirs = []
+    for epoch in range(1, epochs + 1):
+        scheduler.step(epoch)
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+    ours = [spec.lr_at(e) for e in range(epochs)]
+    assert ours == pytest.approx(theirs, rel=1e-12)
+    if milestones == (60, 100, 200):
+        assert [ours[e] for e in (58, 59, 98, 99, 198, 199)] == pytest.approx(
+            [0.1, 0.02, 0.02, 0.004, 0.004, 0.0008], rel=1e-12)
+
+
+def test_steps_per_epoch_keep_or_drop_the_partial_batch():
+    """10,000 samples at B=32: 313 steps an epoch, the last of 16 samples, as a
+    DataLoader keeps it; 312 with drop_last."""
+    keep = RunSpec(dataset="mnist", train_subset=10000, batch_size=32, epochs=3)
+    drop = RunSpec.from_dict({**keep.to_dict(), "drop_last": True})
+    assert (keep.steps_per_epoch(), drop.steps_per_epoch()) == (313, 312)
+    assert (pack_steps([keep]), pack_steps([drop])) == (939, 936)
+    assert keep.steps_per_epoch(10) == -(-10 // 32) == 1
+    assert RunSpec(batch_size=4).steps_per_epoch(10) == 3
+    assert RunSpec(batch_size=5).steps_per_epoch(10) == RunSpec(batch_size=5, drop_last=True).steps_per_epoch(10) == 2
+
+
+def test_a_last_batch_of_one_sample_is_refused_with_batchnorm():
+    # synthetic: 1024 training samples = 341 * 3 + 1
+    with pytest.raises(SpecError, match="batch_size: 3 leaves a last batch of 1.*drop_last: true"):
+        RunSpec(dataset="synthetic", arch="mlp_bn", batch_size=3).check_sizes()
+    RunSpec(dataset="synthetic", arch="mlp", batch_size=3).check_sizes()
+    RunSpec(dataset="synthetic", arch="mlp_bn", batch_size=3, drop_last=True).check_sizes()
 
 
 def test_packs_deduplicate_and_group():
@@ -96,9 +140,11 @@ def test_packs_deduplicate_and_group():
     b = RunSpec(dataset="synthetic", batch_size=16, lr=0.01)
     c = RunSpec(dataset="synthetic", batch_size=32, lr=0.1)
     d = RunSpec(dataset="synthetic", batch_size=16, lr=0.1, depth=3)
-    packs = make_packs([a, b, c, d, a, b])
-    assert sorted(len(p) for p in packs) == [1, 1, 2]
-    assert sum(len(p) for p in packs) == 4
+    e = RunSpec(dataset="synthetic", batch_size=16, lr=0.2, drop_last=True)
+    packs = make_packs([a, b, c, d, e, a, b])
+    assert sorted(len(p) for p in packs) == [1, 1, 1, 2]
+    assert sum(len(p) for p in packs) == 5
+    assert all(len({(s.batch_size, s.drop_last) for s in p}) == 1 for p in packs)
     assert pack_id([a, b]) == pack_id([b, a])
     assert [len(p) for p in make_packs([RunSpec(seed=i) for i in range(5)], max_pack=2)] == [2, 2, 1]
 
@@ -118,6 +164,10 @@ def test_load_pack_files(tmp_path):
     mixed.write_text(json.dumps([{"model": "MLP-2-8"}, {"model": "MLP-3-8"}]))
     with pytest.raises(SpecError, match="cannot train as one pack"):
         load_pack(mixed)
+    two_batch_sizes = tmp_path / "b.json"
+    two_batch_sizes.write_text(json.dumps([{"model": "MLP-2-8", "batch_size": 16}, {"model": "MLP-2-8"}]))
+    with pytest.raises(SpecError, match="batch_size.*cannot train as one pack"):
+        load_pack(two_batch_sizes)
     with pytest.raises(SpecError, match="does not exist"):
         load_pack(tmp_path / "missing.json")
 

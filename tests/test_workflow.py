@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import TEST_CONFIG, copy_repo, planned_jobs, snakemake
 
-from rankbias import sweep
+from rankbias import figures, sweep
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,9 @@ def _dry_run(wd, *args: str) -> dict[str, int]:
 
 def test_end_to_end_builds_every_figure_and_the_claims(done):
     wd, _ = done
-    for i in range(1, 8):
+    for name in figures.NAMES:
         for ext in ("png", "pdf"):
-            f = wd / "results" / "figures" / f"fig{i}.{ext}"
+            f = wd / "results" / "figures" / f"{name}.{ext}"
             assert f.stat().st_size > 1000, f
     doc = json.loads((wd / "results" / "claims.json").read_text())
     assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)]
@@ -76,7 +76,8 @@ def test_changing_one_runs_lr_retrains_only_its_pack(done):
     assert len(new_packs) == 1
     jobs = _dry_run(wd, "--configfile", str(changed.relative_to(wd)))
     assert {k: v for k, v in jobs.items() if k.startswith("train_")} == {f"train_{new_packs.pop()}": 1}
-    assert jobs.get("figure") == 1 and jobs.get("claims") == 1   # fig7 and the claims only
+    # fig7, the summary figures (drawn from every run) and the claims only
+    assert jobs.get("figure") == 1 + len(figures.SUMMARY) and jobs.get("claims") == 1
 
 
 def test_rethresholding_redraws_without_retraining(done):
@@ -86,7 +87,7 @@ def test_rethresholding_redraws_without_retraining(done):
     (wd / ".test" / "tol.yaml").write_text(yaml.safe_dump(cfg))
     jobs = _dry_run(wd, "--configfile", ".test/tol.yaml")
     assert not any(k.startswith("train_") for k in jobs)
-    assert jobs.get("figure") == 7 and jobs.get("claims") == 1
+    assert jobs.get("figure") == len(figures.NAMES) and jobs.get("claims") == 1
 
 
 def test_switching_the_cuda_graph_retrains_nothing(done):

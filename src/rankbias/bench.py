@@ -46,7 +46,7 @@ class _EngineTimer:
         self.plan = self.pack.epoch_plan(0)
         self.step = self.pack.stepper(self.plan)      # captures and checks the graph on CUDA
         self.t = 0
-        self(min(3, self.plan.steps))                 # warm-up
+        self(min(3, self.plan.full_steps))            # warm-up
 
     def __call__(self, steps: int, step=None) -> float:
         """config-steps/s of `step` (default: the chosen one; `pack.step` for eager)."""
@@ -54,7 +54,7 @@ class _EngineTimer:
         _sync(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            step(self.plan.inputs(self.t % self.plan.steps))
+            step(self.plan.inputs(self.t % self.plan.full_steps))   # B-row steps only
             self.t += 1
         _sync(self.device)
         return self.pack.K * steps / (time.perf_counter() - t0)

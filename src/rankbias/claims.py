@@ -7,9 +7,14 @@ config's ``rank`` settings. Diverged runs are counted and excluded.
 
 "Final rank" is a run's average hidden-matrix rank at its last logged epoch;
 "relative rank" divides it by the same run's average rank at epoch 0. A group whose
-final ranks differ by less than ``flat`` (relative range) shows no effect: it is
-reported as flat and left out of the correlations. A claim that predicts an effect
-fails when every group it could be judged on is flat.
+final ranks differ by less than ``flat`` (relative range) shows no effect: it counts
+as an effect of 0.
+
+Every claim's effect is measured per group (or run) and seed, averaged per seed, and
+given a bootstrap interval of the mean: over the per-seed effects when there are two
+or more seeds, else over the one seed's groups. A claimed effect holds only when its
+interval excludes no effect; a claimed absence holds only when its interval lies within
+the threshold. Too few values for an interval make the verdict ``insufficient``.
 """
 from __future__ import annotations
 
@@ -39,13 +44,17 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "c5_low_rank": 0.5,        # C5: relative rank below this counts as very low
     "c5_high_rank": 0.9,       # C5: relative rank at least this counts as high
     "c5_acc_drop": 0.01,       # C5: low-rank runs' train accuracy lower by at least this
-    "c5_gen_margin": 0.01,     # C5: low rank improves test accuracy by at most this
+    "c5_gap_margin": 0.02,     # C5: generalisation gaps of very low and high rank differ by at most this
     "c6_min_reduction": 0.9,   # C6: only runs whose relative rank fell below this are judged
     "c6_bottleneck": 0.9,      # C6: MLP middle-layer minimum <= this x min(first, last hidden)
     "c6_balance": 0.5,         # C6: ResNet min/max of per-block ranks >= this
     "c6_min_fraction": 0.5,    # C6: fraction of judged runs that must show the pattern
     "c7_ratio": 0.9,           # C7: full-batch GD final rank >= this x initial rank
     "c7_tiny_data": 1000,      # C7: training sets smaller than this are 'tiny' (exempt)
+    "ci_level": 0.95,          # all: coverage of the bootstrap interval of each effect
+    "ci_min_values": 2,        # all: fewer values (seeds, or one seed's groups) give no interval
+    "bootstrap_resamples": 10000,  # all: resamples of the percentile bootstrap
+    "bootstrap_seed": 0,       # all: RNG seed of the bootstrap (reproducible intervals)
 }
 
 STATEMENTS = {
@@ -147,18 +156,94 @@ def _r(x: float, nd: int = 3):
     return None if x is None or not np.isfinite(x) else round(float(x), nd)
 
 
+# -- statistics across seeds -----------------------------------------------------------
+
+def bootstrap_interval(values: Sequence[float], level: float, resamples: int,
+                       seed: int) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values`; a fixed RNG seed makes it
+    reproducible."""
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+@dataclass
+class Effect:
+    """One claim's effect aggregated across seeds, with its interval (None: too few values)."""
+    per_seed: dict[int, float]
+    over: str                   # what the interval resamples: "seeds", or the unit of one seed
+    values: list[float]
+    mean: float
+    ci: tuple[float, float] | None
+    level: float
+
+    def to_dict(self) -> dict:
+        return {"per_seed": {str(s): _r(v, 4) for s, v in self.per_seed.items()},
+                "over": self.over, "n_values": len(self.values), "mean": _r(self.mean, 4),
+                "ci": None if self.ci is None else [_r(self.ci[0], 4), _r(self.ci[1], 4)],
+                "ci_level": self.level}
+
+
+def across_seeds(values: Sequence[tuple[int, float]], t: dict, unit: str = "groups") -> Effect:
+    """Aggregate (seed, effect) pairs, one per group (or run) and seed.
+
+    A seed's effect is the mean over its groups. With two or more seeds the interval is
+    bootstrapped over the seeds' effects: groups trained from one seed share its
+    initialisations and data orders, so only seeds sample the seed-to-seed variation.
+    With one seed it is bootstrapped over that seed's groups."""
+    by_seed: dict[int, list[float]] = {}
+    for seed, v in values:
+        by_seed.setdefault(int(seed), []).append(float(v))
+    per_seed = {s: float(np.mean(v)) for s, v in sorted(by_seed.items())}
+    if len(per_seed) >= 2:
+        units, over = list(per_seed.values()), "seeds"
+    else:
+        units, over = [v for vs in by_seed.values() for v in vs], unit
+    mean = float(np.mean(units)) if units else float("nan")
+    ci = None
+    if len(units) >= t["ci_min_values"]:
+        ci = bootstrap_interval(units, t["ci_level"], int(t["bootstrap_resamples"]),
+                                int(t["bootstrap_seed"]))
+    return Effect(per_seed, over, units, mean, ci, t["ci_level"])
+
+
+def _shows_effect(eff: Effect, minimum: float) -> str:
+    """A claimed positive effect: the interval lies above 0 and the mean reaches `minimum`."""
+    if not eff.values or eff.ci is None:
+        return INSUFFICIENT
+    return HOLDS if eff.ci[0] > 0 and eff.mean >= minimum else FAILS
+
+
+def _within(eff: Effect, lo: float, hi: float) -> str:
+    """A claimed absence (or smallness) of an effect: the whole interval lies in [lo, hi]."""
+    if not eff.values or eff.ci is None:
+        return INSUFFICIENT
+    return HOLDS if lo <= eff.ci[0] and eff.ci[1] <= hi else FAILS
+
+
+def _interval_rule(t: dict) -> str:
+    return (f"Intervals: {100 * t['ci_level']:g}% percentile bootstrap of the mean "
+            f"({int(t['bootstrap_resamples'])} resamples, RNG seed {int(t['bootstrap_seed'])}) over the "
+            f"per-seed effects when there are >= 2 seeds, else over the one seed's groups (runs); "
+            f"fewer than {int(t['ci_min_values'])} values give no interval and the verdict "
+            f"'insufficient'.")
+
+
 # -- the claims ------------------------------------------------------------------------
 
 def _trend(runs: Sequence[RunSummary], key: str, sign: int, min_points: int, t: dict,
            extra_filter: Callable[[RunSummary], bool] = lambda r: True) -> dict:
-    """Spearman(key, final rank) within groups equal but for `key`; `sign` is the claimed
-    direction (+1: rank grows with key)."""
+    """Spearman(key, final rank) within groups equal but for `key` (one seed each);
+    `sign` is the claimed direction (+1: rank grows with key). A flat group's effect is 0."""
     groups: dict[str, list[RunSummary]] = {}
     for r in runs:
         if extra_filter(r):
             groups.setdefault(_key_without(r.spec, key), []).append(r)
-    judged, flat, contradicting = [], [], []
-    details, used = [], []
+    flat, contradicting = [], []
+    details, used, effects = [], [], []
     for members in groups.values():
         members = sorted(members, key=lambda r: r.spec[key])
         if len({r.spec[key] for r in members}) < min_points:
@@ -177,24 +262,25 @@ def _trend(runs: Sequence[RunSummary], key: str, sign: int, min_points: int, t: 
         used += members
         if d["flat"]:
             flat.append(d)
+            effects.append((first["seed"], 0.0))
             continue
-        judged.append(sign * rho)
+        effects.append((first["seed"], sign * rho))
         if sign * rho <= -t["min_spearman"]:
             contradicting.append(d)
-    n_groups = len(details)
-    mean_rho = float(np.mean(judged)) if judged else float("nan")
-    if n_groups == 0:
-        verdict = INSUFFICIENT
-    elif not judged:
-        verdict = FAILS  # every group flat: the predicted effect is absent
-    elif mean_rho >= t["min_spearman"] and not contradicting:
-        verdict = HOLDS
-    else:
-        verdict = FAILS
-    return {"verdict": verdict, "groups": details, "n_groups": n_groups, "n_flat": len(flat),
-            "mean_spearman_in_claimed_direction": _r(mean_rho),
+    eff = across_seeds(effects, t)
+    verdict = INSUFFICIENT if not details else _shows_effect(eff, t["min_spearman"])
+    return {"verdict": verdict, "groups": details, "n_groups": len(details), "n_flat": len(flat),
+            "spearman_in_claimed_direction": eff.to_dict(), "_effect": eff,
             "n_contradicting": len(contradicting), "n_runs": len(used),
             "run_ids": [r.run_id for r in used], "seeds": _seeds(used)}
+
+
+def _trend_rule(label: str, sign: int, min_points: int, t: dict) -> str:
+    flipped = ", sign flipped" if sign < 0 else ""
+    return (f"Groups of runs equal in every setting but {label} (one seed each) with >= {min_points} "
+            f"values. Per group, Spearman correlation of final rank with {label}{flipped}; a flat "
+            f"group counts as 0. Holds when the interval of the mean lies above 0 and the mean is "
+            f">= {t['min_spearman']}.")
 
 
 def _model(spec: dict) -> str:
@@ -205,11 +291,8 @@ def _hyper_trend(runs, t, key: str, label: str, sign: int, min_points: int) -> d
     """C1/C2: final rank moves with one hyperparameter among runs with weight decay > 0."""
     res = _trend(runs, key, sign, min_points, t, lambda r: r.spec["weight_decay"] > 0)
     res.pop("run_ids")
-    flipped = ", sign flipped" if sign < 0 else ""
-    res["rule"] = (f"Groups of runs equal in every setting but {label} (weight decay > 0, one seed "
-                   f"each) with >= {min_points} values. Per group, Spearman correlation of final rank "
-                   f"with {label}{flipped}. Holds when the mean over non-flat groups is >= "
-                   f"{t['min_spearman']} and no group contradicts with <= -{t['min_spearman']}.")
+    res["rule"] = "Weight decay > 0. " + _trend_rule(label, sign, min_points, t)
+    res["intervals"] = {"Spearman": res.pop("_effect")}
     return res
 
 
@@ -221,31 +304,30 @@ def claim_c2(runs, t):
     return _hyper_trend(runs, t, "lr", "learning rate", -1, 2)
 
 
-def _keeps_rank(ratios: Sequence[float], threshold: float) -> str:
-    """No rank reduction: every run ends at >= threshold x its initial rank."""
-    if not ratios:
-        return INSUFFICIENT
-    return HOLDS if all(np.isfinite(x) and x >= threshold for x in ratios) else FAILS
+def _rank_reduction(runs: Sequence[RunSummary], t: dict) -> Effect:
+    """Per run, 1 - final/initial rank: 0 when the rank did not fall."""
+    return across_seeds([(r.spec["seed"], 1.0 - r.relative_rank) for r in runs], t, "runs")
 
 
 def claim_c3(runs, t):
     trend = _trend(runs, "weight_decay", -1, 3, t)
     zero = [r for r in runs if r.spec["weight_decay"] == 0]
     ratios = [r.relative_rank for r in zero]
-    zero_verdict = _keeps_rank(ratios, t["c3_lambda0_ratio"])
+    reduction = _rank_reduction(zero, t)
+    zero_verdict = _within(reduction, -math.inf, 1.0 - t["c3_lambda0_ratio"])
     res = dict(trend)
     res["verdict"] = _combine([trend["verdict"], zero_verdict])
     res["trend_verdict"] = trend["verdict"]
     res["lambda0"] = {"verdict": zero_verdict, "n_runs": len(zero),
                       "final_over_initial_rank": [_r(x) for x in ratios],
-                      "min_final_over_initial": _r(min(ratios)) if ratios else None}
+                      "min_final_over_initial": _r(min(ratios)) if ratios else None,
+                      "rank_reduction": reduction.to_dict()}
+    res["intervals"] = {"Spearman": res.pop("_effect"), "lambda=0 rank reduction": reduction}
     res["n_runs"] = len(set(trend.pop("run_ids")) | {r.run_id for r in zero})
     res["seeds"] = sorted(set(trend["seeds"]) | set(_seeds(zero)))
-    res["rule"] = (f"(a) Groups equal but for weight decay with >= 3 values: mean Spearman "
-                   f"correlation of final rank with weight decay, sign flipped, >= "
-                   f"{t['min_spearman']} over non-flat groups, none contradicting. (b) Every run "
-                   f"with weight decay 0 ends with rank >= {t['c3_lambda0_ratio']} x its initial "
-                   f"rank. Holds when both hold.")
+    res["rule"] = (f"(a) {_trend_rule('weight decay', -1, 3, t)} (b) Runs with weight decay 0: "
+                   f"rank reduction 1 - final/initial rank; holds when its interval lies below "
+                   f"{1.0 - t['c3_lambda0_ratio']:g}. Holds when both hold.")
     return res
 
 
@@ -259,13 +341,18 @@ def _window_mean(s: pd.Series, lo: float, hi: float) -> float:
     return float(w.mean()) if len(w) else float("nan")
 
 
+# A lambda = 0 run that stopped moving (d = 0) gives an infinite ratio; for the mean it
+# counts as this many orders of magnitude.
+C4_MAX_LOG10 = 12.0
+
+
 def claim_c4(runs, t):
     groups: dict[str, list[RunSummary]] = {}
     for r in runs:
         if r.spec["epochs"] >= 4 and "distance" in r.metrics:
             groups.setdefault(_key_without(r.spec, "weight_decay"), []).append(r)
     # Verdicts use the raw ratios; `pairs` reports them rounded.
-    pairs, ratios, persist, used = [], [], [], []
+    pairs, ratios, persist, used, effects = [], [], [], [], []
     n_unusable = 0
     for members in groups.values():
         zero = [r for r in members if r.spec["weight_decay"] == 0]
@@ -282,45 +369,48 @@ def claim_c4(runs, t):
             early = _window_mean(r.metrics["distance"], 0.25, 0.5)
             ratio = late / d0 if d0 > 0 else float("inf")
             q = late / early if early > 0 else float("nan")
+            log_ratio = (math.log10(ratio) if ratio > 0 and np.isfinite(ratio)
+                         else C4_MAX_LOG10 if ratio == float("inf") else float("nan"))
             pairs.append({"model": _model(r.spec), "dataset": r.spec["dataset"], "loss": r.spec["loss"],
                           "batch_size": r.spec["batch_size"], "lr": r.spec["lr"], "seed": r.spec["seed"],
                           "weight_decay": r.spec["weight_decay"], "d_late": _r(late, 5),
                           "d_late_lambda0": _r(d0, 5), "ratio": _r(ratio),
-                          "log10_ratio": _r(math.log10(ratio)) if ratio > 0 and np.isfinite(ratio) else None,
-                          "persistence": _r(q)})
+                          "log10_ratio": _r(log_ratio), "persistence": _r(q)})
             ratios.append(ratio)
             persist.append(q)
-    if not pairs:
-        verdict = INSUFFICIENT
-        med = float("nan")
+            effects.append((r.spec["seed"], min(log_ratio, C4_MAX_LOG10)))
+    known = [x for x in ratios if not np.isnan(x)]
+    med = float(np.median(known)) if known else float("nan")
+    if any(np.isnan(v) for _, v in effects):
+        eff = across_seeds([], t, "pairs")
+        verdict = FAILS if pairs else INSUFFICIENT  # a ratio of 0/0 or with a NaN late d
     else:
-        # A ratio is inf when the lambda = 0 run stopped moving (d = 0): that supports the claim.
-        known = [x for x in ratios if not np.isnan(x)]
-        med = float(np.median(known)) if known else float("nan")
-        ok_ratio = med >= t["c4_min_ratio"] and all(not np.isnan(x) and x > 1 for x in ratios)
-        ok_persist = all(np.isfinite(q) and q >= t["c4_min_persist"] for q in persist)
-        verdict = HOLDS if ok_ratio and ok_persist else FAILS
+        eff = across_seeds(effects, t, "pairs")
+        verdict = _shows_effect(eff, math.log10(t["c4_min_ratio"])) if pairs else INSUFFICIENT
+        if verdict == HOLDS and not all(np.isfinite(q) and q >= t["c4_min_persist"] for q in persist):
+            verdict = FAILS
     return {"verdict": verdict, "pairs": pairs, "median_ratio": _r(med),
+            "log10_ratio": eff.to_dict(), "intervals": {"log10 d ratio": eff},
             "n_unusable_pairs": n_unusable, "n_runs": len(used), "seeds": _seeds(used),
             "rule": (f"d = mean relative change of every weight matrix between consecutive epochs, "
                      f"averaged over the last quarter of epochs ('late') and the second quarter "
                      f"('early'). Each run with weight decay > 0 is paired with the run equal but "
-                     f"for weight decay 0. Holds when the median late-d ratio (lambda > 0 over "
-                     f"lambda = 0) is >= {t['c4_min_ratio']} with every ratio > 1, and every "
-                     f"lambda > 0 run keeps late d >= {t['c4_min_persist']} x early d (bounded "
-                     f"below). A pair whose lambda = 0 run has no late d is left out "
-                     f"(insufficient when none is left); a lambda = 0 run with late d = 0 gives an "
-                     f"infinite ratio. The paper's 'orders of magnitude' refers to 500-epoch runs; "
-                     f"log10_ratio reports how many are measured here.")}
+                     f"for weight decay 0; the effect is log10 of the late-d ratio (lambda > 0 over "
+                     f"lambda = 0; a lambda = 0 run with late d = 0 counts as {C4_MAX_LOG10:g}). Holds "
+                     f"when its interval lies above 0, its mean is >= log10({t['c4_min_ratio']:g}), "
+                     f"and every lambda > 0 run keeps late d >= {t['c4_min_persist']} x early d "
+                     f"(bounded below). A pair whose lambda = 0 run has no late d is left out "
+                     f"(insufficient when none is left). The paper's 'orders of magnitude' refers "
+                     f"to 500-epoch runs; the mean log10 ratio reports how many are measured here.")}
 
 
 def claim_c5(runs, t):
     groups: dict[str, list[RunSummary]] = {}
     for r in runs:
         key = json.dumps({k: r.spec[k] for k in ("dataset", "arch", "depth", "width", "loss", "epochs",
-                                                 "train_subset", "test_subset")}, sort_keys=True)
+                                                 "train_subset", "test_subset", "seed")}, sort_keys=True)
         groups.setdefault(key, []).append(r)
-    details, parts, used = [], [], []
+    details, used, drops, gap_diffs = [], [], [], []
     for members in groups.values():
         low = [r for r in members if r.relative_rank < t["c5_low_rank"]]
         high = [r for r in members if r.relative_rank >= t["c5_high_rank"]]
@@ -331,22 +421,32 @@ def claim_c5(runs, t):
         tr_high = float(np.mean([r.final("train_acc") for r in high]))
         te_low = float(np.mean([r.final("test_acc") for r in low]))
         te_high = float(np.mean([r.final("test_acc") for r in high]))
-        hurt = tr_high - tr_low >= t["c5_acc_drop"]
-        marginal = te_low - te_high <= t["c5_gen_margin"]
-        parts.append(HOLDS if hurt and marginal else FAILS)
+        gap_low, gap_high = tr_low - te_low, tr_high - te_high
+        seed = members[0].spec["seed"]
+        drops.append((seed, tr_high - tr_low))
+        gap_diffs.append((seed, gap_low - gap_high))
         details.append({"model": _model(members[0].spec), "dataset": members[0].spec["dataset"],
-                        "n_low_rank": len(low), "n_high_rank": len(high),
+                        "seed": seed, "n_low_rank": len(low), "n_high_rank": len(high),
                         "train_acc_low": _r(tr_low), "train_acc_high": _r(tr_high),
                         "test_acc_low": _r(te_low), "test_acc_high": _r(te_high),
-                        "train_acc_drop": _r(tr_high - tr_low), "test_acc_gain": _r(te_low - te_high),
-                        "hurts_training": bool(hurt), "marginal_generalisation": bool(marginal)})
-    verdict = INSUFFICIENT if not parts else (HOLDS if all(p == HOLDS for p in parts) else FAILS)
+                        "gap_low": _r(gap_low), "gap_high": _r(gap_high),
+                        "gap_difference": _r(gap_low - gap_high),
+                        "train_acc_drop": _r(tr_high - tr_low), "test_acc_gain": _r(te_low - te_high)})
+    drop, gap = across_seeds(drops, t), across_seeds(gap_diffs, t)
+    hurts = _shows_effect(drop, t["c5_acc_drop"])
+    marginal = _within(gap, -t["c5_gap_margin"], t["c5_gap_margin"])
+    verdict = INSUFFICIENT if not details else _combine([hurts, marginal])
     return {"verdict": verdict, "groups": details, "n_runs": len(used), "seeds": _seeds(used),
-            "rule": (f"Within runs of one model, dataset, loss and length: runs whose final rank is "
-                     f"< {t['c5_low_rank']} x their initial rank ('very low') against runs at >= "
-                     f"{t['c5_high_rank']} x ('high'). Holds when, in every such group, the very "
-                     f"low-rank runs' final train accuracy is lower by >= {t['c5_acc_drop']} and "
-                     f"their test accuracy is higher by at most {t['c5_gen_margin']}.")}
+            "train_acc_drop": drop.to_dict(), "gap_difference": gap.to_dict(),
+            "hurts_training": hurts, "marginal_generalisation": marginal,
+            "intervals": {"train acc drop": drop, "gap difference": gap},
+            "rule": (f"Within runs of one model, dataset, loss, length and seed: runs whose final "
+                     f"rank is < {t['c5_low_rank']} x their initial rank ('very low') against runs "
+                     f"at >= {t['c5_high_rank']} x ('high'). (a) Hurts training: the train accuracy "
+                     f"drop (high minus very low) has an interval above 0 and a mean >= "
+                     f"{t['c5_acc_drop']}. (b) Marginal effect on generalisation: the difference of "
+                     f"the generalisation gaps (train minus test accuracy; very low minus high) "
+                     f"has its interval within +-{t['c5_gap_margin']}. Holds when both hold.")}
 
 
 def claim_c6(runs, t):
@@ -360,7 +460,8 @@ def claim_c6(runs, t):
             ends = min(ranks[0], ranks[-1])
             middle = min(ranks[1:-1])
             mlp.append({"run_id": r.run_id, "model": _model(r.spec), "batch_size": r.spec["batch_size"],
-                        "lr": r.spec["lr"], "layer_ranks": [round(x, 1) for x in ranks],
+                        "lr": r.spec["lr"], "seed": r.spec["seed"],
+                        "layer_ranks": [round(x, 1) for x in ranks],
                         "middle_min": middle, "ends_min": ends,
                         "bottleneck": bool(middle <= t["c6_bottleneck"] * ends)})
         elif r.spec["arch"] in ("res", "res_bn"):
@@ -373,45 +474,53 @@ def claim_c6(runs, t):
             per_block = [float(np.mean(v)) for v in blocks.values()]
             bal = min(per_block) / max(per_block) if max(per_block) > 0 else float("nan")
             res.append({"run_id": r.run_id, "model": _model(r.spec), "batch_size": r.spec["batch_size"],
-                        "lr": r.spec["lr"], "block_ranks": [round(x, 1) for x in per_block],
+                        "lr": r.spec["lr"], "seed": r.spec["seed"],
+                        "block_ranks": [round(x, 1) for x in per_block],
                         "balance": _r(bal), "balanced": bool(np.isfinite(bal) and bal >= t["c6_balance"])})
 
     def part(items, flag):
-        if not items:
-            return INSUFFICIENT, None
-        frac = sum(i[flag] for i in items) / len(items)
-        return (HOLDS if frac >= t["c6_min_fraction"] else FAILS), round(frac, 3)
+        eff = across_seeds([(i["seed"], float(i[flag])) for i in items], t, "runs")
+        verdict = INSUFFICIENT if not items else _shows_effect(eff, t["c6_min_fraction"])
+        return verdict, (round(eff.mean, 3) if items else None), eff
 
-    v_mlp, f_mlp = part(mlp, "bottleneck")
-    v_res, f_res = part(res, "balanced")
+    v_mlp, f_mlp, e_mlp = part(mlp, "bottleneck")
+    v_res, f_res, e_res = part(res, "balanced")
     ids = {i["run_id"] for i in mlp + res}
-    return {"verdict": _combine([v_mlp, v_res]), "mlp": {"verdict": v_mlp, "fraction_bottleneck": f_mlp,
-                                                         "runs": mlp},
-            "resnet": {"verdict": v_res, "fraction_balanced": f_res, "runs": res},
+    return {"verdict": _combine([v_mlp, v_res]),
+            "mlp": {"verdict": v_mlp, "fraction_bottleneck": f_mlp, "fraction": e_mlp.to_dict(),
+                    "runs": mlp},
+            "resnet": {"verdict": v_res, "fraction_balanced": f_res, "fraction": e_res.to_dict(),
+                       "runs": res},
+            "intervals": {"MLP bottleneck fraction": e_mlp, "ResNet balanced fraction": e_res},
             "n_runs": len(ids), "seeds": _seeds([r for r in runs if r.run_id in ids]),
             "rule": (f"Runs with weight decay > 0 whose rank fell below {t['c6_min_reduction']} x "
                      f"its initial value, at their last logged epoch. MLPs (>= 3 hidden matrices): "
                      f"bottleneck when the lowest middle-layer rank is <= {t['c6_bottleneck']} x the "
                      f"lower of the first and last hidden layers. ResNets (>= 2 blocks): balanced "
                      f"when min/max of the per-block mean ranks is >= {t['c6_balance']}. Each part "
-                     f"holds when at least {t['c6_min_fraction']} of its runs show the pattern; the "
-                     f"claim holds when both parts hold.")}
+                     f"holds when the fraction of runs showing the pattern has a mean >= "
+                     f"{t['c6_min_fraction']} and an interval above 0; the claim holds when both "
+                     f"parts hold.")}
 
 
 def claim_c7(runs, t):
     full = [r for r in runs if r.spec["batch_size"] >= r.train_size() > 0]
     judged = [r for r in full if r.train_size() >= t["c7_tiny_data"]]
     ratios = [r.relative_rank for r in judged]
-    verdict = _keeps_rank(ratios, t["c7_ratio"])
+    reduction = _rank_reduction(judged, t)
+    verdict = _within(reduction, -math.inf, 1.0 - t["c7_ratio"])
     return {"verdict": verdict, "n_runs": len(judged), "seeds": _seeds(judged),
             "n_tiny_data_runs": len(full) - len(judged),
             "runs": [{"run_id": r.run_id, "model": _model(r.spec), "train_size": r.train_size(),
                       "epochs": r.spec["epochs"], "weight_decay": r.spec["weight_decay"],
+                      "seed": r.spec["seed"],
                       "final_over_initial_rank": _r(r.relative_rank)} for r in judged],
             "min_final_over_initial": _r(min(ratios)) if ratios else None,
+            "rank_reduction": reduction.to_dict(), "intervals": {"rank reduction": reduction},
             "rule": (f"Runs whose batch is the whole training set (at least {int(t['c7_tiny_data'])} "
-                     f"examples; smaller sets are exempt as 'tiny data'). Holds when every such run "
-                     f"ends with rank >= {t['c7_ratio']} x its initial rank.")}
+                     f"examples; smaller sets are exempt as 'tiny data'). Rank reduction 1 - "
+                     f"final/initial rank per run; holds when its interval lies below "
+                     f"{1.0 - t['c7_ratio']:g}.")}
 
 
 CLAIMS: dict[str, Callable] = {"C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4,
@@ -427,7 +536,15 @@ def thresholds(overrides: dict | None) -> dict:
     for k, v in overrides.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"claims.{k}: expected a number, got {v!r}")
-    return {**DEFAULT_THRESHOLDS, **overrides}
+    t = {**DEFAULT_THRESHOLDS, **overrides}
+    if not 0 < t["ci_level"] < 1:
+        raise ValueError(f"claims.ci_level: expected a number in (0, 1), got {t['ci_level']!r}")
+    for k in ("ci_min_values", "bootstrap_resamples"):
+        if t[k] < 1 or t[k] != int(t[k]):
+            raise ValueError(f"claims.{k}: expected an integer >= 1, got {t[k]!r}")
+    if t["bootstrap_seed"] < 0 or t["bootstrap_seed"] != int(t["bootstrap_seed"]):
+        raise ValueError(f"claims.bootstrap_seed: expected an integer >= 0, got {t['bootstrap_seed']!r}")
+    return t
 
 
 def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
@@ -442,6 +559,7 @@ def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float 
     claims = []
     for cid, fn in CLAIMS.items():
         res = fn(summaries, t)
+        res["intervals"] = {k: e.to_dict() for k, e in res["intervals"].items()}
         claims.append({"id": cid, "statement": STATEMENTS[cid], **res})
     return {"claims": claims, "rank": {"normalise": normalise, "tol": tol}, "thresholds": t,
             "runs": {"available": len(runs), "judged": len(summaries), "diverged": len(diverged),
@@ -454,17 +572,16 @@ def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float 
 def _effect(c: dict) -> str:
     cid = c["id"]
     if cid in ("C1", "C2"):
-        return (f"mean Spearman {c['mean_spearman_in_claimed_direction']} over "
-                f"{c['n_groups'] - c['n_flat']} non-flat of {c['n_groups']} groups")
+        return f"Spearman in the claimed direction; {c['n_flat']} of {c['n_groups']} groups flat"
     if cid == "C3":
-        return (f"mean Spearman {c['mean_spearman_in_claimed_direction']} over "
-                f"{c['n_groups'] - c['n_flat']} non-flat of {c['n_groups']} groups; lambda=0: final/initial "
-                f"rank >= {c['lambda0']['min_final_over_initial']} ({c['lambda0']['n_runs']} runs)")
+        return (f"Spearman in the claimed direction ({c['n_flat']} of {c['n_groups']} groups flat); "
+                f"lambda=0: final/initial rank >= {c['lambda0']['min_final_over_initial']} "
+                f"({c['lambda0']['n_runs']} runs)")
     if cid == "C4":
         return f"median d ratio (lambda>0 / lambda=0) {c['median_ratio']} over {len(c['pairs'])} pairs"
     if cid == "C5":
-        return "; ".join(f"{g['model']}: very low vs high rank, train acc {-g['train_acc_drop']:+.3f}, "
-                         f"test acc {g['test_acc_gain']:+.3f}"
+        return "; ".join(f"{g['model']} seed {g['seed']}: very low vs high rank, train acc "
+                         f"{-g['train_acc_drop']:+.3f}, gap {g['gap_low']:.3f} vs {g['gap_high']:.3f}"
                          for g in c["groups"]) or "no group with both very low and high rank"
     if cid == "C6":
         return (f"MLP bottleneck in {c['mlp']['fraction_bottleneck']} of {len(c['mlp']['runs'])} runs; "
@@ -474,21 +591,38 @@ def _effect(c: dict) -> str:
     return ""
 
 
+def interval_text(e: dict) -> str:
+    """'mean [lo, hi] (n seeds)', or says why there is no interval."""
+    n = e["n_values"]
+    if n == 0:
+        return "no values"
+    if e["ci"] is None:
+        return f"{e['mean']:.3g}, {n} {e['over']}: too few values for an interval"
+    return f"{e['mean']:.3g} [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}] ({n} {e['over']})"
+
+
+def _intervals(c: dict) -> str:
+    return "; ".join(f"{name}: {interval_text(e)}" for name, e in c["intervals"].items()) or "-"
+
+
 def markdown(result: dict) -> str:
     r = result["runs"]
     lines = ["# Claims", "",
              f"Judged on {r['judged']} run(s) ({r['diverged']} diverged and excluded, "
              f"{r['missing']} not available). Rank: normalise={result['rank']['normalise']}, "
              f"tol={result['rank']['tol']:g}.", "",
-             "| id | claim | verdict | effect measured | runs | seeds |",
-             "|---|---|---|---|---|---|"]
+             f"| id | claim | verdict | effect: mean [{100 * result['thresholds']['ci_level']:g}% interval] "
+             "(values) | effect measured | runs | seeds |",
+             "|---|---|---|---|---|---|---|"]
     for c in result["claims"]:
-        lines.append(f"| {c['id']} | {c['statement']} | **{c['verdict']}** | {_effect(c)} | "
-                     f"{c['n_runs']} | {', '.join(map(str, c['seeds'])) or '-'} |")
+        lines.append(f"| {c['id']} | {c['statement']} | **{c['verdict']}** | {_intervals(c)} | "
+                     f"{_effect(c)} | {c['n_runs']} | {len(c['seeds'])}: "
+                     f"{', '.join(map(str, c['seeds'])) or '-'} |")
     lines += ["", "## How each verdict is reached", "",
               "`insufficient` means the runs needed to judge the claim are not there. "
               "A group is *flat* when its final ranks differ by less than "
-              f"{result['thresholds']['flat']:g} (relative range).", ""]
+              f"{result['thresholds']['flat']:g} (relative range).",
+              "", _interval_rule(result["thresholds"]), ""]
     for c in result["claims"]:
         lines += [f"### {c['id']}: {c['verdict']}", "", c["rule"], ""]
     if result["diverged_runs"]:
@@ -600,6 +734,6 @@ def register(subparsers) -> None:
 def _cmd_claims(args: argparse.Namespace) -> int:
     result = run_claims(args.config, args.runs, args.out)
     for c in result["claims"]:
-        print(f"{c['id']}: {c['verdict']:<12} {_effect(c)}")
+        print(f"{c['id']}: {c['verdict']:<12} {_intervals(c)}")
     print(f"written: {args.out}.json, {args.out}.md, {args.out}.html, {args.out}.metrics.json")
     return 0

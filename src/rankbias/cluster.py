@@ -73,13 +73,14 @@ def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     params = sum(o * i for o, i in shapes)
     n_layers = len(shapes)
 
-    # A pack steps as often as its smallest batch needs, each step as wide as its largest.
-    b_max = max(s.batch_size for s in specs)
+    # Every member sees each sample it trains on once an epoch (all n, or the full
+    # batches' with drop_last); each of the steps costs its launches whatever its width.
     steps = pack_steps(list(specs))
+    samples = first.epochs * (train // first.batch_size * first.batch_size if first.drop_last else train)
     # Forward 2 FLOPs per weight per example, backward twice that.
-    step_flops = 6.0 * params * b_max * k
-    step_seconds = step_flops / cost.flops_per_second + OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op
-    train_seconds = steps * step_seconds
+    train_flops = 6.0 * params * samples * k
+    train_seconds = (train_flops / cost.flops_per_second
+                     + steps * OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op)
 
     # Each logged epoch (epoch 0 included) evaluates train and test sets and
     # decomposes every matrix of every member.
@@ -95,9 +96,10 @@ def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
 def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda") -> int:
     """A job time limit in whole minutes for training `specs` as one pack on `device`.
 
-    steps = epochs * ceil(train_size / batch_size) (train_size from the dataset, or
-    train_subset when > 0); each step costs its FLOPs (6 per weight per example per
-    member) at the device's effective throughput plus a per-op launch cost; each logged
+    steps = epochs * steps_per_epoch (ceil(train_size / batch_size), or the floor with
+    drop_last; train_size from the dataset, or train_subset when > 0); each step costs
+    its FLOPs (6 per weight per example per member) at the device's effective
+    throughput plus a per-op launch cost; each logged
     epoch adds a full evaluation pass and one SVD per matrix per member. The total is
     multiplied by SAFETY_FACTOR and is at least MIN_MINUTES.
     """

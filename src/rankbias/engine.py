@@ -3,10 +3,10 @@
 Every parameter is stacked over the K members, [K, ...]. One training step is:
 gather K mini-batches, one batched forward/backward, and four foreach ops for SGD
 with momentum and coupled weight decay, with each member's own lr, weight decay
-and momentum as [K, 1, ...] columns. Members with
-different batch sizes share a step by padding to the largest batch and masking;
-a member that has finished its epoch sits out (lr 0, momentum 1, loss weight 0,
-which leaves its parameters, momentum and BatchNorm statistics exactly unchanged).
+and momentum as [K, 1, ...] columns. The members share a batch size B (a pack key)
+but each draws its own data order; an epoch's last partial batch (n mod B samples,
+kept unless drop_last) is one narrower step, so every step is a plain batch of equal
+rows for every member, with no padding to mask.
 """
 from __future__ import annotations
 
@@ -60,9 +60,7 @@ class Pack:
         self.bn = s0.arch.endswith("_bn")
         self.X, self.Y, self.num_classes = x_train, y_train, num_classes
         self.n = x_train.shape[0]
-        for s in specs:
-            if s.batch_size > self.n:
-                raise ValueError(f"batch_size: {s.batch_size} exceeds the {self.n} training samples")
+        s0.check_batches(self.n)
 
         # Stack the members' seed-determined initialisations (the reference's exactly).
         nets = [build_net(s, x_train.shape[1], num_classes) for s in specs]
@@ -89,13 +87,10 @@ class Pack:
 
         self.wd = col([s.weight_decay for s in specs])
         self.mom = col([s.momentum for s in specs])
-        self.batch = [s.batch_size for s in specs]
-        self.mixed = len(set(self.batch)) > 1
+        self.batch = s0.batch_size
         self.alive = torch.ones(self.K, 1, dtype=self.dtype, device=self.device)
         self.loss_sum = torch.zeros(self.K, dtype=torch.float64, device=self.device)
-        # steps each member takes per epoch (n // B, like a DataLoader with drop_last)
-        self.steps_of = [self.n // b for b in self.batch]
-        self.member_steps = torch.tensor(self.steps_of, dtype=torch.float64, device=self.device)
+        self.steps_per_epoch = s0.steps_per_epoch(self.n)
 
     def weight(self, matrix: str) -> torch.Tensor:
         return self.params[self.matrix_params[matrix]]
@@ -114,24 +109,15 @@ class Pack:
         rm, rv = self.running[f"{name}.running_mean"], self.running[f"{name}.running_var"]
         if not train:
             return (x - rm.unsqueeze(1)) * torch.rsqrt(rv.unsqueeze(1) + BN_EPS) * w.unsqueeze(1) + b.unsqueeze(1)
-        if step.mask is None:
-            # Every member's batch as B rows of K*H channels: one fused batch_norm gives
-            # each member its own statistics and updates the running ones in place
-            # (rm, rv are [K, H], contiguous, so their flat views share storage).
-            K, B, H = x.shape
-            y = F.batch_norm(x.transpose(0, 1).reshape(B, K * H), rm.view(-1), rv.view(-1),
-                             w.reshape(-1), b.reshape(-1), training=True,
-                             momentum=step.bn_momentum, eps=BN_EPS)
-            return y.view(B, K, H).transpose(0, 1)
-        # A mixed pack: each member's statistics over its own rows only.
-        mean = (x * step.mask).sum(1, keepdim=True) / step.count
-        xc = x - mean
-        var = (xc * step.mask).pow(2).sum(1, keepdim=True) / step.count
-        with torch.no_grad():
-            m = step.bn_momentum
-            rm.mul_(1 - m).add_(m * mean.squeeze(1))
-            rv.mul_(1 - m).add_(m * var.squeeze(1) * step.unbias)
-        return xc * torch.rsqrt(var + BN_EPS) * w.unsqueeze(1) + b.unsqueeze(1)
+        # Every member's batch as B rows of K*H channels: one fused batch_norm gives
+        # each member its own statistics and updates the running ones in place
+        # (rm, rv are [K, H], contiguous, so their flat views share storage), with the
+        # variance unbiased by the step's own row count, a partial batch's included.
+        K, B, H = x.shape
+        y = F.batch_norm(x.transpose(0, 1).reshape(B, K * H), rm.view(-1), rv.view(-1),
+                         w.reshape(-1), b.reshape(-1), training=True,
+                         momentum=step.bn_momentum, eps=BN_EPS)
+        return y.view(B, K, H).transpose(0, 1)
 
     def forward(self, x, train: bool = False, step: "StepInputs | None" = None):
         if self.arch.startswith("mlp"):
@@ -154,11 +140,7 @@ class Pack:
         xb, yb = self.X[s.idx], self.Y[s.idx]                         # [K, B, D], [K, B]
         logits = self.forward(xb, train=True, step=s)
         per_sample = loss_fn(self.loss, logits.flatten(0, 1), yb.flatten(), "none").view(self.K, -1)
-        if s.mask is None:
-            member_loss = per_sample.mean(1)
-        else:
-            member_loss = (per_sample * s.mask.squeeze(-1)).sum(1) / s.count.view(-1)
-        weighted = member_loss * s.weight.view(-1)
+        weighted = per_sample.mean(1) * s.weight.view(-1)
         weighted.sum().backward()
         grads = [p.grad for p in self.plist]
         with torch.no_grad():                                           # == torch.optim.SGD
@@ -209,7 +191,7 @@ class Pack:
 
     def epoch_loss(self) -> torch.Tensor:
         """Mean training mini-batch loss of each member over the last epoch."""
-        return self.loss_sum / self.member_steps
+        return self.loss_sum / self.steps_per_epoch
 
     @torch.no_grad()
     def finite(self) -> torch.Tensor:
@@ -263,10 +245,9 @@ class Pack:
 
 
 class StepInputs:
-    """What one step needs besides the pack: the [K, B] sample indices, the padding
-    mask and counts of a mixed-batch pack, and [K, 1] columns: loss weight, -lr,
-    weight decay, momentum (and, in a mixed pack, BN momentum and unbiasing)."""
-    __slots__ = ("idx", "mask", "count", "weight", "neg_lr", "wd", "mom", "bn_momentum", "unbias")
+    """What one step needs besides the pack: the [K, B] sample indices, [K, 1] columns
+    (loss weight, -lr, weight decay, momentum) and the BN momentum."""
+    __slots__ = ("idx", "weight", "neg_lr", "wd", "mom", "bn_momentum")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -274,60 +255,28 @@ class StepInputs:
 
 
 class EpochPlan:
-    """Every member's mini-batches for one epoch, laid out as [K, steps, B_max].
-
-    Each member draws its own permutation (`epoch_order`) and, like a DataLoader with
-    drop_last, takes n // B full batches of its own size B.
+    """Every member's mini-batches for one epoch: `full_steps` batches of B samples,
+    [K, full_steps, B], then, unless drop_last, the n mod B samples left over as one
+    last step, [K, n mod B]: the batches of a DataLoader(batch_size=B, drop_last=...)
+    over each member's own permutation (`epoch_order`). All members share n and B, so
+    their last batches are equally long.
     """
 
     def __init__(self, pack: Pack, epoch: int):
-        K, n, dev = pack.K, pack.n, pack.device
-        B = pack.batch
-        self.bmax = max(B)
-        member_steps = pack.steps_of
-        self.steps = max(member_steps)
+        K, n, B, dev = pack.K, pack.n, pack.batch, pack.device
+        self.steps, self.full_steps = pack.steps_per_epoch, n // B
         lr = torch.tensor([s.lr_at(epoch) for s in pack.specs], dtype=pack.dtype, device=dev).view(K, 1)
         lr = lr * pack.alive
-        if not pack.mixed:
-            order = torch.stack([epoch_order(s, epoch, n)[: self.steps * self.bmax] for s in pack.specs])
-            self.idx = order.view(K, self.steps, self.bmax).to(dev)
-            b = self.bmax
-            self.common = dict(mask=None, count=None, weight=pack.alive, neg_lr=-lr,
-                               wd=pack.wd * pack.alive, mom=pack.mom,
-                               bn_momentum=BN_MOMENTUM, unbias=b / (b - 1) if b > 1 else 1.0)
-            self.active = None
-            self.per_step = ("idx",)           # the rest holds for the whole epoch
-            return
-        idx = torch.zeros(K, self.steps, self.bmax, dtype=torch.long)
-        active = torch.zeros(K, self.steps, 1, dtype=pack.dtype)
-        for k, s in enumerate(pack.specs):
-            b, st = B[k], member_steps[k]
-            order = epoch_order(s, epoch, n)[: st * b].view(st, b)
-            idx[k, :st, :b] = order
-            idx[k, :st, b:] = order[:, :1]          # padding rows, masked out
-            idx[k, st:] = idx[k, 0]                 # sits out: any valid rows, weight 0
-            active[k, :st] = 1
-        self.idx = idx.to(dev)
-        self.active = active.to(dev) * pack.alive.unsqueeze(1)     # [K, steps, 1]
-        rows = torch.arange(self.bmax).view(1, -1)
-        bt = torch.tensor(B).view(K, 1)
-        self.mask = (rows < bt).to(pack.dtype).view(K, self.bmax, 1).to(dev)
-        self.count = bt.to(pack.dtype).view(K, 1, 1).to(dev)
-        self.unbias = (bt.double() / (bt - 1).clamp_min(1)).to(pack.dtype).view(K, 1).to(dev)
-        # every step's columns at once, [K, steps, 1]: a step only takes views of them
-        a = self.active
-        self.neg_lr, self.wd = -lr.unsqueeze(1) * a, pack.wd.unsqueeze(1) * a
-        self.mom = torch.where(a > 0, pack.mom.unsqueeze(1), 1.0)
-        self.bn_momentum = BN_MOMENTUM * a
-        self.per_step = ("idx", "weight", "neg_lr", "wd", "mom", "bn_momentum")
+        order = torch.stack([epoch_order(s, epoch, n) for s in pack.specs])
+        cut = self.full_steps * B
+        self.idx = order[:, :cut].reshape(K, self.full_steps, B).to(dev)
+        self.last_idx = order[:, cut:].contiguous().to(dev) if self.steps > self.full_steps else None
+        self.common = dict(weight=pack.alive, neg_lr=-lr, wd=pack.wd * pack.alive, mom=pack.mom,
+                           bn_momentum=BN_MOMENTUM)
+        self.per_step = ("idx",)           # the rest holds for the whole epoch
 
     def inputs(self, t: int) -> StepInputs:
-        if self.active is None:
-            return StepInputs(idx=self.idx[:, t], **self.common)
-        return StepInputs(idx=self.idx[:, t], mask=self.mask, count=self.count, weight=self.active[:, t],
-                          neg_lr=self.neg_lr[:, t], wd=self.wd[:, t], mom=self.mom[:, t],
-                          bn_momentum=self.bn_momentum[:, t], unbias=self.unbias)
-
+        return StepInputs(idx=self.idx[:, t] if t < self.full_steps else self.last_idx, **self.common)
 
 
 # -- CUDA graphs ---------------------------------------------------------------------
@@ -349,8 +298,8 @@ class GraphedStep:
     def __init__(self, pack: Pack, example: StepInputs, capture: bool = True, warmup: int = 3):
         self.pack = pack
         self.tensors = [f for f in StepInputs.__slots__ if torch.is_tensor(getattr(example, f))]
-        # Python numbers (BN momentum and unbiasing in a uniform pack) are baked into the
-        # graph; they are constants of a pack, and __call__ checks that they stay so.
+        # Python numbers (the BN momentum) are baked into the graph; they are constants
+        # of a pack, and __call__ checks that they stay so.
         self.constants = {f: getattr(example, f) for f in StepInputs.__slots__ if f not in self.tensors}
         self.static = StepInputs(**self.constants,
                                  **{f: getattr(example, f).clone() for f in self.tensors})
@@ -382,10 +331,13 @@ class GraphedStep:
 
     def run(self, plan: "EpochPlan") -> None:
         """A whole epoch: every input is copied for its first step, then only those
-        that change from step to step (`plan.per_step`)."""
+        that change from step to step (`plan.per_step`). The graph holds B-row steps;
+        the partial last batch, narrower, runs eagerly as `Pack.step`."""
         self(plan.inputs(0))
-        for t in range(1, plan.steps):
+        for t in range(1, plan.full_steps):
             self._refresh(plan.inputs(t), plan.per_step)
+        if plan.steps > plan.full_steps:
+            self.pack.step(plan.inputs(plan.full_steps))
 
     def _refresh(self, s: StepInputs, fields) -> None:
         for f in fields:
@@ -411,7 +363,7 @@ def _steps_agree(pack: Pack, step_a, step_b, plan: "EpochPlan", steps: int, rtol
         for fn in (step_a, step_b):
             pack.restore(snap)
             for t in range(1, steps + 1):          # not step 0: the captured example
-                fn(plan.inputs(t % plan.steps))
+                fn(plan.inputs(t % plan.full_steps))
             after.append(pack.snapshot())
         ok = torch.ones((), dtype=torch.bool, device=snap[0].device)
         seen = torch.zeros((), dtype=torch.bool, device=snap[0].device)
@@ -432,7 +384,7 @@ def _ms_per_step(pack: Pack, fn, plan: "EpochPlan", steps: int) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for t in range(steps):
-            fn(plan.inputs(t % plan.steps))
+            fn(plan.inputs(t % plan.full_steps))
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / steps
@@ -456,10 +408,10 @@ def choose_stepper(pack: Pack, plan: "EpochPlan", mode: str, check_steps: int = 
         if mode == "on":
             raise RuntimeError(f"--graph on: CUDA graphs need a CUDA device; this pack is on {pack.device}")
         return pack.step, "eager"
-    if mode == "auto" and plan.steps <= check_steps:
+    if mode == "auto" and plan.full_steps <= check_steps:
         # the check needs steps whose inputs differ from the captured one; with so few
         # steps an epoch, a graph would save next to nothing anyway
-        return pack.step, f"eager ({plan.steps} step(s) an epoch: too few to check a graph on)"
+        return pack.step, f"eager ({plan.full_steps} full step(s) an epoch: too few to check a graph on)"
     device = torch.cuda.device(pack.device) if capture else contextlib.nullcontext()
     snap = pack.snapshot()
     with device:     # capture and timing use the current device's streams: the pack's

@@ -1,4 +1,4 @@
-"""The paper's seven figures, drawn from stored runs.
+"""The paper's seven figures, and two summary figures, drawn from stored runs.
 
 Every figure is drawn from whatever subset of its runs exists (missing runs are
 listed as a warning and noted on the figure). Ranks come from the stored spectra with
@@ -7,6 +7,10 @@ that diverged is drawn up to its last finite value, marked with a cross there an
 labelled "diverged at epoch e"; it is never dropped silently. Several seeds of one
 setting are drawn as their mean with a band from min to max. A run that fails
 verification (``Run.verify``) stops the figure, named in the error.
+
+The summary figures need no config section of their own: figR (final rank against the
+rank tolerance) is drawn from every paper figure's runs, a panel per figure; figS
+(final rank against B/(eta*lambda), Theorem 1's ratio) from every run of the config.
 """
 from __future__ import annotations
 
@@ -32,6 +36,17 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "fig6": {"kind": "layers", "panel": "lr", "line": "batch_size"},
     "fig7": {"kind": "layers", "panel": "lr", "line": "batch_size"},
 }
+# Summary figures, drawn whenever the config has a figure section.
+SUMMARY: dict[str, str] = {
+    "figR": "final rank vs the rank tolerance",
+    "figS": "final rank vs B/(eta*lambda)",
+}
+# Every figure name the pipeline knows (the workflow's `fig` wildcard derives from this).
+NAMES: tuple[str, ...] = tuple(LAYOUTS) + tuple(SUMMARY)
+# figR's tolerance axis and the tolerances in use: the paper's text, the authors' code
+# and their plotting notebooks (conv nets).
+TOLERANCES = np.logspace(-5, -1, 41)
+MARKED_TOLERANCES = {1e-4: "paper text", 1e-3: "authors' code", 0.04: "authors' notebooks"}
 SYMBOL = {"lr": "η", "batch_size": "B", "weight_decay": "λ", "momentum": "μ", "dataset": "",
           "loss": "", "model": "", "epochs": "epochs"}
 DESCRIBE_KEYS = ("lr", "batch_size", "weight_decay", "momentum", "loss", "epochs")
@@ -270,6 +285,130 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
     return fig
 
 
+# -- summary figures -------------------------------------------------------------------
+
+def final_rank_by_tolerance(d: RunData, normalise: str, tols: Sequence[float]) -> pd.Series:
+    """Average hidden-matrix rank at the run's last finite logged epoch, at each tolerance
+    (empty when the run has no finite logged epoch)."""
+    finite = d.mean_rank.dropna()
+    if finite.empty or d.final_layers.empty:
+        return pd.Series(dtype=float)
+    spectra = d.run.spectra
+    row = int(np.flatnonzero(spectra["epochs"] == int(finite.index.max()))[0])
+    svs = [spectra[f"sv_{int(i)}"][row] for i in d.final_layers["index"]]
+    ranks = [np.mean([M.rank(sv, normalise, tol) for sv in svs]) for tol in tols]
+    return pd.Series(np.asarray(ranks, dtype=float), index=np.asarray(tols, dtype=float))
+
+
+def draw_rank_vs_tolerance(by_figure: dict[str, list[RunData]], normalise: str,
+                           missing: Sequence[str] = ()):
+    """figR: a panel per paper figure, a line per setting (mean over seeds, min-max band)."""
+    from matplotlib.figure import Figure
+
+    names = [n for n in LAYOUTS if n in by_figure] or ["none"]
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(4.4 * cols, 3.6 * rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[len(names):]:
+        ax.set_axis_off()
+    for ax, name in zip(axes, names):
+        data = by_figure.get(name, [])
+        layout = LAYOUTS.get(name, {"panel": None, "line": "batch_size"})
+        lines = [ln for lns in group(data, layout["panel"], layout["line"]).values() for ln in lns] \
+            if data else []
+        panel = layout["panel"]
+        for ln, color in zip(lines, _colors(len(lines))):
+            if panel and len({m.spec.get(panel) for m in data}) > 1:
+                ln = Line(ln.key, f"{_fmt(panel, ln.members[0].spec.get(panel))}, {ln.label}",
+                          ln.members)
+            _plot_series(ax, ln, [final_rank_by_tolerance(m, normalise, TOLERANCES)
+                                  for m in ln.members], color)
+        for tol, who in MARKED_TOLERANCES.items():
+            ax.axvline(tol, color="0.4", lw=0.8, ls=":")
+            ax.annotate(f"{tol:g} ({who})", (tol, 1.0), xycoords=("data", "axes fraction"),
+                        rotation=90, va="top", ha="right", fontsize=6, color="0.3")
+        ax.set_xscale("log")
+        ax.set_xlabel("rank tolerance ε")
+        ax.set_ylabel("average rank at the end of training")
+        models = sorted({d.spec["model"] for d in data})
+        ax.set_title(f"{name.replace('fig', 'Figure ')}: {', '.join(models) or 'no runs'}", fontsize=9)
+        ax.grid(alpha=0.3)
+        if lines:
+            ax.legend(fontsize=6, loc="lower left")
+    title = f"Final rank vs tolerance (normalise={normalise})"
+    if missing:
+        title += f"\n{len(missing)} runs not available yet"
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def theorem1_ratio(spec: dict) -> float:
+    """B / (eta * lambda): Theorem 1's bound on the rank grows with it (inf at lambda = 0)."""
+    wd = spec["weight_decay"]
+    return spec["batch_size"] / (spec["lr"] * wd) if wd > 0 else float("inf")
+
+
+def draw_rank_vs_ratio(data: Sequence[RunData], missing: Sequence[str] = ()):
+    """figS: every run's final average rank against B/(eta*lambda), a colour per model;
+    runs with lambda = 0 (ratio infinite) and diverged runs are counted in the title."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.5, 5.0), layout="constrained")
+    ax = fig.subplots()
+    models = sorted({d.spec["model"] for d in data})
+    colors = dict(zip(models, _colors(len(models))))
+    n_zero = n_div = 0
+    for model in models:
+        xs, ys = [], []
+        for d in data:
+            if d.spec["model"] != model:
+                continue
+            if d.diverged_epoch is not None:
+                n_div += 1
+                continue
+            x = theorem1_ratio(d.spec)
+            if not np.isfinite(x):
+                n_zero += 1
+                continue
+            finite = d.mean_rank.dropna()
+            if len(finite):
+                xs.append(x)
+                ys.append(float(finite.iloc[-1]))
+        ax.scatter(xs, ys, color=colors[model], label=f"{model} ({len(xs)} runs)", s=28,
+                   alpha=0.8, edgecolors="none")
+    ax.set_xscale("log")
+    ax.set_xlabel("B / (η·λ)")
+    ax.set_ylabel("average rank at the end of training")
+    ax.grid(alpha=0.3, which="both")
+    if models:
+        ax.legend(fontsize=8)
+    title = "Final rank vs B/(η·λ): Theorem 1 predicts rank grows with B and falls with ηλ"
+    notes = [f"{n_zero} run(s) with λ = 0 not shown" if n_zero else "",
+             f"{n_div} diverged run(s) not shown" if n_div else "",
+             f"{len(missing)} run(s) not available yet" if missing else ""]
+    notes = [n for n in notes if n]
+    fig.suptitle(title + ("\n" + "; ".join(notes) if notes else ""), fontsize=10)
+    return fig
+
+
+def figure_names(p) -> list[str]:
+    """The figures a plan draws: its configured paper figures, then the summary figures."""
+    return list(p.figures) + (list(SUMMARY) if p.figures else [])
+
+
+def figure_runs(p, name: str) -> list[str]:
+    """The run_ids figure `name` is drawn from: its own section's; figR every paper
+    figure's; figS every run of the config."""
+    if name in p.figures:
+        return list(p.figures[name])
+    if name == "figR":
+        return list(dict.fromkeys(r for ids in p.figures.values() for r in ids))
+    if name == "figS":
+        return list(p.specs)
+    raise ValueError(f"figure: {name!r} is not configured (figures: {', '.join(figure_names(p)) or 'none'})")
+
+
 # -- runs and the command ------------------------------------------------------------
 
 def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: float,
@@ -292,19 +431,31 @@ def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: s
     from . import sweep
 
     p = sweep.plan_from_file(config_path)
-    if name not in p.figures:
+    if name not in figure_names(p):
         raise ValueError(f"figure: {name!r} is not configured in {config_path} "
-                         f"(figures: {', '.join(p.figures) or 'none'})")
+                         f"(figures: {', '.join(figure_names(p)) or 'none'})")
     rank = p.config["rank"]
-    data, missing = collect(runs_dir, p.figures[name], rank["normalise"], rank["tol"], name)
+    run_ids = figure_runs(p, name)
+    data, missing = collect(runs_dir, run_ids, rank["normalise"], rank["tol"], name)
     if missing:
-        print(f"warning: {name}: {len(missing)} of {len(p.figures[name])} runs missing in "
+        print(f"warning: {name}: {len(missing)} of {len(run_ids)} runs missing in "
               f"{runs_dir}: {', '.join(missing)}", file=sys.stderr)
-    fig = draw(name, data, missing)
+    if name == "figR":
+        loaded = {d.run.run_id: d for d in data}
+        by_figure = {f: [loaded[r] for r in ids if r in loaded] for f, ids in p.figures.items()}
+        fig = draw_rank_vs_tolerance(by_figure, rank["normalise"], missing)
+    elif name == "figS":
+        fig = draw_rank_vs_ratio(data, missing)
+    else:
+        fig = draw(name, data, missing)
     out = Path(out)
     pdf = out.with_suffix(".pdf")
-    section = {"rank": rank, "figure": p.config["figures"][name], "defaults": p.config["defaults"],
-               "missing_runs": missing}
+    if name in SUMMARY:
+        section = {"rank": rank, "figures": p.config["figures"], "extra": p.config["extra"],
+                   "defaults": p.config["defaults"], "missing_runs": missing}
+    else:
+        section = {"rank": rank, "figure": p.config["figures"][name], "defaults": p.config["defaults"],
+                   "missing_runs": missing}
     _save(fig, out, pdf, [d.run for d in data], section, name)
     return {"figure": name, "png": str(out), "pdf": str(pdf), "runs": len(data), "missing": missing,
             "diverged": [d.run.run_id for d in data if d.diverged_epoch is not None]}
@@ -318,9 +469,10 @@ def _save(fig, png: Path, pdf: Path, runs: list[Run], section: dict, name: str) 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("figure", help="draw one of the paper's figures from stored runs",
-                              description="Draw fig1..fig7 from the runs in --runs (PNG and PDF, "
-                                          "with provenance).")
-    p.add_argument("name", choices=list(LAYOUTS), help="which figure")
+                              description="Draw fig1..fig7, or a summary figure (figR: final rank "
+                                          "vs tolerance; figS: final rank vs B/(eta*lambda)), from "
+                                          "the runs in --runs (PNG and PDF, with provenance).")
+    p.add_argument("name", choices=list(NAMES), help="which figure")
     p.add_argument("--config", default="config/config.yaml", help="config file (default: %(default)s)")
     p.add_argument("--runs", default="results/runs", help="runs directory (default: %(default)s)")
     p.add_argument("--out", help="PNG path; the PDF goes beside it (default: results/figures/NAME.png)")

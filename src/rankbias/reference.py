@@ -102,7 +102,7 @@ def train_reference(spec: RunSpec, x_train, y_train, x_test, y_test, num_classes
             group["lr"] = spec.lr_at(epoch)
         net.train()
         order = epoch_order(spec, epoch, n).to(x_train.device)
-        for t in range(n // B):
+        for t in range(spec.steps_per_epoch(n)):    # the last batch may be partial
             idx = order[t * B:(t + 1) * B]
             opt.zero_grad(set_to_none=True)
             loss_fn(spec.loss, net(x_train[idx]), y_train[idx]).backward()

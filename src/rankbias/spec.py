@@ -61,6 +61,7 @@ class RunSpec:
     width: int = 100
     loss: str = "ce"
     batch_size: int = 32
+    drop_last: bool = False
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -95,9 +96,23 @@ class RunSpec:
             raise SpecError(f"train_subset: {self.train_subset} exceeds the {train} training examples of {self.dataset}")
         if self.test_subset > test:
             raise SpecError(f"test_subset: {self.test_subset} exceeds the {test} test examples of {self.dataset}")
-        if self.batch_size > self.sizes()[0]:
-            raise SpecError(f"batch_size: {self.batch_size} exceeds the {self.sizes()[0]} training "
-                            f"examples this run uses ({self.dataset}, train_subset={self.train_subset})")
+        self.check_batches(self.sizes()[0], f" this run uses ({self.dataset}, train_subset={self.train_subset})")
+
+    def check_batches(self, n: int, where: str = "") -> None:
+        """An epoch over n samples cuts into batches this run can train on."""
+        if self.batch_size > n:
+            raise SpecError(f"batch_size: {self.batch_size} exceeds the {n} training examples{where}")
+        if self.arch.endswith("_bn") and not self.drop_last and n % self.batch_size == 1:
+            raise SpecError(f"batch_size: {self.batch_size} leaves a last batch of 1 of the {n} training "
+                            f"examples{where}, and BatchNorm cannot train on one sample; choose another "
+                            "batch_size or set drop_last: true")
+
+    def steps_per_epoch(self, n: int | None = None) -> int:
+        """Optimiser steps in one epoch over n training samples (default: this run's):
+        the batches a DataLoader(batch_size=B, drop_last=drop_last) yields, n // B full
+        ones and, unless drop_last, the n mod B samples left over as one more."""
+        n = self.sizes()[0] if n is None else n
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     # -- identity -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -119,17 +134,29 @@ class RunSpec:
     def pack_key(self) -> tuple:
         """Runs with equal pack keys can train together as one batched model.
 
-        Learning rate, momentum, weight decay, seed and batch size are per member.
+        Learning rate, momentum, weight decay and seed are per member. Batch size is
+        shared: in a mixed pack the smallest batch would set the step count and the
+        largest the width of every step, so B=8 beside B=128 would cost 16x the compute
+        of training them apart; with one B every member's last partial batch has
+        n mod B rows, a plain narrower step.
         """
         return (self.dataset, self.arch, self.depth, self.width, self.loss, self.epochs,
-                self.schedule, self.milestones, self.gamma, self.log_every,
-                self.train_subset, self.test_subset)
+                self.batch_size, self.drop_last, self.schedule, self.milestones, self.gamma,
+                self.log_every, self.train_subset, self.test_subset)
 
     def lr_at(self, epoch: int) -> float:
-        """Learning rate used during 0-based training epoch `epoch` (MultiStepLR semantics)."""
+        """Learning rate used during 0-based training epoch `epoch`.
+
+        A milestone m is an epoch counted from 1: the lr is multiplied by gamma from
+        the m-th epoch on, i.e. from 0-based epoch m - 1. That is what the authors'
+        loop gets from torch's MultiStepLR by calling `scheduler.step(epoch)` with
+        epoch = 1, 2, ... before each epoch's training (their lr drops during the
+        60th, 100th and 200th epochs). The more common `scheduler.step()` after each
+        epoch drops it one epoch later; milestones m + 1 give that timing.
+        """
         if self.schedule == "constant":
             return self.lr
-        drops = sum(1 for m in self.milestones if epoch >= m)
+        drops = sum(1 for m in self.milestones if epoch + 1 >= m)
         return self.lr * self.gamma ** drops
 
     @classmethod
@@ -154,6 +181,7 @@ class RunSpec:
 _INT_KEYS = {"depth", "width", "batch_size", "epochs", "seed", "log_every",
              "train_subset", "test_subset"}
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma"}
+_BOOL_KEYS = {"drop_last"}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -163,6 +191,10 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise SpecError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if key in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise SpecError(f"{key}: expected true or false, got {value!r}")
         return value
     if key in _FLOAT_KEYS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -193,6 +225,9 @@ def _validate(s: RunSpec) -> None:
         v = getattr(s, key)
         if isinstance(v, bool) or not isinstance(v, int):
             raise SpecError(f"{key}: expected an integer, got {v!r}")
+    for key in _BOOL_KEYS:
+        if not isinstance(getattr(s, key), bool):
+            raise SpecError(f"{key}: expected true or false, got {getattr(s, key)!r}")
     for key in ("depth", "width", "batch_size", "epochs", "log_every"):
         if getattr(s, key) < 1:
             raise SpecError(f"{key}: must be >= 1, got {getattr(s, key)!r}")
@@ -235,15 +270,12 @@ def pack_id(specs: Iterable[RunSpec]) -> str:
 def make_packs(specs: Iterable[RunSpec], max_pack: int = 64) -> list[list[RunSpec]]:
     """Deduplicate runs by run_id and group them into packs.
 
-    Runs in a pack share everything but per-member hyperparameters. Batch size is
-    grouped too: the engine handles mixed batch sizes by masking, but a pack runs
-    as many steps as its smallest batch needs, each as wide as its largest batch,
-    so mixing B=8 with B=128 would cost 16x the compute of training them apart.
+    Runs in a pack share `RunSpec.pack_key()`; the rest are per-member hyperparameters.
     """
     unique = {s.run_id: s for s in specs}
     groups: dict[tuple, list[RunSpec]] = {}
     for s in sorted(unique.values(), key=lambda s: s.run_id):
-        groups.setdefault(s.pack_key() + (s.batch_size,), []).append(s)
+        groups.setdefault(s.pack_key(), []).append(s)
     packs = []
     for key in sorted(groups, key=repr):
         members = groups[key]
@@ -286,12 +318,10 @@ def check_pack(specs: list[RunSpec], where: str) -> None:
     """Runs can train as one pack only if they share `RunSpec.pack_key()`."""
     if len({s.pack_key() for s in specs}) > 1:
         raise SpecError(f"{where}: the runs of a pack must share dataset, architecture, loss, "
-                        "epochs, schedule, log_every and subsets; these differ and cannot "
-                        "train as one pack")
+                        "epochs, batch_size, drop_last, schedule, log_every and subsets; these "
+                        "differ and cannot train as one pack")
 
 
 def pack_steps(specs: list[RunSpec]) -> int:
-    """Optimiser steps a pack runs: each step is as wide as its largest batch, and its
-    smallest batch sets how many there are (epochs * ceil(train / B_min))."""
-    train, _ = specs[0].sizes()
-    return specs[0].epochs * -(-train // min(s.batch_size for s in specs))
+    """Optimiser steps a pack runs: epochs * steps_per_epoch, which its members share."""
+    return specs[0].epochs * specs[0].steps_per_epoch()

@@ -77,7 +77,7 @@ class Plan:
         return {"pack_id": pid, "runs": [s.to_dict() for s in self.pack_specs(pid)]}
 
     def steps(self, pid: str) -> int:
-        """Optimiser steps the pack runs: its smallest batch sets the count."""
+        """Optimiser steps the pack runs (`rankbias.spec.pack_steps`)."""
         return pack_steps(self.pack_specs(pid))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from rankbias import sweep
+from rankbias import figures, sweep
 from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes
 
 validate(config, "../schemas/config.schema.yaml")
@@ -25,7 +25,7 @@ RESOLVED_CONFIG = "results/config.resolved.json"
 sweep.write_if_changed(RESOLVED_CONFIG, sweep.config_bytes(PLAN))
 sweep.write_packs(PLAN, "results/packs")
 
-FIGURES = list(PLAN.figures)
+FIGURES = figures.figure_names(PLAN)
 ALL_RUNS = list(PLAN.specs)
 PACKS = list(PLAN.packs)
 DATASETS = sorted({s.dataset for s in PLAN.specs.values()})
@@ -38,7 +38,7 @@ EXECUTION = {"device": PLAN.config["device"], "graph": str(PLAN.config["graph"])
 
 wildcard_constraints:
     pack="[0-9a-f]{12}",
-    fig="fig[1-7]",
+    fig="|".join(figures.NAMES),
     dataset="|".join(DATASETS) or "none",
 
 
@@ -57,7 +57,7 @@ def pack_mem_mb(pid):
 
 
 def figure_runs(wildcards):
-    return run_json(PLAN.groups[wildcards.fig])
+    return run_json(figures.figure_runs(PLAN, wildcards.fig))
 
 
 def figure_labels(wildcards):

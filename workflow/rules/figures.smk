@@ -1,6 +1,6 @@
-# Figures: one job per paper figure, drawn from the stored runs only. Ranks are read
-# off the stored spectra with the config's `rank` settings (a params change redraws
-# the figures and never retrains).
+# Figures: one job per paper figure and per summary figure (figR, figS), drawn from
+# the stored runs only. Ranks are read off the stored spectra with the config's `rank`
+# settings (a params change redraws the figures and never retrains).
 
 
 rule figure:
@@ -27,7 +27,7 @@ rule figure:
     localrule: True
     params:
         rank=lambda wildcards: PLAN.config["rank"],
-        runs=lambda wildcards: PLAN.groups[wildcards.fig],
+        runs=lambda wildcards: figures.figure_runs(PLAN, wildcards.fig),
         config=RESOLVED_CONFIG,
     shell:
         "rankbias figure {wildcards.fig} --config {params.config} --runs results/runs"

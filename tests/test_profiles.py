@@ -1,0 +1,80 @@
+"""The shipped profiles beside the quick one: the authors' logged settings and C6's.
+Each plans as stated; a tiny variant of the authors' profile trains."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from rankbias import sweep
+from rankbias.train import train_pack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((ROOT / "config" / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["authors.yaml", "c6.yaml"])
+def test_profile_satisfies_the_schema(name):
+    from snakemake.utils import validate
+    validate(_load(name), str(ROOT / "workflow/schemas/config.schema.yaml"))
+
+
+def test_authors_profile_plans_their_logged_settings():
+    p = sweep.plan(_load("authors.yaml"))
+    specs = list(p.specs.values())
+    assert all(s.momentum == 0.0 for s in specs)
+    assert p.config["rank"] == {"normalise": "fro", "tol": 1e-3}
+    logged = [s for s in specs if s.epochs == 500]
+    assert logged and all(s.dataset == "cifar10" and s.schedule == "multistep"
+                          and s.milestones == (60, 100, 200) and s.gamma == 0.2
+                          and s.log_every == 10 and s.train_subset == 0 for s in logged)
+    # The two main logged grids: lr x lambda x B of MLP-BN-10-100 and of MLP-5-500, 180 runs each.
+    for model in ("MLP-BN-10-100", "MLP-5-500"):
+        grid = {(s.lr, s.weight_decay, s.batch_size) for s in logged if s.model == model
+                and s.weight_decay in (0.0, 1e-4, 2e-4, 4e-4, 8e-4, 6e-3)}
+        assert len(grid) == 180, model
+    wide = [s for s in logged if s.width >= 1000]
+    assert len(wide) == 72 and min(s.batch_size for s in wide) == 1
+    assert set(p.figures) == {"fig1", "fig2", "fig3", "fig5", "fig6"}   # no logged residual MLPs
+    fig1 = [p.specs[r] for r in p.figures["fig1"]]
+    assert {(s.epochs, s.batch_size, s.schedule) for s in fig1} == {(2000, 128, "constant")}
+
+
+def test_tiny_authors_variant_trains(tmp_path, synthetic):
+    """The authors' settings (momentum 0, MultiStepLR with gamma 0.2, sparse evaluation)
+    scaled down: synthetic data, 4 epochs, milestones 2 and 3, evaluation every 2 epochs."""
+    cfg = copy.deepcopy(_load("authors.yaml"))
+    cfg["defaults"].update(dataset="synthetic", epochs=4, milestones=[2, 3], log_every=2)
+    cfg["device"] = "cpu"
+    cfg["figures"] = {"fig2": {**cfg["figures"]["fig2"], "model": "MLP-BN-2-8",
+                               "grid": {"lr": [0.03, 0.1], "batch_size": [100]}}}
+    cfg["extra"] = {}
+    p = sweep.plan(cfg)
+    (pid, ids), = p.packs.items()
+    specs = p.pack_specs(pid)
+    train_pack(specs, tmp_path, device="cpu", dataset=synthetic, progress=False)
+    for s in specs:
+        info = json.loads((tmp_path / s.run_id / "run.json").read_text())
+        assert info["spec"]["momentum"] == 0.0 and info["diverged"] is None
+        m = pd.read_parquet(tmp_path / s.run_id / "metrics.parquet").set_index("epoch")
+        assert list(m.index[m["logged"]]) == [0, 2, 4]
+        lrs = m.loc[1:, "lr"].tolist()       # two drops by gamma 0.2 within four epochs
+        assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(s.lr)
+        assert lrs[-1] == pytest.approx(s.lr * 0.2 ** 2)
+        assert sorted(set(round(x / s.lr, 9) for x in lrs)) == [0.04, 0.2, 1.0]
+
+
+def test_c6_profile_is_the_papers_fig6_setting():
+    p = sweep.plan(_load("c6.yaml"))
+    specs = [p.specs[r] for r in p.figures["fig6"]]
+    assert {s.model for s in specs} == {"MLP-BN-10-100"}
+    assert {s.batch_size for s in specs} == {16, 32, 64, 128}
+    assert {s.lr for s in specs} == {0.0125, 0.025, 0.05, 0.1}
+    assert {(s.weight_decay, s.momentum) for s in specs} == {(5e-4, 0.9)}
