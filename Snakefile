@@ -11,7 +11,13 @@ min_version("9.0")
 
 # Rules call the `rankbias` command; find it beside the Python running Snakemake, so
 # `.venv/bin/snakemake` works without activating the virtual environment.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+os.environ["PATH"] = (
+    os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+)
+
+
+envvars:
+    "PATH",
 
 
 # The quick profile is the default; a --configfile replaces it entirely (Snakemake would
@@ -19,7 +25,6 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
-
 
 
 # With --sdm apptainer every job runs in the project image, pinned by digest (env
@@ -41,10 +46,10 @@ include: "workflow/rules/claims.smk"
 
 
 rule all:
+    default_target: True
     input:
         expand("results/figures/{fig}.png", fig=FIGURES),
         expand("results/figures/{fig}.pdf", fig=FIGURES),
         "results/claims.md",
         "results/claims.json",
         DATASET_FILES,
-    default_target: True

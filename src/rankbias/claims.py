@@ -25,7 +25,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -70,6 +70,17 @@ STATEMENTS = {
     "C6": "MLPs learn a bottleneck (middle layers lower rank than the first and last); "
           "ResNets balance rank across blocks.",
     "C7": "Full-batch gradient descent does not reduce rank (except on tiny data).",
+}
+
+# The claims each of the paper's figures shows (the paper's own attribution).
+FIGURE_CLAIMS = {
+    "fig1": ("C4",),
+    "fig2": ("C1", "C2"),
+    "fig3": ("C3",),
+    "fig4": ("C1", "C2"),
+    "fig5": ("C1", "C2", "C5"),
+    "fig6": ("C6",),
+    "fig7": ("C6",),
 }
 
 
@@ -633,11 +644,54 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def measured(result: dict, figure: str) -> str:
+    """One line per claim that `figure` shows: the verdict and effect this run measured."""
+    by_id = {c["id"]: c for c in result["claims"]}
+    return "; ".join(f"{cid} {by_id[cid]['verdict']}: {_effect(by_id[cid])}"
+                     for cid in FIGURE_CLAIMS.get(figure, ()) if cid in by_id)
+
+
+def html(result: dict) -> str:
+    """The claims table (markdown()) as a stand-alone HTML page, for Snakemake's report."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown(result))
+    style = ("body{font-family:sans-serif;max-width:72em;margin:1em auto;line-height:1.4}"
+             "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:.3em .5em;"
+             "vertical-align:top}th{background:#eee}")
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Claims</title>'
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+
+
+def metrics(result: dict) -> dict:
+    """The verdicts and measured effects as one flat mapping, for `dvc metrics show` and
+    `dvc exp show`: ``C1.verdict``, ``C1.mean_spearman_in_claimed_direction``,
+    ``C3.lambda0.min_final_over_initial``, ... Numbers (one level of nesting deep) and
+    verdicts only; per-group lists, texts and unmeasured (null) values are left out."""
+    flat: dict[str, str | int | float] = {}
+    for c in result["claims"]:
+        for key, value in c.items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in items:
+                name = ".".join(str(part) for part in (c["id"], key, sub) if part is not None)
+                if (sub or key) == "verdict" or str(sub or key).endswith("_verdict"):
+                    flat[name] = str(v)
+                elif isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+                    flat[name] = v
+    for key, value in result["runs"].items():
+        flat[f"runs.{key}"] = value
+    return flat
+
+
 def write(result: dict, out_stem: str | Path) -> tuple[Path, Path]:
+    """OUT.json (everything) and OUT.md (the table), returned; beside them the same table
+    as OUT.html and the verdicts and effects as OUT.metrics.json (metrics())."""
     out = Path(out_stem)
     md, js = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
     atomic_write_json(js, result)
     atomic_write_bytes(md, markdown(result).encode())
+    atomic_write_bytes(out.with_name(out.name + ".html"), html(result).encode())
+    atomic_write_json(out.with_name(out.name + ".metrics.json"), metrics(result))
     return md, js
 
 
@@ -674,7 +728,8 @@ def register(subparsers) -> None:
                               description="Judge claims C1-C7 and theory T1-T3 on whatever runs exist; writes "
                                           "OUT.md, OUT.json and their provenance "
                                           "OUT.provenance.json (`rankbias audit OUT.md` checks "
-                                          "it). Thresholds (config key `claims`): "
+                                          "it); the table as OUT.html and the verdicts and effects "
+                                          "as OUT.metrics.json (for DVC). Thresholds (config key `claims`): "
                                           + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items()))
     p.add_argument("--config", default=None,
                    help="config file: judge its runs with its rank settings and thresholds "
@@ -688,5 +743,5 @@ def _cmd_claims(args: argparse.Namespace) -> int:
     result = run_claims(args.config, args.runs, args.out)
     for c in result["claims"]:
         print(f"{c['id']}: {c['verdict']:<12} {_intervals(c)}")
-    print(f"written: {args.out}.md, {args.out}.json")
+    print(f"written: {args.out}.json, {args.out}.md, {args.out}.html, {args.out}.metrics.json")
     return 0

@@ -9,6 +9,21 @@ import time
 
 from . import timing
 
+from rankbias import __version__
+
+DESCRIPTION = """\
+Reproduce "SGD and weight decay secretly minimise the rank of your neural network"
+(Galanti, Siegel, Gupte, Poggio): train the paper's experiment grids as batched models,
+store each run's per-epoch singular values, draw the paper's figures from them and judge
+each of its claims on what was measured. Every output records its provenance."""
+
+EPILOG = """\
+The Snakemake workflow in the repository calls these commands; to run everything:
+  snakemake                                   quick profile (config/config.yaml)
+  snakemake --configfile config/paper.yaml    the paper's full grids
+Then `rankbias audit results/figures/fig2.png` shows what made a figure.
+`rankbias COMMAND --help` describes one command."""
+
 # Modules that contribute subcommands, in the order `rankbias --help` lists them.
 SUBCOMMAND_MODULES = (
     "rankbias.train",
@@ -24,7 +39,9 @@ SUBCOMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rankbias", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="rankbias", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in SUBCOMMAND_MODULES:

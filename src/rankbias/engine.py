@@ -84,7 +84,10 @@ class Pack:
         self.matrix_params = {name: full_name[id(w)] for name, _, w in nets[0].matrices()}
 
         self.dtype = self.plist[0].dtype
-        col = lambda v: torch.tensor(v, dtype=self.dtype, device=self.device).view(self.K, 1)
+
+        def col(v):
+            return torch.tensor(v, dtype=self.dtype, device=self.device).view(self.K, 1)
+
         self.wd = col([s.weight_decay for s in specs])
         self.mom = col([s.momentum for s in specs])
         self.batch = s0.batch_size

@@ -128,7 +128,7 @@ def _plot_series(ax, line: Line, series: list[pd.Series], color, style="-", labe
     frame = frame.dropna(how="all")
     if frame.empty or frame.notna().sum().sum() == 0:
         ax.plot([], [], style, color=color, label=line.label if label else None)
-        for m in line.diverged:
+        for _ in line.diverged:
             ax.plot([], [], "x", color=color)
         return
     mean = frame.mean(axis=1, skipna=True)

@@ -73,6 +73,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _nan_if(dead: bool, value) -> float:
+    """A diverged run's value is recorded as NaN."""
+    return float("nan") if dead else float(value)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -140,7 +145,6 @@ class Recorder:
 
         mean_ranks = []
         for k, spec in enumerate(pack.specs):
-            nan_if_dead = (lambda v: float("nan") if dead[k] else float(v))
             hidden_ranks = []
             for i, (m, kind) in enumerate(pack.matrices):
                 if logged:
@@ -149,17 +153,17 @@ class Recorder:
                     if kind == "hidden" and not dead[k]:
                         hidden_ranks.append(int(M.rank(s)))
                 self.layers[k].append({"epoch": epoch, "layer": m, "index": i, "kind": kind,
-                                       "distance": nan_if_dead(dist[m][k]),
-                                       "weight_norm": nan_if_dead(norms[m][k])})
+                                       "distance": _nan_if(dead[k], dist[m][k]),
+                                       "weight_norm": _nan_if(dead[k], norms[m][k])})
             mean_rank = float(np.mean(hidden_ranks)) if hidden_ranks else float("nan")
             mean_ranks.append(mean_rank)
             self.metrics[k].append({
                 "epoch": epoch, "logged": bool(logged),
                 "lr": spec.lr_at(epoch - 1) if epoch > 0 else float("nan"),
-                "step_loss": nan_if_dead(step_loss[k]),
-                "train_loss": nan_if_dead(tr_loss[k]), "train_acc": nan_if_dead(tr_acc[k]),
-                "test_loss": nan_if_dead(te_loss[k]), "test_acc": nan_if_dead(te_acc[k]),
-                "distance": nan_if_dead(np.mean([dist[m][k] for m, _ in pack.matrices])),
+                "step_loss": _nan_if(dead[k], step_loss[k]),
+                "train_loss": _nan_if(dead[k], tr_loss[k]), "train_acc": _nan_if(dead[k], tr_acc[k]),
+                "test_loss": _nan_if(dead[k], te_loss[k]), "test_acc": _nan_if(dead[k], te_acc[k]),
+                "distance": _nan_if(dead[k], np.mean([dist[m][k] for m, _ in pack.matrices])),
                 "mean_rank": mean_rank, "diverged": bool(dead[k]),
             })
         alive = ~dead
@@ -466,9 +470,9 @@ def register(subparsers) -> None:
 
 
 def graph_mode(arg: str | None) -> str:
-    """--graph, else $RANKBIAS_GRAPH (the workflow sets it from the config's `graph`,
-    so that the choice, which changes no result, is not part of the rule's command
-    and changing it retrains nothing), else auto."""
+    """--graph (the workflow passes the config's `graph` as a job resource, so that the
+    choice, which changes no result, retrains nothing when changed), else
+    $RANKBIAS_GRAPH, else auto."""
     if arg is not None:
         return arg
     mode = os.environ.get("RANKBIAS_GRAPH", "auto")

@@ -11,6 +11,7 @@
 
 import json
 import os
+from pathlib import Path
 
 from snakemake.utils import validate
 
@@ -57,13 +58,16 @@ ALL_RUNS = list(PLAN.specs)
 PACKS = list(PLAN.packs)
 DATASETS = sorted({s.dataset for s in PLAN.specs.values()})
 ON_GPU = PLAN.config["device"] == "cuda"
-# The CUDA-graph choice reaches `rankbias train` through the environment, not its
-# command line: it changes no result, so changing it must not make Snakemake retrain
-# (a rule's command is part of its code trigger). Jobs inherit it, on SLURM too
-# (sbatch exports the environment, and each job parses this file again).
-os.environ["RANKBIAS_GRAPH"] = PLAN.config["graph"]
 # Every job appends its start-up and run time here (`rankbias timing` sums them).
 os.environ.setdefault("RANKBIAS_TIMING", "results/logs/timing.jsonl")
+# Settings that change how a training job runs, never its results: they reach
+# `rankbias train` as resources, which (unlike params) are no rerun trigger, so
+# changing them retrains nothing.
+EXECUTION = {
+    "device": PLAN.config["device"],
+    "graph": str(PLAN.config["graph"]),
+    "checkpoint_every": PLAN.config["checkpoint_every"],
+}
 
 
 wildcard_constraints:
@@ -110,3 +114,19 @@ rule plan:
     shell:
         "rankbias plan --config-json {params.config:q} --write-configs results/config"
         " --write-packs results/packs > {log} 2>&1"
+
+
+def figure_labels(wildcards):
+    """Report labels, evaluated by `snakemake --report` only: the figure's name and this
+    run's verdict and effect for each claim the figure shows (from results/claims.json).
+    """
+    from rankbias.claims import measured
+
+    try:
+        result = json.loads(Path("results/claims.json").read_text())
+    except (OSError, ValueError):
+        result = None
+    return {
+        "figure": f"Figure {wildcards.fig[3:]}",
+        "measured": measured(result, wildcards.fig) if result else "claims not judged",
+    }

@@ -23,6 +23,8 @@ def _data_rule(name):
             dataset_outputs(name),
         log:
             f"results/logs/data/{name}.log",
+        # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
+        localrule: True
         params:
             dataset=name,
         shell:

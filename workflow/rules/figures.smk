@@ -13,6 +13,7 @@ rule figure:
             "results/figures/{fig}.png",
             caption="../report/figure.rst",
             category="Figures",
+            labels=figure_labels,
         ),
         pdf="results/figures/{fig}.pdf",
         provenance=report(
@@ -20,9 +21,12 @@ rule figure:
             caption="../report/provenance.rst",
             category="Figures",
             subcategory="Provenance",
+            labels=lambda wildcards: {"figure": f"Figure {wildcards.fig[3:]}"},
         ),
     log:
         "results/logs/figures/{fig}.log",
+    # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
+    localrule: True
     shell:
         "rankbias figure {wildcards.fig} --config {input.config} --runs results/runs"
         " --out {output.png} > {log} 2>&1"

@@ -14,7 +14,7 @@ from rankbias.cluster import estimate_seconds
 
 def _train_rule(pid):
     specs = PLAN.pack_specs(pid)
-    resources_ = dict(runtime=pack_runtime(pid), mem_mb=pack_mem_mb(pid))
+    resources_ = dict(runtime=pack_runtime(pid), mem_mb=pack_mem_mb(pid), **EXECUTION)
     if ON_GPU:
         resources_["gpu"] = 1
 
@@ -26,8 +26,6 @@ def _train_rule(pid):
             data=ancient(dataset_inputs(specs[0].dataset)),
         output:
             run_json(PLAN.packs[pid]),
-        params:
-            pack=pid,
         log:
             f"results/logs/train/{pid}.log",
         threads: PLAN.config["train_threads"]
@@ -35,10 +33,12 @@ def _train_rule(pid):
         priority: round(estimate_seconds(specs, "cuda" if ON_GPU else "cpu"))
         resources:
             **resources_,
+        params:
+            pack=pid,
         shell:
             "OMP_NUM_THREADS={threads} rankbias train {input.pack} --out results/runs"
-            " --checkpoint-dir results/packs/{params.pack} --checkpoint-every {config[checkpoint_every]}"
-            " --data-dir data --device {config[device]}"
+            " --checkpoint-dir results/packs/{params.pack} --checkpoint-every {resources.checkpoint_every}"
+            " --data-dir data --device {resources.device} --graph {resources.graph}"
             " > {log} 2>&1"
 
 
