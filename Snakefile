@@ -39,6 +39,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/plan.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/figures.smk"
@@ -52,4 +53,10 @@ rule all:
         expand("results/figures/{fig}.pdf", fig=FIGURES),
         "results/claims.md",
         "results/claims.json",
+        DATASET_FILES,
+
+
+# `snakemake datasets` prepares every dataset the config uses (the DVC stage `data` runs it).
+rule datasets:
+    input:
         DATASET_FILES,

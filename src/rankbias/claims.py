@@ -32,7 +32,7 @@ import pandas as pd
 
 from . import metrics as M
 from . import theory
-from .results import Run, RunError, atomic_write_bytes, atomic_write_json
+from .results import Run, atomic_write_bytes, atomic_write_json
 from .spec import RunSpec
 
 HOLDS, FAILS, INSUFFICIENT = "holds", "fails", "insufficient"

@@ -19,7 +19,6 @@ from rankbias import sweep
 from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes
 from rankbias.data import dataset_files
 
-
 # A job run by an executor plugin (each SLURM job) parses this file again, in
 # Snakemake's remote mode, with the config files as they are by then; it takes the
 # config the submitting Snakemake planned from the environment instead (sbatch exports
@@ -98,24 +97,6 @@ def figure_runs(wildcards):
     return run_json(sweep.figure_runs(PLAN, wildcards.fig))
 
 
-# One job writes what this parse planned: the config files and the pack files, all
-# named by hashes of their content. They are `ancient` inputs of every job that reads
-# them (a name never changes its content), so this job running again, because another
-# config was planned meanwhile, retrains and redraws nothing.
-rule plan:
-    output:
-        sorted({job_config(f) for f in JOB_CONFIGS}),
-        [f"results/packs/{pid}.json" for pid in PACKS],
-    params:
-        config=json.dumps(JOB_CONFIGS[None], sort_keys=True, separators=(",", ":")),
-    log:
-        "results/logs/plan.log",
-    localrule: True
-    shell:
-        "rankbias plan --config-json {params.config:q} --write-configs results/config"
-        " --write-packs results/packs > {log} 2>&1"
-
-
 def figure_labels(wildcards):
     """Report labels, evaluated by `snakemake --report` only: the figure's name and this
     run's verdict and effect for each claim the figure shows (from results/claims.json).
@@ -130,3 +111,10 @@ def figure_labels(wildcards):
         "figure": f"Figure {wildcards.fig[3:]}",
         "measured": measured(result, wildcards.fig) if result else "claims not judged",
     }
+
+
+def dataset_outputs(name):
+    return sorted({f"data/{name}/manifest.json", *dataset_inputs(name)})
+
+
+DATASET_FILES = [f for name in DATASETS for f in dataset_outputs(name)]

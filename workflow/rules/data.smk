@@ -6,24 +6,20 @@
 # missing intermediate file whose consumers are up to date), so a file that is missing,
 # e.g. moved aside by `rankbias restore`, makes the next `snakemake` fetch the dataset
 # again. Sources ($RANKBIAS_DATA, the cache, the downloads) are read by this rule only.
-
-
-def dataset_outputs(name):
-    return sorted({f"data/{name}/manifest.json", *dataset_inputs(name)})
-
-
-DATASET_FILES = [f for name in DATASETS for f in dataset_outputs(name)]
+# It runs on the submitting host, never a compute node (which may be offline; see the
+# SLURM profile).
 
 
 def _data_rule(name):
+    files = dataset_outputs(name)
+
     rule:
         name:
             f"data_{name}"
         output:
-            dataset_outputs(name),
+            files,
         log:
             f"results/logs/data/{name}.log",
-        # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
         localrule: True
         params:
             dataset=name,
@@ -33,9 +29,3 @@ def _data_rule(name):
 
 for _name in DATASETS:
     _data_rule(_name)
-
-
-# `snakemake datasets` prepares every dataset the config uses (the DVC stage `data` runs it).
-rule datasets:
-    input:
-        DATASET_FILES,

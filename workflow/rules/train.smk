@@ -28,9 +28,9 @@ def _train_rule(pid):
             run_json(PLAN.packs[pid]),
         log:
             f"results/logs/train/{pid}.log",
-        threads: PLAN.config["train_threads"]
         # longest packs first: the last job to start should not be the longest one
         priority: round(estimate_seconds(specs, "cuda" if ON_GPU else "cpu"))
+        threads: PLAN.config["train_threads"]
         resources:
             **resources_,
         params:
