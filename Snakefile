@@ -11,7 +11,13 @@ min_version("9.0")
 
 # Rules call the `rankbias` command; find it beside the Python running Snakemake, so
 # `.venv/bin/snakemake` works without activating the virtual environment.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+os.environ["PATH"] = (
+    os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+)
+
+
+envvars:
+    "PATH",
 
 
 # The quick profile is the default; a --configfile replaces it entirely (Snakemake would
@@ -19,7 +25,6 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
-
 
 
 # With --sdm apptainer every job runs in the project image, pinned by digest (env
@@ -34,6 +39,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/plan.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/figures.smk"
@@ -41,9 +47,16 @@ include: "workflow/rules/claims.smk"
 
 
 rule all:
+    default_target: True
     input:
         expand("results/figures/{fig}.png", fig=FIGURES),
         expand("results/figures/{fig}.pdf", fig=FIGURES),
         "results/claims.md",
         "results/claims.json",
-    default_target: True
+        DATASET_FILES,
+
+
+# `snakemake datasets` prepares every dataset the config uses (the DVC stage `data` runs it).
+rule datasets:
+    input:
+        DATASET_FILES,

@@ -63,10 +63,13 @@ def copy_repo(dest: Path) -> Path:
     assert "Snakefile" in files and TEST_CONFIG in files, "the repository copy lacks the workflow"
     for rel in files:
         src = ROOT / rel
-        if rel.startswith(NOT_COPIED) or not src.is_file():
+        if rel.startswith(NOT_COPIED) or not (src.is_file() or src.is_symlink()):
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dest / rel)
+        if src.is_symlink():   # profiles -> workflow/profiles
+            os.symlink(os.readlink(src), dest / rel)
+        else:
+            shutil.copy2(src, dest / rel)
     return dest
 
 

@@ -17,10 +17,12 @@ from rankbias.spec import RunSpec
 def fabricate(runs_dir: str | Path, spec: RunSpec, layer_ranks: Sequence[Sequence[int]] | None = None,
               final_ranks: Sequence[int] | None = None, distance: Sequence[float] | None = None,
               train_acc: Sequence[float] | None = None, test_acc: Sequence[float] | None = None,
-              diverged_at: int | None = None) -> Path:
+              diverged_at: int | None = None, tables: dict[str, pd.DataFrame] | None = None,
+              theory: dict | None = None) -> Path:
     """Write one run. `layer_ranks[e][l]`: rank of hidden matrix l at epoch e; or give
     `final_ranks` (per hidden matrix: every one but the output layer) and ranks go
-    linearly from full to those."""
+    linearly from full to those. `tables` (file name -> frame) and `theory` (run.json's
+    theory record) as rankbias.theory writes them."""
     E = spec.epochs
     # the stored matrices, named and shaped as the model defines them
     layers = models.spec_layers(spec)[0]
@@ -65,7 +67,7 @@ def fabricate(runs_dir: str | Path, spec: RunSpec, layer_ranks: Sequence[Sequenc
     run_json = {"run_id": spec.run_id, "spec": spec.to_dict(), "model": spec.model, "pack_id": "test",
                 "status": "complete", "epochs_completed": E,
                 "diverged": None if diverged_at is None else {"epoch": diverged_at, "reason": "nan loss"},
-                "provenance": {}}
+                "provenance": {}, **({"theory": theory} if theory is not None else {})}
     path = Path(runs_dir) / spec.run_id
-    write_run(path, run_json, metrics, layers, spectra)
+    write_run(path, run_json, metrics, layers, spectra, tables)
     return path

@@ -51,12 +51,12 @@ def test_more_work_never_takes_less_time():
 
 def test_the_partial_batch_costs_one_step_and_its_samples():
     # 50,000 / 32: 1562 full batches and a last one of 16 samples, kept by default
-    from rankbias.cluster import COST_MODELS, OPS_PER_LAYER_STEP, _matrices
+    from rankbias.cluster import COST_MODELS, OPS_PER_LAYER_STEP, _matrices, step_flops
     keep = pack(epochs=1000, log_every=1000)
     drop = pack(epochs=1000, log_every=1000, drop_last=True)
     shapes = _matrices(keep[0])
     cost = COST_MODELS["cuda"]
-    one_more_step = (6.0 * sum(o * i for o, i in shapes) * 16 * len(keep) / cost.flops_per_second
+    one_more_step = (step_flops(keep) * 16 / 32 / cost.flops_per_second
                      + OPS_PER_LAYER_STEP * len(shapes) * cost.seconds_per_op)
     assert estimate_seconds(keep, "cuda") - estimate_seconds(drop, "cuda") == pytest.approx(
         1000 * one_more_step, rel=1e-9)
@@ -94,3 +94,47 @@ def test_memory_estimate_counts_data_and_pack():
     assert 3600 < estimate_mem_mb([one]) < 3750
     sixty_four = [RunSpec.from_dict({**one.to_dict(), "seed": k}) for k in range(64)]
     assert estimate_mem_mb(sixty_four) > estimate_mem_mb([one]) + 64 * 2 * 12 * 2000 * 3072 // 2**20 // 2
+
+
+def test_step_cost_by_hand_for_a_small_mlp():
+    """MLP-BN-2-16 on synthetic inputs (D), K=3 members, batches 8/16/32 (a step is 32
+    wide): matrices (16, D), (16, 16), (10, 16)."""
+    from rankbias.cluster import _parameter_count, step_bytes, step_flops
+    from rankbias.spec import DATASET_DIMS
+    D = DATASET_DIMS["synthetic"]
+    specs = [RunSpec(dataset="synthetic", arch="mlp_bn", depth=2, width=16, batch_size=b, seed=i)
+             for i, b in enumerate((8, 16, 32))]
+    # forward 2 per weight per example for all three; input gradient 2 for the last
+    # two; weight gradient 2 for all three
+    per_example = 2 * (16 * D + 256 + 160) + 2 * (256 + 160) + 2 * (16 * D + 256 + 160)
+    assert step_flops(specs) == 3 * 32 * per_example
+    # weights and biases, and BatchNorm's weight and bias after each hidden matrix
+    P = (16 * D + 16) + (256 + 16) + (160 + 10) + 2 * (16 + 16)
+    assert _parameter_count(specs[0]) == P
+    # float64: 8 bytes; P read forward, 256 + 160 read again backward, P gradients
+    # written, 5P by the update, 32 input rows of D read
+    assert step_bytes(specs, itemsize=8) == 8 * 3 * (P + (256 + 160) + P + 5 * P + 32 * D)
+
+
+@pytest.mark.parametrize("model", ["MLP-BN-2-16", "RES-2-16"])
+def test_step_cost_matches_the_engine(model, synthetic):
+    """Independent of the hand count: the parameters the engine stacks, and the matmul
+    FLOPs torch's own counter sees in one real step of the engine."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rankbias.cluster import _parameter_count, step_flops
+    from rankbias.engine import Pack
+    specs = [RunSpec.from_dict({"dataset": "synthetic", "model": model, "batch_size": 32, "seed": i})
+             for i in range(3)]
+    pack = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
+    assert sum(p[0].numel() for p in pack.plist) == _parameter_count(specs[0])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pack.step(pack.epoch_plan(0).inputs(0))
+    assert counter.get_total_flops() == step_flops(specs)
+
+
+def test_roofline_is_the_slower_of_compute_and_memory():
+    from rankbias.cluster import roofline_seconds
+    assert roofline_seconds(1e9, 1e6, 1e9, 1e9) == 1.0          # compute-bound
+    assert roofline_seconds(1e6, 4e9, 1e9, 2e9) == 2.0          # memory-bound

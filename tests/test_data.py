@@ -385,9 +385,9 @@ def test_fetch_copies_verified_files_and_manifest(tmp_path, capsys, mnist):
     assert str(target) in out
     manifest = json.loads((target / "manifest.json").read_text())
     assert manifest["name"] == "mnist" and Path(manifest["source"]) == SHARED_MNIST
-    for f in IDX:
-        assert (target / f"{f}.gz").read_bytes() == (SHARED_MNIST / f"{f}.gz").read_bytes()
-        assert manifest["files"][f] == md5(gzip.decompress((target / f"{f}.gz").read_bytes()))
+    for f in IDX:   # stored uncompressed under the canonical names, whatever the source's form
+        assert (target / f).read_bytes() == gzip.decompress((SHARED_MNIST / f"{f}.gz").read_bytes())
+        assert manifest["files"][f] == md5((target / f).read_bytes())
         assert f"{manifest['files'][f]}  {f}" in out
     assert sorted(p.name for p in dest.iterdir()) == ["mnist"]  # no temporary leftovers
     umask = os.umask(0o022)
@@ -398,7 +398,47 @@ def test_fetch_copies_verified_files_and_manifest(tmp_path, capsys, mnist):
     assert Path(d.source) == target and d.checksums == mnist.checksums
     # fetching again, from the copy itself, keeps the files and rewrites the manifest
     assert data.fetch("mnist", dest, data_dir=dest)["files"] == manifest["files"]
-    assert sorted(p.name for p in target.iterdir()) == sorted([f"{f}.gz" for f in IDX] + ["manifest.json"])
+    assert sorted(p.name for p in target.iterdir()) == sorted(data.dataset_files("mnist") + ["manifest.json"])
+
+
+@needs_mnist
+def test_strict_load_reads_only_the_declared_copy(tmp_path, monkeypatch, mnist):
+    """Training in the workflow reads data/<name>/, its rule's input, never $RANKBIAS_DATA:
+    a corrupt copy fails, naming its file, even with a good copy in $RANKBIAS_DATA."""
+    monkeypatch.setenv("RANKBIAS_DATA", str(SHARED_MNIST.parent))
+    dest = tmp_path / "data"
+    data.fetch("mnist", dest, data_dir=SHARED_MNIST.parent)
+    d = data.load("mnist", data_dir=dest, train_subset=10, test_subset=10, strict=True)
+    assert Path(d.source) == dest / "mnist" and d.checksums == mnist.checksums
+    bad = dest / "mnist" / "t10k-labels-idx1-ubyte"
+    raw = bytearray(bad.read_bytes())
+    raw[-1] ^= 1
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(data.DataError, match=f"checksum mismatch for {bad}"):
+        data.load("mnist", data_dir=dest, strict=True)
+    bad.unlink()
+    with pytest.raises(data.DataError, match="lacks t10k-labels-idx1-ubyte.*rule data_mnist"):
+        data.load("mnist", data_dir=dest, strict=True)
+    # fetching again (what the data rule does once the file is gone) restores it from the source
+    data.fetch("mnist", dest)
+    assert data.load("mnist", data_dir=dest, strict=True).checksums == mnist.checksums
+
+
+def test_strict_synthetic_checks_its_manifest(tmp_path):
+    with pytest.raises(data.DataError, match="manifest.json"):
+        data.load("synthetic", data_dir=tmp_path, strict=True)
+    data.fetch("synthetic", tmp_path)
+    assert data.load("synthetic", data_dir=tmp_path, strict=True).checksums == data.load("synthetic").checksums
+    m = tmp_path / "synthetic" / "manifest.json"
+    m.write_text(m.read_text().replace(data.load("synthetic").checksums["synthetic"], "0" * 32))
+    with pytest.raises(data.DataError, match="records"):
+        data.load("synthetic", data_dir=tmp_path, strict=True)
+
+
+def test_dataset_files_are_what_fetch_stores():
+    assert data.dataset_files("mnist") == sorted(data.MNIST_MD5)
+    assert data.dataset_files("cifar10") == sorted(data.CIFAR10_MD5)
+    assert data.dataset_files("synthetic") == ["manifest.json"]
 
 
 def test_fetch_cifar10_replaces_atomically_and_loads(tmp_path, monkeypatch):

@@ -3,14 +3,16 @@ push the results, clone, pull, restore, and check that nothing retrains; a corru
 object in the DVC cache or remote is an error, never silently used."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_repo, planned_jobs
+from conftest import TEST_CONFIG, copy_repo, planned_jobs
 
 from rankbias import dvcstate
 
@@ -45,6 +47,13 @@ def restore(cwd, *extra, check=True):
     return sh(cwd, "rankbias", "restore", *extra, "--", *TARGETS, *CONFIG, check=check)
 
 
+def use_config(repo: Path, configfile: str) -> None:
+    """Point DVC's stages at the config the results are built from (params.yaml)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["configfile"] = configfile
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
 def cache_object_of(repo: Path, f: Path) -> Path:
     return dvcstate.cache_object(repo, dvcstate.md5_file(f))
 
@@ -55,6 +64,7 @@ def pushed(tmp_path_factory):
     base = tmp_path_factory.mktemp("dvc")
     repo = copy_repo(base / "repo")
     assert (repo / "dvc.yaml").exists() and (repo / ".dvc/config").exists()
+    use_config(repo, TEST_CONFIG)
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "code")
@@ -156,3 +166,75 @@ def test_corrupt_remote_object_fails_the_pull_clearly(pushed):
         assert not f.exists() or dvcstate.md5_file(f) == md5  # never the corrupt bytes
     finally:
         obj.write_bytes(good)
+
+
+@pytest.fixture(scope="module")
+def committed(tiny_pipeline, tmp_path_factory):
+    """A git repository holding the tiny pipeline's results, every stage committed to DVC."""
+    outside, _ = tiny_pipeline
+    repo = copy_repo(tmp_path_factory.mktemp("dvc_all") / "repo")
+    for d in ("results", "data"):
+        shutil.copytree(outside / d, repo / d, symlinks=True)
+    use_config(repo, TEST_CONFIG)
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "code")
+    sh(repo, "dvc", "commit", "-f")
+    sh(repo, "git", "add", "dvc.lock")
+    sh(repo, "git", "commit", "-qm", "results")
+    return repo
+
+
+def test_metrics_are_the_claims_verdicts_and_effects(committed):
+    shown = json.loads(sh(committed, "dvc", "metrics", "show", "--json").stdout)
+    metrics = shown[""]["data"]["results/claims.metrics.json"]["data"]
+    claims = json.loads((committed / "results/claims.json").read_text())["claims"]
+    assert {c["id"]: c["verdict"] for c in claims} == {
+        k.split(".")[0]: v for k, v in metrics.items() if k.endswith(".verdict") and k.count(".") == 1}
+    c1 = next(c for c in claims if c["id"] == "C1")
+    if c1["mean_spearman_in_claimed_direction"] is not None:
+        assert metrics["C1.mean_spearman_in_claimed_direction"] == c1["mean_spearman_in_claimed_direction"]
+    assert metrics["runs.judged"] == json.loads((committed / "results/claims.json").read_text())["runs"]["judged"]
+    assert all(isinstance(v, (str, int, float)) for v in metrics.values())
+
+
+def test_plots_are_the_figures(committed):
+    out = committed / "plots"
+    p = sh(committed, "dvc", "plots", "show", "--json", "-o", str(out))
+    shown = json.loads(p.stdout)["data"]
+    figures = {f"results/figures/fig{i}.png" for i in range(1, 8)}
+    assert figures <= set(shown), sorted(shown)
+    for fig in figures:
+        (entry,) = shown[fig]
+        assert entry["type"] == "image" and Path(entry["url"]).is_file()
+
+
+def test_params_are_the_config_and_code_is_a_dependency(committed):
+    repo = committed
+    # The stages record the config the results were made from.
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert lock["runs"]["params"][TEST_CONFIG]["defaults"]["epochs"] == 3
+    assert lock["runs"]["params"]["params.yaml"]["configfile"] == TEST_CONFIG
+    assert all(f"--configfile {TEST_CONFIG}" in s["cmd"] for s in lock.values())
+    status = json.loads(sh(repo, "dvc", "status", "--json").stdout)
+    assert status == {}, status
+    config = repo / TEST_CONFIG
+    text = config.read_text()
+    try:
+        config.write_text(text.replace("  epochs: 3", "  epochs: 4"))
+        diff = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
+        change = diff[TEST_CONFIG]["defaults.epochs"]
+        assert (change["old"], change["new"]) == (3, 4), diff
+        shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+        assert "workspace" in json.dumps(shown) and "C1.verdict" in json.dumps(shown)
+    finally:
+        config.write_text(text)
+    # A code change shows in `dvc status` for every stage that runs the code.
+    src = repo / "src" / "rankbias" / "claims.py"
+    code = src.read_text()
+    try:
+        src.write_text(code + "\n# changed\n")
+        status = json.loads(sh(repo, "dvc", "status", "--json").stdout)
+        assert {"runs", "claims", "figure@fig1"} <= set(status), status
+    finally:
+        src.write_text(code)

@@ -84,6 +84,41 @@ def test_first_steps_equal_torch_sgd_float64(model, synthetic64):
                 np.testing.assert_allclose(pack.running[name][k].numpy(), b.numpy(), rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.parametrize("stepper", ["eager", "static-buffers"])
+@pytest.mark.parametrize("batch", [(32, 32, 32), (16, 32, 64)])
+def test_momentum_buffers_equal_torch_sgd_state_float64(stepper, batch, synthetic64):
+    """After 3 steps every member's momentum buffers, not only its parameters, equal
+    torch.optim.SGD's `momentum_buffer` state, for each way the engine can step (the
+    plain step and the static-buffer replay a CUDA graph uses). An update that
+    mutated the buffers wrongly but kept parameters close (as a compiled step once
+    did, buffers ~20% off after 3 steps) fails here."""
+    from rankbias.engine import GraphedStep
+    ds = synthetic64
+    specs = _pack("MLP-BN-2-16", batch=batch)
+    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
+    plan = pack.epoch_plan(0)
+    step = pack.step if stepper == "eager" else GraphedStep(pack, plan.inputs(0), capture=False)
+    refs = []
+    for spec in specs:
+        net = build_net(spec, ds.input_dim, ds.num_classes).double()
+        opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
+                              weight_decay=spec.weight_decay)
+        refs.append((net, opt, epoch_order(spec, 0, ds.x_train.shape[0]), spec.batch_size))
+    for t in range(3):
+        step(plan.inputs(t))
+        for net, opt, order, B in refs:
+            idx = order[t * B:(t + 1) * B]
+            opt.zero_grad()
+            loss_fn(specs[0].loss, net(ds.x_train[idx]), ds.y_train[idx]).backward()
+            opt.step()
+    names = list(pack.params)
+    for k, (net, opt, _, _) in enumerate(refs):
+        for (name, p) in net.named_parameters():
+            buf = pack.bufs[names.index(name)][k]
+            np.testing.assert_allclose(buf.numpy(), opt.state[p]["momentum_buffer"].numpy(),
+                                       rtol=1e-11, atol=1e-13, err_msg=f"member {k} {name} momentum")
+
+
 @pytest.mark.parametrize("model", ["MLP-BN-2-16", "RES-BN-2-16", "RES-2-16"])
 def test_pack_matches_reference_float64(model, synthetic64, tmp_path):
     """Same seeds and data order: over three epochs (with an lr drop, and each epoch's
@@ -154,7 +189,8 @@ def _read_all(path):
     run = Run(path)
     info = run.info
     return (run.metrics, run.layers, run.spectra,
-            {k: v for k, v in info.items() if k not in ("wall_time_s", "provenance", "files", "record_sha256")})
+            {k: v for k, v in info.items()
+             if k not in ("wall_time_s", "theory_time_s", "provenance", "files", "record_sha256")})
 
 
 def test_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):
@@ -215,7 +251,8 @@ def test_run_json_records_provenance(synthetic, tmp_path):
     info = json.loads((tmp_path / "runs" / spec.run_id / "run.json").read_text())
     assert info["run_id"] == spec.run_id and info["spec"] == spec.to_dict()
     assert info["epochs_completed"] == 1 and info["device"] == "cpu"
-    assert set(info["files"]) == {"metrics.parquet", "layers.parquet", "spectra.npz"}
+    assert set(info["files"]) == {"metrics.parquet", "layers.parquet", "spectra.npz",
+                                  "lemmas.parquet", "theory.parquet"}
     assert "code" in info["provenance"] and "packages" in info["provenance"]
     assert info["dataset"]["name"] == "synthetic"
     assert Run(tmp_path / "runs" / spec.run_id).verify() == []

@@ -24,6 +24,8 @@ CFG = {
         "fig6": {"model": "MLP-BN-3-12", "grid": {"lr": [0.01, 0.1], "batch_size": [8, 32]}},
         "fig7": {"model": "RES-2-12", "seeds": [0, 1], "grid": {"batch_size": [8, 32]}},
         "fig8": {"model": "CONV-BN-1-12", "rank": {"tol": 0.04}, "grid": {"batch_size": [8, 32]}},
+        "figT1": {"model": "MLP-3-12", "grid": {"model": ["MLP-3-12", "RES-2-12"]}},
+        "figT2": {"model": "MLP-3-12", "grid": {"batch_size": [8, 32]}},
     },
 }
 
@@ -209,13 +211,13 @@ def test_rank_vs_ratio_places_every_run_and_counts_the_rest(world):
 
 
 def test_figure_names_have_one_source():
-    """The workflow's `fig` wildcard and the DVC figure stages follow figures.NAMES."""
+    """The workflow's `fig` wildcard and the DVC figure stages follow sweep.NAMES."""
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     dvc = yaml.safe_load((root / "dvc.yaml").read_text())
     assert dvc["stages"]["figure"]["foreach"] == list(F.NAMES)
-    assert list(F.NAMES[:7]) == list(sweep.FIGURES)
+    assert list(F.NAMES) == list(sweep.FIGURES) + list(sweep.SUMMARY)
     common = (root / "workflow" / "rules" / "common.smk").read_text()
-    assert 'fig="|".join(figures.NAMES)' in common and "fig[1-7]" not in common
+    assert 'fig="|".join(sweep.NAMES)' in common and "fig[1-7]" not in common
 
 
 def _inject_diverged(run_dir):

@@ -15,7 +15,7 @@ specs = st.builds(
     depth=st.integers(1, 12), width=st.integers(1, 2048),
     loss=st.sampled_from(["ce", "mse"]),
     batch_size=st.integers(2, 4096), drop_last=st.booleans(),
-    lr=st.floats(1e-6, 10, allow_nan=False), momentum=st.floats(0, 0.99),
+    lr=st.floats(1e-6, 1, allow_nan=False), momentum=st.floats(0, 0.99),
     weight_decay=st.floats(0, 1e-1), epochs=st.integers(1, 500), seed=st.integers(0, 2**31),
     log_every=st.integers(1, 50), train_subset=st.integers(0, 60000),
 )
@@ -74,6 +74,11 @@ def test_int_and_float_spellings_are_one_run():
     ({"model": "MLP-2-10", "depth": 3}, "depth"), ({"arch": "mlp_bn", "batch_size": 1}, "batch_size"),
     ({"seed": -1}, "seed"), ({"train_subset": -5}, "train_subset"), ({"seed": True}, "seed"),
     ({"drop_last": "no"}, "drop_last"), ({"drop_last": 0}, "drop_last"),
+    # a milestone at or after the last epoch never drops the learning rate
+    ({"schedule": "multistep", "milestones": [5, 20], "epochs": 20}, "milestones"),
+    ({"schedule": "multistep", "milestones": [30], "epochs": 20}, "milestones"),
+    # lr * weight_decay >= 1: the decay factor 1 - lr * weight_decay is no longer positive
+    ({"weight_decay": 1e9}, "weight_decay"), ({"lr": 2.0, "weight_decay": 0.5}, "weight_decay"),
 ])
 def test_bad_values_name_the_key(raw, key):
     with pytest.raises(SpecError, match=key):
@@ -189,3 +194,8 @@ def test_sizes_are_checked_before_training(raw, key):
     spec = RunSpec.from_dict(raw)
     with pytest.raises(SpecError, match=key):
         spec.check_sizes()
+
+
+def test_the_last_useful_milestone_and_the_largest_decay_below_the_bound_are_accepted():
+    assert RunSpec(schedule="multistep", milestones=(19,), epochs=20).lr_at(19) < RunSpec().lr
+    RunSpec(lr=1.0, weight_decay=0.999)

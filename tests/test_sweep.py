@@ -153,3 +153,92 @@ def test_batch_larger_than_the_subset_fails_at_plan_time():
            "figures": {"fig1": {"model": "MLP-BN-2-8"}}}
     with pytest.raises(sweep.ConfigError, match="batch_size"):
         sweep.plan(cfg)
+
+
+def test_the_planner_imports_no_torch():
+    """Snakemake imports the planner on every parse (dry runs, --lint, each SLURM job):
+    it must stay light. What the Snakefile and the rules import, in a fresh process."""
+    import subprocess
+    import sys
+    code = ("import sys; import rankbias.sweep, rankbias.cluster, rankbias.data, rankbias.spec; "
+            "heavy = sorted({'torch', 'torchvision', 'pandas', 'matplotlib'} & set(sys.modules)); "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_a_duplicate_yaml_key_is_an_error_naming_it(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("defaults:\n  dataset: synthetic\n  lr: 0.1\n  lr: 0.2\nfigures: {}\n")
+    with pytest.raises(sweep.ConfigError, match=r"duplicate key 'lr'.*line 3.*line 4"):
+        sweep.plan_from_file(cfg)
+    cfg.write_text("figures:\n  fig1: {model: MLP-2-8}\nfigures:\n  fig2: {model: MLP-2-8}\n")
+    with pytest.raises(sweep.ConfigError, match="duplicate key 'figures'"):
+        sweep.load_config(cfg)
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"model": "MLP-2-8", "seeds": [0, 0]}, "seeds"),
+    ({"model": "MLP-2-8", "grid": {"lr": [0.1, 0.1]}}, "grid.lr"),
+    ({"model": "MLP-2-8", "grid": {"seed": [1, 2, 1]}}, "grid.seed"),
+])
+def test_a_value_listed_twice_is_an_error_naming_the_key(section, key):
+    with pytest.raises(sweep.ConfigError, match=f"figures.fig1.{key}: .* listed twice"):
+        sweep.plan(small(fig1=section))
+
+
+def test_a_pack_larger_than_the_device_is_refused_naming_it():
+    from rankbias.cluster import estimate_mem_mb
+    p = sweep.plan(small(fig1={"model": "MLP-100000-100000"}))
+    (pid,) = p.packs
+    with pytest.raises(sweep.ConfigError, match=f"pack {pid} .*MLP-100000-100000.*device_memory_mb = 40960"):
+        sweep.check_device_memory(p)
+    # the key sets the device's memory: a pack needing 2 GiB fits 4 GiB, not 1 GiB
+    cfg = small(fig1={"model": "MLP-2-8"})
+    need = estimate_mem_mb(sweep.plan(cfg).pack_specs(next(iter(sweep.plan(cfg).packs))))
+    sweep.check_device_memory(sweep.plan({**cfg, "device_memory_mb": need}))
+    with pytest.raises(sweep.ConfigError, match="device_memory_mb"):
+        sweep.check_device_memory(sweep.plan({**cfg, "device_memory_mb": need - 1}))
+
+
+def test_plan_cli_refuses_a_pack_larger_than_the_device(tmp_path, capsys):
+    from rankbias.cli import main
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(small(fig1={"model": "MLP-100000-100000"})))
+    assert main(["plan", "--config", str(cfg)]) == 1
+    assert "device_memory_mb" in capsys.readouterr().err
+
+
+def test_job_configs_change_only_where_the_config_does():
+    base = sweep.plan_from_file(ROOT / ".test/config.yaml").config
+    digests = lambda cfg: {k: sweep.config_digest(v) for k, v in sweep.job_configs(sweep.plan(cfg)).items()}
+    before = digests(base)
+    # the job config, one per paper figure; the summary figures read the job config
+    assert len(set(before.values())) == len(before) - len(sweep.SUMMARY) == 1 + len(base["figures"])
+    assert all(before[f] == before[None] for f in sweep.SUMMARY)
+    lr = json.loads(json.dumps(base))
+    lr["figures"]["fig7"]["lr"] = 0.02
+    changed = {k for k, d in digests(lr).items() if d != before[k]}
+    assert changed == {None, "fig7", *sweep.SUMMARY}
+    tol = {**base, "rank": {**base["rank"], "tol": 0.05}}
+    assert {k for k, d in digests(tol).items() if d != before[k]} == set(before)
+    for key, value in (("graph", "off"), ("device", "cuda"), ("checkpoint_every", 1), ("train_threads", 2)):
+        assert digests({**base, key: value}) == before, key
+
+
+def test_plan_cli_writes_the_config_files_named_by_their_content(tmp_path):
+    from rankbias.cli import main
+    p = sweep.plan_from_file(ROOT / ".test/config.yaml")
+    text = json.dumps(sweep.job_config(p.config))
+    assert main(["plan", "--config-json", text, "--write-configs", str(tmp_path / "c"),
+                 "--write-packs", str(tmp_path / "packs")]) == 0
+    written = {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()}
+    want = {f"{sweep.config_digest(d)}.json": sweep.config_bytes(d) for d in sweep.job_configs(p).values()}
+    assert written == want
+    assert all(name == sweep.hashlib.sha256(b).hexdigest()[:12] + ".json" for name, b in written.items())
+    assert sorted(f.stem for f in (tmp_path / "packs").iterdir()) == sorted(p.packs)
+    # what a figure job reads plans that figure's runs exactly
+    for fig, doc in sweep.job_configs(p).items():
+        if fig:
+            f = tmp_path / "c" / f"{sweep.config_digest(doc)}.json"
+            assert sweep.figure_runs(sweep.plan_from_file(f), fig) == sweep.figure_runs(p, fig)

@@ -2,15 +2,19 @@
 copy of the repository: end to end, incremental, deduplicated, validated, reported."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import shutil
+import subprocess
 import zipfile
 
 import pytest
 import yaml
-from conftest import TEST_CONFIG, copy_repo, planned_jobs, snakemake
+from conftest import BIN, TEST_CONFIG, copy_repo, needs_mnist, planned_jobs, snakemake
 
-from rankbias import figures, sweep
+from rankbias import sweep
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +33,15 @@ def _dry_run(wd, *args: str) -> dict[str, int]:
 
 def test_end_to_end_builds_every_figure_and_the_claims(done):
     wd, _ = done
-    for name in figures.NAMES:
+    for name in sweep.NAMES:
         for ext in ("png", "pdf"):
             f = wd / "results" / "figures" / f"{name}.{ext}"
             assert f.stat().st_size > 1000, f
     doc = json.loads((wd / "results" / "claims.json").read_text())
-    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)]
+    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3"]
     assert all(c["verdict"] in ("holds", "fails", "insufficient") for c in doc["claims"])
+    theory = {c["id"]: c for c in doc["claims"] if c["id"].startswith("T")}
+    assert {c["verdict"] for c in theory.values()} == {"holds"}, theory
     assert "| C1 |" in (wd / "results" / "claims.md").read_text()
     p = sweep.plan_from_file(wd / TEST_CONFIG)
     for rid in p.specs:
@@ -77,7 +83,7 @@ def test_changing_one_runs_lr_retrains_only_its_pack(done):
     jobs = _dry_run(wd, "--configfile", str(changed.relative_to(wd)))
     assert {k: v for k, v in jobs.items() if k.startswith("train_")} == {f"train_{new_packs.pop()}": 1}
     # fig7, the summary figures (drawn from every run) and the claims only
-    assert jobs.get("figure") == 1 + len(figures.SUMMARY) and jobs.get("claims") == 1
+    assert jobs.get("figure") == 1 + len(sweep.SUMMARY) and jobs.get("claims") == 1
 
 
 def test_rethresholding_redraws_without_retraining(done):
@@ -87,7 +93,7 @@ def test_rethresholding_redraws_without_retraining(done):
     (wd / ".test" / "tol.yaml").write_text(yaml.safe_dump(cfg))
     jobs = _dry_run(wd, "--configfile", ".test/tol.yaml")
     assert not any(k.startswith("train_") for k in jobs)
-    assert jobs.get("figure") == len(figures.NAMES) and jobs.get("claims") == 1
+    assert jobs.get("figure") == len(sweep.NAMES) and jobs.get("claims") == 1
 
 
 def test_switching_the_cuda_graph_retrains_nothing(done):
@@ -105,9 +111,9 @@ def test_report_holds_every_figure(done):
     wd, _ = done
     snakemake(wd, "--configfile", TEST_CONFIG, "--report", "report.zip")
     names = zipfile.ZipFile(wd / "report.zip").namelist()
-    for i in range(1, 8):
-        assert any(n.endswith(f"fig{i}.png") for n in names), names
-        assert any(n.endswith(f"fig{i}.provenance.json") for n in names), names
+    for name in sweep.FIGURES:
+        assert any(n.endswith(f"{name}.png") for n in names), names
+        assert any(n.endswith(f"{name}.provenance.json") for n in names), names
 
 
 @pytest.mark.parametrize("edit, key", [
@@ -118,6 +124,10 @@ def test_report_holds_every_figure(done):
     (lambda c: c["figures"]["fig5"]["grid"].update(batch_size=[-64]), "batch_size"),
     # passes the schema; the run spec check rejects BatchNorm with batches of one
     (lambda c: c["figures"]["fig1"].update(model="MLP-BN-2-16", batch_size=1), "batch_size"),
+    (lambda c: c["defaults"].update(seeds=[0, 0]), "seeds"),
+    (lambda c: c["figures"]["fig2"].update(schedule="multistep", milestones=[1, 3]), "milestones"),
+    (lambda c: c["defaults"].update(weight_decay=1e9), "weight_decay"),
+    (lambda c: c["figures"]["fig1"].update(model="MLP-100000-100000"), "device_memory_mb"),
 ])
 def test_bad_config_fails_before_any_job(tmp_path, edit, key):
     wd = copy_repo(tmp_path)
@@ -130,3 +140,194 @@ def test_bad_config_fails_before_any_job(tmp_path, edit, key):
     assert key in text, text[-3000:]
     assert not (wd / "results" / "runs").exists() and not (wd / "data").exists()
     assert "rule " not in p.stdout
+
+
+# -- parsing writes nothing; jobs read what was planned -----------------------------------
+
+def _tree(wd) -> dict:
+    """Every file under results/ and data/ with its bytes' hash and mtime."""
+    return {str(f.relative_to(wd)): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+            for d in ("results", "data") for f in (wd / d).rglob("*") if f.is_file()}
+
+
+def _other_config(wd):
+    """The tiny config with every run changed (another defaults lr): no run in common."""
+    cfg = yaml.safe_load((wd / TEST_CONFIG).read_text())
+    cfg["defaults"]["lr"] = 0.07
+    for section in cfg["figures"].values():
+        section.get("grid", {}).pop("lr", None)
+    (wd / "other.yaml").write_text(yaml.safe_dump(cfg))
+    return "other.yaml"
+
+
+def test_dry_runs_and_lint_with_another_config_write_nothing(done):
+    wd, _ = done
+    before = _tree(wd)
+    other = _other_config(wd)
+    assert any(k.startswith("train_") for k in _dry_run(wd, "--configfile", other))
+    snakemake(wd, "--configfile", other, "--lint", check=False)
+    snakemake(wd, "--configfile", TEST_CONFIG, "-n", "--forceall")
+    assert _tree(wd) == before
+    assert _dry_run(wd, "--configfile", TEST_CONFIG) == {}
+
+
+def test_parsing_imports_no_torch(done):
+    """What Snakemake imports from the Snakefile on every parse (here a dry run, in the
+    same process as Snakemake) leaves torch out."""
+    wd, _ = done
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('TORCH-LOADED' if 'torch' in sys.modules else 'TORCH-ABSENT'))\n"
+            "from snakemake.cli import main\n"
+            "sys.argv = ['snakemake', '-n', '--cores', '1', '--configfile', '.test/config.yaml']\n"
+            "main()\n")
+    p = subprocess.run([str(BIN / "python"), "-c", code], cwd=wd, capture_output=True, text=True, timeout=600,
+                       check=False)
+    out = p.stdout + p.stderr
+    assert "Nothing to be done" in out and "TORCH-ABSENT" in out, out[-3000:]
+
+
+def test_running_jobs_read_the_config_they_were_planned_with(done, tmp_path):
+    """Dry runs with another config while the figure and claims jobs run: every figure
+    still draws all its planned runs, the claims miss none, and the pipeline is then
+    complete for the config it ran."""
+    wd = tmp_path / "wd"
+    shutil.copytree(done[0], wd, symlinks=True)
+    other = _other_config(wd)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    running = subprocess.Popen([str(BIN / "snakemake"), "--cores", "1", "--configfile", TEST_CONFIG,
+                                "--forcerun", "figure", "claims"], cwd=wd, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dry_runs = 0
+    while running.poll() is None:
+        snakemake(wd, "--configfile", other, "-n")
+        dry_runs += 1
+    log = running.stdout.read()
+    assert running.returncode == 0, log[-4000:]
+    assert dry_runs >= 2
+    p = sweep.plan_from_file(wd / TEST_CONFIG)
+    for fig, ids in p.figures.items():
+        prov = json.loads((wd / "results" / "figures" / f"{fig}.provenance.json").read_text())
+        assert prov["config"]["missing_runs"] == [] and sorted(r["run_id"] for r in prov["runs"]) == sorted(ids), fig
+    claims = json.loads((wd / "results" / "claims.json").read_text())
+    assert claims["missing_runs"] == [] and claims["runs"]["available"] == len(p.specs)
+    assert _dry_run(wd, "--configfile", TEST_CONFIG) == {}
+
+
+def test_a_job_parsed_again_reads_the_config_it_was_planned_with(done, tmp_path):
+    """Each SLURM job runs Snakemake again on its node, in remote mode (the command the
+    executor plugins build); the config file has changed since the submission, but the
+    job draws the planned runs (the submitting Snakemake exported its plan)."""
+    wd = tmp_path / "wd"
+    shutil.copytree(done[0], wd, symlinks=True)
+    (wd / TEST_CONFIG).write_text((wd / _other_config(wd)).read_text())
+    planned = sweep.plan_from_file(done[0] / TEST_CONFIG)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["RANKBIAS_PLANNED_CONFIG"] = json.dumps(planned.config, sort_keys=True)
+    job = [str(BIN / "python"), "-m", "snakemake", "--snakefile", "Snakefile", "--target-jobs",
+           "figure:fig=fig2", "--allowed-rules", "figure", "--cores", "1", "--force-use-threads",
+           "--configfiles", TEST_CONFIG, "--mode", "remote"]
+    p = subprocess.run(job, cwd=wd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    prov = json.loads((wd / "results" / "figures" / "fig2.provenance.json").read_text())
+    assert sorted(r["run_id"] for r in prov["runs"]) == sorted(planned.groups["fig2"])
+
+
+def test_bare_snakemake_uses_the_workstation_profile(done):
+    wd, _ = done
+    p = subprocess.run([str(BIN / "snakemake"), "-n", "--configfile", TEST_CONFIG], cwd=wd,
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Using workflow specific profile profiles/default" in p.stdout + p.stderr
+    assert (wd / "profiles" / "default").resolve() == (wd / "workflow" / "profiles" / "default").resolve()
+
+
+def test_checkpoint_interval_comes_from_the_config_and_retrains_nothing(done):
+    wd, _ = done
+    cfg = yaml.safe_load((wd / TEST_CONFIG).read_text())
+    cfg["checkpoint_every"] = 2
+    (wd / ".test" / "ckpt.yaml").write_text(yaml.safe_dump(cfg))
+    assert _dry_run(wd, "--configfile", ".test/ckpt.yaml") == {}
+    p = snakemake(wd, "--configfile", ".test/ckpt.yaml", "-n", "-p", "--forcerun", "train_" + next(
+        iter(sweep.plan_from_file(wd / TEST_CONFIG).packs)), "--until", "all")
+    assert "--checkpoint-every 2 --data-dir data" in p.stdout + p.stderr
+
+
+def test_a_duplicate_key_in_the_config_file_fails_before_any_job(tmp_path):
+    wd = copy_repo(tmp_path)
+    text = (wd / TEST_CONFIG).read_text().replace("  lr: 0.05\n", "  lr: 0.05\n  lr: 5.0\n", 1)
+    (wd / "dup.yaml").write_text(text)
+    p = snakemake(wd, "--configfile", "dup.yaml", check=False)
+    assert p.returncode != 0 and "duplicate key 'lr'" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+    assert not (wd / "results").exists() and "rule " not in p.stdout
+
+
+# -- data: training reads data/, every dataset file is an output ---------------------------
+
+def _two_datasets(wd) -> str:
+    """fig1 on a small MNIST subset, fig2 on the synthetic set."""
+    cfg = yaml.safe_load((wd / TEST_CONFIG).read_text())
+    cfg["defaults"]["epochs"] = 2
+    cfg["figures"] = {"fig1": {"model": "MLP-2-16", "dataset": "mnist", "train_subset": 256,
+                               "test_subset": 100},
+                      "fig2": {"model": "MLP-2-16"}}
+    (wd / "two.yaml").write_text(yaml.safe_dump(cfg))
+    return "two.yaml"
+
+
+@needs_mnist
+def test_dataset_files_are_fetched_again_and_training_reads_only_data(tmp_path):
+    from rankbias import data
+    wd = copy_repo(tmp_path)
+    two = _two_datasets(wd)
+    snakemake(wd, "--configfile", two)
+    plan = sweep.plan_from_file(wd / two)
+    mnist_trains = {f"train_{pid}" for pid in plan.packs if plan.pack_specs(pid)[0].dataset == "mnist"}
+    assert mnist_trains and len(mnist_trains) < len(plan.packs)
+
+    # A dataset file gone (as `rankbias restore` moves a bad one aside): the next run
+    # fetches it again; only the runs on that dataset depend on it.
+    gone = wd / "data" / "mnist" / "t10k-labels-idx1-ubyte"
+    gone.unlink()
+    jobs = _dry_run(wd, "--configfile", two)
+    assert jobs.get("data_mnist") == 1 and "data_synthetic" not in jobs, jobs
+    assert {j for j in jobs if j.startswith("train_")} == mnist_trains, jobs
+    snakemake(wd, "--configfile", two)
+    assert hashlib.md5(gone.read_bytes()).hexdigest() == data.MNIST_MD5[gone.name]
+
+    # A bad manifest (what restore moves aside, then asks Snakemake what derives from
+    # it): the dataset is fetched again and nothing retrains or redraws.
+    (wd / "data" / "mnist" / "manifest.json").unlink()
+    jobs = _dry_run(wd, "--configfile", two, "--forcerun", "data/mnist/manifest.json")
+    assert jobs.get("data_mnist") == 1 and not {"figure", "claims"} & set(jobs), jobs
+    assert not any(j.startswith("train_") for j in jobs), jobs
+    snakemake(wd, "--configfile", two)
+
+    # Training reads the copy its rule declares, not $RANKBIAS_DATA (which holds a good one).
+    bad = wd / "data" / "mnist" / "train-labels-idx1-ubyte"
+    raw = bytearray(bad.read_bytes())
+    raw[-1] ^= 1
+    bad.write_bytes(bytes(raw))
+    job = min(mnist_trains)
+    p = snakemake(wd, "--configfile", two, "--forcerun", job, "--until", job, check=False)
+    assert p.returncode != 0
+    log = (wd / "results" / "logs" / "train" / f"{job[len('train_'):]}.log").read_text()
+    assert "checksum mismatch" in log and "data/mnist/train-labels-idx1-ubyte" in log, log[-2000:]
+
+
+def test_make_works_in_a_checkout_path_with_a_space(tmp_path):
+    """`make reproduce` and `make test` (here with the existing venv, and a smaller
+    target and test selection) in a directory whose path holds a space."""
+    wd = copy_repo(tmp_path / "a checkout")
+    venv = BIN.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MAKE"))}
+    env.update(PYTHONPATH=str(wd / "src"), RANKBIAS_OFFLINE="1")
+    make = ["make", "-C", str(wd), f"VENV={venv}", "-o", str(venv / ".installed")]
+    p = subprocess.run([*make, "reproduce", "CORES=2",
+                        "SNAKEMAKE_ARGS=results/figures/fig4.png --configfile .test/config.yaml"],
+                       env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert (wd / "results" / "figures" / "fig4.png").stat().st_size > 1000
+    assert f"Figures: {wd}/results/figures/fig1.png" in p.stdout
+    p = subprocess.run([*make, "test-fast", "TESTS=tests/test_cluster.py"], env=env,
+                       capture_output=True, text=True, timeout=1200, check=False)
+    assert p.returncode == 0 and " passed" in p.stdout, (p.stdout + p.stderr)[-4000:]

@@ -6,6 +6,11 @@ on MNIST-shaped ones (1x32x32) and RESNET-18 on CIFAR-shaped ones (3x32x32). The
 engine trains K members as one pack; the reference trains the same K configurations
 one after another with nn.Module + torch.optim.SGD. Both are reported in
 configuration-steps per second.
+
+Each row also places the engine on the machine's roofline: the step's matmul FLOPs
+and least bytes moved (`rankbias.cluster.step_flops` / `step_bytes`), against a large
+matmul's throughput and a three-stream add's bandwidth, both measured in the same
+process on the same device, in the same alternating rounds as the engine.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch
 
 from . import data as data_mod
 from . import metrics as M
+from .cluster import roofline_seconds, step_bytes, step_flops
 from .engine import GRAPH_MODES, GraphedStep, Pack
 from .models import build_net, epoch_order, loss_fn
 from .spec import DATASET_DIMS, RunSpec
@@ -54,6 +60,52 @@ def _sync(device: torch.device) -> None:
 def _specs(w: Workload, K: int) -> list[RunSpec]:
     return [RunSpec.from_dict({**COMMON, "model": w.model, "dataset": w.dataset, "seed": k,
                                "lr": 0.01 * (1 + k % 4)}) for k in range(K)]
+
+
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """Throughput of one n x n by n x n matmul (2 n^3 FLOPs), the compute roof."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)                                  # warm-up (library, clocks)
+    _sync(device)
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    _sync(device)
+    return 2.0 * n ** 3 / (time.perf_counter() - t0)
+
+
+def stream_bytes_per_second(device: torch.device, dtype: torch.dtype, numel: int | None = None) -> float:
+    """Bandwidth of c = a + b over arrays far larger than a CPU's caches (reads of a
+    and b plus the write of c, as STREAM counts them), the memory roof."""
+    numel = numel or (1 << 28 if device.type == "cuda" else 1 << 24)
+    a = torch.ones(numel, device=device, dtype=dtype)
+    b = torch.ones(numel, device=device, dtype=dtype)
+    c = torch.empty_like(a)
+    torch.add(a, b, out=c)                          # warm-up: pages touched
+    _sync(device)
+    t0 = time.perf_counter()
+    torch.add(a, b, out=c)
+    _sync(device)
+    return 3.0 * numel * a.element_size() / (time.perf_counter() - t0)
+
+
+def roofline_row(specs, engine_rate: float, reference_rate: float, flops_per_s: float,
+                 bytes_per_s: float, itemsize: int) -> dict:
+    """Where the engine's step (K members) and the reference's (one) sit against the
+    roofline bound of that step on this machine."""
+    K = len(specs)
+    flops, nbytes = step_flops(specs), step_bytes(specs, itemsize)
+    bound = roofline_seconds(flops, nbytes, flops_per_s, bytes_per_s)
+    bound_one = roofline_seconds(step_flops(specs[:1]), step_bytes(specs[:1], itemsize),
+                                 flops_per_s, bytes_per_s)
+    return {"step_flops": flops, "step_bytes": nbytes,
+            "matmul_flops_per_s": round(flops_per_s), "stream_bytes_per_s": round(bytes_per_s),
+            "bound": "compute" if flops / flops_per_s >= nbytes / bytes_per_s else "memory",
+            "roofline_step_ms": round(1e3 * bound, 4),
+            "engine_step_ms": round(1e3 * K / engine_rate, 4),
+            "roofline_fraction": round(bound * engine_rate / K, 3),
+            "reference_roofline_fraction": round(bound_one * reference_rate, 3)}
 
 
 class _EngineTimer:
@@ -144,19 +196,23 @@ def run_bench(workloads=tuple(WORKLOADS), Ks=None, device="auto", engine_steps=N
             graphed = isinstance(engine.step, GraphedStep)
             # The reference's rate does not depend on K; time at most 8 configurations.
             reference = _ReferenceTimer(specs[: min(K, 8)], ds, dev)
-            e_rates, r_rates, x_rates = [], [], []
+            e_rates, r_rates, x_rates, f_rates, b_rates = [], [], [], [], []
             for _ in range(rounds):
                 e_rates.append(engine(e_steps))
                 r_rates.append(reference(r_steps))
                 if graphed:
                     x_rates.append(engine(e_steps, engine.pack.step))
+                f_rates.append(matmul_flops_per_second(dev, ds.x_train.dtype))
+                b_rates.append(stream_bytes_per_second(dev, ds.x_train.dtype))
             e_rate, r_rate = statistics.median(e_rates), statistics.median(r_rates)
             spectra_s = engine.spectra_seconds()
             epoch_s = CIFAR_STEPS_B16 * K / e_rate
             row = {"workload": w.model, "K": K, "engine": round(e_rate, 2), "reference": round(r_rate, 2),
                    "ratio": round(e_rate / r_rate, 2), "step": engine.pack.step_mode,
                    "spectra_s": round(spectra_s, 5),
-                   "spectra_share_of_cifar_epoch": round(spectra_s / (epoch_s + spectra_s), 5)}
+                   "spectra_share_of_cifar_epoch": round(spectra_s / (epoch_s + spectra_s), 5),
+                   **roofline_row(specs, e_rate, r_rate, statistics.median(f_rates),
+                                  statistics.median(b_rates), ds.x_train.element_size())}
             if x_rates:
                 row["engine_eager"] = round(statistics.median(x_rates), 2)
             results.append(row)
@@ -192,11 +248,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     print(f"device: {out['device']} (torch {out['torch']}, {out['threads']} threads); "
           + "; ".join(out["workloads"].values()))
-    print(f"{'workload':<14} {'K':>4} {'engine':>12} {'reference':>12} {'ratio':>7}  spectra/CIFAR epoch  step")
+    print(f"{'workload':<14} {'K':>4} {'engine':>12} {'reference':>12} {'ratio':>7}  spectra/CIFAR epoch  "
+          f"roofline (engine, reference)  step")
     for r in out["results"]:
         eager = f" (eager step: {r['engine_eager']:.1f})" if "engine_eager" in r else ""
         print(f"{r['workload']:<14} {r['K']:>4} {r['engine']:>12.1f} {r['reference']:>12.1f} {r['ratio']:>7.2f}  "
-              f"{100 * r['spectra_share_of_cifar_epoch']:>18.2f}%  {r['step']}{eager}")
+              f"{100 * r['spectra_share_of_cifar_epoch']:>18.2f}%  "
+              f"{100 * r['roofline_fraction']:>6.1f}%, {100 * r['reference_roofline_fraction']:>5.1f}% "
+              f"of {r['roofline_step_ms']:.3f} ms ({r['bound']})  {r['step']}{eager}")
+    r = out["results"][-1]
+    print(f"roofs: matmul {r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, stream "
+          f"{r['stream_bytes_per_s'] / 1e9:.1f} GB/s (measured here, last row)")
     return 0
 
 

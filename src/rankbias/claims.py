@@ -1,4 +1,5 @@
-"""Measured verdicts on the paper's claims C1-C7, from whatever runs exist.
+"""Measured verdicts on the paper's claims C1-C7 and its theory T1-T3 (rankbias.theory),
+from whatever runs exist.
 
 Each claim gets a verdict -- ``holds``, ``fails`` or ``insufficient`` (not enough
 runs of the right kind to judge) -- with the effect measured, the runs and seeds it
@@ -24,13 +25,14 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .results import Run, RunError, atomic_write_bytes, atomic_write_json
+from . import theory
+from .results import Run, atomic_write_bytes, atomic_write_json
 from .spec import RunSpec
 
 HOLDS, FAILS, INSUFFICIENT = "holds", "fails", "insufficient"
@@ -68,6 +70,17 @@ STATEMENTS = {
     "C6": "MLPs learn a bottleneck (middle layers lower rank than the first and last); "
           "ResNets balance rank across blocks.",
     "C7": "Full-batch gradient descent does not reduce rank (except on tiny data).",
+}
+
+# The claims each of the paper's figures shows (the paper's own attribution).
+FIGURE_CLAIMS = {
+    "fig1": ("C4",),
+    "fig2": ("C1", "C2"),
+    "fig3": ("C3",),
+    "fig4": ("C1", "C2"),
+    "fig5": ("C1", "C2", "C5"),
+    "fig6": ("C6",),
+    "fig7": ("C6",),
 }
 
 
@@ -550,6 +563,7 @@ def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float 
         res = fn(summaries, t)
         res["intervals"] = {k: e.to_dict() for k, e in res["intervals"].items()}
         claims.append({"id": cid, "statement": STATEMENTS[cid], **res})
+    claims += theory.verdicts([r for r in runs if not r.diverged])
     return {"claims": claims, "rank": {"normalise": normalise, "tol": tol, "conv": conv}, "thresholds": t,
             "runs": {"available": len(runs), "judged": len(summaries), "diverged": len(diverged),
                      "missing": len(missing)},
@@ -559,6 +573,8 @@ def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float 
 # -- report ----------------------------------------------------------------------------
 
 def _effect(c: dict) -> str:
+    if "effect" in c:
+        return c["effect"]
     cid = c["id"]
     if cid in ("C1", "C2"):
         return f"Spearman in the claimed direction; {c['n_flat']} of {c['n_groups']} groups flat"
@@ -591,7 +607,7 @@ def interval_text(e: dict) -> str:
 
 
 def _intervals(c: dict) -> str:
-    return "; ".join(f"{name}: {interval_text(e)}" for name, e in c["intervals"].items()) or "-"
+    return "; ".join(f"{name}: {interval_text(e)}" for name, e in c.get("intervals", {}).items()) or "-"
 
 
 def markdown(result: dict) -> str:
@@ -614,6 +630,9 @@ def markdown(result: dict) -> str:
               "", _interval_rule(result["thresholds"]), ""]
     for c in result["claims"]:
         lines += [f"### {c['id']}: {c['verdict']}", "", c["rule"], ""]
+        if c.get("n_violations"):
+            lines += [f"{c['n_violations']} violation(s), the first {len(c['violations'])}:", ""]
+            lines += [f"- {json.dumps(v, sort_keys=True)}" for v in c["violations"]] + [""]
     if result["diverged_runs"]:
         lines += ["## Diverged runs (excluded)", ""]
         for d in result["diverged_runs"]:
@@ -625,11 +644,54 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def measured(result: dict, figure: str) -> str:
+    """One line per claim that `figure` shows: the verdict and effect this run measured."""
+    by_id = {c["id"]: c for c in result["claims"]}
+    return "; ".join(f"{cid} {by_id[cid]['verdict']}: {_effect(by_id[cid])}"
+                     for cid in FIGURE_CLAIMS.get(figure, ()) if cid in by_id)
+
+
+def html(result: dict) -> str:
+    """The claims table (markdown()) as a stand-alone HTML page, for Snakemake's report."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown(result))
+    style = ("body{font-family:sans-serif;max-width:72em;margin:1em auto;line-height:1.4}"
+             "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:.3em .5em;"
+             "vertical-align:top}th{background:#eee}")
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Claims</title>'
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+
+
+def metrics(result: dict) -> dict:
+    """The verdicts and measured effects as one flat mapping, for `dvc metrics show` and
+    `dvc exp show`: ``C1.verdict``, ``C1.mean_spearman_in_claimed_direction``,
+    ``C3.lambda0.min_final_over_initial``, ... Numbers (one level of nesting deep) and
+    verdicts only; per-group lists, texts and unmeasured (null) values are left out."""
+    flat: dict[str, str | int | float] = {}
+    for c in result["claims"]:
+        for key, value in c.items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in items:
+                name = ".".join(str(part) for part in (c["id"], key, sub) if part is not None)
+                if (sub or key) == "verdict" or str(sub or key).endswith("_verdict"):
+                    flat[name] = str(v)
+                elif isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+                    flat[name] = v
+    for key, value in result["runs"].items():
+        flat[f"runs.{key}"] = value
+    return flat
+
+
 def write(result: dict, out_stem: str | Path) -> tuple[Path, Path]:
+    """OUT.json (everything) and OUT.md (the table), returned; beside them the same table
+    as OUT.html and the verdicts and effects as OUT.metrics.json (metrics())."""
     out = Path(out_stem)
     md, js = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
     atomic_write_json(js, result)
     atomic_write_bytes(md, markdown(result).encode())
+    atomic_write_bytes(out.with_name(out.name + ".html"), html(result).encode())
+    atomic_write_json(out.with_name(out.name + ".metrics.json"), metrics(result))
     return md, js
 
 
@@ -662,11 +724,12 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 on the stored runs",
-                              description="Judge claims C1-C7 on whatever runs exist; writes "
+    p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 and its theory T1-T3 on the stored runs",
+                              description="Judge claims C1-C7 and theory T1-T3 on whatever runs exist; writes "
                                           "OUT.md, OUT.json and their provenance "
                                           "OUT.provenance.json (`rankbias audit OUT.md` checks "
-                                          "it). Thresholds (config key `claims`): "
+                                          "it); the table as OUT.html and the verdicts and effects "
+                                          "as OUT.metrics.json (for DVC). Thresholds (config key `claims`): "
                                           + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_THRESHOLDS.items()))
     p.add_argument("--config", default=None,
                    help="config file: judge its runs with its rank settings and thresholds "
@@ -680,5 +743,5 @@ def _cmd_claims(args: argparse.Namespace) -> int:
     result = run_claims(args.config, args.runs, args.out)
     for c in result["claims"]:
         print(f"{c['id']}: {c['verdict']:<12} {_intervals(c)}")
-    print(f"written: {args.out}.md, {args.out}.json")
+    print(f"written: {args.out}.json, {args.out}.md, {args.out}.html, {args.out}.metrics.json")
     return 0

@@ -5,6 +5,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
+
+from . import timing
+
+from rankbias import __version__
+
+DESCRIPTION = """\
+Reproduce "SGD and weight decay secretly minimise the rank of your neural network"
+(Galanti, Siegel, Gupte, Poggio): train the paper's experiment grids as batched models,
+store each run's per-epoch singular values, draw the paper's figures from them and judge
+each of its claims on what was measured. Every output records its provenance."""
+
+EPILOG = """\
+The Snakemake workflow in the repository calls these commands; to run everything:
+  snakemake                                   quick profile (config/config.yaml)
+  snakemake --configfile config/paper.yaml    the paper's full grids
+Then `rankbias audit results/figures/fig2.png` shows what made a figure.
+`rankbias COMMAND --help` describes one command."""
 
 # Modules that contribute subcommands, in the order `rankbias --help` lists them.
 SUBCOMMAND_MODULES = (
@@ -16,11 +34,14 @@ SUBCOMMAND_MODULES = (
     "rankbias.claims",
     "rankbias.audit",
     "rankbias.restore",
+    "rankbias.timing",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rankbias", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="rankbias", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in SUBCOMMAND_MODULES:
@@ -31,15 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    startup, t0, rc = timing.process_age(), time.perf_counter(), 1
     try:
-        rc = args.func(args)
+        rc = int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("rankbias: interrupted", file=sys.stderr)
-        return 130
+        rc = 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"rankbias {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    return int(rc or 0)
+    finally:
+        if args.command != "timing":
+            target = " ".join(str(v) for v in vars(args).values() if isinstance(v, (str, list)))[:200]
+            timing.record(args.command, target, startup, time.perf_counter() - t0, rc)
+    return rc
 
 
 if __name__ == "__main__":

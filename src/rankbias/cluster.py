@@ -23,8 +23,15 @@ import re
 from dataclasses import dataclass
 from typing import MutableMapping, Sequence
 
-from .models import spec_layers
 from .spec import DATASET_DIMS, RunSpec, SpecError, check_pack, pack_steps
+
+
+def spec_layers(spec: RunSpec):
+    """The run's layer table (`rankbias.models.spec_layers`), read off the model itself by a
+    forward pass on the meta device: torch is imported on first use only, not with this
+    module."""
+    from .models import spec_layers as layers
+    return layers(spec)
 
 
 @dataclass(frozen=True)
@@ -55,10 +62,46 @@ def _matrices(spec: RunSpec) -> list[tuple[int, int]]:
     return [layer.shape for layer in spec_layers(spec)[0]]
 
 
-def _macs_per_example(spec: RunSpec) -> int:
-    """Multiply-adds of one example's forward pass: a matrix's size, times the output
-    positions for a convolution."""
-    return sum(layer.macs for layer in spec_layers(spec)[0])
+def _parameter_count(spec: RunSpec) -> int:
+    """Parameters of one member, as the model has them."""
+    return spec_layers(spec)[1]
+
+
+def step_flops(specs: Sequence[RunSpec]) -> float:
+    """Matrix-multiply FLOPs of one training step of a pack (elementwise work, a few
+    FLOPs per activation or parameter, is left out). Per member and example each
+    multiply-add (a weight; for a convolution, a weight at each output position) costs
+    2 FLOPs forward, 2 for the input gradient and 2 for the weight's gradient; the first
+    layer's input gradient is never formed (the data needs none). A pack steps every
+    member at its largest batch size."""
+    layers = spec_layers(specs[0])[0]
+    b_max = max(s.batch_size for s in specs)
+    per_example = 6 * sum(layer.macs for layer in layers) - 2 * layers[0].macs
+    return float(len(specs) * b_max * per_example)
+
+
+def step_bytes(specs: Sequence[RunSpec], itemsize: int = 4) -> float:
+    """The least memory traffic of one training step, in bytes, for an implementation
+    that keeps nothing in cache from one phase to the next: the forward reads every
+    parameter (P), the backward reads the weights again for the input gradients (all
+    but the first matrix) and writes every gradient once (P), a one-pass SGD update
+    reads parameter, gradient and momentum and writes parameter and momentum (5P),
+    and the input rows of the batch are read once. Activations (K * B * width per
+    layer, under 2% here) are left out: this is a lower bound."""
+    first = specs[0]
+    shapes = _matrices(first)
+    k, b_max = len(specs), max(s.batch_size for s in specs)
+    params = _parameter_count(first)
+    reread = sum(o * i for o, i in shapes[1:])
+    inputs = b_max * DATASET_DIMS[first.dataset]
+    return float(itemsize * k * (7 * params + reread + inputs))
+
+
+def roofline_seconds(flops: float, nbytes: float, flops_per_second: float,
+                     bytes_per_second: float) -> float:
+    """The roofline bound: a step can be no faster than its FLOPs at the matmul
+    throughput, nor than its bytes at the stream bandwidth."""
+    return max(flops / flops_per_second, nbytes / bytes_per_second)
 
 
 def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
@@ -73,15 +116,15 @@ def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     k = len(specs)
     train, test = first.sizes()
     shapes = _matrices(first)
-    macs = _macs_per_example(first)
     n_layers = len(shapes)
 
     # Every member sees each sample it trains on once an epoch (all n, or the full
     # batches' with drop_last); each of the steps costs its launches whatever its width.
     steps = pack_steps(list(specs))
     samples = first.epochs * (train // first.batch_size * first.batch_size if first.drop_last else train)
-    # Forward 2 FLOPs per multiply-add per example, backward twice that.
-    train_flops = 6.0 * macs * samples * k
+    # step_flops is linear in the batch: a step of B samples costs step_flops, so the
+    # epoch's samples cost step_flops * samples / B.
+    train_flops = step_flops(specs) * samples / first.batch_size
     train_seconds = (train_flops / cost.flops_per_second
                      + steps * OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op)
 

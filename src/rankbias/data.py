@@ -18,6 +18,11 @@ Whatever the source, each file is checked against the md5 of its uncompressed by
 before it is parsed (or unpickled); a mismatch is an error, never a reason to try the
 next source. Steps 4 and 5 need a network; ``download=False`` or
 ``RANKBIAS_OFFLINE=1`` skips them.
+
+``fetch`` copies a verified dataset into ``<dest>/<name>/`` under fixed names (the
+uncompressed files of ``dataset_files``, plus ``manifest.json``), so the workflow can
+declare every file. Training in the workflow reads only that copy (``strict=True``):
+the sources above are for ``fetch`` alone.
 """
 from __future__ import annotations
 
@@ -33,12 +38,16 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .results import atomic_write_json
+# torch (and pandas, through rankbias.results) are imported where tensors are made:
+# the workflow reads dataset_files() on every parse, which must not load torch.
 from .spec import DATASET_DIMS, DATASET_SIZES, DATASETS, NUM_CLASSES
+
+if TYPE_CHECKING:
+    import torch
 
 
 # md5 of the UNCOMPRESSED files: the widely published values (torchvision's CIFAR10
@@ -122,17 +131,26 @@ class Dataset:
 # -- public API -------------------------------------------------------------------
 
 def load(name: str, device: str | torch.device = "cpu", data_dir: str | Path | None = None,
-         train_subset: int = 0, test_subset: int = 0, download: bool | None = None) -> Dataset:
+         train_subset: int = 0, test_subset: int = 0, download: bool | None = None,
+         strict: bool = False) -> Dataset:
     """Load a dataset, verified, normalised and flattened, onto ``device``.
 
     ``train_subset``/``test_subset`` > 0 keep a class-balanced subset that depends only
-    on the data (the first samples of each class, in the original order)."""
+    on the data (the first samples of each class, in the original order). With
+    ``strict``, read only the copy ``fetch`` made in ``data_dir/<name>/`` (the synthetic
+    set: check its manifest), never another source."""
+    import torch
+
     _check_name(name)
+    if strict and data_dir is None:
+        raise DataError(f"{name}: strict loading needs data_dir")
     if name == "synthetic":
         x_tr, y_tr, x_te, y_te, checksums = _synthetic()
         source = "synthetic"
+        if strict:
+            _check_synthetic_manifest(Path(data_dir) / name / "manifest.json", checksums)
     else:
-        found = _acquire(name, data_dir, download)
+        found = _prepared(name, Path(data_dir)) if strict else _acquire(name, data_dir, download)
         raw, checksums, source = found.raw, found.checksums, found.source
         if name == "cifar10":
             x_tr, y_tr, x_te, y_te = _parse_cifar10(raw)
@@ -174,14 +192,41 @@ def fetch(name: str, dest: str | Path = "data", data_dir: str | Path | None = No
         _write_manifest(target / "manifest.json", manifest)
         return manifest
     found = _acquire(name, data_dir, download)
-    stored = {f: f + (".gz" if p.name.endswith(".gz") else "") for f, p in found.paths.items()}
     manifest = {"name": name, "files": found.checksums, "source": found.source,
-                "stored_as": stored, "checksum": "md5 of the uncompressed file"}
-    if target.exists() and target.resolve() == Path(found.source).resolve():
-        _write_manifest(target / "manifest.json", manifest)  # already in place
-    else:
-        _install_dir(target, {stored[f]: p for f, p in found.paths.items()}, manifest)
+                "checksum": "md5 of the uncompressed file"}
+    # Always the verified uncompressed bytes under the canonical names (whatever form
+    # the source had), so the files are the same whichever source they came from.
+    _install_dir(target, {f: found.raw[f] for f in dataset_files(name)}, manifest)
     return manifest
+
+
+def dataset_files(name: str) -> list[str]:
+    """The files ``fetch`` stores in ``<dest>/<name>/`` and training reads: the
+    uncompressed dataset files, or for the generated synthetic set its manifest, which
+    pins the generated tensors' checksum."""
+    _check_name(name)
+    return sorted(expected_md5(name)) or ["manifest.json"]
+
+
+def _prepared(name: str, root: Path) -> _Found:
+    folder = root / name
+    missing = [f for f in dataset_files(name) if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"{name}: {folder} lacks {', '.join(missing)}; training reads only this "
+                        f"copy. Make it with `snakemake` (rule data_{name}) or "
+                        f"`rankbias data fetch --dataset {name} --dest {root}`")
+    return _verify(name, {f: folder / f for f in dataset_files(name)})
+
+
+def _check_synthetic_manifest(path: Path, checksums: dict[str, str]) -> None:
+    import json
+    try:
+        recorded = json.loads(path.read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"synthetic: cannot read {path} ({e}); make it with `snakemake` (rule "
+                        "data_synthetic) or `rankbias data fetch --dataset synthetic`") from None
+    if recorded != checksums:
+        raise DataError(f"synthetic: {path} records {recorded}, but the generated set is {checksums}")
 
 
 def expected_md5(name: str) -> dict[str, str]:
@@ -409,6 +454,7 @@ def _umask() -> int:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
+    from .results import atomic_write_json
     atomic_write_json(path, manifest)
     os.chmod(path, 0o666 & ~_umask())
 
@@ -492,6 +538,8 @@ def _subset_indices(labels: np.ndarray, n: int, what: str, name: str) -> np.ndar
 def _to_features(name: str, x: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 images -> normalised float32 [N, D], exactly as torchvision's
     Pad(2) (MNIST family) -> ToTensor -> Normalize(mean, std) -> flatten."""
+    import torch
+
     if name == "synthetic":
         return torch.from_numpy(x).to(device)
     mean, std = NORMALISATION[name]
@@ -510,6 +558,8 @@ def _to_features(name: str, x: np.ndarray, device: torch.device) -> torch.Tensor
 
 def _synthetic() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, str]]:
     """CIFAR-shaped Gaussian inputs labelled by a fixed random linear teacher."""
+    import torch
+
     g = torch.Generator().manual_seed(SYNTHETIC_SEED)
     n = SYNTHETIC_TRAIN + SYNTHETIC_TEST
     x = torch.randn(n, SYNTHETIC_DIM, generator=g)

@@ -1,5 +1,5 @@
-"""The paper's seven figures, fig8 (a convolutional network's rank) and two summary
-figures, drawn from stored runs.
+"""The paper's seven figures, fig8 (a convolutional network's rank), the theory's two
+(figT1, figT2) and two summary figures, drawn from stored runs.
 
 Every figure is drawn from whatever subset of its runs exists (missing runs are
 listed as a warning and noted on the figure). Ranks come from the stored spectra with
@@ -25,26 +25,10 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
+from . import sweep
 from .results import Run, refuse_unverified
+from .sweep import LAYOUTS, NAMES, SUMMARY, figure_names, figure_runs  # noqa: F401 (the catalogue)
 
-# Which spec key makes the panels and which the lines of each figure.
-LAYOUTS: dict[str, dict[str, Any]] = {
-    "fig1": {"kind": "dynamics", "panel": None, "line": "weight_decay"},
-    "fig2": {"kind": "rank", "panel": "lr", "line": "batch_size"},
-    "fig3": {"kind": "rank", "panel": "batch_size", "line": "weight_decay"},
-    "fig4": {"kind": "rank", "panel": "lr", "line": "batch_size"},
-    "fig5": {"kind": "rank_acc", "panel": "lr", "line": "batch_size"},
-    "fig6": {"kind": "layers", "panel": "lr", "line": "batch_size"},
-    "fig7": {"kind": "layers", "panel": "lr", "line": "batch_size"},
-    "fig8": {"kind": "rank", "panel": "lr", "line": "batch_size"},
-}
-# Summary figures, drawn whenever the config has a figure section.
-SUMMARY: dict[str, str] = {
-    "figR": "final rank vs the rank tolerance",
-    "figS": "final rank vs B/(eta*lambda)",
-}
-# Every figure name the pipeline knows (the workflow's `fig` wildcard derives from this).
-NAMES: tuple[str, ...] = tuple(LAYOUTS) + tuple(SUMMARY)
 # figR's tolerance axis and the tolerances in use: the paper's text, the authors' code
 # and their plotting notebooks (conv nets).
 TOLERANCES = np.logspace(-5, -1, 41)
@@ -145,7 +129,7 @@ def _plot_series(ax, line: Line, series: list[pd.Series], color, style="-", labe
     frame = frame.dropna(how="all")
     if frame.empty or frame.notna().sum().sum() == 0:
         ax.plot([], [], style, color=color, label=line.label if label else None)
-        for m in line.diverged:
+        for _ in line.diverged:
             ax.plot([], [], "x", color=color)
         return
     mean = frame.mean(axis=1, skipna=True)
@@ -203,7 +187,7 @@ def _legend(fig) -> None:
 
 
 def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
-    """A matplotlib Figure of `name` (fig1..fig8) from the loaded runs."""
+    """A matplotlib Figure of `name` (fig1..fig8, figT1, figT2) from the loaded runs."""
     from matplotlib.figure import Figure
 
     if name not in LAYOUTS:
@@ -214,7 +198,11 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
     all_lines = [ln for lines in panels.values() for ln in lines]
     colors, styles = _line_colors(all_lines), _styles(all_lines)
 
-    if kind == "dynamics":
+    if kind in ("lemmas", "theorem1"):
+        from . import theory_figures
+        fig = Figure(figsize=(15, 5), layout="constrained")
+        theory_figures.draw(fig, kind, all_lines, colors)
+    elif kind == "dynamics":
         fig = Figure(figsize=(15, 4.2), layout="constrained")
         axes = fig.subplots(1, 4)
         lines = all_lines
@@ -395,23 +383,6 @@ def draw_rank_vs_ratio(data: Sequence[RunData], missing: Sequence[str] = ()):
     return fig
 
 
-def figure_names(p) -> list[str]:
-    """The figures a plan draws: its configured paper figures, then the summary figures."""
-    return list(p.figures) + (list(SUMMARY) if p.figures else [])
-
-
-def figure_runs(p, name: str) -> list[str]:
-    """The run_ids figure `name` is drawn from: its own section's; figR every paper
-    figure's; figS every run of the config."""
-    if name in p.figures:
-        return list(p.figures[name])
-    if name == "figR":
-        return list(dict.fromkeys(r for ids in p.figures.values() for r in ids))
-    if name == "figS":
-        return list(p.specs)
-    raise ValueError(f"figure: {name!r} is not configured (figures: {', '.join(figure_names(p)) or 'none'})")
-
-
 # -- runs and the command ------------------------------------------------------------
 
 def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: float,
@@ -431,8 +402,6 @@ def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: f
 
 
 def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: str | Path) -> dict:
-    from . import sweep
-
     p = sweep.plan_from_file(config_path)
     if name not in figure_names(p):
         raise ValueError(f"figure: {name!r} is not configured in {config_path} "
@@ -472,9 +441,9 @@ def _save(fig, png: Path, pdf: Path, runs: list[Run], section: dict, name: str) 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("figure", help="draw one of the paper's figures from stored runs",
-                              description="Draw fig1..fig8, or a summary figure (figR: final rank "
-                                          "vs tolerance; figS: final rank vs B/(eta*lambda)), from "
-                                          "the runs in --runs (PNG and PDF, with provenance).")
+                              description="Draw fig1..fig8, figT1 or figT2, or a summary figure (figR: "
+                                          "final rank vs tolerance; figS: final rank vs B/(eta*lambda)), "
+                                          "from the runs in --runs (PNG and PDF, with provenance).")
     p.add_argument("name", choices=list(NAMES), help="which figure")
     p.add_argument("--config", default="config/config.yaml", help="config file (default: %(default)s)")
     p.add_argument("--runs", default="results/runs", help="runs directory (default: %(default)s)")

@@ -188,7 +188,7 @@ def acquire_gpu(n_devices: int | None = None, lock_dir: str | os.PathLike | None
 
     deadline = time.monotonic() + timeout
     while True:
-        for index, device in enumerate(devices):
+        for index, device in enumerate(devices):  # noqa: B007 - index is used after the break
             fd = _open_slot(lock_dir, device)
             if _try_lock(fd):
                 break

@@ -10,15 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-NORMALISATIONS = ("fro", "max", "none")
-# The authors' code divides W by its Frobenius norm and counts sigma > 1e-3; the
-# measured trends in NOTES.md use the same, so it is the default.
-DEFAULT_NORMALISE = "fro"
-DEFAULT_TOL = 1e-3
-# Which spectrum stands for a convolution's rank: its kernel reshaped [out, in*kh*kw]
-# (the authors' default) or its linear operator on its input (layer kind 'conv_operator').
-CONV_SPECTRA = ("kernel", "operator")
-DEFAULT_CONV = "kernel"
+from .spec import CONV_SPECTRA, DEFAULT_CONV, DEFAULT_NORMALISE, DEFAULT_TOL, NORMALISATIONS  # noqa: F401
 
 
 @torch.no_grad()

@@ -340,9 +340,9 @@ def _pdf_literal(data: bytes, start: int) -> bytes:
 def _pdf_text(data: bytes, key: str) -> str | None:
     if not data.startswith(b"%PDF"):
         raise ProvenanceError("not a PDF file")
-    m = None
-    for m in re.finditer(rb"/" + re.escape(key.encode()) + rb"\s*([(<])", data):
-        pass  # the last occurrence wins, as an incremental update would
+    # The last occurrence wins, as an incremental update would.
+    matches = list(re.finditer(rb"/" + re.escape(key.encode()) + rb"\s*([(<])", data))
+    m = matches[-1] if matches else None
     if m is None:
         return None
     if m.group(1) == b"(":

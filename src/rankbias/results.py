@@ -11,6 +11,9 @@ Layout of ``results/runs/<run_id>/``:
   spectra.npz      'epochs' (logged epochs), 'layers' (names), 'sv_<index>' arrays
                    [n_logged, min(out, in)] of float64 singular values, descending
                    (a convolution's kernel as the matrix [out, in*kh*kw])
+  lemmas.parquet   gradient ranks of Lemmas 1-2 on the fresh and trained network
+  theory.parquet   Theorem 1 per (logged epoch, matrix, B*), runs with weight decay > 0
+                   (rankbias.theory describes both)
 """
 from __future__ import annotations
 
@@ -123,9 +126,11 @@ def remove_stale_temporaries(directory: Path) -> None:
 
 
 def write_run(run_dir: str | Path, run_json: dict, metrics: pd.DataFrame,
-              layers: pd.DataFrame, spectra: dict[str, np.ndarray]) -> None:
-    """Write one run's files; run.json goes last and records every file's sha256 and the
-    hash of the whole record, so a directory with a run.json is always complete."""
+              layers: pd.DataFrame, spectra: dict[str, np.ndarray],
+              tables: dict[str, pd.DataFrame] | None = None) -> None:
+    """Write one run's files (and any further `tables`, file name -> frame); run.json
+    goes last and records every file's sha256 and the hash of the whole record, so a
+    directory with a run.json is always complete."""
     run_dir = Path(run_dir)
     # Retraining into an existing directory: drop the old run.json first, so a kill
     # between file replacements never leaves a complete-looking run with stale hashes,
@@ -134,6 +139,7 @@ def write_run(run_dir: str | Path, run_json: dict, metrics: pd.DataFrame,
     remove_stale_temporaries(run_dir)
     payloads = {"metrics.parquet": parquet_bytes(metrics), "layers.parquet": parquet_bytes(layers),
                 "spectra.npz": npz_bytes(spectra)}
+    payloads.update({name: parquet_bytes(df) for name, df in (tables or {}).items()})
     for name, data in payloads.items():
         atomic_write_bytes(run_dir / name, data)
     run_json = dict(run_json)
@@ -196,6 +202,12 @@ class Run:
                 return {k: z[k] for k in z.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib_error) as e:
             raise RunError(f"{p}: unreadable ({type(e).__name__}: {e})") from None
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        """A further table the run recorded (e.g. theory.parquet), None if it has none."""
+        if name not in (self.info.get("files") or {}):
+            return None
+        return pd.read_parquet(self.path / name)
 
     @property
     def layer_names(self) -> list[str]:

@@ -10,11 +10,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from . import models
+from . import families
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
 # (train, test) examples of each dataset, for checks and estimates made before any data loads.
@@ -31,6 +32,24 @@ SCHEDULES = ("constant", "multistep")
 # Keys added after runs were first stored: at their default they are left out of a
 # spec's canonical form, so every earlier run keeps its run_id.
 LATER_KEYS = {"activation": "relu", "bias": True}
+# Config choices the planner checks. They live here, beside the specs, because the
+# planner must not import torch (Snakemake imports it on every parse); rankbias.metrics
+# and rankbias.engine use the same tuples.
+NORMALISATIONS = ("fro", "max", "none")
+# The authors' code divides W by its Frobenius norm and counts sigma > 1e-3; the
+# measured trends in NOTES.md use the same, so it is the default.
+DEFAULT_NORMALISE = "fro"
+DEFAULT_TOL = 1e-3
+GRAPH_MODES = ("auto", "on", "off")
+# Coupled weight decay scales every weight by (1 - lr * weight_decay) each step, before
+# the gradient. At lr * weight_decay >= 1 that factor is zero or negative: the "decay"
+# overshoots zero and flips every weight's sign each step (and diverges at >= 2), so such
+# a run measures nothing the paper speaks of.
+MAX_LR_TIMES_WEIGHT_DECAY = 1.0
+# Which spectrum stands for a convolution's rank: its kernel reshaped [out, in*kh*kw]
+# (the authors' default) or its linear operator on its input (layer kind 'conv_operator').
+CONV_SPECTRA = ("kernel", "operator")
+DEFAULT_CONV = "kernel"
 
 
 class SpecError(ValueError):
@@ -40,16 +59,16 @@ class SpecError(ValueError):
 def parse_model_name(name: str) -> tuple[str, int, int]:
     """'MLP-BN-10-100' -> ('mlp_bn', 10, 100); 'VGG-16' -> ('vgg16', 16, 64)."""
     try:
-        return models.parse_model_name(name)
-    except models.ModelError as e:
+        return families.parse_model_name(name)
+    except families.ModelError as e:
         raise SpecError(str(e)) from None
 
 
 def model_name(arch: str, depth: int, width: int) -> str:
     """('mlp_bn', 10, 100) -> 'MLP-BN-10-100'."""
     try:
-        return models.model_name(arch, depth, width)
-    except models.ModelError as e:
+        return families.model_name(arch, depth, width)
+    except families.ModelError as e:
         raise SpecError(str(e)) from None
 
 
@@ -75,6 +94,11 @@ class RunSpec:
     log_every: int = 1
     train_subset: int = 0
     test_subset: int = 0
+    # Theorem 1 measured during training (rankbias.theory): batches sampled per B* and
+    # the B* values; () means the run's own batch size. They change no training, only
+    # what is measured, so they leave the run_id alone at their defaults (OMITTED_AT_DEFAULT).
+    theory_batches: int = 32
+    theory_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # RunSpec(lr=1) and RunSpec.from_dict({"lr": 1}) must be one run with one run_id.
@@ -82,8 +106,9 @@ class RunSpec:
             v = getattr(self, key)
             if isinstance(v, int) and not isinstance(v, bool):
                 object.__setattr__(self, key, float(v))
-        if isinstance(self.milestones, list):
-            object.__setattr__(self, "milestones", tuple(self.milestones))
+        for key in ("milestones", "theory_sizes"):
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
         _validate(self)
 
     def sizes(self) -> tuple[int, int]:
@@ -93,9 +118,11 @@ class RunSpec:
 
     def check_sizes(self) -> None:
         """Subsets, batch size and the model fit the dataset (checked before any job starts)."""
+        from .models import spec_layers    # the model itself (imports torch on first use)
+
         try:
-            models.spec_layers(self)
-        except models.ModelError as e:
+            spec_layers(self)
+        except families.ModelError as e:
             raise SpecError(f"{e} (dataset {self.dataset})") from None
         train, test = DATASET_SIZES[self.dataset]
         if self.train_subset > train:
@@ -103,6 +130,16 @@ class RunSpec:
         if self.test_subset > test:
             raise SpecError(f"test_subset: {self.test_subset} exceeds the {test} test examples of {self.dataset}")
         self.check_batches(self.sizes()[0], f" this run uses ({self.dataset}, train_subset={self.train_subset})")
+
+        for b in self.theory_sizes:
+            if b > self.sizes()[0]:
+                raise SpecError(f"theory_sizes: B*={b} exceeds the {self.sizes()[0]} training "
+                                f"examples this run uses ({self.dataset}, train_subset={self.train_subset})")
+
+    @property
+    def theory_batch_sizes(self) -> tuple[int, ...]:
+        """The B* values Theorem 1 is measured at: theory_sizes, else the run's own B."""
+        return self.theory_sizes or (self.batch_size,)
 
     def check_batches(self, n: int, where: str = "") -> None:
         """An epoch over n samples cuts into batches this run can train on."""
@@ -124,6 +161,10 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
+        d["theory_sizes"] = list(self.theory_sizes)
+        for key, default in OMITTED_AT_DEFAULT.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     def canonical_json(self) -> str:
@@ -186,7 +227,10 @@ class RunSpec:
 
 
 _INT_KEYS = {"depth", "width", "batch_size", "epochs", "seed", "log_every",
-             "train_subset", "test_subset"}
+             "train_subset", "test_subset", "theory_batches"}
+# Keys added after results were first stored: absent from a spec at their default, so
+# every earlier run keeps its run_id.
+OMITTED_AT_DEFAULT: dict[str, Any] = {"theory_batches": 32, "theory_sizes": []}
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma"}
 _BOOL_KEYS = {"drop_last", "bias"}
 
@@ -207,15 +251,16 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{key}: expected a number, got {value!r}")
         return float(value)
-    if key == "milestones":
+    if key in ("milestones", "theory_sizes"):
+        what = "epochs" if key == "milestones" else "batch sizes"
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise SpecError(f"milestones: expected a list of epochs, got {value!r}")
+            raise SpecError(f"{key}: expected a list of {what}, got {value!r}")
         out = []
         for v in value:
             if isinstance(v, bool) or not isinstance(v, int):
-                raise SpecError(f"milestones: expected integer epochs, got {v!r}")
+                raise SpecError(f"{key}: expected integer {what}, got {v!r}")
             out.append(v)
-        return tuple(sorted(out))
+        return tuple(sorted(set(out))) if key == "theory_sizes" else tuple(sorted(out))
     return value
 
 
@@ -225,8 +270,8 @@ def _validate(s: RunSpec) -> None:
             raise SpecError(f"{key}: {getattr(s, key)!r} is not one of {', '.join(allowed)}")
 
     choice("dataset", DATASETS)
-    choice("arch", models.ARCHS)
-    choice("activation", models.ACTIVATIONS)
+    choice("arch", families.ARCHS)
+    choice("activation", families.ACTIVATIONS)
     choice("loss", LOSSES)
     choice("schedule", SCHEDULES)
     for key in _INT_KEYS:
@@ -236,7 +281,7 @@ def _validate(s: RunSpec) -> None:
     for key in _BOOL_KEYS:
         if not isinstance(getattr(s, key), bool):
             raise SpecError(f"{key}: expected true or false, got {getattr(s, key)!r}")
-    for key in ("width", "batch_size", "epochs", "log_every"):
+    for key in ("width", "batch_size", "epochs", "log_every", "theory_batches"):
         if getattr(s, key) < 1:
             raise SpecError(f"{key}: must be >= 1, got {getattr(s, key)!r}")
     for key in ("depth", "seed", "train_subset", "test_subset"):
@@ -252,6 +297,10 @@ def _validate(s: RunSpec) -> None:
         raise SpecError(f"momentum: must be in [0, 1), got {s.momentum!r}")
     if s.weight_decay < 0:
         raise SpecError(f"weight_decay: must be >= 0, got {s.weight_decay!r}")
+    if s.lr * s.weight_decay >= MAX_LR_TIMES_WEIGHT_DECAY:
+        raise SpecError(f"weight_decay: {s.weight_decay!r} with lr {s.lr!r} gives lr * weight_decay = "
+                        f"{s.lr * s.weight_decay:g}; it must be below {MAX_LR_TIMES_WEIGHT_DECAY:g} "
+                        "(the per-step decay factor 1 - lr * weight_decay must stay positive)")
     if not 0 < s.gamma <= 1:
         raise SpecError(f"gamma: must be in (0, 1], got {s.gamma!r}")
     if not isinstance(s.milestones, tuple):
@@ -264,12 +313,23 @@ def _validate(s: RunSpec) -> None:
         raise SpecError("milestones: only allowed with schedule 'multistep'")
     if s.schedule == "multistep" and not s.milestones:
         raise SpecError("milestones: schedule 'multistep' needs at least one milestone epoch")
-    if s.batch_size == 1 and models.family(s.arch).batchnorm:
+    late = [m for m in s.milestones if m >= s.epochs]
+    if late:
+        raise SpecError(f"milestones: {late!r} not before the last epoch (epochs {s.epochs}): the "
+                        f"learning rate drops at the start of 0-based epoch m, so each must be < {s.epochs}")
+    if s.batch_size == 1 and families.family(s.arch).batchnorm:
         raise SpecError("batch_size: BatchNorm architectures need batch_size >= 2")
     try:
-        models.check_sizes(s.arch, s.depth, s.width)
-    except models.ModelError as e:
+        families.check_sizes(s.arch, s.depth, s.width)
+    except families.ModelError as e:
         raise SpecError(str(e)) from None
+    if not isinstance(s.theory_sizes, tuple) or any(
+            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in s.theory_sizes):
+        raise SpecError(f"theory_sizes: expected positive integer batch sizes B*, got {s.theory_sizes!r}")
+    if list(s.theory_sizes) != sorted(set(s.theory_sizes)):
+        raise SpecError(f"theory_sizes: must be strictly increasing, got {list(s.theory_sizes)!r}")
+    if families.family(s.arch).batchnorm and any(b < 2 for b in s.theory_sizes):
+        raise SpecError("theory_sizes: BatchNorm architectures need B* >= 2")
 
 
 # -- packs -----------------------------------------------------------------------

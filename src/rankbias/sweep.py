@@ -15,6 +15,7 @@ makes a new pack (and only that pack trains again).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import sys
@@ -22,12 +23,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import metrics as M
-from .engine import GRAPH_MODES
-from .results import atomic_write_bytes
-from .spec import RunSpec, SpecError, make_packs, pack_id, pack_steps
+# Snakemake imports this module on every parse (dry runs, --lint and each SLURM job
+# too), so nothing it imports may pull in torch; tests/test_sweep.py checks.
+from .cluster import estimate_mem_mb
+from .spec import (
+    CONV_SPECTRA,
+    DEFAULT_CONV,
+    DEFAULT_NORMALISE,
+    DEFAULT_TOL,
+    GRAPH_MODES,
+    NORMALISATIONS,
+    RunSpec,
+    SpecError,
+    make_packs,
+    pack_id,
+    pack_steps,
+)
 
-FIGURES = tuple(f"fig{i}" for i in range(1, 9))
+# Which spec key makes the panels and which the lines of each figure.
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "fig1": {"kind": "dynamics", "panel": None, "line": "weight_decay"},
+    "fig2": {"kind": "rank", "panel": "lr", "line": "batch_size"},
+    "fig3": {"kind": "rank", "panel": "batch_size", "line": "weight_decay"},
+    "fig4": {"kind": "rank", "panel": "lr", "line": "batch_size"},
+    "fig5": {"kind": "rank_acc", "panel": "lr", "line": "batch_size"},
+    "fig6": {"kind": "layers", "panel": "lr", "line": "batch_size"},
+    "fig7": {"kind": "layers", "panel": "lr", "line": "batch_size"},
+    "fig8": {"kind": "rank", "panel": "lr", "line": "batch_size"},
+    # the theory (rankbias.theory_figures): Lemmas 1-2 and Theorem 1
+    "figT1": {"kind": "lemmas", "panel": None, "line": "model"},
+    "figT2": {"kind": "theorem1", "panel": None, "line": "batch_size"},
+}
+# Summary figures, drawn whenever the config has a figure section.
+SUMMARY: dict[str, str] = {
+    "figR": "final rank vs the rank tolerance",
+    "figS": "final rank vs B/(eta*lambda)",
+}
+# Every figure name the pipeline knows (the workflow's `fig` wildcard derives from this).
+NAMES: tuple[str, ...] = tuple(LAYOUTS) + tuple(SUMMARY)
+# The paper figures a config may have a section for.
+FIGURES = tuple(LAYOUTS)
 DEVICES = ("auto", "cpu", "cuda")
 
 SPEC_KEYS = tuple(RunSpec.__dataclass_fields__) + ("model",)
@@ -39,13 +74,20 @@ TOP_DEFAULTS: dict[str, Any] = {
     "graph": "auto",
     "max_pack": 64,
     "train_threads": 1,
-    "rank": {"normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL, "conv": M.DEFAULT_CONV},
+    "checkpoint_every": 5,
+    # One 40 GB A100, the smallest data-centre GPU the paper profile is meant for.
+    "device_memory_mb": 40960,
+    "rank": {"normalise": DEFAULT_NORMALISE, "tol": DEFAULT_TOL, "conv": DEFAULT_CONV},
     "defaults": {},
     "figures": {},
     "extra": {},
     "claims": {},
 }
 TOP_KEYS = tuple(TOP_DEFAULTS)
+# Keys that say how jobs run, not what they compute: the config files jobs read leave
+# them out, so switching one redraws nothing, and the train rule's command takes them
+# from Snakemake's config, not its params, so it retrains nothing either.
+EXECUTION_KEYS = ("device", "graph", "train_threads", "checkpoint_every")
 
 
 class ConfigError(SpecError):
@@ -84,15 +126,35 @@ class Plan:
 # -- config ------------------------------------------------------------------------
 
 def load_config(path: str | Path) -> dict:
+    """A YAML (or JSON) config file; a key given twice in one mapping is an error (plain
+    YAML loaders, Snakemake's included, silently keep the last)."""
     import yaml
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_strict_loader())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
     return raw if raw is not None else {}
+
+
+def _strict_loader():
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}, again at "
+                        f"line {key_node.start_mark.line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 def resolve_config(raw: Mapping[str, Any]) -> dict:
@@ -115,7 +177,7 @@ def resolve_config(raw: Mapping[str, Any]) -> dict:
         cfg["graph"] = "on" if cfg["graph"] else "off"
     if cfg["graph"] not in GRAPH_MODES:
         raise ConfigError(f"graph: {cfg['graph']!r} is not one of {', '.join(GRAPH_MODES)}")
-    for key in ("max_pack", "train_threads"):
+    for key in ("max_pack", "train_threads", "checkpoint_every", "device_memory_mb"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key}: expected an integer >= 1, got {v!r}")
@@ -137,15 +199,15 @@ def resolve_config(raw: Mapping[str, Any]) -> dict:
 def _check_rank(where: str, rank: Any) -> None:
     if not isinstance(rank, Mapping) or set(rank) - set(TOP_DEFAULTS["rank"]):
         raise ConfigError(f"{where}: expected a mapping with keys {', '.join(TOP_DEFAULTS['rank'])}")
-    if "normalise" in rank and rank["normalise"] not in M.NORMALISATIONS:
+    if "normalise" in rank and rank["normalise"] not in NORMALISATIONS:
         raise ConfigError(f"{where}.normalise: {rank['normalise']!r} is not one of "
-                          f"{', '.join(M.NORMALISATIONS)}")
+                          f"{', '.join(NORMALISATIONS)}")
     if "tol" in rank:
         tol = rank["tol"]
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
             raise ConfigError(f"{where}.tol: expected a number > 0, got {tol!r}")
-    if "conv" in rank and rank["conv"] not in M.CONV_SPECTRA:
-        raise ConfigError(f"{where}.conv: {rank['conv']!r} is not one of {', '.join(M.CONV_SPECTRA)}")
+    if "conv" in rank and rank["conv"] not in CONV_SPECTRA:
+        raise ConfigError(f"{where}.conv: {rank['conv']!r} is not one of {', '.join(CONV_SPECTRA)}")
 
 
 def figure_rank(cfg: Mapping[str, Any], name: str) -> dict:
@@ -166,6 +228,7 @@ def _check_section(where: str, section: Any, allow_grid: bool = True) -> None:
         if not isinstance(seeds, list) or not seeds or any(
                 isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
             raise ConfigError(f"{where}.seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
+        _check_distinct(f"{where}.seeds", seeds)
     if "grid" in section:
         grid = section["grid"]
         if not isinstance(grid, Mapping):
@@ -176,6 +239,17 @@ def _check_section(where: str, section: Any, allow_grid: bool = True) -> None:
                                   f"{', '.join(sorted(SPEC_KEYS))}")
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}.grid.{k}: expected a non-empty list, got {values!r}")
+            _check_distinct(f"{where}.grid.{k}", values)
+
+
+def _check_distinct(where: str, values: list) -> None:
+    """A value listed twice would plan the same runs twice and draw them as two."""
+    seen = set()
+    for v in values:
+        key = json.dumps(v, sort_keys=True)
+        if key in seen:
+            raise ConfigError(f"{where}: {v!r} is listed twice; each value must appear once")
+        seen.add(key)
 
 
 def section_specs(where: str, defaults: Mapping, section: Mapping) -> list[RunSpec]:
@@ -234,6 +308,21 @@ def plan(raw_config: Mapping[str, Any]) -> Plan:
     return Plan(config=cfg, specs=specs, groups=groups, packs=packs)
 
 
+def check_device_memory(p: Plan) -> None:
+    """Every pack fits the training device (config key device_memory_mb), by
+    rankbias.cluster.estimate_mem_mb; checked where training is planned (the workflow,
+    `rankbias plan`), not by jobs that only read runs."""
+    limit = p.config["device_memory_mb"]
+    for pid in p.packs:
+        specs = p.pack_specs(pid)
+        need = estimate_mem_mb(specs)
+        if need > limit:
+            raise ConfigError(
+                f"pack {pid} ({len(specs)} x {specs[0].model} on {specs[0].dataset}): needs about "
+                f"{need} MiB (rankbias.cluster.estimate_mem_mb), more than device_memory_mb = {limit}; "
+                "use a smaller model or max_pack, or set device_memory_mb to the training device's memory")
+
+
 def plan_from_file(path: str | Path) -> Plan:
     try:
         return plan(load_config(path))
@@ -250,6 +339,8 @@ def pack_bytes(p: Plan, pid: str) -> bytes:
 def write_if_changed(path: str | Path, data: bytes) -> bool:
     """Write atomically unless the file already holds exactly `data` (keeps its mtime,
     so Snakemake sees nothing new). Returns whether it wrote."""
+    from .results import atomic_write_bytes  # late: results imports pandas
+
     path = Path(path)
     try:
         if path.read_bytes() == data:
@@ -265,8 +356,64 @@ def write_packs(p: Plan, pack_dir: str | Path) -> list[str]:
     return [pid for pid in p.packs if write_if_changed(Path(pack_dir) / f"{pid}.json", pack_bytes(p, pid))]
 
 
-def config_bytes(p: Plan) -> bytes:
-    return (json.dumps(p.config, indent=2, sort_keys=True) + "\n").encode()
+# -- the config a job reads ----------------------------------------------------------
+#
+# A job must read the config it was planned with, even if the config file changes or a
+# dry run with another config parses the workflow meanwhile. So jobs read config files
+# named by the hash of their content (results/config/<digest>.json), written by a rule
+# from the planned content: a name never holds two contents, and parsing writes nothing.
+
+# -- the figures a plan draws --------------------------------------------------------
+
+def figure_names(p: Plan) -> list[str]:
+    """The figures a plan draws: its configured paper figures, then the summary figures."""
+    return list(p.figures) + (list(SUMMARY) if p.figures else [])
+
+
+def figure_runs(p: Plan, name: str) -> list[str]:
+    """The run_ids figure `name` is drawn from: its own section's; figR every paper
+    figure's; figS every run of the config."""
+    if name in p.figures:
+        return list(p.figures[name])
+    if name == "figR":
+        return list(dict.fromkeys(r for ids in p.figures.values() for r in ids))
+    if name == "figS":
+        return list(p.specs)
+    raise ValueError(f"figure: {name!r} is not configured (figures: {', '.join(figure_names(p)) or 'none'})")
+
+
+def job_config(cfg: Mapping[str, Any], figure: str | None = None) -> dict:
+    """What a job reads of the resolved config `cfg`: all but EXECUTION_KEYS; for a figure,
+    only the rank settings, the defaults and its own section, so that editing one
+    figure's runs redraws that figure alone."""
+    if figure is None:
+        return {k: v for k, v in cfg.items() if k not in EXECUTION_KEYS}
+    return {"rank": cfg["rank"], "defaults": cfg["defaults"], "figures": {figure: cfg["figures"][figure]}}
+
+
+def config_bytes(doc: Mapping[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def config_digest(doc: Mapping[str, Any]) -> str:
+    return hashlib.sha256(config_bytes(doc)).hexdigest()[:12]
+
+
+def job_configs(p: Plan) -> dict[str | None, dict]:
+    """Every config file the workflow's jobs read: None -> the job config (claims, packs),
+    figure -> that figure's."""
+    summary = {f: job_config(p.config) for f in SUMMARY if p.figures}    # every figure's runs
+    return {None: job_config(p.config), **{f: job_config(p.config, f) for f in p.figures}, **summary}
+
+
+def write_configs(p: Plan, config_dir: str | Path) -> list[Path]:
+    """Write `job_configs(p)` as <config_dir>/<digest>.json (only those missing or different)."""
+    paths = []
+    for doc in job_configs(p).values():
+        path = Path(config_dir) / f"{config_digest(doc)}.json"
+        write_if_changed(path, config_bytes(doc))
+        paths.append(path)
+    return paths
 
 
 def summary(p: Plan) -> dict:
@@ -290,8 +437,12 @@ def register(subparsers) -> None:
         "plan", help="show figures -> runs -> packs for a config (and write pack files)",
         description="Expand a config into runs and packs. Prints each figure's runs and each "
                     "pack's size and steps; optionally writes pack files.")
-    p.add_argument("--config", default="config/config.yaml", help="config file (default: %(default)s)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", default="config/config.yaml", help="config file (default: %(default)s)")
+    src.add_argument("--config-json", metavar="JSON", help="the config itself, as JSON text")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--write-configs", metavar="DIR", help="write the config files the workflow's "
+                   "jobs read, DIR/<digest>.json, each named by the hash of its content")
     p.add_argument("--write-packs", metavar="DIR", help="write every pack file DIR/<pack_id>.json "
                    "(only those missing or different)")
     p.add_argument("--write-pack", metavar="PACK_ID", help="write one pack file to --out")
@@ -300,7 +451,19 @@ def register(subparsers) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    p = plan_from_file(args.config)
+    if args.config_json is not None:
+        try:
+            doc = json.loads(args.config_json)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config-json: not valid JSON ({e})") from None
+        p = plan(doc)
+        args.config = "--config-json"
+    else:
+        p = plan_from_file(args.config)
+    check_device_memory(p)
+    if args.write_configs:
+        written = write_configs(p, args.write_configs)
+        print(f"wrote {len(written)} config file(s) to {args.write_configs}", file=sys.stderr)
     if args.write_pack:
         if not args.out:
             raise ConfigError("--write-pack needs --out FILE")

@@ -35,7 +35,9 @@ import torch
 
 from . import data as data_mod
 from . import metrics as M
+from . import timing
 from .engine import GRAPH_MODES, Pack
+from .theory import TheoryRecorder
 from .results import atomic_write_bytes, write_run
 from .spec import RunSpec, load_pack, pack_id
 
@@ -69,6 +71,11 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     return torch.device(device)
+
+
+def _nan_if(dead: bool, value) -> float:
+    """A diverged run's value is recorded as NaN."""
+    return float("nan") if dead else float(value)
 
 
 def device_name(device: torch.device) -> str:
@@ -138,7 +145,6 @@ class Recorder:
 
         mean_ranks = []
         for k, spec in enumerate(pack.specs):
-            nan_if_dead = (lambda v: float("nan") if dead[k] else float(v))
             hidden_ranks = []
             for i, (m, kind) in enumerate(pack.matrices):
                 if logged:
@@ -147,17 +153,17 @@ class Recorder:
                     if kind in ("hidden", "conv") and not dead[k]:   # kernels: rank.conv's default
                         hidden_ranks.append(int(M.rank(s)))
                 self.layers[k].append({"epoch": epoch, "layer": m, "index": i, "kind": kind,
-                                       "distance": nan_if_dead(dist[m][k]),
-                                       "weight_norm": nan_if_dead(norms[m][k])})
+                                       "distance": _nan_if(dead[k], dist[m][k]),
+                                       "weight_norm": _nan_if(dead[k], norms[m][k])})
             mean_rank = float(np.mean(hidden_ranks)) if hidden_ranks else float("nan")
             mean_ranks.append(mean_rank)
             self.metrics[k].append({
                 "epoch": epoch, "logged": bool(logged),
                 "lr": spec.lr_at(epoch - 1) if epoch > 0 else float("nan"),
-                "step_loss": nan_if_dead(step_loss[k]),
-                "train_loss": nan_if_dead(tr_loss[k]), "train_acc": nan_if_dead(tr_acc[k]),
-                "test_loss": nan_if_dead(te_loss[k]), "test_acc": nan_if_dead(te_acc[k]),
-                "distance": nan_if_dead(np.mean([dist[m][k] for m, _ in pack.matrices])),
+                "step_loss": _nan_if(dead[k], step_loss[k]),
+                "train_loss": _nan_if(dead[k], tr_loss[k]), "train_acc": _nan_if(dead[k], tr_acc[k]),
+                "test_loss": _nan_if(dead[k], te_loss[k]), "test_acc": _nan_if(dead[k], te_acc[k]),
+                "distance": _nan_if(dead[k], np.mean([dist[m][k] for m, _ in pack.matrices])),
                 "mean_rank": mean_rank, "diverged": bool(dead[k]),
             })
         alive = ~dead
@@ -187,14 +193,14 @@ class Recorder:
 
 
 def _save_checkpoint(checkpoint_dir: Path, epoch: int, run_ids: list[str], pack: Pack, rec: Recorder,
-                     elapsed: float) -> bool:
+                     elapsed: float, theory: TheoryRecorder) -> bool:
     """Write the checkpoint, keeping the one before it as PREVIOUS_CHECKPOINT; whether it
     was written. A write that fails (a full disk) is a warning: training goes on, and a
     kill later resumes from the last checkpoint that was written."""
     path, prev = checkpoint_dir / CHECKPOINT, checkpoint_dir / PREVIOUS_CHECKPOINT
     buf = io.BytesIO()
     torch.save({"epoch": epoch, "run_ids": run_ids, "pack": pack.state(), "recorder": rec.state(),
-                "elapsed": elapsed}, buf)
+                "elapsed": elapsed, "theory": theory.state()}, buf)
     try:
         if path.exists():
             os.replace(path, prev)
@@ -209,7 +215,7 @@ def _save_checkpoint(checkpoint_dir: Path, epoch: int, run_ids: list[str], pack:
 
 def _checkpoint_matches(st, pack: Pack) -> bool:
     """Whether `st` has the layout of this pack's checkpoint (keys and tensor shapes)."""
-    if not isinstance(st, dict) or not {"epoch", "run_ids", "pack", "recorder", "elapsed"} <= set(st):
+    if not isinstance(st, dict) or not {"epoch", "run_ids", "pack", "recorder", "elapsed", "theory"} <= set(st):
         return False
     want, got = pack.state(), st["pack"]
     if not isinstance(got, dict) or set(got) != set(want):
@@ -324,9 +330,12 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)   # graphs, streams and events use the current device
     s0 = specs[0]
-    ds = dataset or data_mod.load(s0.dataset, dev, data_dir, s0.train_subset, s0.test_subset)
+    # A given data_dir is the copy the workflow declared as the job's input: read only it.
+    ds = dataset or data_mod.load(s0.dataset, dev, data_dir, s0.train_subset, s0.test_subset,
+                                  strict=data_dir is not None)
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph)
     rec = Recorder(pack, ds)
+    thy = TheoryRecorder(specs, ds.x_train, ds.y_train, ds.num_classes)
     run_ids = [s.run_id for s in specs]
     from . import provenance  # imported late: it inspects git and packages
 
@@ -337,6 +346,7 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         ckpt_path, st = found
         pack.load_state(st["pack"])
         rec.load_state(st["recorder"])
+        thy.load_state(st["theory"])
         start, elapsed0 = st["epoch"], st["elapsed"]
         msg = f"[pack {pid}] resuming from {ckpt_path} at epoch {start}/{s0.epochs}"
         if ckpt_path.name == PREVIOUS_CHECKPOINT:
@@ -347,15 +357,23 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         if had_checkpoint:
             _warn(f"[pack {pid}] no readable checkpoint in {checkpoint_dir}; restarting from epoch 0")
         info = rec.record(0, None, final=s0.epochs == 0)
+        _theory(thy, pack, rec, 0, "fresh")
         _log(progress, f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset} ({pack.n} samples), "
                        f"{dev.type}: epoch 0 mean rank {info['mean_rank']:.1f}")
     t0 = time.perf_counter()
     for epoch in range(start, s0.epochs):
         prev = {m: pack.weight(m).detach().clone() for m, _ in pack.matrices}
+        t_epoch = time.perf_counter()
         pack.train_epoch(epoch)
+        t_record = time.perf_counter()
+        timing.add("train_steps", t_record - t_epoch)
         if epoch == start:
             _log(progress, f"[pack {pid}] step: {pack.step_mode}")
         info = rec.record(epoch + 1, prev, final=epoch + 1 == s0.epochs)
+        timing.add("spectra_eval", time.perf_counter() - t_record)
+        t_theory = time.perf_counter()
+        _theory(thy, pack, rec, epoch + 1, "trained" if epoch + 1 == s0.epochs else None)
+        timing.add("theory", time.perf_counter() - t_theory)
         done = epoch + 1 - start
         elapsed = time.perf_counter() - t0
         eta = elapsed / done * (s0.epochs - epoch - 1)
@@ -366,7 +384,7 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         last = epoch + 1 == s0.epochs
         saved = False
         if ((epoch + 1) % checkpoint_every == 0 or stop.is_set()) and not last:
-            saved = _save_checkpoint(checkpoint_dir, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed)
+            saved = _save_checkpoint(checkpoint_dir, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed, thy)
         if stop.is_set() and not last:
             raise Preempted(f"[pack {pid}] SIGTERM: " + (
                 f"checkpoint of epoch {epoch + 1}/{s0.epochs} in {checkpoint_dir}; a rerun resumes from it"
@@ -387,19 +405,35 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
             "run_id": spec.run_id, "spec": spec.to_dict(), "model": spec.model, "pack_id": pid,
             "pack_size": pack.K, "status": "complete", "diverged": rec.diverged[k],
             "epochs_completed": int(metrics["epoch"].max()),
-            "wall_time_s": round(wall, 3), "device": device_name(dev), "step": pack.step_mode,
+            "wall_time_s": round(wall, 3),
+            # the whole pack's time measuring the theory (part of wall_time_s after epoch 0)
+            "theory_time_s": {part: round(t, 3) for part, t in thy.seconds.items()},
+            "device": device_name(dev), "step": pack.step_mode,
             "seeds": {"init": f"torch.manual_seed({spec.seed})",
                       "data_order": f"torch.randperm, Generator seed {spec.seed} * 1000003 + epoch + 1"},
             "dataset": {"name": ds.name, "checksums": ds.checksums, "source": ds.source,
                         "train_size": int(ds.x_train.shape[0]), "test_size": int(ds.x_test.shape[0])},
-            "provenance": env,
+            "provenance": env, "theory": thy.summary(k),
         }
-        write_run(out_dir / spec.run_id, run_json, metrics, layers, spectra)
+        write_run(out_dir / spec.run_id, run_json, metrics, layers, spectra, thy.tables(k))
         paths.append(out_dir / spec.run_id)
     for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
         (checkpoint_dir / name).unlink(missing_ok=True)
-    _log(progress, f"[pack {pid}] done in {wall:.1f}s; wrote {len(paths)} runs to {out_dir}")
+    _log(progress, f"[pack {pid}] done in {wall:.1f}s; measuring the theory took "
+                   f"{thy.seconds['theorem1']:.1f}s (Theorem 1) and {thy.seconds['lemmas']:.1f}s (lemmas); "
+                   f"wrote {len(paths)} runs to {out_dir}")
     return paths
+
+
+def _theory(thy: TheoryRecorder, pack: Pack, rec: Recorder, epoch: int, lemma_stage: str | None) -> None:
+    """Theorem 1 at a logged epoch, from the spectra just stored, and the lemma checks
+    on the fresh (epoch 0) and the trained (last epoch) networks."""
+    dead = [d is not None for d in rec.diverged]
+    if rec.logged_epochs and rec.logged_epochs[-1] == epoch:
+        spectra = [{m: rec.spectra[k][m][-1] for m, _ in pack.matrices} for k in range(pack.K)]
+        thy.measure(epoch, pack.params, spectra, dead)
+    if lemma_stage is not None:
+        thy.check_lemmas(lemma_stage, epoch, pack.params, dead)
 
 
 def _log(enabled: bool, msg: str) -> None:
@@ -424,7 +458,9 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint-dir", default=None,
                    help="where the pack's checkpoint lives (default: <out>/../packs/<pack_id>)")
     p.add_argument("--checkpoint-every", type=int, default=5, help="epochs between checkpoints (default 5)")
-    p.add_argument("--data-dir", default=None, help="dataset directory (default: $RANKBIAS_DATA)")
+    p.add_argument("--data-dir", default=None,
+                   help="read the dataset only from DIR/<name>/, as `rankbias data fetch --dest DIR` "
+                        "writes it (default: search $RANKBIAS_DATA, ./data, the cache, the downloads)")
     p.add_argument("--graph", default=None, choices=list(GRAPH_MODES),
                    help="CUDA graph for the training step: auto (capture, check against the "
                         "eager step, keep the faster), on, off (default: $RANKBIAS_GRAPH, else "
@@ -434,9 +470,9 @@ def register(subparsers) -> None:
 
 
 def graph_mode(arg: str | None) -> str:
-    """--graph, else $RANKBIAS_GRAPH (the workflow sets it from the config's `graph`,
-    so that the choice, which changes no result, is not part of the rule's command
-    and changing it retrains nothing), else auto."""
+    """--graph (the workflow passes the config's `graph` as a job resource, so that the
+    choice, which changes no result, retrains nothing when changed), else
+    $RANKBIAS_GRAPH, else auto."""
     if arg is not None:
         return arg
     mode = os.environ.get("RANKBIAS_GRAPH", "auto")

@@ -3,18 +3,23 @@
 
 rule claims:
     input:
-        run_json(ALL_RUNS),
+        runs=run_json(ALL_RUNS),
+        config=ancient(job_config()),
     output:
-        md=report("results/claims.md", caption="../report/claims.rst", category="Claims"),
+        md="results/claims.md",
         json="results/claims.json",
         provenance="results/claims.provenance.json",
-    params:
-        rank=PLAN.config["rank"],
-        thresholds=PLAN.config["claims"],
-        runs=ALL_RUNS,
-        config=RESOLVED_CONFIG,
+        html=report(
+            "results/claims.html",
+            caption="../report/claims.rst",
+            category="Claims",
+            labels={"table": "verdicts on claims C1-C7"},
+        ),
+        metrics="results/claims.metrics.json",
     log:
         "results/logs/claims.log",
+    # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
+    localrule: True
     shell:
-        "rankbias claims --config {params.config} --runs results/runs --out results/claims"
+        "rankbias claims --config {input.config} --runs results/runs --out results/claims"
         " > {log} 2>&1"

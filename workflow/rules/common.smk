@@ -1,11 +1,13 @@
-# Config -> run specs -> deduplicated runs -> packs, all at parse time.
+# Config -> run specs -> deduplicated runs -> packs, planned at parse time.
 #
-# Pack files are written here, not by a rule, and only when missing or different.
-# A pack's id is a hash of its members' run_ids, so the content under one name never
-# changes: an unchanged config rewrites nothing (a second `snakemake` has nothing to
-# do), and changing one run's hyperparameter gives its pack a new id (only that pack
-# trains again). The resolved config (defaults filled in) is written the same way for
-# the figure and claims commands.
+# Parsing writes nothing (dry runs, --lint, --report and the parse inside each SLURM
+# job included): the files jobs read are outputs of rules. Each job reads a config
+# file named by the hash of its content, results/config/<digest>.json, written by the
+# `plan` rule from what this parse planned, so a dry run with another config, or an
+# edit of the config file, cannot change what a planned job reads. A pack's id is a
+# hash of its members' run_ids, so its file's content never changes under its name
+# either: an unchanged config does nothing, and changing one run's hyperparameter gives
+# its pack a new id (only that pack trains again).
 
 import json
 import os
@@ -13,40 +15,72 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from rankbias import figures, sweep
+from rankbias import sweep
 from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes
+from rankbias.data import dataset_files
+
+# A job run by an executor plugin (each SLURM job) parses this file again, in
+# Snakemake's remote mode, with the config files as they are by then; it takes the
+# config the submitting Snakemake planned from the environment instead (sbatch exports
+# it), so the job's inputs, commands and outputs are the planned ones.
+PLANNED_CONFIG = "RANKBIAS_PLANNED_CONFIG"
+if workflow.remote_exec and PLANNED_CONFIG in os.environ:
+    PLAN = sweep.plan(json.loads(os.environ[PLANNED_CONFIG]))
+else:
+    # Snakemake's YAML loader keeps the last of two equal keys; read each config file
+    # again with one that refuses them, so the error names the key before anything runs.
+    try:
+        for _configfile in workflow.configfiles:
+            sweep.load_config(_configfile)
+        validate(config, "../schemas/config.schema.yaml")
+        PLAN = sweep.plan(config)
+        sweep.check_device_memory(PLAN)
+    except sweep.SpecError as e:
+        raise ValueError(f"invalid config: {e}") from None
+    os.environ[PLANNED_CONFIG] = json.dumps(PLAN.config, sort_keys=True)
+
+# The train rule reads these from `config` in its command (not params), so changing
+# them retrains nothing; fill in their defaults.
+for _key in sweep.EXECUTION_KEYS:
+    config[_key] = PLAN.config[_key]
+
+# The config files jobs read (claims and packs: the job config; each figure: its own).
+JOB_CONFIGS = sweep.job_configs(PLAN)
 
 
-validate(config, "../schemas/config.schema.yaml")
-try:
-    PLAN = sweep.plan(config)
-except sweep.SpecError as e:
-    raise ValueError(f"invalid config: {e}") from None
+def job_config(figure=None):
+    return f"results/config/{sweep.config_digest(JOB_CONFIGS[figure])}.json"
 
-RESOLVED_CONFIG = "results/config.resolved.json"
-sweep.write_if_changed(RESOLVED_CONFIG, sweep.config_bytes(PLAN))
-sweep.write_packs(PLAN, "results/packs")
 
-FIGURES = figures.figure_names(PLAN)
+FIGURES = sweep.figure_names(PLAN)
 ALL_RUNS = list(PLAN.specs)
 PACKS = list(PLAN.packs)
 DATASETS = sorted({s.dataset for s in PLAN.specs.values()})
 ON_GPU = PLAN.config["device"] == "cuda"
-# The CUDA-graph choice reaches `rankbias train` through the environment, not its
-# command line: it changes no result, so changing it must not make Snakemake retrain
-# (a rule's command is part of its code trigger). Jobs inherit it, on SLURM too
-# (sbatch exports the environment, and each job parses this file again).
-os.environ["RANKBIAS_GRAPH"] = PLAN.config["graph"]
+# Every job appends its start-up and run time here (`rankbias timing` sums them).
+os.environ.setdefault("RANKBIAS_TIMING", "results/logs/timing.jsonl")
+# Settings that change how a training job runs, never its results: they reach
+# `rankbias train` as resources, which (unlike params) are no rerun trigger, so
+# changing them retrains nothing.
+EXECUTION = {
+    "device": PLAN.config["device"],
+    "graph": str(PLAN.config["graph"]),
+    "checkpoint_every": PLAN.config["checkpoint_every"],
+}
 
 
 wildcard_constraints:
     pack="[0-9a-f]{12}",
-    fig="|".join(figures.NAMES),
-    dataset="|".join(DATASETS) or "none",
+    fig="|".join(sweep.NAMES),
 
 
 def run_json(run_ids):
     return [f"results/runs/{r}/run.json" for r in run_ids]
+
+
+def dataset_inputs(name):
+    """What training on dataset `name` reads: its files under data/<name>/."""
+    return [f"data/{name}/{f}" for f in dataset_files(name)]
 
 
 def pack_runtime(pid):
@@ -60,4 +94,27 @@ def pack_mem_mb(pid):
 
 
 def figure_runs(wildcards):
-    return run_json(figures.figure_runs(PLAN, wildcards.fig))
+    return run_json(sweep.figure_runs(PLAN, wildcards.fig))
+
+
+def figure_labels(wildcards):
+    """Report labels, evaluated by `snakemake --report` only: the figure's name and this
+    run's verdict and effect for each claim the figure shows (from results/claims.json).
+    """
+    from rankbias.claims import measured
+
+    try:
+        result = json.loads(Path("results/claims.json").read_text())
+    except (OSError, ValueError):
+        result = None
+    return {
+        "figure": f"Figure {wildcards.fig[3:]}",
+        "measured": measured(result, wildcards.fig) if result else "claims not judged",
+    }
+
+
+def dataset_outputs(name):
+    return sorted({f"data/{name}/manifest.json", *dataset_inputs(name)})
+
+
+DATASET_FILES = [f for name in DATASETS for f in dataset_outputs(name)]

@@ -1,0 +1,118 @@
+"""Figures T1 and T2: the theory's checks drawn from the runs' lemmas.parquet and
+theory.parquet (rankbias.theory), in the layout of ``rankbias.figures``: a colour per
+line, several seeds as their mean with a min-max band, one legend for the figure."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .figures import Line, _legend, _plot_series
+from .theory import LEMMAS_FILE, THEORY_FILE
+
+KINDS = ("lemmas", "theorem1")
+STAGE_STYLE = {"fresh": "-", "trained": "--"}
+
+
+def _log_scale(ax, axis: str = "y", base: float = 10) -> None:
+    """Log scale where the axis has positive data to show (a figure without its runs'
+    theory tables yet still draws)."""
+    data = [ln.get_ydata() if axis == "y" else ln.get_xdata() for ln in ax.get_lines()]
+    if any(np.any(np.asarray(d, dtype=float) > 0) for d in data):
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log", base=base)
+
+
+def _table(member, name: str) -> pd.DataFrame:
+    df = member.run.table(name)
+    return df if df is not None else pd.DataFrame()
+
+
+def draw(fig, kind: str, lines: list[Line], colors: dict) -> None:
+    if kind == "lemmas":
+        _lemmas(fig, lines, colors)
+    else:
+        _theorem1(fig, lines, colors)
+    _legend(fig)
+
+
+def _lemmas(fig, lines: list[Line], colors: dict) -> None:
+    ax1, ax2 = fig.subplots(1, 2)
+    names: dict[int, str] = {}
+    widest = 0
+    for ln in lines:
+        c = colors[ln.key[0]]
+        tables = [_table(m, LEMMAS_FILE) for m in ln.members]
+        for stage, style in STAGE_STYLE.items():
+            first = stage == "fresh"
+            one, batch = [], []
+            for t in tables:
+                t = t[t["stage"] == stage] if len(t) else t
+                if not len(t):
+                    one.append(pd.Series(dtype=float))
+                    batch.append(pd.Series(dtype=float))
+                    continue
+                l1 = t[t["lemma"] == 1]
+                one.append(l1.groupby("index")["rank"].max().astype(float))
+                names.update(dict(zip(l1["index"].astype(int), l1["layer"])))
+                l2 = t[(t["lemma"] == 2) & (t["kind"] == "hidden")]
+                batch.append(l2.groupby("batch_size")["rank"].max().astype(float))
+                widest = max([widest, *l2["max_rank"].astype(int)])
+            if any(len(s) for s in one):
+                _plot_series(ax1, ln, one, c, style + "o", label=first)
+            _plot_series(ax2, ln, batch, c, style + "o", label=first and not any(len(s) for s in one))
+    ax1.axhline(1, color="k", ls=":", lw=1.2, label="bound: rank ≤ 1")
+    if names:
+        ax1.set_xticks(sorted(names), [names[i] for i in sorted(names)], rotation=45, ha="right", fontsize=8)
+    ax1.set_ylim(-0.1, 3)
+    ax1.set_xlabel("weight matrix")
+    ax1.set_ylabel("rank (max over samples and outputs)")
+    ax1.set_title("(a) Lemma 1: per-sample gradients ∂f_c(x)/∂W and ∇_W ℓ(x), no BN")
+    bs = sorted({b for ln in lines for m in ln.members for b in _table(m, LEMMAS_FILE).get("batch_size", [])})
+    if bs:
+        b = np.array(bs, dtype=float)
+        ax2.plot(b, b, "k:", lw=1.2, label="bound: rank ≤ B")
+        if widest:
+            ax2.axhline(widest, color="0.6", ls="-.", lw=1, label=f"largest possible rank ({widest})")
+    _log_scale(ax2, "x", 2)
+    _log_scale(ax2, "y", 2)
+    ax2.set_xlabel("batch size B")
+    ax2.set_ylabel("rank of ∇_W L_S (max over hidden matrices)")
+    ax2.set_title("(b) Lemma 2: batch-loss gradient, with and without BN")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.text(0.01, 0.005, "solid: freshly initialised network; dashed: after training", fontsize=8)
+
+
+def _own_size(t: pd.DataFrame, batch_size: int) -> pd.DataFrame:
+    """The rows of the run's own B when it was measured, else of its smallest B*."""
+    if not len(t):
+        return t
+    b = batch_size if (t["batch_size"] == batch_size).any() else int(t["batch_size"].min())
+    return t[(t["batch_size"] == b) & (t["kind"] == "hidden")]
+
+
+def _theorem1(fig, lines: list[Line], colors: dict) -> None:
+    ax1, ax2 = fig.subplots(1, 2)
+    for ln in lines:
+        c = colors[ln.key[0]]
+        left, right, ratio = [], [], []
+        for m in ln.members:
+            t = _own_size(_table(m, THEORY_FILE), int(m.spec["batch_size"]))
+            g = t.groupby("epoch") if len(t) else None
+            left.append(g["left"].mean() if g is not None else pd.Series(dtype=float))
+            right.append(g["right"].mean() if g is not None else pd.Series(dtype=float))
+            ratio.append(g["ratio"].median() if g is not None else pd.Series(dtype=float))
+        _plot_series(ax1, ln, left, c, "-", positive=True)
+        _plot_series(ax1, ln, right, c, "--", label=False, positive=True)
+        _plot_series(ax2, ln, ratio, c, "-", label=False, positive=True)
+    _log_scale(ax1)
+    ax1.set_ylabel("mean over hidden matrices")
+    ax1.set_title("(a) left(B*) = ‖W − W_B*‖_F (solid) ≤ right(B*) = min_S ‖G_S‖_F / λ (dashed)")
+    ax2.axhline(1, color="k", ls=":", lw=1.2, label="left = right (the bound)")
+    _log_scale(ax2)
+    ax2.set_ylabel("left / right, median over hidden matrices")
+    ax2.set_title("(b) tightness of Theorem 1")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.text(0.01, 0.005, "B* = the run's own batch size; λ = torch's weight_decay (the paper's 2λ); "
+             "S: the sampled batches of size B*", fontsize=8)
