@@ -35,7 +35,8 @@ def test_train_writes_runs_and_shows_progress(tmp_path):
     assert len(runs) == 2
     for run in runs:
         assert sorted(os.listdir(tmp_path / "runs" / run)) == [
-            "layers.parquet", "metrics.parquet", "run.json", "spectra.npz"]
+            "layers.parquet", "lemmas.parquet", "metrics.parquet", "run.json", "spectra.npz",
+            "theory.parquet"]
 
 
 @pytest.mark.parametrize("bad, key", [({"model": "CNN-2-8"}, "model"), ({"arch": "transformer"}, "arch"),

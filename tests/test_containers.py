@@ -476,4 +476,4 @@ def test_partition_file_routes_training_to_the_gpu_partition():
 def test_data_figures_and_claims_run_on_the_submitting_host():
     rules = ROOT / "workflow" / "rules"
     for name in ("data", "figures", "claims"):
-        assert re.search(r"^    localrule: True$", (rules / f"{name}.smk").read_text(), re.M), name
+        assert re.search(r"^\s+localrule: True$", (rules / f"{name}.smk").read_text(), re.M), name

@@ -85,7 +85,7 @@ def test_first_steps_equal_torch_sgd_float64(model, synthetic64):
 
 
 @pytest.mark.parametrize("stepper", ["eager", "static-buffers"])
-@pytest.mark.parametrize("batch", [(32, 32, 32), (16, 32, 64)])
+@pytest.mark.parametrize("batch", [32, 100])
 def test_momentum_buffers_equal_torch_sgd_state_float64(stepper, batch, synthetic64):
     """After 3 steps every member's momentum buffers, not only its parameters, equal
     torch.optim.SGD's `momentum_buffer` state, for each way the engine can step (the
@@ -225,7 +225,8 @@ def test_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):
 
 def test_diverged_member_is_recorded_and_does_not_disturb_others(synthetic, tmp_path):
     ok = RunSpec(dataset="synthetic", arch="mlp", depth=2, width=16, batch_size=32, lr=0.05, epochs=3, seed=0)
-    bad = RunSpec(dataset="synthetic", arch="mlp", depth=2, width=16, batch_size=32, lr=1e4, epochs=3, seed=1)
+    bad = RunSpec(dataset="synthetic", arch="mlp", depth=2, width=16, batch_size=32, lr=1e4, epochs=3, seed=1,
+                  weight_decay=0.0)
     train_pack([ok], tmp_path / "alone", device="cpu", dataset=synthetic, progress=False)
     train_pack([ok, bad], tmp_path / "both", device="cpu", dataset=synthetic, progress=False)
     b = Run(tmp_path / "both" / bad.run_id)
