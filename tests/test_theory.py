@@ -12,7 +12,8 @@ import yaml
 from fabricate import fabricate
 from rankbias import audit, claims as C, figures as F, metrics as M, sweep
 from rankbias import theory as T
-from rankbias.reference import build_net, loss_fn, train_reference
+from rankbias.models import build_net, loss_fn, matrices
+from rankbias.reference import train_reference
 from rankbias.results import Run, load_runs
 from rankbias.spec import RunSpec, SpecError
 from rankbias.train import train_pack
@@ -73,13 +74,13 @@ def test_per_sample_gradients_match_an_autograd_loop_and_have_rank_one(model, sy
         for c in range(10):
             net.zero_grad()
             net(X[s:s + 1])[0, c].backward()
-            for name, kind, w in net.matrices():
+            for name, kind, w in matrices(net):
                 p = dict((sh, full) for sh, _, full in fn.matrices)[name]
                 torch.testing.assert_close(jac[p][s, c], w.grad)
                 assert np_rank(w.grad) <= 1 and np_rank(w.grad) == T.gradient_ranks(jac[p][s, c])
         net.zero_grad()
         loss_fn("ce", net(X[s:s + 1]), Y[s:s + 1]).backward()
-        for name, _, w in net.matrices():
+        for name, _, w in matrices(net):
             p = dict((sh, full) for sh, _, full in fn.matrices)[name]
             torch.testing.assert_close(lg[p][s], w.grad)
             assert np_rank(w.grad) == 1 == T.gradient_ranks(lg[p][s])
@@ -101,7 +102,7 @@ def test_batch_gradients_match_autograd_and_rank_is_at_most_b(model, synthetic64
         g = fn.batch_grads({n: t.unsqueeze(0) for n, t in params.items()}, X[idx].unsqueeze(0), Y[idx].unsqueeze(0))
         net.zero_grad()
         loss_fn("ce", net(X[idx]), Y[idx]).backward()
-        for name, _, w in net.matrices():
+        for name, _, w in matrices(net):
             p = dict((sh, full) for sh, _, full in fn.matrices)[name]
             torch.testing.assert_close(g[p][0], w.grad)
             r = np_rank(w.grad)

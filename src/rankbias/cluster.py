@@ -131,7 +131,7 @@ def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     # Each logged epoch (epoch 0 included) evaluates train and test sets and
     # decomposes every matrix of every member.
     logged = first.epochs // first.log_every + 1
-    eval_flops = 2.0 * macs * (train + test) * k
+    eval_flops = 2.0 * sum(layer.macs for layer in spec_layers(first)[0]) * (train + test) * k
     eval_batches = math.ceil((train + test) / 1024)
     eval_seconds = eval_flops / cost.flops_per_second + eval_batches * n_layers * 4 * cost.seconds_per_op
     svd_seconds = k * sum(cost.svd_seconds + 4.0 * max(o, i) * min(o, i) ** 2 / cost.svd_flops_per_second

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from . import models
 from .batched import BatchContext, batched

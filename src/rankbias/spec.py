@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -145,7 +144,7 @@ class RunSpec:
         """An epoch over n samples cuts into batches this run can train on."""
         if self.batch_size > n:
             raise SpecError(f"batch_size: {self.batch_size} exceeds the {n} training examples{where}")
-        if self.arch.endswith("_bn") and not self.drop_last and n % self.batch_size == 1:
+        if families.family(self.arch).batchnorm and not self.drop_last and n % self.batch_size == 1:
             raise SpecError(f"batch_size: {self.batch_size} leaves a last batch of 1 of the {n} training "
                             f"examples{where}, and BatchNorm cannot train on one sample; choose another "
                             "batch_size or set drop_last: true")

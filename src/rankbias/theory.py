@@ -39,7 +39,8 @@ import torch
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 
 from . import metrics as M
-from .reference import build_net, loss_fn
+from . import families, models
+from .models import build_net, loss_fn
 from .spec import RunSpec
 
 THEORY_FILE = "theory.parquet"
@@ -109,15 +110,17 @@ class FunctionalNet:
     in the compiler stack, seconds of imports in every training job.)
 
     ``matrices`` are the fully connected weight matrices, as (short name, kind,
-    parameter name) in ``Net.matrices()`` order."""
+    parameter name) in ``models.matrices`` order: the 2-D weights that are parameters of
+    their own (a weight-normed matrix is computed from two, a kernel is no matrix)."""
 
     def __init__(self, spec: RunSpec, in_dim: int, num_classes: int):
         net = build_net(spec, in_dim, num_classes)
         replace_all_batch_norm_modules_(net)     # batch statistics, no running ones
         self.net = net.train()
-        self.loss, self.bn, self.num_classes = spec.loss, spec.arch.endswith("_bn"), num_classes
+        self.loss, self.bn, self.num_classes = spec.loss, families.family(spec.arch).batchnorm, num_classes
         full = {id(p): n for n, p in net.named_parameters()}
-        self.matrices = [(short, kind, full[id(w)]) for short, kind, w in net.matrices() if w.dim() == 2]
+        self.matrices = [(short, kind, full[id(w)]) for short, kind, w in models.matrices(net)
+                         if kind != "conv" and id(w) in full]
 
     def logits(self, params: dict[str, torch.Tensor], x: torch.Tensor, lead: int) -> torch.Tensor:
         """params [*L, ...], x [*L, b, D] (len(L) == lead) -> logits [*L, b, C]."""
@@ -299,7 +302,8 @@ def reference_theory_rows(net: torch.nn.Module, spec: RunSpec, X, Y, epoch: int)
     batch (on a copy, in training mode) and numpy's SVD. Tests hold the engine to it."""
     import copy
     net = copy.deepcopy(net).train()
-    mats = [(s, k, w) for s, k, w in net.matrices() if w.dim() == 2]
+    full = {id(p) for p in net.parameters()}
+    mats = [(s, k, w) for s, k, w in models.matrices(net) if k != "conv" and id(w) in full]
     rows = []
     for b in spec.theory_batch_sizes:
         idx = theory_batch_indices(spec, epoch, X.shape[0], b, spec.theory_batches)
