@@ -97,6 +97,8 @@ def test_pack_matches_reference_run_float64(model, synthetic64, tmp_path):
             for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
                 np.testing.assert_allclose(m.loc[e, key], row[key], rtol=1e-9, atol=1e-12)
             for i, name in enumerate(run.layer_names):
+                if kinds[name] == "conv_operator":
+                    continue                               # below
                 ref = row["matrices"][name].numpy()
                 if kinds[name] == "conv":
                     assert ref.ndim == 2 and ref.shape[1] > 6   # in * kh * kw
@@ -104,6 +106,21 @@ def test_pack_matches_reference_run_float64(model, synthetic64, tmp_path):
                 np.testing.assert_allclose(run.spectra[f"sv_{i}"][e], sv_ref, rtol=0,
                                            atol=1e-9 * sv_ref.max(), err_msg=f"{name} epoch {e}")
         assert run.mean_rank().notna().all()
+        # each convolution's operator spectrum: the stored kernel's, by the FFT method, on the
+        # input size the model's layer table gives, at the layer's stride
+        convs = {layer.name: layer for layer in models.spec_layers(spec)[0] if layer.kind == "conv"}
+        net = build_net(spec, ds.input_dim, ds.num_classes)
+        paths = {name: path for name, kind, path in models.matrix_paths(net) if kind == "conv"}
+        names = list(run.layer_names)
+        for name, layer in convs.items():
+            module = net.get_submodule(paths[name])
+            i = names.index(f"{name}:operator")
+            for e, row in enumerate(hist):
+                kernel = row["matrices"][name].reshape(module.weight.shape)
+                want = M.conv_operator_singular_values(kernel, layer.input_size, module.stride[0]).numpy()
+                np.testing.assert_allclose(run.spectra[f"sv_{i}"][e], want, rtol=0, atol=1e-9 * want.max())
+        if convs:
+            assert run.hidden_ranks(conv="operator")[0].notna().all()
 
 
 def test_conv_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):

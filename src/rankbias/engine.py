@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 
+from . import metrics as M
 from . import models
 from .batched import BatchContext, batched
 from .models import build_net, epoch_order, loss_fn
@@ -62,6 +63,10 @@ class Pack:
         self._matrix_layers = {name: self.model.get_submodule(path)
                                for name, _, path in models.matrix_paths(nets[0])}
         self.activation_size = models.spec_layers(s0)[2]
+        # Every convolution also as the linear operator it is on its input (rank.conv:
+        # operator): (stored name, its batched layer, input size).
+        self.operators = [(f"{layer.name}:operator", self._matrix_layers[layer.name], layer.input_size)
+                          for layer in models.spec_layers(s0)[0] if layer.kind == "conv"]
 
         self.dtype = self.plist[0].dtype
 
@@ -78,6 +83,12 @@ class Pack:
     def weight(self, matrix: str) -> torch.Tensor:
         """[K, out, in]: every member's matrix (a kernel reshaped, a weight-normed weight)."""
         return self._matrix_layers[matrix].matrix()
+
+    @torch.no_grad()
+    def operator_spectra(self) -> dict[str, torch.Tensor]:
+        """Every member's singular values of each convolution's operator, [K, n] by name."""
+        return {name: M.conv_operator_singular_values(conv.w, hw, conv.stride[0])
+                for name, conv, hw in self.operators}
 
     def forward(self, x, train: bool = False, step: "StepInputs | None" = None):
         self.ctx.train, self.ctx.step = train, step

@@ -91,7 +91,9 @@ class Recorder:
         self.pack, self.ds = pack, dataset
         self.metrics: list[list[dict]] = [[] for _ in range(pack.K)]
         self.layers: list[list[dict]] = [[] for _ in range(pack.K)]
-        self.spectra: list[dict[str, list]] = [{m: [] for m, _ in pack.matrices} for _ in range(pack.K)]
+        # what spectra are stored of: every matrix, then every convolution's operator
+        self.entries = pack.matrices + [(name, "conv_operator") for name, _, _ in pack.operators]
+        self.spectra: list[dict[str, list]] = [{m: [] for m, _ in self.entries} for _ in range(pack.K)]
         self.logged_epochs: list[int] = []
         self.diverged: list[dict | None] = [None] * pack.K
 
@@ -137,6 +139,7 @@ class Recorder:
             if logged:
                 sv[m] = M.singular_values(w).cpu().numpy()
         if logged:
+            sv.update({m: s.cpu().numpy() for m, s in pack.operator_spectra().items()})
             tr_loss, tr_acc = (t.cpu().numpy() for t in pack.evaluate(self.ds.x_train, self.ds.y_train))
             te_loss, te_acc = (t.cpu().numpy() for t in pack.evaluate(self.ds.x_test, self.ds.y_test))
             self.logged_epochs.append(epoch)
@@ -146,12 +149,16 @@ class Recorder:
         mean_ranks = []
         for k, spec in enumerate(pack.specs):
             hidden_ranks = []
-            for i, (m, kind) in enumerate(pack.matrices):
+            for i, (m, kind) in enumerate(self.entries):
                 if logged:
                     s = np.full_like(sv[m][k], np.nan) if dead[k] else sv[m][k]
                     self.spectra[k][m].append(s)
                     if kind in ("hidden", "conv") and not dead[k]:   # kernels: rank.conv's default
                         hidden_ranks.append(int(M.rank(s)))
+                if kind == "conv_operator":     # its kernel's row has the distance and norm
+                    self.layers[k].append({"epoch": epoch, "layer": m, "index": i, "kind": kind,
+                                           "distance": float("nan"), "weight_norm": float("nan")})
+                    continue
                 self.layers[k].append({"epoch": epoch, "layer": m, "index": i, "kind": kind,
                                        "distance": _nan_if(dead[k], dist[m][k]),
                                        "weight_norm": _nan_if(dead[k], norms[m][k])})
@@ -186,8 +193,8 @@ class Recorder:
 
     def frames(self, k: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray]]:
         spectra = {"epochs": np.array(self.logged_epochs, dtype=np.int64),
-                   "layers": np.array([m for m, _ in self.pack.matrices])}
-        for i, (m, _) in enumerate(self.pack.matrices):
+                   "layers": np.array([m for m, _ in self.entries])}
+        for i, (m, _) in enumerate(self.entries):
             spectra[f"sv_{i}"] = np.stack(self.spectra[k][m]).astype(np.float64)
         return pd.DataFrame(self.metrics[k]), pd.DataFrame(self.layers[k]), spectra
 
