@@ -156,8 +156,8 @@ def test_batch_larger_than_the_subset_fails_at_plan_time():
 
 
 def test_the_planner_imports_no_torch():
-    """Snakemake imports the planner on every parse (dry runs, --lint, each SLURM job):
-    it must stay light. What the Snakefile and the rules import, in a fresh process."""
+    """What the Snakefile and the rules import, in a fresh process, pulls in no torch:
+    torch comes in only when a model's layer table is first needed."""
     import subprocess
     import sys
     code = ("import sys; import rankbias.sweep, rankbias.cluster, rankbias.data, rankbias.spec; "
