@@ -29,7 +29,7 @@ reproduce: $(STAMP)
 	start=$$(date +%s) && $(WITH_VENV) "$(BIN)/snakemake" --cores $(CORES) $(SNAKEMAKE_ARGS) && \
 	  $(WITH_VENV) "$(BIN)/rankbias" timing --since $$start --cores $(CORES)
 	@echo
-	@echo "Figures: $$PWD/results/figures/ (fig1 ... fig7, figT1, figT2, figR, figS; .png and .pdf)"
+	@echo "Figures: $$PWD/results/figures/fig1.png ... (fig1-fig8, figT1, figT2, figR, figS; .png and .pdf)"
 	@echo "Claims:  $$PWD/results/claims.md"
 
 # Every test, the slow integration tests (real snakemake, dvc, slurm) included.

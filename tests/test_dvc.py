@@ -192,8 +192,9 @@ def test_metrics_are_the_claims_verdicts_and_effects(committed):
     assert {c["id"]: c["verdict"] for c in claims} == {
         k.split(".")[0]: v for k, v in metrics.items() if k.endswith(".verdict") and k.count(".") == 1}
     c1 = next(c for c in claims if c["id"] == "C1")
-    if c1["mean_spearman_in_claimed_direction"] is not None:
-        assert metrics["C1.mean_spearman_in_claimed_direction"] == c1["mean_spearman_in_claimed_direction"]
+    mean = c1["spearman_in_claimed_direction"]["mean"]
+    if mean is not None:
+        assert metrics["C1.spearman_in_claimed_direction.mean"] == mean
     assert metrics["runs.judged"] == json.loads((committed / "results/claims.json").read_text())["runs"]["judged"]
     assert all(isinstance(v, (str, int, float)) for v in metrics.values())
 

@@ -81,6 +81,8 @@ FIGURE_CLAIMS = {
     "fig5": ("C1", "C2", "C5"),
     "fig6": ("C6",),
     "fig7": ("C6",),
+    "figT1": ("T1", "T2"),
+    "figT2": ("T3",),
 }
 
 
@@ -665,7 +667,7 @@ def html(result: dict) -> str:
 
 def metrics(result: dict) -> dict:
     """The verdicts and measured effects as one flat mapping, for `dvc metrics show` and
-    `dvc exp show`: ``C1.verdict``, ``C1.mean_spearman_in_claimed_direction``,
+    `dvc exp show`: ``C1.verdict``, ``C1.spearman_in_claimed_direction.mean``,
     ``C3.lambda0.min_final_over_initial``, ... Numbers (one level of nesting deep) and
     verdicts only; per-group lists, texts and unmeasured (null) values are left out."""
     flat: dict[str, str | int | float] = {}
