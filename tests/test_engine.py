@@ -3,11 +3,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from conftest import sgd_references
 
 from rankbias import metrics as M
 from rankbias.engine import Pack
-from rankbias.reference import build_net, epoch_order, loss_fn, train_reference
+from rankbias.reference import epoch_order, loss_fn, train_reference
 from rankbias.results import Run
 from rankbias.spec import RunSpec
 from rankbias.train import train_pack
@@ -62,12 +62,7 @@ def test_first_steps_equal_torch_sgd_float64(model, synthetic64):
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
     plan = pack.epoch_plan(0)
     assert (plan.steps, plan.full_steps, plan.last_idx.shape) == (11, 10, (3, 24))
-    refs = []
-    for spec in specs:
-        net = build_net(spec, ds.input_dim, ds.num_classes).double()
-        opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
-                              weight_decay=spec.weight_decay)
-        refs.append((net, opt, epoch_order(spec, 0, ds.x_train.shape[0]), spec.batch_size))
+    refs = sgd_references(specs, ds)
     for t in range(plan.steps):
         pack.step(plan.inputs(t))
         for net, opt, order, B in refs:
@@ -98,12 +93,7 @@ def test_momentum_buffers_equal_torch_sgd_state_float64(stepper, batch, syntheti
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
     plan = pack.epoch_plan(0)
     step = pack.step if stepper == "eager" else GraphedStep(pack, plan.inputs(0), capture=False)
-    refs = []
-    for spec in specs:
-        net = build_net(spec, ds.input_dim, ds.num_classes).double()
-        opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
-                              weight_decay=spec.weight_decay)
-        refs.append((net, opt, epoch_order(spec, 0, ds.x_train.shape[0]), spec.batch_size))
+    refs = sgd_references(specs, ds)
     for t in range(3):
         step(plan.inputs(t))
         for net, opt, order, B in refs:

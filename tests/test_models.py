@@ -5,11 +5,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import sgd_references
 
 from rankbias import metrics as M
 from rankbias import models, spec as spec_mod
 from rankbias.engine import Pack
-from rankbias.models import build_net, epoch_order, loss_fn
+from rankbias.models import build_net, loss_fn
 from rankbias.reference import train_reference
 from rankbias.results import Run
 from rankbias.spec import RunSpec, SpecError, model_name, parse_model_name
@@ -33,12 +34,7 @@ def _subset(ds, n_train, n_test):
 def _steps_equal_reference(specs, ds, steps, rtol=1e-10, atol=1e-11):
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
     plan = pack.epoch_plan(0)
-    refs = []
-    for spec in specs:
-        net = build_net(spec, ds.input_dim, ds.num_classes).double()
-        opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
-                              weight_decay=spec.weight_decay)
-        refs.append((net, opt, epoch_order(spec, 0, ds.x_train.shape[0]), spec.batch_size))
+    refs = sgd_references(specs, ds)
     for t in range(steps):
         pack.step(plan.inputs(t))
         for net, opt, order, B in refs:
