@@ -62,11 +62,11 @@ class Pack:
         self.matrices = [(name, kind) for name, kind, _ in models.matrix_paths(nets[0])]
         self._matrix_layers = {name: self.model.get_submodule(path)
                                for name, _, path in models.matrix_paths(nets[0])}
-        self.activation_size = models.spec_layers(s0)[2]
+        self.activation_size = s0.layer_table().largest
         # Every convolution also as the linear operator it is on its input (rank.conv:
         # operator): (stored name, its batched layer, input size).
         self.operators = [(f"{layer.name}:operator", self._matrix_layers[layer.name], layer.input_size)
-                          for layer in models.spec_layers(s0)[0] if layer.kind == "conv"]
+                          for layer in s0.layer_table().layers if layer.kind == "conv"]
 
         self.dtype = self.plist[0].dtype
 
