@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,8 @@ class MLP(nn.Module):
         d = math.prod(a.in_shape)
         for i in range(1, a.depth + 1):
             fc = nn.Linear(d if i == 1 else a.width, a.width, bias=a.bias)
-            self.hidden[f"fc{i}"] = weight_norm(fc, dim=None) if wn else fc
+            # torch annotates dim as int but documents dim=None: the norm over the whole matrix
+            self.hidden[f"fc{i}"] = weight_norm(fc, dim=None) if wn else fc  # type: ignore[arg-type]
             self.hidden[f"bn{i}"] = nn.BatchNorm1d(a.width) if bn else nn.Identity()
         self.act = a.act()
         self.out = nn.Linear(a.width, a.num_classes, bias=a.bias)
@@ -108,7 +110,7 @@ class ResidualMLP(nn.Module):
 
 
 def _conv_bn_act(c_in, c_out, a: Arch, bn: bool, kernel=3, stride=1, padding=1, act=True):
-    layers = [nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=a.bias)]
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=a.bias)]
     layers += [nn.BatchNorm2d(c_out)] if bn else []
     layers += [a.act()] if act else []
     return layers
@@ -135,7 +137,7 @@ class ConvNet(nn.Module):
         return self.out(self.flatten(self.features(self.image(x))))
 
 
-VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_LAYERS: tuple[int | Literal["M"], ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
 class VGG16(nn.Module):
@@ -271,7 +273,10 @@ def matrix_paths(net: nn.Module) -> list[tuple[str, str, str]]:
 
 def matrix(module: nn.Module) -> torch.Tensor:
     """A layer's matrix: the (effective, for weight norm) weight, a kernel as [out, in*kh*kw]."""
-    return module.weight.flatten(1)
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise ModelError(f"{type(module).__name__} has no weight tensor to take as a matrix")
+    return weight.flatten(1)
 
 
 def matrices(net: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
@@ -307,7 +312,8 @@ def layers(arch: str, depth: int, width: int, activation: str, bias: bool,
         found = []
         for name, kind, path in matrix_paths(net):
             m = net.get_submodule(path)
-            (in_shape, out_shape), shape = seen[m], tuple(matrix(m).shape)
+            (in_shape, out_shape), (rows, cols) = seen[m], matrix(m).shape
+            shape = (rows, cols)
             positions = math.prod(out_shape[2:]) if kind == "conv" else 1
             found.append(Layer(name, kind, shape, tuple(in_shape[2:]) if kind == "conv" else None,
                                shape[0] * shape[1] * positions))
