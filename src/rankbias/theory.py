@@ -242,8 +242,8 @@ class TheoryRecorder:
         wd = torch.tensor([self.specs[k].weight_decay for k in live], dtype=self.X.dtype, device=dev)
         per_batch = sum(members[p].numel() for _, _, p in self.fn.matrices)   # K elements per batch
         chunk = max(1, GRAD_BUDGET // per_batch)
-        norms = {p: [] for _, _, p in self.fn.matrices}
-        ranks = {p: [] for _, _, p in self.fn.matrices}
+        norms: dict[str, list[np.ndarray]] = {p: [] for _, _, p in self.fn.matrices}
+        ranks: dict[str, list[np.ndarray]] = {p: [] for _, _, p in self.fn.matrices}
         for c0 in range(0, m, chunk):
             ci = idx[:, c0:c0 + chunk]
             stacked = {n: t.unsqueeze(1).expand(t.shape[0], ci.shape[1], *t.shape[1:])
@@ -307,12 +307,14 @@ def reference_theory_rows(net: torch.nn.Module, spec: RunSpec, X, Y, epoch: int)
     rows = []
     for b in spec.theory_batch_sizes:
         idx = theory_batch_indices(spec, epoch, X.shape[0], b, spec.theory_batches)
-        norms = {s: [] for s, _, _ in mats}
-        ranks = {s: [] for s, _, _ in mats}
+        norms: dict[str, list[np.floating]] = {s: [] for s, _, _ in mats}
+        ranks: dict[str, list[int]] = {s: [] for s, _, _ in mats}
         for batch in idx:
             net.zero_grad(set_to_none=True)
             loss_fn(spec.loss, net(X[batch.to(X.device)]), Y[batch.to(X.device)]).backward()
             for s, _, w in mats:
+                if w.grad is None:
+                    raise RuntimeError(f"{s}: no gradient from the batch loss's backward pass")
                 g = w.grad.detach().double().cpu().numpy()
                 norms[s].append(np.linalg.norm(g + spec.weight_decay * w.detach().double().cpu().numpy()))
                 ranks[s].append(int(M.rank(np.linalg.svd(g, compute_uv=False))))
@@ -414,12 +416,12 @@ def _t2(df: pd.DataFrame, th: pd.DataFrame, by_id) -> dict:
     n_grad = len(df) + int(th["n_batches"].sum()) if len(th) else len(df)
     binding = df[df["batch_size"] < df["max_rank"]]
     tight = float((binding["rank"] >= binding["bound"] - 1).mean()) if len(binding) else float("nan")
+    batch_sizes = sorted(int(b) for b in set(df["batch_size"]) | set(th["batch_size"]))
     counts = {"n_gradients": n_grad, "n_matrices": len(pairs.drop_duplicates()),
-              "n_epochs": len(epochs.drop_duplicates()),
-              "batch_sizes": sorted(int(b) for b in set(df["batch_size"]) | set(th["batch_size"])),
+              "n_epochs": len(epochs.drop_duplicates()), "batch_sizes": batch_sizes,
               "fraction_at_bound": None if np.isnan(tight) else round(tight, 3)}
     effect = (f"{n_grad} batch gradients ({counts['n_matrices']} matrices, {counts['n_epochs']} "
-              f"epochs, B in {counts['batch_sizes'][:1] + counts['batch_sizes'][-1:]}); "
+              f"epochs, B in {batch_sizes[:1] + batch_sizes[-1:]}); "
               f"{len(viol)} above B; rank within 1 of B where B < the matrix's size: "
               f"{counts['fraction_at_bound']}")
     rule = ("The rank of the batch-loss gradient of every weight matrix (Frobenius-normalised, "
