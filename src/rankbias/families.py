@@ -70,11 +70,11 @@ def parse_model_name(name: str) -> tuple[str, int, int]:
         if f.fixed and text == f.name:
             return f.arch, *f.fixed
     m = _SIZED.match(text)
-    f = next((f for f in FAMILIES.values() if m and not f.fixed and f.name == m["family"]), None)
-    if f is None:
+    sized = next((f for f in FAMILIES.values() if m and not f.fixed and f.name == m["family"]), None)
+    if m is None or sized is None:
         raise ModelError(f"model: {name!r} is not a model name; expected one of {name_forms()} "
                          "with integers L (depth) and W (width), e.g. MLP-BN-10-100 or CONV-BN-5-64")
-    return f.arch, int(m["depth"]), int(m["width"])
+    return sized.arch, int(m["depth"]), int(m["width"])
 
 
 def model_name(arch: str, depth: int, width: int) -> str:
