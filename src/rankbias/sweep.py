@@ -21,7 +21,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 # Snakemake imports this module on every parse (dry runs, --lint and each SLURM job
 # too), so nothing it imports may pull in torch; tests/test_sweep.py checks.
@@ -39,6 +39,9 @@ from .spec import (
     pack_id,
     pack_steps,
 )
+
+if TYPE_CHECKING:
+    import yaml
 
 # Which spec key makes the panels and which the lines of each figure.
 LAYOUTS: dict[str, dict[str, Any]] = {
@@ -139,11 +142,11 @@ def load_config(path: str | Path) -> dict:
     return raw if raw is not None else {}
 
 
-def _strict_loader():
+def _strict_loader() -> type[yaml.SafeLoader]:
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
             seen: dict = {}
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=True)
