@@ -137,7 +137,12 @@ class BatchNorm(nn.Module):
 
     def forward(self, x):
         ctx, step = self.ctx, self.ctx.step
-        momentum = step.bn_momentum if ctx.train else 0.0
+        momentum = 0.0
+        if ctx.train:
+            if step is None:
+                raise RuntimeError("batched BatchNorm: a training forward needs the step's inputs "
+                                   "(its BN momentum)")
+            momentum = step.bn_momentum
         if self.image:
             # rm, rv are [K, C], contiguous: their flat views share storage, so the
             # fused kernel updates every member's running statistics in place
