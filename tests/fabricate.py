@@ -9,7 +9,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from rankbias import models
 from rankbias.results import write_run
 from rankbias.spec import RunSpec
 
@@ -25,7 +24,7 @@ def fabricate(runs_dir: str | Path, spec: RunSpec, layer_ranks: Sequence[Sequenc
     theory record) as rankbias.theory writes them."""
     E = spec.epochs
     # the stored matrices, named and shaped as the model defines them
-    layers = models.spec_layers(spec)[0]
+    layers = spec.layer_table().layers
     names = [layer.name for layer in layers]
     hidden = [layer for layer in layers if layer.kind != "output"]
     n_hidden = len(hidden)

@@ -105,3 +105,37 @@ def test_bench_json(tmp_path):
     for x in out["results"]:
         assert x["engine"] > 0 and x["reference"] > 0
         assert x["ratio"] == pytest.approx(x["engine"] / x["reference"], rel=0.02)
+
+
+def test_each_command_is_registered_by_the_module_named_for_it():
+    import argparse
+    import importlib
+
+    from rankbias import cli
+
+    for name, module in cli.SUBCOMMANDS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(sub)
+        assert list(sub.choices) == [name], module
+    assert list(cli.build_parser()._subparsers._group_actions[0].choices) == list(cli.SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("args", [["figure", "--help"], ["claims", "--help"], ["audit", "--help"],
+                                  ["timing", "--help"], ["plan", "--help"], ["restore", "--help"]])
+def test_commands_that_read_stored_results_do_not_import_torch(args):
+    """A figure, the claims, the audit and the rest read stored numbers only: their
+    jobs start without torch's import (seconds and hundreds of MB each)."""
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('TORCH-LOADED' if 'torch' in sys.modules else 'TORCH-ABSENT'))\n"
+            "from rankbias.cli import main\n"
+            f"sys.exit(main({args!r}))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "TORCH-ABSENT" in p.stdout, p.stdout + p.stderr
+
+
+def test_top_level_help_lists_every_command():
+    r = rankbias("--help")
+    assert r.returncode == 0
+    from rankbias import cli
+    for name in cli.SUBCOMMANDS:
+        assert f"    {name}" in r.stdout, name

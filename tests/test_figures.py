@@ -9,7 +9,7 @@ import yaml
 
 from fabricate import fabricate
 from rankbias import figures as F
-from rankbias import models, provenance, sweep
+from rankbias import provenance, sweep
 from rankbias.results import Run
 
 CFG = {
@@ -37,7 +37,7 @@ def world(tmp_path):
     p = sweep.plan(CFG)
     runs = tmp_path / "runs"
     for i, (rid, s) in enumerate(sorted(p.specs.items())):
-        n = sum(layer.kind != "output" for layer in models.spec_layers(s)[0])
+        n = sum(layer.kind != "output" for layer in s.layer_table().layers)
         fabricate(runs, s, final_ranks=[max(1, 12 - (i + j) % 7) for j in range(n)])
     return cfg, runs, p
 

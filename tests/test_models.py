@@ -8,7 +8,7 @@ import torch
 from conftest import sgd_references
 
 from rankbias import metrics as M
-from rankbias import models, spec as spec_mod
+from rankbias import families, models, spec as spec_mod
 from rankbias.engine import Pack
 from rankbias.models import build_net, loss_fn
 from rankbias.reference import train_reference
@@ -104,7 +104,7 @@ def test_pack_matches_reference_run_float64(model, synthetic64, tmp_path):
         assert run.mean_rank().notna().all()
         # each convolution's operator spectrum: the stored kernel's, by the FFT method, on the
         # input size the model's layer table gives, at the layer's stride
-        convs = {layer.name: layer for layer in models.spec_layers(spec)[0] if layer.kind == "conv"}
+        convs = {layer.name: layer for layer in spec.layer_table().layers if layer.kind == "conv"}
         net = build_net(spec, ds.input_dim, ds.num_classes)
         paths = {name: path for name, kind, path in models.matrix_paths(net) if kind == "conv"}
         names = list(run.layer_names)
@@ -159,7 +159,8 @@ def test_new_names_parse_both_ways(name, parsed):
 @pytest.mark.parametrize("model", ["CONV-BN-5-64", "VGG-16", "RESNET-18", "MLP-WN-3-32"])
 def test_every_family_plans_on_every_dataset(model, dataset):
     spec = RunSpec.from_dict({"model": model, "dataset": dataset})
-    layers, params, _ = models.spec_layers(spec)
+    table = spec.layer_table()
+    layers, params = table.layers, table.params
     assert params > 0 and layers[-1].name == "out" and layers[-1].kind == "output"
     channels = spec_mod.DATASET_SHAPES[dataset][0]
     if model != "MLP-WN-3-32":
@@ -168,15 +169,72 @@ def test_every_family_plans_on_every_dataset(model, dataset):
 
 
 def test_layers_give_conv_input_sizes():
-    layers = models.spec_layers(RunSpec.from_dict({"model": "CONV-BN-2-8", "dataset": "mnist"}))[0]
+    layers = RunSpec.from_dict({"model": "CONV-BN-2-8", "dataset": "mnist"}).layer_table().layers
     assert [(l.kind, l.shape, l.input_size) for l in layers] == [
         ("conv", (8, 1 * 2 * 2), (32, 32)), ("conv", (8, 8 * 2 * 2), (16, 16)),
         ("conv", (8, 8 * 9), (8, 8)), ("conv", (8, 8 * 9), (8, 8)), ("output", (10, 8 * 8 * 8), None)]
-    vgg = models.spec_layers(RunSpec.from_dict({"model": "VGG-16", "dataset": "cifar10"}))[0]
+    vgg = RunSpec.from_dict({"model": "VGG-16", "dataset": "cifar10"}).layer_table().layers
     assert sum(l.kind == "conv" for l in vgg) == 13 and vgg[-1].shape == (10, 512)
-    resnet = models.spec_layers(RunSpec.from_dict({"model": "RESNET-18", "dataset": "cifar10"}))
-    assert sum(l.kind == "conv" for l in resnet[0]) == 20      # 1 + 16 + 3 shortcuts
-    assert 11_000_000 < resnet[1] < 11_300_000                 # ResNet-18's 11.2M parameters
+    resnet = RunSpec.from_dict({"model": "RESNET-18", "dataset": "cifar10"}).layer_table()
+    assert sum(l.kind == "conv" for l in resnet.layers) == 20      # 1 + 16 + 3 shortcuts
+    assert 11_000_000 < resnet.params < 11_300_000                 # ResNet-18's 11.2M parameters
+
+
+def _traced_table(arch, depth, width, bias, image_shape, classes=10):
+    """The layer table read off the module itself: one forward pass on the meta device
+    (no memory, no arithmetic), hooks recording what every module sees and gives."""
+    import math
+    with torch.device("meta"):
+        net = models.build(arch, depth, width, "relu", bias, image_shape, classes)
+        n, seen, largest = 7, {}, [0]
+
+        def hook(module, inputs, output):
+            if inputs and inputs[0].dim() and inputs[0].shape[0] == n:   # not a weight-norm parametrisation
+                seen[module] = (tuple(inputs[0].shape), tuple(output.shape))
+                largest.append(math.prod(output.shape[1:]))
+
+        handles = [m.register_forward_hook(hook) for m in net.modules() if m is not net]
+        try:
+            net(torch.empty(n, math.prod(image_shape)))
+        except RuntimeError:
+            return None                                     # the model does not fit
+        finally:
+            for h in handles:
+                h.remove()
+        found = []
+        for name, kind, path in models.matrix_paths(net):
+            m = net.get_submodule(path)
+            (in_shape, out_shape), shape = seen[m], tuple(models.matrix(m).shape)
+            positions = math.prod(out_shape[2:]) if kind == "conv" else 1
+            found.append(families.Layer(name, kind, shape, tuple(in_shape[2:]) if kind == "conv" else None,
+                                        shape[0] * shape[1] * positions))
+        return families.LayerTable(tuple(found), sum(p.numel() for p in net.parameters()), max(largest))
+
+
+_SIZES = {"mlp": [(1, 5), (3, 16)], "mlp_bn": [(2, 7)], "mlp_wn": [(1, 4), (3, 9)], "res": [(1, 6), (2, 3)],
+          "res_bn": [(2, 5)], "conv": [(0, 3), (2, 5)], "conv_bn": [(0, 4), (3, 6)],
+          "vgg16": [(16, 64)], "resnet18": [(18, 64)]}
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("arch", families.ARCHS)
+def test_layer_table_equals_the_module_itself(arch):
+    """The torch-free table the planner reads equals what the module's own forward pass
+    gives, for every family (a new family without a table, or a table that drifts from
+    its module, fails here), on image shapes that fit and that do not."""
+    assert set(families.ARCHS) == set(_SIZES)
+    shapes = [(1, 32, 32), (3, 32, 32), (1, 28, 28), (3, 9, 13), (2, 3, 8), (1, 2, 2)]
+    if arch in ("vgg16", "resnet18"):
+        shapes = [(3, 32, 32), (1, 40, 36), (3, 28, 28), (3, 16, 16), (1, 64, 64), (3, 5, 7)]
+    for depth, width in _SIZES[arch]:
+        for shape in shapes:
+            for bias in (True, False):
+                want = _traced_table(arch, depth, width, bias, shape)
+                if want is None:
+                    with pytest.raises(families.ModelError, match="does not fit"):
+                        families.layers(arch, depth, width, bias, shape, 10)
+                else:
+                    assert families.layers(arch, depth, width, bias, shape, 10) == want, (depth, width, shape, bias)
 
 
 @pytest.mark.parametrize("raw,key", [

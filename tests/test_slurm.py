@@ -53,6 +53,11 @@ def slurm_cluster():
         stop = subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, text=True,
                               env=_env(), timeout=300)
         print(stop.stdout, stop.stderr)
+        # the machine as it was found: a leftover slurm.conf naming the stopped controller
+        # would make every later Snakemake start wait on `scontrol show config`
+        if "slurm: wrote /etc/slurm/slurm.conf" in start.stdout:
+            assert "slurm: removed /etc/slurm/slurm.conf" in stop.stdout, stop.stdout + stop.stderr
+            assert not Path("/etc/slurm/slurm.conf").exists()
 
 
 def _snakemake(workdir: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:

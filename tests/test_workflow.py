@@ -177,6 +177,25 @@ def test_dry_runs_and_lint_with_another_config_write_nothing(done):
     assert _dry_run(wd, "--configfile", TEST_CONFIG) == {}
 
 
+@pytest.mark.parametrize("configfile", [TEST_CONFIG, "config/config.yaml"])
+def test_parsing_imports_no_torch(done, configfile):
+    """What Snakemake imports and computes on every parse (here a dry run, in Snakemake's
+    own process): the plan, each pack's cost and memory estimates, the shape checks,
+    for the tiny pipeline that is done and for the quick profile (a conv model among
+    them) that is not; torch stays out."""
+    wd, _ = done
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('TORCH-LOADED' if 'torch' in sys.modules else 'TORCH-ABSENT'))\n"
+            "from snakemake.cli import main\n"
+            f"sys.argv = ['snakemake', '-n', '--cores', '1', '--configfile', {configfile!r}]\n"
+            "main()\n")
+    p = subprocess.run([str(BIN / "python"), "-c", code], cwd=wd, capture_output=True, text=True, timeout=600,
+                       check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "TORCH-ABSENT" in out, out[-3000:]
+    assert ("Nothing to be done" in out) == (configfile == TEST_CONFIG), out[-3000:]
+
+
 def test_running_jobs_read_the_config_they_were_planned_with(done, tmp_path):
     """Dry runs with another config while the figure and claims jobs run: every figure
     still draws all its planned runs, the claims miss none, and the pipeline is then

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from . import theory
+from . import theory_verdicts
 from .results import Run, atomic_write_bytes, atomic_write_json
 from .spec import RunSpec
 
@@ -566,7 +566,7 @@ def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float 
         res = fn(summaries, t)
         res["intervals"] = {k: e.to_dict() for k, e in res["intervals"].items()}
         claims.append({"id": cid, "statement": STATEMENTS[cid], **res})
-    claims += theory.verdicts([r for r in runs if not r.diverged])
+    claims += theory_verdicts.verdicts([r for r in runs if not r.diverged])
     return {"claims": claims, "rank": {"normalise": normalise, "tol": tol, "conv": conv}, "thresholds": t,
             "runs": {"available": len(runs), "judged": len(summaries), "diverged": len(diverged),
                      "missing": len(missing)},

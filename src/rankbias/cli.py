@@ -24,33 +24,39 @@ The Snakemake workflow in the repository calls these commands; to run everything
 Then `rankbias audit results/figures/fig2.png` shows what made a figure.
 `rankbias COMMAND --help` describes one command."""
 
-# Modules that contribute subcommands, in the order `rankbias --help` lists them.
-SUBCOMMAND_MODULES = (
-    "rankbias.train",
-    "rankbias.bench",
-    "rankbias.data",
-    "rankbias.sweep",
-    "rankbias.figures",
-    "rankbias.claims",
-    "rankbias.audit",
-    "rankbias.restore",
-    "rankbias.timing",
-)
+# Each subcommand and the module that registers it, in the order `rankbias --help` lists
+# them. Only the module of the command given is imported, so `rankbias figure` and the
+# other commands that read stored results never import torch (`tests/test_cli.py` checks
+# that every module registers the command named here).
+SUBCOMMANDS = {
+    "train": "rankbias.train",
+    "bench": "rankbias.bench",
+    "data": "rankbias.data",
+    "plan": "rankbias.sweep",
+    "figure": "rankbias.figures",
+    "claims": "rankbias.claims",
+    "audit": "rankbias.audit",
+    "restore": "rankbias.restore",
+    "timing": "rankbias.timing",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or of `command`'s alone."""
     parser = argparse.ArgumentParser(prog="rankbias", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for name, module in SUBCOMMANDS.items():
+        if command in (None, name):
+            importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     startup, t0, rc = timing.process_age(), time.perf_counter(), 1
     try:

@@ -26,14 +26,6 @@ from typing import MutableMapping, Sequence
 from .spec import DATASET_DIMS, RunSpec, SpecError, check_pack, pack_steps
 
 
-def spec_layers(spec: RunSpec):
-    """The run's layer table (`rankbias.models.spec_layers`), read off the model itself by a
-    forward pass on the meta device: torch is imported on first use only, not with this
-    module."""
-    from .models import spec_layers as layers
-    return layers(spec)
-
-
 @dataclass(frozen=True)
 class CostModel:
     flops_per_second: float       # effective dense throughput (fp32) for these small matmuls
@@ -59,12 +51,12 @@ MIN_MINUTES = 10          # ... and never below ten minutes (queueing, slow file
 def _matrices(spec: RunSpec) -> list[tuple[int, int]]:
     """(out, in) shapes of every stored matrix of the model (a kernel as [out, in*kh*kw]),
     output layer included."""
-    return [layer.shape for layer in spec_layers(spec)[0]]
+    return [layer.shape for layer in spec.layer_table().layers]
 
 
 def _parameter_count(spec: RunSpec) -> int:
     """Parameters of one member, as the model has them."""
-    return spec_layers(spec)[1]
+    return spec.layer_table().params
 
 
 def step_flops(specs: Sequence[RunSpec]) -> float:
@@ -74,7 +66,7 @@ def step_flops(specs: Sequence[RunSpec]) -> float:
     2 FLOPs forward, 2 for the input gradient and 2 for the weight's gradient; the first
     layer's input gradient is never formed (the data needs none). A pack steps every
     member at its largest batch size."""
-    layers = spec_layers(specs[0])[0]
+    layers = specs[0].layer_table().layers
     b_max = max(s.batch_size for s in specs)
     per_example = 6 * sum(layer.macs for layer in layers) - 2 * layers[0].macs
     return float(len(specs) * b_max * per_example)
@@ -131,7 +123,7 @@ def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     # Each logged epoch (epoch 0 included) evaluates train and test sets and
     # decomposes every matrix of every member.
     logged = first.epochs // first.log_every + 1
-    eval_flops = 2.0 * sum(layer.macs for layer in spec_layers(first)[0]) * (train + test) * k
+    eval_flops = 2.0 * sum(layer.macs for layer in first.layer_table().layers) * (train + test) * k
     eval_batches = math.ceil((train + test) / 1024)
     eval_seconds = eval_flops / cost.flops_per_second + eval_batches * n_layers * 4 * cost.seconds_per_op
     svd_seconds = k * sum(cost.svd_seconds + 4.0 * max(o, i) * min(o, i) ** 2 / cost.svd_flops_per_second
@@ -160,7 +152,7 @@ def estimate_mem_mb(specs: Sequence[RunSpec]) -> int:
     first = specs[0]
     train, test = first.sizes()
     data = 4 * (train + test) * DATASET_DIMS[first.dataset]
-    params = 4 * 3 * len(specs) * spec_layers(first)[1]
+    params = 4 * 3 * len(specs) * first.layer_table().params
     return 2048 + (2 * (data + params)) // 2**20
 
 

@@ -62,11 +62,11 @@ class Pack:
         self.matrices = [(name, kind) for name, kind, _ in models.matrix_paths(nets[0])]
         self._matrix_layers = {name: matrix_layer(self.model, path)
                                for name, _, path in models.matrix_paths(nets[0])}
-        self.activation_size = models.spec_layers(s0)[2]
+        self.activation_size = s0.layer_table().largest
         # Every convolution also as the linear operator it is on its input (rank.conv:
         # operator): (stored name, its batched layer, input size).
         self.operators: list[tuple[str, Conv2d, tuple[int, int]]] = []
-        for layer in models.spec_layers(s0)[0]:
+        for layer in s0.layer_table().layers:
             if layer.kind == "conv":
                 conv = self._matrix_layers[layer.name]
                 # a convolution's batched form is a Conv2d, and its layer records its input size

@@ -2,18 +2,22 @@
 rank, stable rank, SGD noise.
 
 Spectra are the stored raw fact; ranks are derived from them at any
-(normalisation, tolerance), so re-thresholding never retrains.
+(normalisation, tolerance), so re-thresholding never retrains. The ranks are numpy
+only; torch is imported by the functions that take tensors (training calls them), so
+that drawing figures and judging claims from stored spectra never loads it.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .spec import CONV_SPECTRA, DEFAULT_CONV, DEFAULT_NORMALISE, DEFAULT_TOL, NORMALISATIONS  # noqa: F401
 
+if TYPE_CHECKING:
+    import torch
 
-@torch.no_grad()
+
 def singular_values(w: torch.Tensor) -> torch.Tensor:
     """Singular values of a stack of matrices [..., m, n], float64, descending.
 
@@ -21,6 +25,8 @@ def singular_values(w: torch.Tensor) -> torch.Tensor:
     batched eigvalsh instead of an SVD per matrix. Absolute error is about
     1e-15 * sigma_max**2 / sigma, far below any rank tolerance in use.
     """
+    import torch
+
     w = w.detach().to(torch.float64)
     m, n = w.shape[-2], w.shape[-1]
     gram = w @ w.transpose(-1, -2) if m <= n else w.transpose(-1, -2) @ w
@@ -39,7 +45,6 @@ def conv_kernel_matrix(kernel: torch.Tensor) -> torch.Tensor:
     return kernel.reshape(*kernel.shape[:-3], -1)
 
 
-@torch.no_grad()
 def conv_operator_singular_values(kernel: torch.Tensor, input_hw: tuple[int, int],
                                   stride: int = 1) -> torch.Tensor:
     """Every singular value of a 2-D convolution's linear operator on (h, w) inputs.
@@ -71,6 +76,9 @@ def conv_operator_singular_values(kernel: torch.Tensor, input_hw: tuple[int, int
     Frobenius norm and then count operator singular values above the tolerance, so
     their tol is this spectrum's "fro"-normalised tol times sqrt(h w / s**2).
     """
+    import torch
+    import torch.nn.functional as F
+
     h, w = (int(v) for v in input_hw)
     if kernel.dim() not in (4, 5):
         raise ValueError(f"kernel: expected [out, in, kh, kw] or [K, out, in, kh, kw], "
@@ -132,9 +140,10 @@ def stable_rank(sv: np.ndarray) -> np.ndarray:
         return (sv ** 2).sum(-1) / sv.max(-1) ** 2
 
 
-@torch.no_grad()
 def relative_distance(w_prev: torch.Tensor, w_next: torch.Tensor) -> torch.Tensor:
     """||W_next - W_prev||_F / ||W_prev||_F over the last two dims (float64)."""
+    import torch
+
     a = w_prev.detach().to(torch.float64)
     b = w_next.detach().to(torch.float64)
     return torch.linalg.matrix_norm(b - a) / torch.linalg.matrix_norm(a)

@@ -4,8 +4,10 @@ A model is a plain `nn.Module` built from standard torch layers (Linear, Conv2d,
 BatchNorm, weight norm, pooling). The reference loop trains it as it is; the batched
 engine runs the same module's forward with its layers swapped for batched ones
 (`rankbias.batched`); the stored matrices, the cost model, the plan-time shape
-checks and the test fabricator read its layers (`layers`). Adding a model is a
-class here and an entry in `rankbias.families.FAMILIES`.
+checks and the test fabricator read its layer table, which `rankbias.families.layers`
+computes from the shapes alone (no torch at planning time; a test checks each table
+against the module's own forward pass on the meta device). Adding a model is a class
+here, its table and an entry in `rankbias.families.FAMILIES`.
 
 Inputs arrive flattened, [N, C*H*W]; a model that sees images unflattens them with
 `nn.Unflatten` and flattens before its head with `nn.Flatten`, so the engine knows
@@ -13,10 +15,8 @@ where the image part of a network begins and ends.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from .families import (  # noqa: F401 (the registry, re-exported)
     ARCHS,
     FAMILIES,
     LEAKY_SLOPE,
+    VGG16_LAYERS,
     Family,
     ModelError,
     check_sizes,
@@ -137,9 +138,6 @@ class ConvNet(nn.Module):
         return self.out(self.flatten(self.features(self.image(x))))
 
 
-VGG16_LAYERS: tuple[int | Literal["M"], ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-
 class VGG16(nn.Module):
     """VGG-16 with the authors' CIFAR configuration: 3x3 conv-BN-activation layers
     and 2x2 max-pools (VGG16_LAYERS), then a 512 -> classes linear head."""
@@ -237,22 +235,6 @@ def build_net(spec, in_dim: int, num_classes: int) -> nn.Module:
 
 # -- the matrices whose spectra are stored -----------------------------------------------
 
-@dataclass(frozen=True)
-class Layer:
-    """A layer with a weight matrix, as the stored spectra name and shape it.
-
-    kind: 'hidden' (Linear), 'conv' (a convolution; its matrix is the kernel
-    reshaped [out, in*kh*kw]) or 'output' (the head). `input_size` is the spatial
-    size (H, W) a convolution sees, for its operator's spectrum; `macs` the
-    multiply-adds of one example through the layer.
-    """
-    name: str
-    kind: str
-    shape: tuple[int, int]          # the stored matrix, (out, in)
-    input_size: tuple[int, int] | None
-    macs: int
-
-
 def short_name(path: str) -> str:
     """'hidden.fc1' -> 'fc1', 'blocks.block1.w1' -> 'block1.w1' (the MLPs' names as first
     stored); any other path, e.g. 'features.3', as it is."""
@@ -282,50 +264,6 @@ def matrix(module: nn.Module) -> torch.Tensor:
 def matrices(net: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
     """(name, kind, matrix) of every weight matrix: hidden ones, then the output layer."""
     return [(name, kind, matrix(net.get_submodule(path))) for name, kind, path in matrix_paths(net)]
-
-
-@functools.lru_cache(maxsize=256)
-def layers(arch: str, depth: int, width: int, activation: str, bias: bool,
-           image_shape: tuple[int, int, int], num_classes: int) -> tuple[tuple[Layer, ...], int, int]:
-    """(layers, parameters, largest layer output per example) of a model, from one
-    forward pass on the meta device (no memory, no arithmetic). A model that does not
-    fit its input shape fails here, before any job starts."""
-    with torch.device("meta"):
-        net = build(arch, depth, width, activation, bias, image_shape, num_classes)
-        seen, largest = {}, [0]
-
-        def hook(module, inputs, output):
-            if not inputs:           # a parametrisation (weight norm) computing a weight
-                return
-            seen[module] = (tuple(inputs[0].shape), tuple(output.shape))
-            largest.append(math.prod(output.shape[1:]))
-
-        handles = [m.register_forward_hook(hook) for m in net.modules()]
-        try:
-            net(torch.empty(2, math.prod(image_shape)))
-        except RuntimeError as e:
-            raise ModelError(f"model: {model_name(arch, depth, width)} does not fit "
-                             f"{'x'.join(map(str, image_shape))} inputs ({e})") from None
-        finally:
-            for h in handles:
-                h.remove()
-        found = []
-        for name, kind, path in matrix_paths(net):
-            m = net.get_submodule(path)
-            (in_shape, out_shape), (rows, cols) = seen[m], matrix(m).shape
-            shape = (rows, cols)
-            positions = math.prod(out_shape[2:]) if kind == "conv" else 1
-            found.append(Layer(name, kind, shape, tuple(in_shape[2:]) if kind == "conv" else None,
-                               shape[0] * shape[1] * positions))
-        params = sum(p.numel() for p in net.parameters())
-    return tuple(found), params, max(largest)
-
-
-def spec_layers(spec) -> tuple[tuple[Layer, ...], int, int]:
-    """`layers` of a run's model on its dataset."""
-    from .spec import DATASET_SHAPES, NUM_CLASSES
-    return layers(spec.arch, spec.depth, spec.width, spec.activation, spec.bias,
-                  DATASET_SHAPES[spec.dataset], NUM_CLASSES)
 
 
 # -- shared by both trainers -------------------------------------------------------------

@@ -115,12 +115,16 @@ class RunSpec:
         train, test = DATASET_SIZES[self.dataset]
         return self.train_subset or train, self.test_subset or test
 
+    def layer_table(self) -> families.LayerTable:
+        """The model's stored matrices, multiply-adds and parameters on this run's dataset
+        (`rankbias.families.layers`, computed without torch)."""
+        return families.layers(self.arch, self.depth, self.width, self.bias,
+                               DATASET_SHAPES[self.dataset], NUM_CLASSES)
+
     def check_sizes(self) -> None:
         """Subsets, batch size and the model fit the dataset (checked before any job starts)."""
-        from .models import spec_layers    # the model itself (imports torch on first use)
-
         try:
-            spec_layers(self)
+            self.layer_table()
         except families.ModelError as e:
             raise SpecError(f"{e} (dataset {self.dataset})") from None
         train, test = DATASET_SIZES[self.dataset]

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from .figures import Line, _legend, _plot_series
-from .theory import LEMMAS_FILE, THEORY_FILE
+from .theory_verdicts import LEMMAS_FILE, THEORY_FILE
 
 KINDS = ("lemmas", "theorem1")
 STAGE_STYLE = {"fresh": "-", "trained": "--"}

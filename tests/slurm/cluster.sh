@@ -3,7 +3,11 @@
 # on this machine, one partition holding the node's real CPUs and memory.
 #
 #   tests/slurm/cluster.sh start    write /etc/slurm/slurm.conf, start the daemons, wait for the node
-#   tests/slurm/cluster.sh stop     stop the daemons this script started (and only those)
+#   tests/slurm/cluster.sh stop     stop the daemons this script started (and only those) and
+#                                   remove the slurm.conf it wrote: a config naming a controller
+#                                   that no longer runs makes every `scontrol` wait ~10 s, and
+#                                   the SLURM executor plugin calls `scontrol show config` each
+#                                   time Snakemake starts
 #   tests/slurm/cluster.sh status   sinfo
 #
 # Needs root and Debian's slurmctld, slurmd and munge packages
@@ -155,6 +159,10 @@ stop() {
     [[ -f $STATE/started-slurmd ]] && stop_pidfile slurmd "$STATE/slurmd.pid"
     [[ -f $STATE/started-slurmctld ]] && stop_pidfile slurmctld "$STATE/slurmctld.pid"
     stop_pidfile munged "$STATE/munged.pid"
+    if [[ -f $STATE/started-slurmctld ]] && [[ -f $CONF ]] && grep -qF "$MARKER" "$CONF"; then
+        rm -f "$CONF"
+        echo "slurm: removed $CONF"
+    fi
     rm -f "$STATE"/started-* "$STATE/munged.pid"
 }
 
