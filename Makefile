@@ -13,7 +13,7 @@ TESTS  ?= tests
 # relative to it). The venv's bin goes first on PATH, as an absolute path.
 WITH_VENV = PATH="$$(cd "$(BIN)" && pwd):$$PATH"
 
-.PHONY: install reproduce test test-fast test-image lint typecheck bench gpu-check lock clean image docker apptainer
+.PHONY: install reproduce test test-fast test-image lint bench gpu-check lock clean image docker apptainer
 
 install: $(STAMP)
 
@@ -40,16 +40,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(WITH_VENV) "$(BIN)/python" -m pytest -q -m "not slow" $(TESTS)
 
-# Static checks (CI runs them before the tests): ruff on the package, snakefmt and
-# Snakemake's own linter on the workflow. `make typecheck` runs mypy (configured in
-# pyproject.toml; not yet clean, so not part of lint).
+# Static checks (CI runs them before the tests): ruff and mypy (both configured in
+# pyproject.toml) on the package, snakefmt and Snakemake's own linter on the workflow.
 lint: $(STAMP)
 	"$(BIN)/ruff" check src containers
+	"$(BIN)/mypy"
 	"$(BIN)/snakefmt" --check Snakefile workflow
 	$(WITH_VENV) "$(BIN)/snakemake" --lint --cores 1
-
-typecheck: $(STAMP)
-	"$(BIN)/mypy"
 
 # The container image built with podman on a local Debian base and the tiny pipeline
 # run in it (tests/test_containers.py; as root, with podman, runc and debootstrap).

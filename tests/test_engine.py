@@ -175,6 +175,16 @@ def test_pack_rejects_mixed_batch_sizes_and_a_last_batch_of_one(synthetic):
          synthetic.y_train, 10, "cpu")
 
 
+def test_training_forward_without_step_inputs_is_refused(synthetic):
+    """Batched BatchNorm takes its momentum from the step's inputs: a training forward
+    without them is named, not an AttributeError on None."""
+    pack = Pack(_pack("MLP-BN-2-16"), synthetic.x_train, synthetic.y_train, 10, "cpu")
+    xb = synthetic.x_train[:8].unsqueeze(0).expand(pack.K, -1, -1)     # [K, B, D]
+    with pytest.raises(RuntimeError, match="training forward needs the step's inputs"):
+        pack.forward(xb, train=True)
+    assert pack.forward(xb).shape == (pack.K, 8, 10)                   # evaluation needs none
+
+
 def _read_all(path):
     run = Run(path)
     info = run.info

@@ -233,15 +233,15 @@ class Audit:
         found = False
         for f in mine:
             rel = self.rel(f)
-            outs = [e for e in entries if e.path == rel and e.kind == "out"]
+            outs = [entry for entry in entries if entry.path == rel and entry.kind == "out"]
             if not outs or not f.exists():
                 continue
             found = True
             digest = dvcstate.md5_file(f)
-            for e in outs:
-                if e.md5 != digest:
-                    self.fail(rel, f"md5 {digest} differs from {e.md5} recorded in dvc.lock "
-                                   f"(stage {e.stage})")
+            for entry in outs:
+                if entry.md5 != digest:
+                    self.fail(rel, f"md5 {digest} differs from {entry.md5} recorded in dvc.lock "
+                                   f"(stage {entry.stage})")
                 else:
                     self.ok()
         if not found:
@@ -249,16 +249,17 @@ class Audit:
                               f"(run `dvc commit` after the pipeline)")
             return
         # Run files against the runs-directory manifest the figure's stage depended on.
-        fig_stages = {e.stage for e in entries if e.path == self.rel(self.figure) and e.kind == "out"}
-        for e in entries:
-            if e.stage not in fig_stages or e.kind != "dep" or not e.md5.endswith(".dir"):
+        fig_stages = {entry.stage for entry in entries
+                      if entry.path == self.rel(self.figure) and entry.kind == "out"}
+        for dep in entries:
+            if dep.stage not in fig_stages or dep.kind != "dep" or not dep.md5.endswith(".dir"):
                 continue
-            manifest = dvcstate.dir_manifest(self.root, e.md5)
+            manifest = dvcstate.dir_manifest(self.root, dep.md5)
             if manifest is None:
-                self.notes.append(f"dvc.lock: manifest {e.md5} of {e.path} is not in the DVC "
+                self.notes.append(f"dvc.lock: manifest {dep.md5} of {dep.path} is not in the DVC "
                                   f"cache (dvc pull), run files not checked against it")
                 continue
-            base = self.root / e.path
+            base = self.root / dep.path
             for rec in record.get("runs", []):
                 try:
                     d = self.run_dir(rec)
@@ -272,11 +273,11 @@ class Audit:
                         continue
                     want = manifest.get(relpath)
                     if want is None:
-                        self.fail(self.rel(f), f"not in {e.path} as recorded in dvc.lock "
-                                               f"(stage {e.stage})")
+                        self.fail(self.rel(f), f"not in {dep.path} as recorded in dvc.lock "
+                                               f"(stage {dep.stage})")
                     elif f.exists() and dvcstate.md5_file(f) != want:
-                        self.fail(self.rel(f), f"md5 differs from {e.path} as recorded in "
-                                               f"dvc.lock (stage {e.stage})")
+                        self.fail(self.rel(f), f"md5 differs from {dep.path} as recorded in "
+                                               f"dvc.lock (stage {dep.stage})")
                     elif f.exists():
                         self.ok()
 
@@ -319,11 +320,14 @@ class Audit:
 
 # -- the readable tree ---------------------------------------------------------------
 
-def _tree(label: str, children: list) -> list[str]:
-    """children: strings or (label, children) pairs."""
+# A line of a rendered tree: a leaf, or a label with its children.
+TreeNode = str | tuple[str, list["TreeNode"]]
+
+
+def _tree(label: str, children: list[TreeNode]) -> list[str]:
     lines = [label]
 
-    def walk(items: list, prefix: str) -> None:
+    def walk(items: list[TreeNode], prefix: str) -> None:
         for i, item in enumerate(items):
             last = i == len(items) - 1
             head, kids = (item, []) if isinstance(item, str) else item
@@ -342,7 +346,7 @@ def _code(code: dict) -> str:
     return f"{code['commit'][:12]}{' dirty' if code.get('dirty') else ''}{extra}"
 
 
-def _env_items(env: dict) -> list:
+def _env_items(env: dict) -> list[TreeNode]:
     host, dev, cont = env.get("host") or {}, env.get("device") or {}, env.get("container") or {}
     pk = env.get("packages") or {}
     return [
@@ -358,7 +362,7 @@ def _env_items(env: dict) -> list:
 def render(figure: Path, record: dict) -> list[str]:
     env = record.get("environment") or {}
     rank = record.get("rank") or {}
-    runs = []
+    runs: list[TreeNode] = []
     for r in record.get("runs", []):
         s, prov = r.get("spec") or {}, r.get("provenance") or {}
         div = r.get("diverged")
@@ -367,6 +371,7 @@ def render(figure: Path, record: dict) -> list[str]:
                 f"mom={s.get('momentum')} B={s.get('batch_size')} seed={s.get('seed')} "
                 f"epochs={r.get('epochs_completed')}/{s.get('epochs')}"
                 + (f"  diverged at epoch {div.get('epoch')}" if isinstance(div, dict) else ""))
+        kids: list[TreeNode]
         kids = [f"path: {r.get('path')}", f"pack: {r.get('pack_id')}",
                 ("files", [f"{n}  sha256 {h[:16]}…" for n, h in sorted((r.get('files') or {}).items())]),
                 f"trained with code {_code(prov.get('code') or {})}",
@@ -378,6 +383,7 @@ def render(figure: Path, record: dict) -> list[str]:
         if r.get("seeds"):
             kids.append("seeds: " + "; ".join(f"{k} {v}" for k, v in sorted(r["seeds"].items())))
         runs.append((head, kids))
+    datasets: list[TreeNode]
     datasets = [(f"{n}: {(d or {}).get('source')}",
                  [f"{f}  md5 {c}" for f, c in sorted(((d or {}).get('checksums') or {}).items())])
                 for n, d in sorted((record.get("datasets") or {}).items())]

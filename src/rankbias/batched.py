@@ -18,6 +18,7 @@ networks"), the grouped convolution was the faster on the CPU.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .models import ModelError
+
+if TYPE_CHECKING:
+    from .engine import StepInputs
 
 # Parameter-free layers that act per channel or per element, hence on either layout
 # exactly as on one member's tensor.
@@ -36,7 +40,8 @@ class BatchContext:
     training or evaluation, and the current step's inputs (BN momentum)."""
 
     def __init__(self, K: int):
-        self.K, self.train, self.step = K, False, None
+        self.K, self.train = K, False
+        self.step: StepInputs | None = None
 
 
 class BatchedLinearFn(torch.autograd.Function):
@@ -71,7 +76,9 @@ class Linear(nn.Module):
         super().__init__()
         self.wn = parametrize.is_parametrized(module, "weight")
         if self.wn:
-            norm = module.parametrizations.weight[0]
+            chain = module.get_submodule("parametrizations.weight")
+            assert isinstance(chain, parametrize.ParametrizationList)  # is_parametrized said so
+            norm = chain[0]
             if type(norm).__name__ != "_WeightNorm" or norm.dim != -1:
                 raise ModelError(f"{path}: only weight norm over the whole matrix (dim=None) is batched")
             self.g = params[f"{path}.parametrizations.weight.original0"]
@@ -130,7 +137,12 @@ class BatchNorm(nn.Module):
 
     def forward(self, x):
         ctx, step = self.ctx, self.ctx.step
-        momentum = step.bn_momentum if ctx.train else 0.0
+        momentum = 0.0
+        if ctx.train:
+            if step is None:
+                raise RuntimeError("batched BatchNorm: a training forward needs the step's inputs "
+                                   "(its BN momentum)")
+            momentum = step.bn_momentum
         if self.image:
             # rm, rv are [K, C], contiguous: their flat views share storage, so the
             # fused kernel updates every member's running statistics in place
@@ -211,3 +223,11 @@ def batched(net: nn.Module, params: dict[str, torch.Tensor], running: dict[str, 
     if left:
         raise ModelError(f"parameters outside the batched layers: {', '.join(left)}")
     return twin
+
+
+def matrix_layer(model: nn.Module, path: str) -> Linear | Conv2d:
+    """The batched layer at `path` of a `batched` model that holds a weight matrix."""
+    layer = model.get_submodule(path)
+    if not isinstance(layer, (Linear, Conv2d)):
+        raise ModelError(f"{path}: a {type(layer).__name__}, not a batched Linear or Conv2d")
+    return layer

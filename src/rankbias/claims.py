@@ -300,11 +300,11 @@ def _hyper_trend(runs, t, key: str, label: str, sign: int, min_points: int) -> d
     return res
 
 
-def claim_c1(runs, t):
+def claim_c1(runs: list[RunSummary], t: dict) -> dict:
     return _hyper_trend(runs, t, "batch_size", "batch size", +1, 3)
 
 
-def claim_c2(runs, t):
+def claim_c2(runs: list[RunSummary], t: dict) -> dict:
     return _hyper_trend(runs, t, "lr", "learning rate", -1, 2)
 
 
@@ -313,7 +313,7 @@ def _rank_reduction(runs: Sequence[RunSummary], t: dict) -> Effect:
     return across_seeds([(r.spec["seed"], 1.0 - r.relative_rank) for r in runs], t, "runs")
 
 
-def claim_c3(runs, t):
+def claim_c3(runs: list[RunSummary], t: dict) -> dict:
     trend = _trend(runs, "weight_decay", -1, 3, t)
     zero = [r for r in runs if r.spec["weight_decay"] == 0]
     ratios = [r.relative_rank for r in zero]
@@ -350,7 +350,7 @@ def _window_mean(s: pd.Series, lo: float, hi: float) -> float:
 C4_MAX_LOG10 = 12.0
 
 
-def claim_c4(runs, t):
+def claim_c4(runs: list[RunSummary], t: dict) -> dict:
     groups: dict[str, list[RunSummary]] = {}
     for r in runs:
         if r.spec["epochs"] >= 4 and "distance" in r.metrics:
@@ -408,7 +408,7 @@ def claim_c4(runs, t):
                      f"to 500-epoch runs; the mean log10 ratio reports how many are measured here.")}
 
 
-def claim_c5(runs, t):
+def claim_c5(runs: list[RunSummary], t: dict) -> dict:
     groups: dict[str, list[RunSummary]] = {}
     for r in runs:
         key = json.dumps({k: r.spec[k] for k in ("dataset", "arch", "depth", "width", "loss", "epochs",
@@ -453,7 +453,7 @@ def claim_c5(runs, t):
                      f"has its interval within +-{t['c5_gap_margin']}. Holds when both hold.")}
 
 
-def claim_c6(runs, t):
+def claim_c6(runs: list[RunSummary], t: dict) -> dict:
     mlp, res = [], []
     for r in runs:
         if r.relative_rank >= t["c6_min_reduction"] or r.spec["weight_decay"] == 0:
@@ -507,7 +507,7 @@ def claim_c6(runs, t):
                      f"parts hold.")}
 
 
-def claim_c7(runs, t):
+def claim_c7(runs: list[RunSummary], t: dict) -> dict:
     full = [r for r in runs if r.spec["batch_size"] >= r.train_size() > 0]
     judged = [r for r in full if r.train_size() >= t["c7_tiny_data"]]
     ratios = [r.relative_rank for r in judged]
@@ -527,8 +527,9 @@ def claim_c7(runs, t):
                      f"{1.0 - t['c7_ratio']:g}.")}
 
 
-CLAIMS: dict[str, Callable] = {"C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4,
-                               "C5": claim_c5, "C6": claim_c6, "C7": claim_c7}
+CLAIMS: dict[str, Callable[[list[RunSummary], dict], dict]] = {
+    "C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": claim_c5, "C6": claim_c6,
+    "C7": claim_c7}
 
 
 def thresholds(overrides: dict | None) -> dict:

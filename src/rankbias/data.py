@@ -38,7 +38,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
@@ -142,15 +142,18 @@ def load(name: str, device: str | torch.device = "cpu", data_dir: str | Path | N
     import torch
 
     _check_name(name)
-    if strict and data_dir is None:
-        raise DataError(f"{name}: strict loading needs data_dir")
+    strict_dir: Path | None = None
+    if strict:
+        if data_dir is None:
+            raise DataError(f"{name}: strict loading needs data_dir")
+        strict_dir = Path(data_dir)
     if name == "synthetic":
         x_tr, y_tr, x_te, y_te, checksums = _synthetic()
         source = "synthetic"
-        if strict:
-            _check_synthetic_manifest(Path(data_dir) / name / "manifest.json", checksums)
+        if strict_dir is not None:
+            _check_synthetic_manifest(strict_dir / name / "manifest.json", checksums)
     else:
-        found = _prepared(name, Path(data_dir)) if strict else _acquire(name, data_dir, download)
+        found = _prepared(name, strict_dir) if strict_dir is not None else _acquire(name, data_dir, download)
         raw, checksums, source = found.raw, found.checksums, found.source
         if name == "cifar10":
             x_tr, y_tr, x_te, y_te = _parse_cifar10(raw)
@@ -459,7 +462,7 @@ def _write_manifest(path: Path, manifest: dict) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def _install_dir(target: Path, files: dict[str, Path | bytes], manifest: dict | None) -> None:
+def _install_dir(target: Path, files: Mapping[str, Path | bytes], manifest: dict | None) -> None:
     """Build the directory beside ``target`` and rename it into place, so readers see
     either the old complete directory or the new complete one."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -565,11 +568,11 @@ def _synthetic() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[s
     x = torch.randn(n, SYNTHETIC_DIM, generator=g)
     teacher = torch.randn(SYNTHETIC_DIM, NUM_CLASSES, generator=g, dtype=torch.float64)
     y = (x.double() @ teacher).argmax(dim=1)  # float64: no near-ties flip between BLASes
-    x, y = x.numpy(), y.numpy()
+    inputs, labels = x.numpy(), y.numpy()
     h = hashlib.md5()
-    for part in (x, y):
+    for part in (inputs, labels):
         h.update(np.ascontiguousarray(part).tobytes())
-    return (x[:SYNTHETIC_TRAIN], y[:SYNTHETIC_TRAIN], x[SYNTHETIC_TRAIN:], y[SYNTHETIC_TRAIN:],
+    return (inputs[:SYNTHETIC_TRAIN], labels[:SYNTHETIC_TRAIN], inputs[SYNTHETIC_TRAIN:], labels[SYNTHETIC_TRAIN:],
             {"synthetic": h.hexdigest()})
 
 

@@ -70,9 +70,9 @@ def lock_entries(root: str | Path) -> list[LockEntry]:
     out = []
     for stage, body in data["stages"].items():
         for kind in ("deps", "outs"):
-            for e in (body or {}).get(kind) or []:
-                if isinstance(e, dict) and e.get("path") and e.get("md5"):
-                    out.append(LockEntry(stage, kind[:-1], str(e["path"]), str(e["md5"])))
+            for item in (body or {}).get(kind) or []:
+                if isinstance(item, dict) and item.get("path") and item.get("md5"):
+                    out.append(LockEntry(stage, kind[:-1], str(item["path"]), str(item["md5"])))
     return out
 
 

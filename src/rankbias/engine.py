@@ -16,7 +16,7 @@ import torch
 
 from . import metrics as M
 from . import models
-from .batched import BatchContext, batched
+from .batched import BatchContext, Conv2d, batched, matrix_layer
 from .models import build_net, epoch_order, loss_fn
 from .spec import GRAPH_MODES, RunSpec, check_pack
 
@@ -60,13 +60,18 @@ class Pack:
         self.ctx = BatchContext(self.K)
         self.model = batched(nets[0], self.params, self.running, self.ctx)
         self.matrices = [(name, kind) for name, kind, _ in models.matrix_paths(nets[0])]
-        self._matrix_layers = {name: self.model.get_submodule(path)
+        self._matrix_layers = {name: matrix_layer(self.model, path)
                                for name, _, path in models.matrix_paths(nets[0])}
         self.activation_size = s0.layer_table().largest
         # Every convolution also as the linear operator it is on its input (rank.conv:
         # operator): (stored name, its batched layer, input size).
-        self.operators = [(f"{layer.name}:operator", self._matrix_layers[layer.name], layer.input_size)
-                          for layer in s0.layer_table().layers if layer.kind == "conv"]
+        self.operators: list[tuple[str, Conv2d, tuple[int, int]]] = []
+        for layer in s0.layer_table().layers:
+            if layer.kind == "conv":
+                conv = self._matrix_layers[layer.name]
+                # a convolution's batched form is a Conv2d, and its layer records its input size
+                assert isinstance(conv, Conv2d) and layer.input_size is not None
+                self.operators.append((f"{layer.name}:operator", conv, layer.input_size))
 
         self.dtype = self.plist[0].dtype
 
@@ -115,7 +120,9 @@ class Pack:
         multiply-add into its own storage, g + mom * buf, rather than a scale and then
         an add: 9 parameter-sized streams instead of 11. The buffers keep their
         storage, which a captured CUDA graph relies on."""
-        grads = [p.grad for p in self.plist]
+        grads = [p.grad for p in self.plist if p.grad is not None]
+        if len(grads) != len(self.plist):
+            raise RuntimeError("SGD step: a parameter got no gradient from the backward pass")
         wd, mom, neg_lr = self.cols(s.wd), self.cols(s.mom), self.cols(s.neg_lr)
         torch._foreach_addcmul_(grads, self.plist, wd)                  # g += wd * p
         small = [i for i, g in enumerate(grads) if g.numel() < LARGE_TENSOR]
@@ -224,6 +231,12 @@ class StepInputs:
     """What one step needs besides the pack: the [K, B] sample indices, [K, 1] columns
     (loss weight, -lr, weight decay, momentum) and the BN momentum."""
     __slots__ = ("idx", "weight", "neg_lr", "wd", "mom", "bn_momentum")
+    idx: torch.Tensor
+    weight: torch.Tensor
+    neg_lr: torch.Tensor
+    wd: torch.Tensor
+    mom: torch.Tensor
+    bn_momentum: float
 
     def __init__(self, **kw):
         for k, v in kw.items():

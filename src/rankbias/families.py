@@ -11,6 +11,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 ACTIVATIONS = ("relu", "leaky_relu")
 LEAKY_SLOPE = 0.01          # the authors' LeakyReLU (torch's default slope)
@@ -72,11 +73,11 @@ def parse_model_name(name: str) -> tuple[str, int, int]:
         if f.fixed and text == f.name:
             return f.arch, *f.fixed
     m = _SIZED.match(text)
-    f = next((f for f in FAMILIES.values() if m and not f.fixed and f.name == m["family"]), None)
-    if f is None:
+    sized = next((f for f in FAMILIES.values() if m and not f.fixed and f.name == m["family"]), None)
+    if m is None or sized is None:
         raise ModelError(f"model: {name!r} is not a model name; expected one of {name_forms()} "
                          "with integers L (depth) and W (width), e.g. MLP-BN-10-100 or CONV-BN-5-64")
-    return f.arch, int(m["depth"]), int(m["width"])
+    return sized.arch, int(m["depth"]), int(m["width"])
 
 
 def model_name(arch: str, depth: int, width: int) -> str:
@@ -163,7 +164,7 @@ class _Table:
             raise self.misfit(f"{name}, a {kernel}x{kernel} convolution with stride {stride}, "
                               f"gets a {hw[0]}x{hw[1]} image")
         positions = out[0] * out[1]
-        self.layers.append(Layer(name, "conv", (c_out, c_in * kernel * kernel), tuple(hw),
+        self.layers.append(Layer(name, "conv", (c_out, c_in * kernel * kernel), (hw[0], hw[1]),
                                  c_out * c_in * kernel * kernel * positions))
         self.params += c_out * c_in * kernel * kernel + (c_out if bias else 0)
         self.act(c_out * positions)
@@ -228,7 +229,7 @@ def _convnet(t: _Table, f: Family, depth, width, bias, shape, classes) -> None:
     t.head(width * hw[0] * hw[1], width * (shape[1] // 4) * (shape[2] // 4), classes, bias)
 
 
-VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_LAYERS: tuple[int | Literal["M"], ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
 def _vgg16(t: _Table, f: Family, depth, width, bias, shape, classes) -> None:

@@ -278,7 +278,7 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
 
 # -- summary figures -------------------------------------------------------------------
 
-def final_rank_by_tolerance(d: RunData, normalise: str, tols: Sequence[float]) -> pd.Series:
+def final_rank_by_tolerance(d: RunData, normalise: str, tols: Sequence[float] | np.ndarray) -> pd.Series:
     """Average hidden-matrix rank at the run's last finite logged epoch, at each tolerance
     (empty when the run has no finite logged epoch)."""
     finite = d.mean_rank.dropna()

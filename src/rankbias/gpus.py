@@ -142,8 +142,8 @@ def acquire_gpu(n_devices: int | None = None, lock_dir: str | os.PathLike | None
         yield int(os.environ[ENV_SLOT])
         return
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    scheduled = _assigned_by_scheduler()
-    if scheduled and len([d for d in visible.split(",") if d.strip()]) <= 1:
+    scheduled = _assigned_by_scheduler()  # implies CUDA_VISIBLE_DEVICES is set
+    if scheduled and visible is not None and len([d for d in visible.split(",") if d.strip()]) <= 1:
         yield None
         return
     if visible is not None:

@@ -65,7 +65,8 @@ class MLP(nn.Module):
         d = math.prod(a.in_shape)
         for i in range(1, a.depth + 1):
             fc = nn.Linear(d if i == 1 else a.width, a.width, bias=a.bias)
-            self.hidden[f"fc{i}"] = weight_norm(fc, dim=None) if wn else fc
+            # torch annotates dim as int but documents dim=None: the norm over the whole matrix
+            self.hidden[f"fc{i}"] = weight_norm(fc, dim=None) if wn else fc  # type: ignore[arg-type]
             self.hidden[f"bn{i}"] = nn.BatchNorm1d(a.width) if bn else nn.Identity()
         self.act = a.act()
         self.out = nn.Linear(a.width, a.num_classes, bias=a.bias)
@@ -110,7 +111,7 @@ class ResidualMLP(nn.Module):
 
 
 def _conv_bn_act(c_in, c_out, a: Arch, bn: bool, kernel=3, stride=1, padding=1, act=True):
-    layers = [nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=a.bias)]
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=a.bias)]
     layers += [nn.BatchNorm2d(c_out)] if bn else []
     layers += [a.act()] if act else []
     return layers
@@ -254,7 +255,10 @@ def matrix_paths(net: nn.Module) -> list[tuple[str, str, str]]:
 
 def matrix(module: nn.Module) -> torch.Tensor:
     """A layer's matrix: the (effective, for weight norm) weight, a kernel as [out, in*kh*kw]."""
-    return module.weight.flatten(1)
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise ModelError(f"{type(module).__name__} has no weight tensor to take as a matrix")
+    return weight.flatten(1)
 
 
 def matrices(net: nn.Module) -> list[tuple[str, str, torch.Tensor]]:

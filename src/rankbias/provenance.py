@@ -178,7 +178,8 @@ def figure_provenance(runs: Iterable, config: dict | None, figure: str,
     root = Path(root) if root is not None else Path.cwd()
     config = dict(config or {})
     rank_cfg = config.get("rank") or {}
-    records, datasets = [], {}
+    records: list[dict] = []
+    datasets: dict[str, dict] = {}
     for run in sorted(runs, key=lambda r: r.path.name):
         info = run.info
         prov = info.get("provenance") or {}
@@ -318,6 +319,7 @@ def _pdf_literal(data: bytes, start: int) -> bytes:
                 i += 2
             elif 0x30 <= n <= 0x37:
                 m = re.match(rb"[0-7]{1,3}", data[i + 1:i + 4])
+                assert m is not None  # data[i + 1] is an octal digit
                 out.append(int(m.group(), 8) & 0xFF)
                 i += 1 + len(m.group())
             elif n in (0x0A, 0x0D):  # line continuation

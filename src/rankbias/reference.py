@@ -39,7 +39,7 @@ def train_reference(spec: RunSpec, x_train, y_train, x_test, y_test, num_classes
 @torch.no_grad()
 def evaluate_reference(net: nn.Module, spec: RunSpec, x_train, y_train, x_test, y_test) -> dict:
     net.eval()
-    row = {}
+    row: dict[str, float | dict[str, torch.Tensor]] = {}
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         logits = net(x)
         row[f"{split}_loss"] = loss_fn(spec.loss, logits, y).item()

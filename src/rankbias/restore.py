@@ -90,44 +90,44 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
     except DvcStateError as e:
         rep.fail("dvc.lock", str(e))
         return
-    seen = set()
-    for e in entries:
-        if e.kind != "out" or e.path in seen:
+    seen: set[str] = set()
+    for out in entries:
+        if out.kind != "out" or out.path in seen:
             continue
-        seen.add(e.path)
-        entry = f"dvc.lock stage {e.stage} out {e.path!r}"
+        seen.add(out.path)
+        entry = f"dvc.lock stage {out.stage} out {out.path!r}"
         try:
-            repo_path(root, e.path, entry)
-            dvcstate.check_md5(e.md5, entry)
+            repo_path(root, out.path, entry)
+            dvcstate.check_md5(out.md5, entry)
         except DvcStateError as err:
             rep.fail("dvc.lock", str(err))
             continue
-        p = root / e.path
-        if e.md5.endswith(".dir"):
-            manifest = dir_manifest(root, e.md5)
+        p = root / out.path
+        if out.md5.endswith(".dir"):
+            manifest = dir_manifest(root, out.md5)
             if manifest is None:
-                rep.fail(e.path, f"the file list {e.md5} recorded in dvc.lock is not in the DVC "
+                rep.fail(out.path, f"the file list {out.md5} recorded in dvc.lock is not in the DVC "
                                  f"cache; run `dvc pull` (files inside are still verified below)")
                 continue
             files = []
             for rel, md5 in sorted(manifest.items()):
-                where = f"{entry}: file list {e.md5} entry {rel!r}"
+                where = f"{entry}: file list {out.md5} entry {rel!r}"
                 try:
-                    repo_path(root, Path(e.path) / rel, where)
+                    repo_path(root, Path(out.path) / rel, where)
                     files.append((p / rel, dvcstate.check_md5(md5, where)))
                 except DvcStateError as err:
                     rep.fail("dvc.lock", str(err))
         else:
-            files = [(p, e.md5)]
+            files = [(p, out.md5)]
         for f, want in files:
             if not f.exists():
-                rep.fail(f, f"recorded in dvc.lock (stage {e.stage}) but missing; `dvc pull` "
+                rep.fail(f, f"recorded in dvc.lock (stage {out.stage}) but missing; `dvc pull` "
                             f"did not restore it")
                 continue
             got = md5_file(f)
             if got == want:
                 continue
-            detail = f"md5 {got} differs from {want} recorded in dvc.lock (stage {e.stage})"
+            detail = f"md5 {got} differs from {want} recorded in dvc.lock (stage {out.stage})"
             obj = cache_object(root, want)
             if obj.is_file() and not obj.is_symlink() and md5_file(obj) != want:
                 detail += f"; the DVC cache object {rep.rel(obj)} is corrupt"
@@ -145,7 +145,7 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
 
 def check_runs(rep: Report) -> set[str]:
     """Verify every run directory; returns the run_ids that failed."""
-    failed = set()
+    failed: set[str] = set()
     runs_dir = rep.root / RUNS_DIR
     if not runs_dir.is_dir():
         return failed
@@ -228,7 +228,8 @@ _JOB_RE = re.compile(r"^(?:local)?(?:checkpoint|rule) (\S+):\s*$")
 
 def planned_outputs(dry_run: str) -> list[tuple[str, list[str]]]:
     """(rule, outputs) of each job in the text of a `snakemake -n` run."""
-    jobs, rule = [], None
+    jobs: list[tuple[str, list[str]]] = []
+    rule = None
     for line in dry_run.splitlines():
         m = _JOB_RE.match(line)
         if m:
@@ -259,7 +260,7 @@ def downstream(rep: Report, moved: list[Path], snakemake_args: list[str]) -> lis
                             f"(`snakemake -n --forcerun ...` exit {proc.returncode}): "
                             + " ".join((proc.stderr + proc.stdout).strip().splitlines()[-3:]))
         return []
-    out = []
+    out: list[Path] = []
     forced_set = set(forced_rel)
     for _rule, outputs in planned_outputs(proc.stdout + "\n" + proc.stderr):
         if forced_set & set(outputs):

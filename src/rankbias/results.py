@@ -90,7 +90,7 @@ def parquet_bytes(df: pd.DataFrame) -> bytes:
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, allow_pickle=False, **arrays)  # numbers only, never a pickle
     return buf.getvalue()
 
 

@@ -21,7 +21,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 # Snakemake imports this module on every parse (dry runs, --lint and each SLURM job
 # too), so nothing it imports may pull in torch; tests/test_sweep.py checks.
@@ -39,6 +39,9 @@ from .spec import (
     pack_id,
     pack_steps,
 )
+
+if TYPE_CHECKING:
+    import yaml
 
 # Which spec key makes the panels and which the lines of each figure.
 LAYOUTS: dict[str, dict[str, Any]] = {
@@ -139,11 +142,11 @@ def load_config(path: str | Path) -> dict:
     return raw if raw is not None else {}
 
 
-def _strict_loader():
+def _strict_loader() -> type[yaml.SafeLoader]:
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
             seen: dict = {}
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=True)
@@ -402,8 +405,10 @@ def config_digest(doc: Mapping[str, Any]) -> str:
 def job_configs(p: Plan) -> dict[str | None, dict]:
     """Every config file the workflow's jobs read: None -> the job config (claims, packs),
     figure -> that figure's."""
-    summary = {f: job_config(p.config) for f in SUMMARY if p.figures}    # every figure's runs
-    return {None: job_config(p.config), **{f: job_config(p.config, f) for f in p.figures}, **summary}
+    configs: dict[str | None, dict] = {None: job_config(p.config)}
+    configs.update({f: job_config(p.config, f) for f in p.figures})
+    configs.update({f: job_config(p.config) for f in SUMMARY if p.figures})    # every figure's runs
+    return configs
 
 
 def write_configs(p: Plan, config_dir: str | Path) -> list[Path]:
@@ -418,16 +423,15 @@ def write_configs(p: Plan, config_dir: str | Path) -> list[Path]:
 
 def summary(p: Plan) -> dict:
     pack_of = p.pack_of()
-    out = {"figures": {}, "packs": {}, "runs": len(p.specs)}
-    for g, ids in p.groups.items():
-        out["figures"][g] = {"runs": ids, "packs": sorted({pack_of[r] for r in ids})}
+    figures = {g: {"runs": ids, "packs": sorted({pack_of[r] for r in ids})} for g, ids in p.groups.items()}
+    packs = {}
     for pid, ids in p.packs.items():
         first = p.specs[ids[0]]
-        out["packs"][pid] = {"runs": ids, "model": first.model, "dataset": first.dataset,
-                             "batch_size": sorted({p.specs[r].batch_size for r in ids}),
-                             "epochs": first.epochs, "steps": p.steps(pid)}
-    out["total_steps"] = sum(v["steps"] for v in out["packs"].values())
-    return out
+        packs[pid] = {"runs": ids, "model": first.model, "dataset": first.dataset,
+                      "batch_size": sorted({p.specs[r].batch_size for r in ids}),
+                      "epochs": first.epochs, "steps": p.steps(pid)}
+    return {"figures": figures, "packs": packs, "runs": len(p.specs),
+            "total_steps": sum(p.steps(pid) for pid in p.packs)}
 
 
 # -- CLI ---------------------------------------------------------------------------
@@ -469,8 +473,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise ConfigError("--write-pack needs --out FILE")
         write_if_changed(args.out, pack_bytes(p, args.write_pack))
     if args.write_packs:
-        written = write_packs(p, args.write_packs)
-        print(f"wrote {len(written)} of {len(p.packs)} pack file(s) to {args.write_packs}", file=sys.stderr)
+        written_packs = write_packs(p, args.write_packs)
+        print(f"wrote {len(written_packs)} of {len(p.packs)} pack file(s) to {args.write_packs}", file=sys.stderr)
     s = summary(p)
     if args.json:
         print(json.dumps(s, indent=2, sort_keys=True))

@@ -236,8 +236,8 @@ class TheoryRecorder:
         wd = torch.tensor([self.specs[k].weight_decay for k in live], dtype=self.X.dtype, device=dev)
         per_batch = sum(members[p].numel() for _, _, p in self.fn.matrices)   # K elements per batch
         chunk = max(1, GRAD_BUDGET // per_batch)
-        norms = {p: [] for _, _, p in self.fn.matrices}
-        ranks = {p: [] for _, _, p in self.fn.matrices}
+        norms: dict[str, list[np.ndarray]] = {p: [] for _, _, p in self.fn.matrices}
+        ranks: dict[str, list[np.ndarray]] = {p: [] for _, _, p in self.fn.matrices}
         for c0 in range(0, m, chunk):
             ci = idx[:, c0:c0 + chunk]
             stacked = {n: t.unsqueeze(1).expand(t.shape[0], ci.shape[1], *t.shape[1:])
@@ -301,12 +301,14 @@ def reference_theory_rows(net: torch.nn.Module, spec: RunSpec, X, Y, epoch: int)
     rows = []
     for b in spec.theory_batch_sizes:
         idx = theory_batch_indices(spec, epoch, X.shape[0], b, spec.theory_batches)
-        norms = {s: [] for s, _, _ in mats}
-        ranks = {s: [] for s, _, _ in mats}
+        norms: dict[str, list[np.floating]] = {s: [] for s, _, _ in mats}
+        ranks: dict[str, list[int]] = {s: [] for s, _, _ in mats}
         for batch in idx:
             net.zero_grad(set_to_none=True)
             loss_fn(spec.loss, net(X[batch.to(X.device)]), Y[batch.to(X.device)]).backward()
             for s, _, w in mats:
+                if w.grad is None:
+                    raise RuntimeError(f"{s}: no gradient from the batch loss's backward pass")
                 g = w.grad.detach().double().cpu().numpy()
                 norms[s].append(np.linalg.norm(g + spec.weight_decay * w.detach().double().cpu().numpy()))
                 ranks[s].append(int(M.rank(np.linalg.svd(g, compute_uv=False))))

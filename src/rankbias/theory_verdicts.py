@@ -103,12 +103,12 @@ def _t2(df: pd.DataFrame, th: pd.DataFrame, by_id) -> dict:
     n_grad = len(df) + int(th["n_batches"].sum()) if len(th) else len(df)
     binding = df[df["batch_size"] < df["max_rank"]]
     tight = float((binding["rank"] >= binding["bound"] - 1).mean()) if len(binding) else float("nan")
+    batch_sizes = sorted(int(b) for b in set(df["batch_size"]) | set(th["batch_size"]))
     counts = {"n_gradients": n_grad, "n_matrices": len(pairs.drop_duplicates()),
-              "n_epochs": len(epochs.drop_duplicates()),
-              "batch_sizes": sorted(int(b) for b in set(df["batch_size"]) | set(th["batch_size"])),
+              "n_epochs": len(epochs.drop_duplicates()), "batch_sizes": batch_sizes,
               "fraction_at_bound": None if np.isnan(tight) else round(tight, 3)}
     effect = (f"{n_grad} batch gradients ({counts['n_matrices']} matrices, {counts['n_epochs']} "
-              f"epochs, B in {counts['batch_sizes'][:1] + counts['batch_sizes'][-1:]}); "
+              f"epochs, B in {batch_sizes[:1] + batch_sizes[-1:]}); "
               f"{len(viol)} above B; rank within 1 of B where B < the matrix's size: "
               f"{counts['fraction_at_bound']}")
     rule = ("The rank of the batch-loss gradient of every weight matrix (Frobenius-normalised, "

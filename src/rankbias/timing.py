@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ENV = "RANKBIAS_TIMING"
@@ -60,24 +61,33 @@ def read(path: str | Path, since: float = 0.0) -> list[dict]:
     return [r for r in rows if r["end"] >= since]
 
 
+@dataclass
+class _CommandTotals:
+    """One kind of command's jobs added up."""
+    jobs: int = 0
+    startup_s: float = 0.0
+    run_s: float = 0.0
+    phases: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
 def summarise(rows: list[dict], wall_s: float | None = None, cores: int = 1) -> str:
     """A table: per command, jobs, start-up, run time and phases, in core-seconds."""
-    by = defaultdict(lambda: {"jobs": 0, "startup_s": 0.0, "run_s": 0.0, "phases": defaultdict(float)})
+    by: defaultdict[str, _CommandTotals] = defaultdict(_CommandTotals)
     for r in rows:
         b = by[r["command"]]
-        b["jobs"] += 1
-        b["startup_s"] += r["startup_s"] or 0.0
-        b["run_s"] += r["run_s"]
+        b.jobs += 1
+        b.startup_s += r["startup_s"] or 0.0
+        b.run_s += r["run_s"]
         for k, v in r["phases"].items():
-            b["phases"][k] += v
-    total = sum(b["startup_s"] + b["run_s"] for b in by.values())
+            b.phases[k] += v
+    total = sum(b.startup_s + b.run_s for b in by.values())
     lines = [f"{'job':<10} {'jobs':>5} {'start-up s':>11} {'run s':>9}  phases (s)"]
-    for cmd, b in sorted(by.items(), key=lambda kv: -(kv[1]["startup_s"] + kv[1]["run_s"])):
-        phases = ", ".join(f"{k} {v:.1f}" for k, v in sorted(b["phases"].items()))
-        lines.append(f"{cmd:<10} {b['jobs']:>5} {b['startup_s']:>11.1f} {b['run_s']:>9.1f}  {phases}")
-    lines.append(f"{'all jobs':<10} {sum(b['jobs'] for b in by.values()):>5} "
-                 f"{sum(b['startup_s'] for b in by.values()):>11.1f} "
-                 f"{sum(b['run_s'] for b in by.values()):>9.1f}  total {total:.1f} core-s")
+    for cmd, b in sorted(by.items(), key=lambda kv: -(kv[1].startup_s + kv[1].run_s)):
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in sorted(b.phases.items()))
+        lines.append(f"{cmd:<10} {b.jobs:>5} {b.startup_s:>11.1f} {b.run_s:>9.1f}  {phases}")
+    lines.append(f"{'all jobs':<10} {sum(b.jobs for b in by.values()):>5} "
+                 f"{sum(b.startup_s for b in by.values()):>11.1f} "
+                 f"{sum(b.run_s for b in by.values()):>9.1f}  total {total:.1f} core-s")
     if wall_s is not None:
         outside = wall_s * cores - total
         lines.append(f"wall {wall_s:.1f} s on {cores} core(s) = {wall_s * cores:.1f} core-s; "

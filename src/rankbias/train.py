@@ -495,7 +495,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--checkpoint-dir: give it only with a single pack file")
     # Take a GPU slot before anything touches CUDA: CUDA_VISIBLE_DEVICES is read when
     # the driver starts, so concurrent jobs on one workstation each get their own GPU.
-    ctx = contextlib.nullcontext()
+    ctx: contextlib.AbstractContextManager[int | None] = contextlib.nullcontext()
     if args.device in ("auto", "cuda"):      # cuda:N names its device itself
         from .gpus import acquire_gpu
         ctx = acquire_gpu()
