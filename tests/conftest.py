@@ -38,6 +38,63 @@ def sgd_references(specs, ds):
     return refs
 
 
+def steps_equal_reference(specs, ds, steps, rtol=1e-10, atol=1e-11):
+    """`steps` engine steps of a pack against each member's nn.Module + torch.optim.SGD on the
+    same mini-batches: every parameter, BatchNorm statistic and stored matrix equal."""
+    from rankbias import models
+    from rankbias.engine import Pack
+    from rankbias.models import loss_fn
+
+    import numpy as np
+
+    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
+    plan = pack.epoch_plan(0)
+    refs = sgd_references(specs, ds)
+    for t in range(steps):
+        pack.step(plan.inputs(t))
+        for net, opt, order, B in refs:
+            idx = order[t * B:(t + 1) * B]
+            opt.zero_grad()
+            loss_fn(specs[0].loss, net(ds.x_train[idx]), ds.y_train[idx]).backward()
+            opt.step()
+    for k, (net, _, _, _) in enumerate(refs):
+        for name, p in net.named_parameters():
+            np.testing.assert_allclose(pack.params[name][k].detach().numpy(), p.detach().numpy(),
+                                       rtol=rtol, atol=atol, err_msg=f"member {k} {name}")
+        buffers = [(n, b) for n, b in net.named_buffers() if not n.endswith("num_batches_tracked")]
+        assert {n for n, _ in buffers} == set(pack.running)
+        for name, b in buffers:
+            np.testing.assert_allclose(pack.running[name][k].numpy(), b.numpy(), rtol=rtol, atol=atol,
+                                       err_msg=f"member {k} {name}")
+        for name, kind, w in models.matrices(net):
+            np.testing.assert_allclose(pack.weight(name)[k].detach().numpy(), w.detach().numpy(),
+                                       rtol=rtol, atol=atol, err_msg=f"member {k} matrix {name}")
+
+
+def killed_and_resumed(specs, ds, root: Path, kill_at: int, every: int, after_kill=None):
+    """Train `specs` uninterrupted into root/a/runs, and into root/b/runs killed (an
+    exception from the epoch hook) at epoch `kill_at` with checkpoints every `every`
+    epochs, then resumed; `after_kill(out)` looks at root/b between. Returns both run
+    directories."""
+    from rankbias.train import train_pack
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch):
+        if epoch == kill_at:
+            raise Killed
+
+    a, b = root / "a" / "runs", root / "b" / "runs"
+    train_pack(specs, a, device="cpu", dataset=ds, progress=False)
+    with pytest.raises(Killed):
+        train_pack(specs, b, device="cpu", dataset=ds, progress=False, checkpoint_every=every, on_epoch=kill)
+    if after_kill is not None:
+        after_kill(b)
+    train_pack(specs, b, device="cpu", dataset=ds, progress=False, checkpoint_every=every)
+    return a, b
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

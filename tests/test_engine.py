@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import sgd_references
+from conftest import killed_and_resumed, sgd_references, steps_equal_reference
 
 from rankbias import metrics as M
 from rankbias.engine import Pack
@@ -59,24 +59,9 @@ def test_first_steps_equal_torch_sgd_float64(model, synthetic64):
     up to float64 rounding (both see the same mini-batches)."""
     ds = synthetic64
     specs = _pack(model)
-    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
-    plan = pack.epoch_plan(0)
+    plan = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu").epoch_plan(0)
     assert (plan.steps, plan.full_steps, plan.last_idx.shape) == (11, 10, (3, 24))
-    refs = sgd_references(specs, ds)
-    for t in range(plan.steps):
-        pack.step(plan.inputs(t))
-        for net, opt, order, B in refs:
-            idx = order[t * B:(t + 1) * B]
-            opt.zero_grad()
-            loss_fn(specs[0].loss, net(ds.x_train[idx]), ds.y_train[idx]).backward()
-            opt.step()
-    for k, (net, _, _, _) in enumerate(refs):
-        for name, p in net.named_parameters():
-            np.testing.assert_allclose(pack.params[name][k].detach().numpy(), p.detach().numpy(),
-                                       rtol=1e-11, atol=1e-13, err_msg=f"member {k} {name}")
-        for name, b in net.named_buffers():
-            if name in pack.running:
-                np.testing.assert_allclose(pack.running[name][k].numpy(), b.numpy(), rtol=1e-11, atol=1e-13)
+    steps_equal_reference(specs, ds, plan.steps, rtol=1e-11, atol=1e-13)
 
 
 @pytest.mark.parametrize("stepper", ["eager", "static-buffers"])
@@ -195,26 +180,16 @@ def _read_all(path):
 
 def test_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):
     specs = _pack("MLP-BN-2-16", epochs=4)
-    train_pack(specs, tmp_path / "a" / "runs", device="cpu", dataset=synthetic, progress=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(epoch):
-        if epoch == 3:
-            raise Killed
-
-    out = tmp_path / "b" / "runs"
-    with pytest.raises(Killed):
-        train_pack(specs, out, device="cpu", dataset=synthetic, progress=False,
-                   checkpoint_every=2, on_epoch=kill_at_3)
-    assert not out.exists() or not any(out.iterdir()), "no run output before the pack finishes"
     ckpt = tmp_path / "b" / "packs"
-    assert list(ckpt.glob("*/checkpoint.pt")), "a checkpoint was written at epoch 2"
-    train_pack(specs, out, device="cpu", dataset=synthetic, progress=False, checkpoint_every=2)
+
+    def after_kill(out):
+        assert not out.exists() or not any(out.iterdir()), "no run output before the pack finishes"
+        assert list(ckpt.glob("*/checkpoint.pt")), "a checkpoint was written at epoch 2"
+
+    first, out = killed_and_resumed(specs, synthetic, tmp_path, kill_at=3, every=2, after_kill=after_kill)
     assert not list(ckpt.glob("*/checkpoint.pt")), "checkpoint removed once outputs are written"
     for spec in specs:
-        a = _read_all(tmp_path / "a" / "runs" / spec.run_id)
+        a = _read_all(first / spec.run_id)
         b = _read_all(out / spec.run_id)
         a[0].equals(b[0]) or pytest.fail(f"metrics differ:\n{a[0]}\n{b[0]}")
         assert a[1].equals(b[1])

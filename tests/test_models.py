@@ -5,12 +5,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import sgd_references
+from conftest import killed_and_resumed, steps_equal_reference
 
 from rankbias import metrics as M
 from rankbias import families, models, spec as spec_mod
 from rankbias.engine import Pack
-from rankbias.models import build_net, loss_fn
+from rankbias.models import build_net
 from rankbias.reference import train_reference
 from rankbias.results import Run
 from rankbias.spec import RunSpec, SpecError, model_name, parse_model_name
@@ -31,31 +31,6 @@ def _subset(ds, n_train, n_test):
                                x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
 
 
-def _steps_equal_reference(specs, ds, steps, rtol=1e-10, atol=1e-11):
-    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
-    plan = pack.epoch_plan(0)
-    refs = sgd_references(specs, ds)
-    for t in range(steps):
-        pack.step(plan.inputs(t))
-        for net, opt, order, B in refs:
-            idx = order[t * B:(t + 1) * B]
-            opt.zero_grad()
-            loss_fn(specs[0].loss, net(ds.x_train[idx]), ds.y_train[idx]).backward()
-            opt.step()
-    for k, (net, _, _, _) in enumerate(refs):
-        for name, p in net.named_parameters():
-            np.testing.assert_allclose(pack.params[name][k].detach().numpy(), p.detach().numpy(),
-                                       rtol=rtol, atol=atol, err_msg=f"member {k} {name}")
-        buffers = [(n, b) for n, b in net.named_buffers() if not n.endswith("num_batches_tracked")]
-        assert {n for n, _ in buffers} == set(pack.running)
-        for name, b in buffers:
-            np.testing.assert_allclose(pack.running[name][k].numpy(), b.numpy(), rtol=rtol, atol=atol,
-                                       err_msg=f"member {k} {name}")
-        for name, kind, w in models.matrices(net):
-            np.testing.assert_allclose(pack.weight(name)[k].detach().numpy(), w.detach().numpy(),
-                                       rtol=rtol, atol=atol, err_msg=f"member {k} matrix {name}")
-
-
 @pytest.mark.parametrize("model,extra", [
     ("CONV-BN-1-6", {}), ("CONV-2-6", {"activation": "leaky_relu"}), ("CONV-BN-0-4", {"bias": False}),
     ("MLP-WN-2-16", {}), ("MLP-WN-2-16", {"bias": False, "activation": "leaky_relu"}),
@@ -64,8 +39,8 @@ def test_small_families_step_like_torch_sgd_float64(model, extra, synthetic64):
     """Full batches, and a whole epoch of B=7 on 96 samples: 13 full steps and a last
     step of the 5 samples left over (each member's own)."""
     ds = _subset(synthetic64, 96, 8)
-    _steps_equal_reference(_members(model, **extra), ds, steps=6)
-    _steps_equal_reference(_members(model, batch=(7, 7, 7), **extra), ds, steps=14)
+    steps_equal_reference(_members(model, **extra), ds, steps=6)
+    steps_equal_reference(_members(model, batch=(7, 7, 7), **extra), ds, steps=14)
 
 
 @pytest.mark.parametrize("model,size", [("VGG-16", 32), ("RESNET-18", 8)])
@@ -74,7 +49,7 @@ def test_large_families_step_like_torch_sgd_float64(model, size, synthetic64, mo
     monkeypatch.setitem(spec_mod.DATASET_SHAPES, "synthetic", (3, size, size))
     ds = _subset(synthetic64, 16, 4)
     ds = dataclasses.replace(ds, x_train=ds.x_train[:, :3 * size * size].contiguous())
-    _steps_equal_reference(_members(model, batch=(2, 2, 2)), ds, steps=3, rtol=1e-9, atol=1e-11)
+    steps_equal_reference(_members(model, batch=(2, 2, 2)), ds, steps=3, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("model", ["CONV-BN-1-6", "MLP-WN-2-16"])
@@ -122,22 +97,9 @@ def test_pack_matches_reference_run_float64(model, synthetic64, tmp_path):
 def test_conv_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):
     ds = _subset(synthetic, 64, 16)
     specs = [dataclasses.replace(s, epochs=3) for s in _members("CONV-BN-1-6")]
-    train_pack(specs, tmp_path / "a" / "runs", device="cpu", dataset=ds, progress=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_2(epoch):
-        if epoch == 2:
-            raise Killed
-
-    out = tmp_path / "b" / "runs"
-    with pytest.raises(Killed):
-        train_pack(specs, out, device="cpu", dataset=ds, progress=False, checkpoint_every=1,
-                   on_epoch=kill_at_2)
-    train_pack(specs, out, device="cpu", dataset=ds, progress=False, checkpoint_every=1)
+    first, out = killed_and_resumed(specs, ds, tmp_path, kill_at=2, every=1)
     for spec in specs:
-        a, b = Run(tmp_path / "a" / "runs" / spec.run_id), Run(out / spec.run_id)
+        a, b = Run(first / spec.run_id), Run(out / spec.run_id)
         assert a.metrics.equals(b.metrics) and a.layers.equals(b.layers)
         for k in a.spectra:
             np.testing.assert_array_equal(a.spectra[k], b.spectra[k])
