@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -38,25 +39,30 @@ def sgd_references(specs, ds):
     return refs
 
 
+def step_references(refs, specs, ds, t: int) -> None:
+    """Step t of every member's reference (`sgd_references`): its own mini-batch of its
+    own data order, zero_grad, the loss, backward, torch.optim.SGD's step."""
+    from rankbias.models import loss_fn
+
+    for net, opt, order, B in refs:
+        idx = order[t * B:(t + 1) * B]
+        opt.zero_grad()
+        loss_fn(specs[0].loss, net(ds.x_train[idx]), ds.y_train[idx]).backward()
+        opt.step()
+
+
 def steps_equal_reference(specs, ds, steps, rtol=1e-10, atol=1e-11):
     """`steps` engine steps of a pack against each member's nn.Module + torch.optim.SGD on the
     same mini-batches: every parameter, BatchNorm statistic and stored matrix equal."""
     from rankbias import models
     from rankbias.engine import Pack
-    from rankbias.models import loss_fn
-
-    import numpy as np
 
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
     plan = pack.epoch_plan(0)
     refs = sgd_references(specs, ds)
     for t in range(steps):
         pack.step(plan.inputs(t))
-        for net, opt, order, B in refs:
-            idx = order[t * B:(t + 1) * B]
-            opt.zero_grad()
-            loss_fn(specs[0].loss, net(ds.x_train[idx]), ds.y_train[idx]).backward()
-            opt.step()
+        step_references(refs, specs, ds, t)
     for k, (net, _, _, _) in enumerate(refs):
         for name, p in net.named_parameters():
             np.testing.assert_allclose(pack.params[name][k].detach().numpy(), p.detach().numpy(),

@@ -99,7 +99,7 @@ def test_memory_estimate_counts_data_and_pack():
 def test_step_cost_by_hand_for_a_small_mlp():
     """MLP-BN-2-16 on synthetic inputs (D), K=3 members, batches 8/16/32 (a step is 32
     wide): matrices (16, D), (16, 16), (10, 16)."""
-    from rankbias.cluster import _parameter_count, step_bytes, step_flops
+    from rankbias.cluster import step_bytes, step_flops
     from rankbias.spec import DATASET_DIMS
     D = DATASET_DIMS["synthetic"]
     specs = [RunSpec(dataset="synthetic", arch="mlp_bn", depth=2, width=16, batch_size=b, seed=i)
@@ -110,7 +110,7 @@ def test_step_cost_by_hand_for_a_small_mlp():
     assert step_flops(specs) == 3 * 32 * per_example
     # weights and biases, and BatchNorm's weight and bias after each hidden matrix
     P = (16 * D + 16) + (256 + 16) + (160 + 10) + 2 * (16 + 16)
-    assert _parameter_count(specs[0]) == P
+    assert specs[0].layer_table().params == P
     # float64: 8 bytes; P read forward, 256 + 160 read again backward, P gradients
     # written, 5P by the update, 32 input rows of D read
     assert step_bytes(specs, itemsize=8) == 8 * 3 * (P + (256 + 160) + P + 5 * P + 32 * D)
@@ -122,12 +122,12 @@ def test_step_cost_matches_the_engine(model, synthetic):
     FLOPs torch's own counter sees in one real step of the engine."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rankbias.cluster import _parameter_count, step_flops
+    from rankbias.cluster import step_flops
     from rankbias.engine import Pack
     specs = [RunSpec.from_dict({"dataset": "synthetic", "model": model, "batch_size": 32, "seed": i})
              for i in range(3)]
     pack = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
-    assert sum(p[0].numel() for p in pack.plist) == _parameter_count(specs[0])
+    assert sum(p[0].numel() for p in pack.plist) == specs[0].layer_table().params
     counter = FlopCounterMode(display=False)
     with counter:
         pack.step(pack.epoch_plan(0).inputs(0))

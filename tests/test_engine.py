@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import killed_and_resumed, sgd_references, steps_equal_reference
+from conftest import killed_and_resumed, sgd_references, step_references, steps_equal_reference
 
 from rankbias import metrics as M
 from rankbias.engine import Pack
-from rankbias.reference import epoch_order, loss_fn, train_reference
+from rankbias.reference import epoch_order, train_reference
 from rankbias.results import Run
 from rankbias.spec import RunSpec
 from rankbias.train import train_pack
@@ -82,11 +82,7 @@ def test_momentum_buffers_equal_torch_sgd_state_float64(stepper, batch, syntheti
     refs = sgd_references(specs, ds)
     for t in range(3):
         step(plan.inputs(t))
-        for net, opt, order, B in refs:
-            idx = order[t * B:(t + 1) * B]
-            opt.zero_grad()
-            loss_fn(specs[0].loss, net(ds.x_train[idx]), ds.y_train[idx]).backward()
-            opt.step()
+        step_references(refs, specs, ds, t)
     names = list(pack.params)
     for k, (net, opt, _, _) in enumerate(refs):
         for (name, p) in net.named_parameters():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import killed_and_resumed
 from fabricate import fabricate
 from rankbias import audit, claims as C, figures as F, metrics as M, sweep
 from rankbias import theory as T
@@ -167,23 +168,10 @@ def test_lemma_rows_on_fresh_and_trained_networks(synthetic, tmp_path):
 
 def test_resumed_pack_measures_the_same_theory(synthetic, tmp_path):
     specs = _theory_pack(epochs=4)[:2]
-    train_pack(specs, tmp_path / "a", device="cpu", dataset=synthetic, progress=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(epoch):
-        if epoch == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train_pack(specs, tmp_path / "b", device="cpu", dataset=synthetic, progress=False,
-                   checkpoint_dir=tmp_path / "ck", checkpoint_every=2, on_epoch=kill_at_3)
-    train_pack(specs, tmp_path / "b", device="cpu", dataset=synthetic, progress=False,
-               checkpoint_dir=tmp_path / "ck", checkpoint_every=2)
+    first, out = killed_and_resumed(specs, synthetic, tmp_path, kill_at=3, every=2)
     for s in specs:
         for name in (T.THEORY_FILE, T.LEMMAS_FILE):
-            a, b = Run(tmp_path / "a" / s.run_id).table(name), Run(tmp_path / "b" / s.run_id).table(name)
+            a, b = Run(first / s.run_id).table(name), Run(out / s.run_id).table(name)
             pd.testing.assert_frame_equal(a, b)
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import zipfile
 
 import pytest
@@ -103,8 +104,7 @@ def test_rethresholding_redraws_without_retraining(done):
 
 
 def test_switching_the_cuda_graph_retrains_nothing(done):
-    """`graph` reaches the jobs through the environment, not their command line, so
-    Snakemake's code trigger does not see it."""
+    """`graph` reaches the train jobs as a resource, which is no rerun trigger."""
     wd, _ = done
     cfg = yaml.safe_load((wd / TEST_CONFIG).read_text())
     cfg["graph"] = "off"
@@ -204,15 +204,19 @@ def test_running_jobs_read_the_config_they_were_planned_with(done, tmp_path):
     shutil.copytree(done[0], wd, symlinks=True)
     other = _other_config(wd)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    running = subprocess.Popen([str(BIN / "snakemake"), "--cores", "1", "--configfile", TEST_CONFIG,
-                                "--forcerun", "figure", "claims"], cwd=wd, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    dry_runs = 0
-    while running.poll() is None:
-        snakemake(wd, "--configfile", other, "-n")
-        dry_runs += 1
-    log = running.stdout.read()
-    assert running.returncode == 0, log[-4000:]
+    log_file = tmp_path / "running.log"
+    with log_file.open("w") as log_out:     # a file, not a pipe nobody reads while it runs
+        running = subprocess.Popen([str(BIN / "snakemake"), "--cores", "1", "--configfile", TEST_CONFIG,
+                                    "--forcerun", "figure", "claims"], cwd=wd, env=env,
+                                   stdout=log_out, stderr=subprocess.STDOUT, text=True)
+        deadline, dry_runs = time.monotonic() + 1200, 0
+        while running.poll() is None:
+            if time.monotonic() > deadline:
+                running.kill()
+                pytest.fail(f"the running pipeline did not finish in 20 min:\n{log_file.read_text()[-4000:]}")
+            snakemake(wd, "--configfile", other, "-n")
+            dry_runs += 1
+    assert running.returncode == 0, log_file.read_text()[-4000:]
     assert dry_runs >= 2
     p = sweep.plan_from_file(wd / TEST_CONFIG)
     for fig, ids in p.figures.items():

@@ -54,11 +54,6 @@ def _matrices(spec: RunSpec) -> list[tuple[int, int]]:
     return [layer.shape for layer in spec.layer_table().layers]
 
 
-def _parameter_count(spec: RunSpec) -> int:
-    """Parameters of one member, as the model has them."""
-    return spec.layer_table().params
-
-
 def step_flops(specs: Sequence[RunSpec]) -> float:
     """Matrix-multiply FLOPs of one training step of a pack (elementwise work, a few
     FLOPs per activation or parameter, is left out). Per member and example each
@@ -83,7 +78,7 @@ def step_bytes(specs: Sequence[RunSpec], itemsize: int = 4) -> float:
     first = specs[0]
     shapes = _matrices(first)
     k, b_max = len(specs), max(s.batch_size for s in specs)
-    params = _parameter_count(first)
+    params = first.layer_table().params
     reread = sum(o * i for o, i in shapes[1:])
     inputs = b_max * DATASET_DIMS[first.dataset]
     return float(itemsize * k * (7 * params + reread + inputs))

@@ -51,6 +51,10 @@ class Pack:
             .to(self.device, x_train.dtype).requires_grad_(True) for name in names}
         self.plist = list(self.params.values())
         self.bufs = [torch.zeros_like(p) for p in self.plist]
+        # the update's two kinds of tensor (_sgd_update), fixed by the shapes
+        self._large = [i for i, p in enumerate(self.plist) if p.numel() >= LARGE_TENSOR]
+        self._small = [i for i, p in enumerate(self.plist) if p.numel() < LARGE_TENSOR]
+        self._small_bufs = [self.bufs[i] for i in self._small]
         # [K, 1, ...] shapes that broadcast a per-member column over each parameter.
         self.col_shapes = [(self.K,) + (1,) * (p.dim() - 1) for p in self.plist]
         buffers = [dict(net.named_buffers()) for net in nets]
@@ -125,14 +129,11 @@ class Pack:
             raise RuntimeError("SGD step: a parameter got no gradient from the backward pass")
         wd, mom, neg_lr = self.cols(s.wd), self.cols(s.mom), self.cols(s.neg_lr)
         torch._foreach_addcmul_(grads, self.plist, wd)                  # g += wd * p
-        small = [i for i, g in enumerate(grads) if g.numel() < LARGE_TENSOR]
-        for g, buf, m in zip(grads, self.bufs, mom):                    # buf = g + mom * buf
-            if g.numel() >= LARGE_TENSOR:
-                torch.addcmul(g, buf, m, out=buf)
-        if small:   # cache-resident: one foreach call costs less than a call per tensor
-            bufs = [self.bufs[i] for i in small]
-            torch._foreach_mul_(bufs, [mom[i] for i in small])
-            torch._foreach_add_(bufs, [grads[i] for i in small])
+        for i in self._large:                                           # buf = g + mom * buf
+            torch.addcmul(grads[i], self.bufs[i], mom[i], out=self.bufs[i])
+        if self._small:   # cache-resident: one foreach call costs less than a call per tensor
+            torch._foreach_mul_(self._small_bufs, [mom[i] for i in self._small])
+            torch._foreach_add_(self._small_bufs, [grads[i] for i in self._small])
         torch._foreach_addcmul_(self.plist, self.bufs, neg_lr)          # p -= lr * buf
         for p in self.plist:
             p.grad = None

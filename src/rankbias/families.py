@@ -267,6 +267,12 @@ def _resnet18(t: _Table, f: Family, depth, width, bias, shape, classes) -> None:
 _TABLES = {"MLP": _mlp, "ResidualMLP": _residual, "ConvNet": _convnet, "VGG16": _vgg16, "ResNet18": _resnet18}
 
 
+def input_shape(arch: str, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """What a family's model sees of images `image_shape` (C, H, W): the images, or
+    their features flattened."""
+    return tuple(image_shape) if family(arch).images else (math.prod(image_shape),)
+
+
 @functools.lru_cache(maxsize=256)
 def layers(arch: str, depth: int, width: int, bias: bool, image_shape: tuple[int, int, int],
            num_classes: int) -> LayerTable:
@@ -274,7 +280,7 @@ def layers(arch: str, depth: int, width: int, bias: bool, image_shape: tuple[int
     that does not fit its input fails here, before any job starts."""
     check_sizes(arch, depth, width)
     f = family(arch)
-    shape = tuple(image_shape) if f.images else (math.prod(image_shape),)
+    shape = input_shape(arch, image_shape)
     t = _Table(model_name(arch, depth, width), shape, tuple(image_shape))
     _TABLES[f.module](t, f, depth, width, bias, shape, num_classes)
     return LayerTable(tuple(t.layers), t.params, t.largest)

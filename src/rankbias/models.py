@@ -23,20 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from .families import (  # noqa: F401 (the registry, re-exported)
-    ACTIVATIONS,
-    ARCHS,
-    FAMILIES,
-    LEAKY_SLOPE,
-    VGG16_LAYERS,
-    Family,
-    ModelError,
-    check_sizes,
-    family,
-    model_name,
-    name_forms,
-    parse_model_name,
-)
+from .families import ACTIVATIONS, LEAKY_SLOPE, VGG16_LAYERS, ModelError, check_sizes, family, input_shape
 
 @dataclass(frozen=True)
 class Arch:
@@ -204,11 +191,6 @@ class ResNet18(nn.Module):
 
 
 # -- building a run's network ----------------------------------------------------------
-
-def input_shape(arch: str, image_shape: tuple[int, int, int]) -> tuple[int, ...]:
-    """What the model sees of a dataset with images `image_shape` (C, H, W)."""
-    return tuple(image_shape) if family(arch).images else (math.prod(image_shape),)
-
 
 def build(arch: str, depth: int, width: int, activation: str, bias: bool,
           image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:

@@ -88,8 +88,8 @@ TOP_DEFAULTS: dict[str, Any] = {
 }
 TOP_KEYS = tuple(TOP_DEFAULTS)
 # Keys that say how jobs run, not what they compute: the config files jobs read leave
-# them out, so switching one redraws nothing, and the train rule's command takes them
-# from Snakemake's config, not its params, so it retrains nothing either.
+# them out, so switching one redraws nothing, and the train rule takes them as its
+# resources and threads, not its params, so it retrains nothing either.
 EXECUTION_KEYS = ("device", "graph", "train_threads", "checkpoint_every")
 
 

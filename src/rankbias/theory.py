@@ -248,14 +248,16 @@ class TheoryRecorder:
                 norms[p].append(torch.linalg.vector_norm(gs, dim=(-2, -1), dtype=torch.float64).cpu().numpy())
                 ranks[p].append(gradient_ranks(g[p]))
             del g
+        all_norms = {p: np.concatenate(norms[p], 1) for _, _, p in self.fn.matrices}
+        all_ranks = {p: np.concatenate(ranks[p], 1) for _, _, p in self.fn.matrices}
         for j, k in enumerate(live):
             spec = self.specs[k]
             if b not in spec.theory_batch_sizes:
                 continue
             mk, lam = spec.theory_batches, spec.weight_decay
             for i, (name, kind, p) in enumerate(self.fn.matrices):
-                gn = np.concatenate(norms[p], 1)[j, :mk]
-                r = np.concatenate(ranks[p], 1)[j, :mk]
+                gn = all_norms[p][j, :mk]
+                r = all_ranks[p][j, :mk]
                 left = float(left_distance(spectra[k][name], b))
                 right = float(gn.min() / lam)
                 self.theory[k].append({

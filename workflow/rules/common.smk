@@ -39,11 +39,6 @@ else:
         raise ValueError(f"invalid config: {e}") from None
     os.environ[PLANNED_CONFIG] = json.dumps(PLAN.config, sort_keys=True)
 
-# The train rule reads these from `config` in its command (not params), so changing
-# them retrains nothing; fill in their defaults.
-for _key in sweep.EXECUTION_KEYS:
-    config[_key] = PLAN.config[_key]
-
 # The config files jobs read (claims and packs: the job config; each figure: its own).
 JOB_CONFIGS = sweep.job_configs(PLAN)
 
@@ -62,11 +57,8 @@ os.environ.setdefault("RANKBIAS_TIMING", "results/logs/timing.jsonl")
 # Settings that change how a training job runs, never its results: they reach
 # `rankbias train` as resources, which (unlike params) are no rerun trigger, so
 # changing them retrains nothing.
-EXECUTION = {
-    "device": PLAN.config["device"],
-    "graph": str(PLAN.config["graph"]),
-    "checkpoint_every": PLAN.config["checkpoint_every"],
-}
+# (train_threads is the rule's `threads`.)
+EXECUTION = {k: PLAN.config[k] for k in sweep.EXECUTION_KEYS if k != "train_threads"}
 
 
 wildcard_constraints:
