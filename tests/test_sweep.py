@@ -94,6 +94,10 @@ def test_schema_defaults_agree_with_the_library():
     props = schema["properties"]
     for key in ("device", "graph", "max_pack", "train_threads", "rank"):
         assert props[key]["default"] == sweep.TOP_DEFAULTS[key], key
+    # every default the schema states, new keys included, is the library's
+    stated = {k: v["default"] for k, v in props.items() if "default" in v}
+    assert stated and all(sweep.TOP_DEFAULTS[k] == v for k, v in stated.items()), stated
+    assert set(props["figures"]["properties"]) == set(sweep.FIGURES)
     from rankbias.claims import DEFAULT_THRESHOLDS
     assert set(props["claims"]["properties"]) == set(DEFAULT_THRESHOLDS)
     grid_keys = set(schema["definitions"]["grid"]["properties"]) - {"seed"}
