@@ -50,16 +50,22 @@ class _OpLog(TorchDispatchMode):
 @pytest.mark.parametrize("model", ["MLP-BN-3-16", "RES-BN-2-16", "MLP-2-16"])
 @BATCHES
 @pytest.mark.parametrize("loss", ["ce", "mse"])
-def test_step_reads_nothing_back_to_the_host(model, batch, loss, synthetic):
+@pytest.mark.parametrize("by_hand", [True, False], ids=["chain", "autograd"])
+def test_step_reads_nothing_back_to_the_host(model, batch, loss, by_hand, synthetic):
     specs = [RunSpec.from_dict({**s.to_dict(), "loss": loss}) for s in _specs(model, batch)]
     pack = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
+    assert pack.chain is not None
+    if not by_hand:
+        pack.chain = None
     plan = pack.epoch_plan(0)
     for t in (1, plan.steps - 1):                  # a full step, and the epoch's last
         s = plan.inputs(t)
         with _OpLog() as log:
             pack.step(s)
         assert "bmm" in log.ops, "the backward pass was not observed"
-        assert log.ops.count("_foreach_addcmul_") == 2, "the SGD update was not observed"
+        blocks = len(pack._pblocks)
+        assert (log.ops.count("addcmul_"), log.ops.count("addcmul")) == (2 * blocks, blocks), \
+            "the SGD update was not observed"
         assert not HOST_READS & set(log.ops), f"host reads in step {t}: {sorted(HOST_READS & set(log.ops))}"
 
 

@@ -70,19 +70,24 @@ class BatchedLinearFn(torch.autograd.Function):
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        if w.shape[2] >= 4 * w.shape[1] and w.shape[1] * w.shape[2] >= WIDE_MATRIX:
-            xt = x.transpose(1, 2)
-            out = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)
-            return out.transpose(1, 2).contiguous()
-        if b is None:
-            return torch.bmm(x, w.transpose(1, 2))
-        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        return linear_forward(x, w, b)
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
         return gx, torch.bmm(g.transpose(1, 2), x), g.sum(1) if ctx.has_bias else None
+
+
+def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x [K, B, in] @ w[k].T + b[k]: the batched Linear's forward (see BatchedLinearFn)."""
+    if w.shape[2] >= 4 * w.shape[1] and w.shape[1] * w.shape[2] >= WIDE_MATRIX:
+        xt = x.transpose(1, 2)
+        out = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)
+        return out.transpose(1, 2).contiguous()
+    if b is None:
+        return torch.bmm(x, w.transpose(1, 2))
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
 
 class Linear(nn.Module):

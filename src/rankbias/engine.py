@@ -11,20 +11,51 @@ rows for every member, with no padding to mask.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
 from . import metrics as M
 from . import models
 from .batched import BatchContext, Conv2d, batched, matrix_layer
+from .chain import Chain
 from .models import build_net, epoch_order, loss_fn
 from .spec import GRAPH_MODES, RunSpec, check_pack
 
 BN_MOMENTUM = 0.1
-# Elements from which a parameter's momentum update is one multiply-add of its own
-# (3 passes over memory) rather than part of a foreach scale-then-add (5 passes, but
-# one call for all the small tensors, whose passes hit the cache anyway).
+# Elements of one member's tensor from which it has a storage block of its own; the
+# smaller ones share one block (storage_blocks).
 LARGE_TENSOR = 1 << 15
+
+
+def storage_blocks(shapes: list[tuple[int, ...]], K: int, dtype, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """([K, n] blocks, a [K, *shape] view into them for each shape).
+
+    Tensors of fewer than LARGE_TENSOR elements per member share one block, member
+    by member ([K, sum of their sizes]): the SGD update then scales all of them by a
+    member's column in one op, rather than an op per tensor, which is what a small
+    pack's update cost (a few hundred microseconds a step on a CPU). A larger tensor
+    keeps a block of its own, contiguous, so that its batched matmuls read and write
+    it at full speed.
+    """
+    sizes = [math.prod(sh) for sh in shapes]
+    small = [i for i, n in enumerate(sizes) if n < LARGE_TENSOR]
+    blocks: list[torch.Tensor] = []
+    views: list[torch.Tensor | None] = [None] * len(shapes)
+    if small:
+        shared = torch.empty(K, sum(sizes[i] for i in small), dtype=dtype, device=device)
+        blocks.append(shared)
+        at = 0
+        for i in small:
+            views[i] = shared[:, at:at + sizes[i]].view(K, *shapes[i])
+            at += sizes[i]
+    for i, n in enumerate(sizes):
+        if n >= LARGE_TENSOR:
+            own = torch.empty(K, n, dtype=dtype, device=device)
+            blocks.append(own)
+            views[i] = own.view(K, *shapes[i])
+    assert all(v is not None for v in views)  # every tensor is in one block or the other
+    return blocks, [v for v in views if v is not None]
 
 
 class Pack:
@@ -43,20 +74,21 @@ class Pack:
         self.n = x_train.shape[0]
         s0.check_batches(self.n)
 
-        # Stack the members' seed-determined initialisations (the reference's exactly).
+        # Stack the members' seed-determined initialisations (the reference's exactly),
+        # each parameter a view into the pack's storage blocks (`storage_blocks`), as
+        # are its gradient and its momentum buffer.
         nets = [build_net(s, x_train.shape[1], num_classes) for s in specs]
         names = [n for n, _ in nets[0].named_parameters()]
-        self.params: dict[str, torch.Tensor] = {
-            name: torch.stack([dict(net.named_parameters())[name].detach() for net in nets])
-            .to(self.device, x_train.dtype).requires_grad_(True) for name in names}
+        shapes = [tuple(p.shape) for _, p in nets[0].named_parameters()]
+        blocks = [storage_blocks(shapes, self.K, x_train.dtype, self.device) for _ in range(3)]
+        (self._pblocks, pviews), (self._gblocks, self.grads), (self._bblocks, self.bufs) = blocks
+        for v in self.bufs:
+            v.zero_()
+        with torch.no_grad():
+            for name, v in zip(names, pviews):
+                v.copy_(torch.stack([dict(net.named_parameters())[name].detach() for net in nets]))
+        self.params: dict[str, torch.Tensor] = {name: v.requires_grad_(True) for name, v in zip(names, pviews)}
         self.plist = list(self.params.values())
-        self.bufs = [torch.zeros_like(p) for p in self.plist]
-        # the update's two kinds of tensor (_sgd_update), fixed by the shapes
-        self._large = [i for i, p in enumerate(self.plist) if p.numel() >= LARGE_TENSOR]
-        self._small = [i for i, p in enumerate(self.plist) if p.numel() < LARGE_TENSOR]
-        self._small_bufs = [self.bufs[i] for i in self._small]
-        # [K, 1, ...] shapes that broadcast a per-member column over each parameter.
-        self.col_shapes = [(self.K,) + (1,) * (p.dim() - 1) for p in self.plist]
         buffers = [dict(net.named_buffers()) for net in nets]
         self.running = {name: torch.stack([b[name] for b in buffers]).to(self.device, x_train.dtype)
                         for name in buffers[0] if not name.endswith("num_batches_tracked")}
@@ -66,6 +98,9 @@ class Pack:
         self.matrices = [(name, kind) for name, kind, _ in models.matrix_paths(nets[0])]
         self._matrix_layers = {name: matrix_layer(self.model, path)
                                for name, _, path in models.matrix_paths(nets[0])}
+        # the hand-differentiated step where the network is a chain (rankbias.chain)
+        self.chain, why = Chain.of(self.model, self.ctx, {id(p): g for p, g in zip(self.plist, self.grads)})
+        self.differentiation = "by hand (chain)" if self.chain is not None else f"autograd ({why})"
         self.activation_size = s0.layer_table().largest
         # Every convolution also as the linear operator it is on its input (rank.conv:
         # operator): (stored name, its batched layer, input size).
@@ -104,39 +139,42 @@ class Pack:
         return self.model(x)
 
     # -- one SGD step, the whole of it -------------------------------------------
-    def cols(self, c: torch.Tensor) -> list[torch.Tensor]:
-        """A [K, 1] column as views that broadcast over each parameter."""
-        return [c.view(shape) for shape in self.col_shapes]
-
     def step(self, s: "StepInputs") -> None:
         xb, yb = self.X[s.idx], self.Y[s.idx]                         # [K, B, D], [K, B]
-        logits = self.forward(xb, train=True, step=s)
-        per_sample = loss_fn(self.loss, logits.flatten(0, 1), yb.flatten(), "none").view(self.K, -1)
-        weighted = per_sample.mean(1) * s.weight.view(-1)
-        weighted.sum().backward()
+        self.ctx.train, self.ctx.step = True, s
+        if self.chain is not None:
+            logits, saved = self.chain.forward(xb)
+            logits = logits.detach().requires_grad_(True)
+            weighted = self._weighted_loss(logits, yb, s)
+            (g,) = torch.autograd.grad(weighted.sum(), logits)
+            self.chain.backward(g, saved)
+        else:
+            weighted = self._weighted_loss(self.model(xb), yb, s)
+            weighted.sum().backward()
+            grads = [p.grad for p in self.plist]
+            if any(g is None for g in grads):
+                raise RuntimeError("SGD step: a parameter got no gradient from the backward pass")
+            torch._foreach_copy_(self.grads, grads)
+            for p in self.plist:
+                p.grad = None
         with torch.no_grad():
             self._sgd_update(s)
             self.loss_sum.add_(weighted.detach())
 
+    def _weighted_loss(self, logits: torch.Tensor, yb: torch.Tensor, s: "StepInputs") -> torch.Tensor:
+        """[K]: each member's mean mini-batch loss times its weight (0 once frozen)."""
+        per_sample = loss_fn(self.loss, logits.flatten(0, 1), yb.flatten(), "none").view(self.K, -1)
+        return per_sample.mean(1) * s.weight.view(-1)
+
     def _sgd_update(self, s: "StepInputs") -> None:
-        """torch.optim.SGD's update (momentum, coupled weight decay). At large K it is
-        bound by memory traffic, so a large tensor's new momentum buffer is one
-        multiply-add into its own storage, g + mom * buf, rather than a scale and then
-        an add: 9 parameter-sized streams instead of 11. The buffers keep their
-        storage, which a captured CUDA graph relies on."""
-        grads = [p.grad for p in self.plist if p.grad is not None]
-        if len(grads) != len(self.plist):
-            raise RuntimeError("SGD step: a parameter got no gradient from the backward pass")
-        wd, mom, neg_lr = self.cols(s.wd), self.cols(s.mom), self.cols(s.neg_lr)
-        torch._foreach_addcmul_(grads, self.plist, wd)                  # g += wd * p
-        for i in self._large:                                           # buf = g + mom * buf
-            torch.addcmul(grads[i], self.bufs[i], mom[i], out=self.bufs[i])
-        if self._small:   # cache-resident: one foreach call costs less than a call per tensor
-            torch._foreach_mul_(self._small_bufs, [mom[i] for i in self._small])
-            torch._foreach_add_(self._small_bufs, [grads[i] for i in self._small])
-        torch._foreach_addcmul_(self.plist, self.bufs, neg_lr)          # p -= lr * buf
-        for p in self.plist:
-            p.grad = None
+        """torch.optim.SGD's update (momentum, coupled weight decay) on the storage
+        blocks: three ops a block, each member's lr, weight decay and momentum a [K, 1]
+        column: g += wd p; buf = g + mom buf (one multiply-add into its own storage);
+        p -= lr buf. The blocks keep their storage, which a captured CUDA graph relies on."""
+        for p, g, b in zip(self._pblocks, self._gblocks, self._bblocks):
+            g.addcmul_(p, s.wd)
+            torch.addcmul(g, b, s.mom, out=b)
+            p.addcmul_(b, s.neg_lr)
 
     # -- an epoch --------------------------------------------------------------
     def epoch_plan(self, epoch: int) -> "EpochPlan":
