@@ -209,6 +209,7 @@ def run_bench(workloads=tuple(WORKLOADS), Ks=None, device="auto", engine_steps=N
             epoch_s = CIFAR_STEPS_B16 * K / e_rate
             row = {"workload": w.model, "K": K, "engine": round(e_rate, 2), "reference": round(r_rate, 2),
                    "ratio": round(e_rate / r_rate, 2), "step": engine.pack.step_mode,
+                   "differentiation": engine.pack.differentiation,
                    "spectra_s": round(spectra_s, 5),
                    "spectra_share_of_cifar_epoch": round(spectra_s / (epoch_s + spectra_s), 5),
                    **roofline_row(specs, e_rate, r_rate, statistics.median(f_rates),

@@ -87,7 +87,14 @@ class Chain:
                 module = model.get_submodule(str(n.target))
                 kind = _module_kind(module)
                 if kind is None:
-                    return None, f"{n.target}: a {type(module).__name__} has no hand-written backward"
+                    what = type(module).__name__
+                    if isinstance(module, Linear):
+                        what = "weight-normed Linear"
+                    elif isinstance(module, BatchNorm):
+                        what = "BatchNorm2d"
+                    elif getattr(module, "inplace", False):
+                        what = f"in-place {what}"
+                    return None, f"{n.target}: a {what} has no hand-written backward"
                 if kind in ("linear", "batchnorm"):     # an activation may be called again
                     if id(module) in seen:
                         return None, f"{n.target}: called twice (its gradients would be summed)"

@@ -89,6 +89,11 @@ class Pack:
                 v.copy_(torch.stack([dict(net.named_parameters())[name].detach() for net in nets]))
         self.params: dict[str, torch.Tensor] = {name: v.requires_grad_(True) for name, v in zip(names, pviews)}
         self.plist = list(self.params.values())
+        # each member's slices of the blocks for the CPU's fused update (_sgd_update);
+        # a member without momentum keeps no buffer (torch's kernel asks for none)
+        self._fused = [([p[k] for p in self._pblocks], [g[k] for g in self._gblocks],
+                        [b[k] for b in self._bblocks] if s.momentum else [], s.weight_decay, s.momentum)
+                       for k, s in enumerate(specs)] if self.device.type == "cpu" else []
         buffers = [dict(net.named_buffers()) for net in nets]
         self.running = {name: torch.stack([b[name] for b in buffers]).to(self.device, x_train.dtype)
                         for name in buffers[0] if not name.endswith("num_batches_tracked")}
@@ -140,7 +145,9 @@ class Pack:
 
     # -- one SGD step, the whole of it -------------------------------------------
     def step(self, s: "StepInputs") -> None:
-        xb, yb = self.X[s.idx], self.Y[s.idx]                         # [K, B, D], [K, B]
+        rows = s.idx.reshape(-1)
+        xb = torch.index_select(self.X, 0, rows).view(*s.idx.shape, -1)  # [K, B, D]
+        yb = torch.index_select(self.Y, 0, rows).view(s.idx.shape)        # [K, B]
         self.ctx.train, self.ctx.step = True, s
         if self.chain is not None:
             logits, saved = self.chain.forward(xb)
@@ -168,9 +175,22 @@ class Pack:
 
     def _sgd_update(self, s: "StepInputs") -> None:
         """torch.optim.SGD's update (momentum, coupled weight decay) on the storage
-        blocks: three ops a block, each member's lr, weight decay and momentum a [K, 1]
-        column: g += wd p; buf = g + mom buf (one multiply-add into its own storage);
-        p -= lr buf. The blocks keep their storage, which a captured CUDA graph relies on."""
+        blocks, which keep their storage (a captured CUDA graph relies on that).
+
+        On the CPU it is torch's fused SGD kernel, one call a member over its slices of
+        the blocks: a single pass that reads p, g and buf and writes p and buf (5
+        streams), 2x faster than three ops at K=16 (README, "Performance"). Its weight
+        decay and momentum are the member's own numbers, its lr the step's column
+        entry (a tensor: nothing is read back). A frozen member has zero weights and
+        gradients and lr 0, so it stays as it is.
+        Elsewhere it is three ops a block with [K, 1] columns: g += wd p; buf = g + mom
+        buf (one multiply-add into its own storage); p -= lr buf (9 streams)."""
+        if self._fused:
+            lr = torch.neg(s.neg_lr)
+            for k, (p, g, b, wd, mom) in enumerate(self._fused):
+                torch._fused_sgd_(p, g, b, weight_decay=wd, momentum=mom, lr=lr[k], dampening=0.0,
+                                  nesterov=False, maximize=False, is_first_step=False)
+            return
         for p, g, b in zip(self._pblocks, self._gblocks, self._bblocks):
             g.addcmul_(p, s.wd)
             torch.addcmul(g, b, s.mom, out=b)

@@ -375,7 +375,7 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         t_record = time.perf_counter()
         timing.add("train_steps", t_record - t_epoch)
         if epoch == start:
-            _log(progress, f"[pack {pid}] step: {pack.step_mode}")
+            _log(progress, f"[pack {pid}] step: {pack.step_mode}, differentiated {pack.differentiation}")
         info = rec.record(epoch + 1, prev, final=epoch + 1 == s0.epochs)
         timing.add("spectra_eval", time.perf_counter() - t_record)
         t_theory = time.perf_counter()
@@ -415,7 +415,7 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
             "wall_time_s": round(wall, 3),
             # the whole pack's time measuring the theory (part of wall_time_s after epoch 0)
             "theory_time_s": {part: round(t, 3) for part, t in thy.seconds.items()},
-            "device": device_name(dev), "step": pack.step_mode,
+            "device": device_name(dev), "step": pack.step_mode, "differentiation": pack.differentiation,
             "seeds": {"init": f"torch.manual_seed({spec.seed})",
                       "data_order": f"torch.randperm, Generator seed {spec.seed} * 1000003 + epoch + 1"},
             "dataset": {"name": ds.name, "checksums": ds.checksums, "source": ds.source,
