@@ -232,23 +232,24 @@ def test_run_json_records_provenance(synthetic, tmp_path):
 
 
 @pytest.mark.parametrize("shape", [(100, 3072), (100, 1024), (10, 512), (100, 100)])
-def test_both_forms_of_the_batched_linear_agree_to_rounding(shape):
+@pytest.mark.parametrize("rows", [8, 32])
+def test_both_forms_of_the_batched_linear_agree_to_rounding(shape, rows):
     """A large wide layer's forward is computed as (w @ x^T)^T, the others as x @ w^T:
     the same products summed in another order, so float64 outputs agree to rounding,
     and the gradients (one backward for both) to rounding too."""
-    from rankbias.batched import WIDE_MATRIX, BatchedLinearFn
+    from rankbias.batched import WIDE_MATRIX, WIDE_ROWS, BatchedLinearFn
 
     out_f, in_f = shape
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 8, in_f, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(3, rows, in_f, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(3, out_f, in_f, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(3, out_f, dtype=torch.float64, generator=g, requires_grad=True)
     got = BatchedLinearFn.apply(x, w, b)
     want = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-12)
-    wide = in_f >= 4 * out_f and in_f * out_f >= WIDE_MATRIX
-    assert wide == (shape in [(100, 3072), (100, 1024)])
+    wide = in_f >= 4 * out_f and in_f * out_f >= WIDE_MATRIX and rows >= WIDE_ROWS
+    assert wide == (shape in [(100, 3072), (100, 1024)] and rows == 32)
     up = torch.randn(got.shape, dtype=torch.float64, generator=g)
     grads = torch.autograd.grad(got, (x, w, b), up)
     ref = torch.autograd.grad(want, (x, w, b), up)

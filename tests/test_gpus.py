@@ -163,3 +163,22 @@ def test_several_gpus_given_to_one_slurm_job_are_shared_in_a_job_lock_dir(tmp_pa
     with acquire_gpu() as index:
         assert (index, os.environ["CUDA_VISIBLE_DEVICES"]) == (0, "0")
     assert [p.name for p in (tmp_path / "slurm-77").iterdir()] == ["slot0.lock"]
+
+
+def test_no_nvidia_driver_means_no_devices_without_a_probe(tmp_path, clean_env, monkeypatch):
+    """Where NVML is missing and Linux shows no NVIDIA driver, device_count says 0 at
+    once instead of starting a Python to ask torch (2 s a training job on a CPU)."""
+    from rankbias import gpus
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "proc/driver").mkdir(parents=True)
+    assert not gpus.nvidia_driver_present(str(tmp_path))
+    (tmp_path / "dev/nvidiactl").touch()
+    assert gpus.nvidia_driver_present(str(tmp_path))
+    (tmp_path / "dev/nvidiactl").unlink()
+    (tmp_path / "proc/driver/nvidia").mkdir()
+    assert gpus.nvidia_driver_present(str(tmp_path))
+    if not gpus.nvidia_driver_present():
+        def no_probe(*a, **k):
+            raise AssertionError("device_count started a probe on a machine without a driver")
+        monkeypatch.setattr(gpus.subprocess, "run", no_probe)
+        assert gpus.device_count() == 0

@@ -238,3 +238,22 @@ def test_weight_norm_matrix_is_the_effective_weight():
     v = fc.parametrizations.weight.original1
     torch.testing.assert_close(w, 3.0 * v)          # g started at ||V||_F, W at V
     assert M.rank(M.singular_values(w).numpy()) == 8
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_hand_loss_gradient_is_autograds_bit_for_bit(loss, dtype):
+    """weighted_loss_and_grad (the chain step's) against autograd through loss_fn and
+    the weighting, a zero weight (a frozen member) included."""
+    from rankbias.models import loss_fn, weighted_loss_and_grad
+    g = torch.Generator().manual_seed(3)
+    K, B, C = 3, 7, 10
+    logits = torch.randn(K, B, C, dtype=dtype, generator=g) * 3
+    y = torch.randint(0, C, (K, B), generator=g)
+    w = torch.tensor([1.0, 0.0, 1.0], dtype=dtype)
+    got, grad = weighted_loss_and_grad(loss, logits, y, w)
+    leaf = logits.clone().requires_grad_(True)
+    want = loss_fn(loss, leaf.flatten(0, 1), y.flatten(), "none").view(K, -1).mean(1) * w
+    (want_grad,) = torch.autograd.grad(want.sum(), leaf)
+    assert torch.equal(got, want.detach()) and torch.equal(grad, want_grad)
+    assert not grad[1].any() and grad[0].abs().sum() > 0

@@ -44,8 +44,10 @@ class BatchContext:
         self.step: StepInputs | None = None
 
 
-# Elements of one member's matrix from which a wide layer's forward is w @ x^T (below).
+# Elements of one member's matrix, and rows of its batch, from which a wide layer's
+# forward is w @ x^T (below).
 WIDE_MATRIX = 1 << 16
+WIDE_ROWS = 16
 
 
 class BatchedLinearFn(torch.autograd.Function):
@@ -57,11 +59,13 @@ class BatchedLinearFn(torch.autograd.Function):
     that copy was 40% of a CPU step. Here it is one bmm, g^T @ x.
 
     A large wide matrix (in >= 4 out and at least WIDE_MATRIX elements: the first
-    layer on images) is multiplied as (w @ x^T)^T, w the untransposed left operand:
-    MKL repacks a transposed right operand on every call, which made `x @ w^T` take
-    2.6-2.9 ms for K=16 [100, 3072] weights against 0.8 ms (one read of w) this way;
-    1.24x on the whole K=16 step of MLP-BN-10-100 (A/B in one process). Square and
-    small layers, where the two forms run at the same speed, keep the plain form.
+    layer on images) is multiplied as (w @ x^T)^T, w the untransposed left operand,
+    for batches of WIDE_ROWS rows or more: MKL repacks a transposed right operand on
+    every call, which made `x @ w^T` take 2.6-2.9 ms for K=16 [100, 3072] weights
+    against 0.8 ms (one read of w) this way; 1.24x on the whole K=16 step of
+    MLP-BN-10-100 (A/B in one process). At B=32 it is 2.1x for [100, 1024], at B=128
+    even, but at B=8 the plain form is 2.1x the faster (21 against 44 us, K=1), so
+    narrow batches, square and small layers keep the plain form.
     Both forms sum the same products in another order: float64 outputs agree to
     rounding (tests/test_engine.py).
     """
@@ -81,7 +85,7 @@ class BatchedLinearFn(torch.autograd.Function):
 
 def linear_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x [K, B, in] @ w[k].T + b[k]: the batched Linear's forward (see BatchedLinearFn)."""
-    if w.shape[2] >= 4 * w.shape[1] and w.shape[1] * w.shape[2] >= WIDE_MATRIX:
+    if w.shape[2] >= 4 * w.shape[1] and w.shape[1] * w.shape[2] >= WIDE_MATRIX and x.shape[1] >= WIDE_ROWS:
         xt = x.transpose(1, 2)
         out = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)
         return out.transpose(1, 2).contiguous()

@@ -19,7 +19,7 @@ from . import metrics as M
 from . import models
 from .batched import BatchContext, Conv2d, batched, matrix_layer
 from .chain import Chain
-from .models import build_net, epoch_order, loss_fn
+from .models import build_net, epoch_order, loss_fn, weighted_loss_and_grad
 from .spec import GRAPH_MODES, RunSpec, check_pack
 
 BN_MOMENTUM = 0.1
@@ -151,9 +151,7 @@ class Pack:
         self.ctx.train, self.ctx.step = True, s
         if self.chain is not None:
             logits, saved = self.chain.forward(xb)
-            logits = logits.detach().requires_grad_(True)
-            weighted = self._weighted_loss(logits, yb, s)
-            (g,) = torch.autograd.grad(weighted.sum(), logits)
+            weighted, g = weighted_loss_and_grad(self.loss, logits, yb, s.weight.view(-1))
             self.chain.backward(g, saved)
         else:
             weighted = self._weighted_loss(self.model(xb), yb, s)

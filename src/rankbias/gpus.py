@@ -44,6 +44,15 @@ def default_lock_dir() -> Path:
     return Path(os.environ.get(ENV_LOCK_DIR) or Path(tempfile.gettempdir()) / "rankbias-gpu-locks")
 
 
+def nvidia_driver_present(root: str = "/") -> bool:
+    """False only where this is Linux and no NVIDIA kernel driver is loaded (neither
+    /proc/driver/nvidia nor a /dev/nvidia* device node): there can be no CUDA device."""
+    if not sys.platform.startswith("linux"):
+        return True
+    base = Path(root)
+    return (base / "proc/driver/nvidia").exists() or any((base / "dev").glob("nvidia*"))
+
+
 def device_count() -> int:
     raw = os.environ.get(ENV_COUNT)
     if raw is not None and raw.strip() != "":
@@ -70,6 +79,8 @@ def device_count() -> int:
             n = int(count_nvml())
     if n >= 0:
         return n
+    if not nvidia_driver_present():
+        return 0            # the probe below would spend ~2 s importing torch to say so
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
                            capture_output=True, text=True, timeout=300)
     try:
