@@ -103,7 +103,7 @@ def test_parameters_gradients_and_buffers_live_in_the_storage_blocks(synthetic):
     one update leaves them there."""
     ds = synthetic
     pack = Pack(_specs("MLP-BN-2-100", batch=32), ds.x_train, ds.y_train, ds.num_classes, "cpu")
-    large = [n for n, p in pack.params.items() if p[0].numel() >= LARGE_TENSOR]
+    large = [n for n, p in pack.params.items() if p.numel() >= LARGE_TENSOR]
     assert large == ["hidden.fc1.weight"] and len(pack._pblocks) == 2
     ptrs = [p.data_ptr() for p in pack.plist] + [g.data_ptr() for g in pack.grads] + \
         [b.data_ptr() for b in pack.bufs]

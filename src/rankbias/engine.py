@@ -23,23 +23,24 @@ from .models import build_net, epoch_order, loss_fn, weighted_loss_and_grad
 from .spec import GRAPH_MODES, RunSpec, check_pack
 
 BN_MOMENTUM = 0.1
-# Elements of one member's tensor from which it has a storage block of its own; the
-# smaller ones share one block (storage_blocks).
+# Elements of a stacked [K, ...] tensor from which it has a storage block of its own;
+# the smaller ones share one block (storage_blocks).
 LARGE_TENSOR = 1 << 15
 
 
 def storage_blocks(shapes: list[tuple[int, ...]], K: int, dtype, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """([K, n] blocks, a [K, *shape] view into them for each shape).
 
-    Tensors of fewer than LARGE_TENSOR elements per member share one block, member
-    by member ([K, sum of their sizes]): the SGD update then scales all of them by a
+    Stacked tensors of fewer than LARGE_TENSOR elements share one block, member by
+    member ([K, sum of their sizes]): the three-op update then scales all of them by a
     member's column in one op, rather than an op per tensor, which is what a small
     pack's update cost (a few hundred microseconds a step on a CPU). A larger tensor
     keeps a block of its own, contiguous, so that its batched matmuls read and write
-    it at full speed.
+    it at full speed (a weight gradient written into a strided [K, 100, 100] view took
+    81 us against 46 us at K=16).
     """
     sizes = [math.prod(sh) for sh in shapes]
-    small = [i for i, n in enumerate(sizes) if n < LARGE_TENSOR]
+    small = [i for i, n in enumerate(sizes) if K * n < LARGE_TENSOR]
     blocks: list[torch.Tensor] = []
     views: list[torch.Tensor | None] = [None] * len(shapes)
     if small:
@@ -50,7 +51,7 @@ def storage_blocks(shapes: list[tuple[int, ...]], K: int, dtype, device) -> tupl
             views[i] = shared[:, at:at + sizes[i]].view(K, *shapes[i])
             at += sizes[i]
     for i, n in enumerate(sizes):
-        if n >= LARGE_TENSOR:
+        if K * n >= LARGE_TENSOR:
             own = torch.empty(K, n, dtype=dtype, device=device)
             blocks.append(own)
             views[i] = own.view(K, *shapes[i])
