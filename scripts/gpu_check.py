@@ -31,7 +31,7 @@ def slowest_pack(plan) -> str:
 
 def estimate_gpu_hours(plan, ref_specs, step_s: float, record_s: float) -> float:
     """GPU-hours of every pack of `plan`, from one pack's measured step and logged-epoch
-    (evaluation and spectra) times: a step takes at least the measured one (small
+    (evaluation, spectra and Theorem 1's measurement) times: a step takes at least the measured one (small
     steps are bound by launches, not arithmetic), and longer in proportion to its
     FLOPs where it has more; a logged epoch scales with the pack's FLOPs per sample."""
     from rankbias.cluster import step_flops
@@ -50,13 +50,15 @@ def estimate_gpu_hours(plan, ref_specs, step_s: float, record_s: float) -> float
 
 def time_epoch(specs, device: str, max_steps: int | None = None) -> dict:
     """Seconds per step over one epoch of `specs` (or its first `max_steps` steps) on
-    random data shaped like the pack's dataset, and one logged epoch's record."""
+    random data shaped like the pack's dataset, and one logged epoch's record
+    (evaluation, spectra and Theorem 1)."""
     import torch
 
     from rankbias.data import Dataset
     from rankbias.engine import Pack
     from rankbias.spec import DATASET_DIMS, NUM_CLASSES
-    from rankbias.train import Recorder, resolve_device
+    from rankbias.theory import TheoryRecorder
+    from rankbias.train import Recorder, _theory, resolve_device
     dev = resolve_device(device)
     train, test = specs[0].sizes()
     dim = DATASET_DIMS[specs[0].dataset]
@@ -79,8 +81,10 @@ def time_epoch(specs, device: str, max_steps: int | None = None) -> dict:
     sync()
     step_s = (time.perf_counter() - t0) / steps
     rec = Recorder(pack, ds)
+    thy = TheoryRecorder(specs, ds.x_train, ds.y_train, ds.num_classes)
     t0 = time.perf_counter()
-    rec.record(0, None, final=False)          # a logged epoch: evaluation and spectra
+    rec.record(0, None, final=False)          # a logged epoch: evaluation and spectra,
+    _theory(thy, pack, rec, 0, None)          # and Theorem 1 measured, as training does
     sync()
     return {"steps": steps, "epoch_steps": plan.steps, "step_s": step_s,
             "epoch_s": step_s * plan.steps, "record_s": time.perf_counter() - t0,

@@ -138,3 +138,20 @@ def test_roofline_is_the_slower_of_compute_and_memory():
     from rankbias.cluster import roofline_seconds
     assert roofline_seconds(1e9, 1e6, 1e9, 1e9) == 1.0          # compute-bound
     assert roofline_seconds(1e6, 4e9, 1e9, 2e9) == 2.0          # memory-bound
+
+
+def test_theorem_1s_measurement_is_counted_per_logged_epoch():
+    """Each logged epoch measures Theorem 1 on theory_batches batches of each B*: the
+    estimate grows by that work, in proportion to the batches and to B*."""
+    from rankbias.cluster import COST_MODELS, OPS_PER_LAYER_STEP, _matrices, step_flops
+    few, many = pack(theory_batches=4, log_every=10), pack(theory_batches=36, log_every=10)
+    specs, cost, shapes = few, COST_MODELS["cpu"], _matrices(few[0])
+    svd = len(specs) * sum(cost.svd_seconds + 4.0 * max(o, i) * min(o, i) ** 2 / cost.svd_flops_per_second
+                           for o, i in shapes)
+    per_batch = (step_flops(specs) / cost.flops_per_second
+                 + OPS_PER_LAYER_STEP * len(shapes) * cost.seconds_per_op + svd)
+    logged = 100 // 10 + 1
+    assert estimate_seconds(many, "cpu") - estimate_seconds(few, "cpu") == pytest.approx(
+        logged * 32 * per_batch, rel=1e-9)
+    wide = pack(theory_batches=4, log_every=10, theory_sizes=(32, 64))
+    assert estimate_seconds(wide, "cpu") > estimate_seconds(few, "cpu")

@@ -48,7 +48,7 @@ class _Node:
     def __init__(self, kind: str, inputs: tuple[int, ...], module: Any = None):
         self.kind, self.inputs, self.module = kind, inputs, module
         self.needs_grad = self.needs_grad_input = False
-        self.grads: tuple[torch.Tensor, ...] = ()   # where a layer's parameter gradients go
+        self.grads: tuple[Any, ...] = ()   # where a layer's parameter gradients go (None: no bias)
 
 
 class Chain:
@@ -72,6 +72,8 @@ class Chain:
         out: int | None = None
         for n in graph.nodes:
             args = n.args
+            kind: str | None
+            inputs: tuple[int, ...]
             if n.op == "placeholder":
                 if nodes:
                     return None, "its forward takes more than one input"
@@ -99,13 +101,14 @@ class Chain:
                     if id(module) in seen:
                         return None, f"{n.target}: called twice (its gradients would be summed)"
                     seen.add(id(module))
-                inputs = (index[args[0]],)
                 if len(args) != 1:
                     return None, f"{n.target}: called with {len(args)} inputs"
+                inputs = (index[args[0]],)
             elif n.op == "call_function" and n.target in (operator.add, torch.add) and len(args) == 2:
                 kind, inputs, module = "add", (index[args[0]], index[args[1]]), None
             else:
                 return None, f"{n.name}: {n.op} {getattr(n.target, '__name__', n.target)} has no hand-written backward"
+            assert kind is not None      # every branch that leaves none has returned
             index[n] = len(nodes)
             nodes.append(_Node(kind, inputs, module))
         if out is None or out != len(nodes) - 1:
@@ -134,7 +137,8 @@ class Chain:
         saved: list[Any] = []
         for node in self.nodes:
             ins = [values[i] for i in node.inputs]
-            m, keep = node.module, None
+            m = node.module
+            keep: Any = None
             if node.kind == "input":
                 y = x
             elif node.kind == "linear":

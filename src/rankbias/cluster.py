@@ -123,7 +123,14 @@ def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     eval_seconds = eval_flops / cost.flops_per_second + eval_batches * n_layers * 4 * cost.seconds_per_op
     svd_seconds = k * sum(cost.svd_seconds + 4.0 * max(o, i) * min(o, i) ** 2 / cost.svd_flops_per_second
                           for o, i in shapes)
-    return cost.startup_seconds + train_seconds + logged * (eval_seconds + svd_seconds)
+    # Theorem 1, each logged epoch: theory_batches batches of each B* through a forward
+    # and backward for every member, and the rank of every matrix's batch gradient.
+    batches = first.theory_batches * len(first.theory_batch_sizes)
+    theory_flops = first.theory_batches * sum(step_flops(specs) / first.batch_size * b
+                                              for b in first.theory_batch_sizes)
+    theory_seconds = (theory_flops / cost.flops_per_second
+                      + batches * (OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op + svd_seconds))
+    return cost.startup_seconds + train_seconds + logged * (eval_seconds + svd_seconds + theory_seconds)
 
 
 def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda") -> int:
@@ -133,8 +140,9 @@ def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda") -> 
     drop_last; train_size from the dataset, or train_subset when > 0); each step costs
     its FLOPs (6 per multiply-add per example per member: one per weight, and per output
     position for a convolution) at the device's effective throughput plus a per-op
-    launch cost; each logged epoch adds a full evaluation pass and one SVD per matrix
-    per member. The total is
+    launch cost; each logged epoch adds a full evaluation pass, one SVD per matrix
+    per member, and Theorem 1's measurement (theory_batches batches of each B*, a
+    forward and backward and a gradient SVD each). The total is
     multiplied by SAFETY_FACTOR and is at least MIN_MINUTES.
     """
     seconds = estimate_seconds(list(specs), device)

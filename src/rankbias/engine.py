@@ -157,8 +157,8 @@ class Pack:
         else:
             weighted = self._weighted_loss(self.model(xb), yb, s)
             weighted.sum().backward()
-            grads = [p.grad for p in self.plist]
-            if any(g is None for g in grads):
+            grads = [p.grad for p in self.plist if p.grad is not None]
+            if len(grads) != len(self.plist):
                 raise RuntimeError("SGD step: a parameter got no gradient from the backward pass")
             torch._foreach_copy_(self.grads, grads)
             for p in self.plist:
@@ -190,10 +190,10 @@ class Pack:
                 torch._fused_sgd_(p, g, b, weight_decay=wd, momentum=mom, lr=lr[k], dampening=0.0,
                                   nesterov=False, maximize=False, is_first_step=False)
             return
-        for p, g, b in zip(self._pblocks, self._gblocks, self._bblocks):
-            g.addcmul_(p, s.wd)
-            torch.addcmul(g, b, s.mom, out=b)
-            p.addcmul_(b, s.neg_lr)
+        for pb, gb, bb in zip(self._pblocks, self._gblocks, self._bblocks):
+            gb.addcmul_(pb, s.wd)
+            torch.addcmul(gb, bb, s.mom, out=bb)
+            pb.addcmul_(bb, s.neg_lr)
 
     # -- an epoch --------------------------------------------------------------
     def epoch_plan(self, epoch: int) -> "EpochPlan":
