@@ -243,9 +243,10 @@ def test_weight_norm_matrix_is_the_effective_weight():
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_the_hand_loss_gradient_is_autograds_bit_for_bit(loss, dtype):
-    """weighted_loss_and_grad (the chain step's) against autograd through loss_fn and
-    the weighting, a zero weight (a frozen member) included."""
-    from rankbias.models import loss_fn, weighted_loss_and_grad
+    """weighted_loss_and_grad (the chain step's) against autograd through
+    weighted_loss (the autograd step's) and through loss_fn with the weighting written
+    out, a zero weight (a frozen member) included."""
+    from rankbias.models import loss_fn, weighted_loss, weighted_loss_and_grad
     g = torch.Generator().manual_seed(3)
     K, B, C = 3, 7, 10
     logits = torch.randn(K, B, C, dtype=dtype, generator=g) * 3
@@ -256,4 +257,8 @@ def test_the_hand_loss_gradient_is_autograds_bit_for_bit(loss, dtype):
     want = loss_fn(loss, leaf.flatten(0, 1), y.flatten(), "none").view(K, -1).mean(1) * w
     (want_grad,) = torch.autograd.grad(want.sum(), leaf)
     assert torch.equal(got, want.detach()) and torch.equal(grad, want_grad)
+    leaf2 = logits.clone().requires_grad_(True)
+    via = weighted_loss(loss, leaf2, y, w)
+    (via_grad,) = torch.autograd.grad(via.sum(), leaf2)
+    assert torch.equal(got, via.detach()) and torch.equal(grad, via_grad)
     assert not grad[1].any() and grad[0].abs().sum() > 0

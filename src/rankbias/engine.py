@@ -19,7 +19,7 @@ from . import metrics as M
 from . import models
 from .batched import BatchContext, Conv2d, batched, matrix_layer
 from .chain import Chain
-from .models import build_net, epoch_order, loss_fn, weighted_loss_and_grad
+from .models import build_net, epoch_order, loss_fn, weighted_loss, weighted_loss_and_grad
 from .spec import GRAPH_MODES, RunSpec, check_pack
 
 BN_MOMENTUM = 0.1
@@ -155,7 +155,7 @@ class Pack:
             weighted, g = weighted_loss_and_grad(self.loss, logits, yb, s.weight.view(-1))
             self.chain.backward(g, saved)
         else:
-            weighted = self._weighted_loss(self.model(xb), yb, s)
+            weighted = weighted_loss(self.loss, self.model(xb), yb, s.weight.view(-1))
             weighted.sum().backward()
             grads = [p.grad for p in self.plist if p.grad is not None]
             if len(grads) != len(self.plist):
@@ -166,11 +166,6 @@ class Pack:
         with torch.no_grad():
             self._sgd_update(s)
             self.loss_sum.add_(weighted.detach())
-
-    def _weighted_loss(self, logits: torch.Tensor, yb: torch.Tensor, s: "StepInputs") -> torch.Tensor:
-        """[K]: each member's mean mini-batch loss times its weight (0 once frozen)."""
-        per_sample = loss_fn(self.loss, logits.flatten(0, 1), yb.flatten(), "none").view(self.K, -1)
-        return per_sample.mean(1) * s.weight.view(-1)
 
     def _sgd_update(self, s: "StepInputs") -> None:
         """torch.optim.SGD's update (momentum, coupled weight decay) on the storage
