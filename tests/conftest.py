@@ -183,6 +183,8 @@ def snakemake(wd: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != BIN.resolve()]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=os.pathsep.join(path), RANKBIAS_OFFLINE="1")
+    if HAVE_MNIST:   # the verified copy, also where it was found beside the checkout
+        env.setdefault("RANKBIAS_DATA", str(SHARED_MNIST.parent))
     p = subprocess.run([str(BIN / "snakemake"), "--cores", "2", *args], cwd=wd, env=env,
                        capture_output=True, text=True, timeout=1200)
     if check and p.returncode != 0:
