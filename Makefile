@@ -62,10 +62,13 @@ bench: $(STAMP)
 	"$(BIN)/rankbias" bench --json
 
 # On a machine with CUDA and a Python that has torch, numpy, pandas and pytest (no
-# install): the CUDA tests, the bench with its roofline, one timed epoch of the paper
-# profile's slowest pack and the paper profile's GPU-hours.
+# install): the CUDA tests (bit-reproducible conv packs among them), the bench with its
+# roofline, every pack shape of the paper profile timed (a table, the profile's
+# GPU-hours, and results/gpu-timings.json, which then sets the workflow's job time
+# limits). Options: `make gpu-check GPU_CHECK_ARGS="--config config/config.yaml"`.
+GPU_CHECK_ARGS ?=
 gpu-check:
-	PYTHONPATH=src $(PYTHON) scripts/gpu_check.py
+	PYTHONPATH=src $(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 # Regenerate the locks from the direct dependencies (needs the package registry):
 # requirements.lock for the package and its workflow extra (what the image installs),

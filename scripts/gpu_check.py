@@ -1,94 +1,141 @@
-"""GPU readiness: the CUDA tests, the bench with its roofline, one timed epoch of the
-paper profile's slowest pack, and the paper profile's GPU-hours from that timing.
+"""GPU readiness and a profile's measured time, in one command of at most a few minutes.
 
-Runs from a plain checkout (`PYTHONPATH=src python3 scripts/gpu_check.py`, or
-`make gpu-check`) with torch, numpy, pandas and pytest; it installs nothing. The
-epoch is timed on random CIFAR-shaped data, so CIFAR-10 need not be present.
-Every part says whether it passed; the exit status is 1 if any failed.
+Parts (each says whether it passed; the exit status is 1 if any failed):
+  * tests: the CUDA tests, among them a conv pack and a ResNet-18 pack trained twice and
+    killed-and-resumed under the deterministic policy, all bit-identical;
+  * bench: the engine against the reference loop (MLP-BN-10-100, K 16, 64, 256);
+  * timings: every distinct pack shape of the profile(s) (`rankbias.cluster.shape_key`:
+    model, input, data size, B, K, loss, precision, Theorem 1's sampling) trained once on
+    random data of the dataset's shape and size: the pack built and its step chosen as
+    training does (set-up), at least 200 steady steps with that stepper (or, for steps
+    so slow that 200 would take over `--step-seconds`, as many as fit, at least 20), and
+    one logged epoch (evaluation of the whole train and test sets, every spectrum,
+    Theorem 1's measurement). It prints a table per pack shape and each profile's total
+    GPU-hours, and writes the timings (`--timings-out`) that `rankbias.cluster` then
+    uses for the workflow's job time limits.
+Shapes are timed largest first, within `--budget` seconds from the start; a shape the
+budget left untimed is estimated by the cost model, and its row says so.
+
+Runs from a plain checkout (`PYTHONPATH=src python3 scripts/gpu_check.py`, or `make
+gpu-check`) with torch, numpy, pandas and pytest; it installs nothing. CIFAR-10 need
+not be present: the data is random, shaped and sized like it.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
-import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The tests that need a CUDA device (each skips itself elsewhere) and the CPU tests of
-# the code they exercise.
-CUDA_TESTS = ["tests/test_graphs.py", "tests/test_engine.py"]
+# The tests that need a CUDA device (each skips itself elsewhere; their names say cuda).
+CUDA_TESTS = ["tests/test_graphs.py", "tests/test_numerics.py", "tests/test_engine.py", "-k", "cuda"]
+MIN_STEPS = 200
+WARM_STEPS = 3       # untimed steps before the timed ones (on CUDA the stepper's choice ran more)
 
 
-def slowest_pack(plan) -> str:
-    """The pack with the most steps (its smallest batch sets the count), ties broken
-    by the cost model's estimate."""
+def shapes_of(plans: dict) -> dict[str, list]:
+    """shape key -> [(config, pack specs), ...] over every pack of every plan."""
+    from rankbias.cluster import shape_key
+    out: dict[str, list] = {}
+    for name, plan in plans.items():
+        for pid in plan.packs:
+            specs = plan.pack_specs(pid)
+            out.setdefault(shape_key(specs), []).append((name, specs))
+    return out
+
+
+def profile_hours(plans: dict, timings: dict, device: str = "cuda") -> dict[str, float]:
+    """Each plan's GPU-hours: every pack's `cluster.estimate_seconds` from `timings` (the
+    cost model for a shape they lack)."""
     from rankbias.cluster import estimate_seconds
-    return max(plan.packs, key=lambda pid: (plan.steps(pid), estimate_seconds(plan.pack_specs(pid), "cuda")))
+    return {name: sum(estimate_seconds(plan.pack_specs(pid), device, timings) for pid in plan.packs) / 3600
+            for name, plan in plans.items()}
 
 
-def estimate_gpu_hours(plan, ref_specs, step_s: float, record_s: float) -> float:
-    """GPU-hours of every pack of `plan`, from one pack's measured step and logged-epoch
-    (evaluation, spectra and Theorem 1's measurement) times: a step takes at least the measured one (small
-    steps are bound by launches, not arithmetic), and longer in proportion to its
-    FLOPs where it has more; a logged epoch scales with the pack's FLOPs per sample."""
-    from rankbias.cluster import step_flops
-    ref_flops = step_flops(ref_specs)
-    ref_per_sample = ref_flops / max(s.batch_size for s in ref_specs)
-    seconds = 0.0
-    for pid in plan.packs:
-        specs = plan.pack_specs(pid)
-        flops = step_flops(specs)
-        per_sample = flops / max(s.batch_size for s in specs)
-        logged = specs[0].epochs // specs[0].log_every + 1
-        seconds += plan.steps(pid) * step_s * max(1.0, flops / ref_flops)
-        seconds += logged * record_s * max(1.0, per_sample / ref_per_sample)
-    return seconds / 3600.0
-
-
-def time_epoch(specs, device: str, max_steps: int | None = None) -> dict:
-    """Seconds per step over one epoch of `specs` (or its first `max_steps` steps) on
-    random data shaped like the pack's dataset, and one logged epoch's record
-    (evaluation, spectra and Theorem 1)."""
+def random_dataset(specs, dev, cache: dict):
+    """Random inputs and labels of the pack's dataset's shape and (subset) size, made
+    on the device once per shape and size."""
     import torch
 
     from rankbias.data import Dataset
-    from rankbias.engine import Pack
     from rankbias.spec import DATASET_DIMS, NUM_CLASSES
+    s0 = specs[0]
+    train, test = s0.sizes()
+    key = (s0.dataset, train, test)
+    if key not in cache:
+        cache.clear()            # one at a time: CIFAR-sized data is 0.7 GB
+        g = torch.Generator(device=dev).manual_seed(0)
+        dim = DATASET_DIMS[s0.dataset]
+        cache[key] = Dataset(
+            name=f"random-{s0.dataset}-shaped",
+            x_train=torch.randn(train, dim, generator=g, device=dev),
+            y_train=torch.randint(NUM_CLASSES, (train,), generator=g, device=dev),
+            x_test=torch.randn(test, dim, generator=g, device=dev),
+            y_test=torch.randint(NUM_CLASSES, (test,), generator=g, device=dev),
+            num_classes=NUM_CLASSES)
+    return cache[key]
+
+
+def time_shape(specs, ds, dev, min_steps: int = MIN_STEPS, step_seconds: float = 10.0,
+               graph: str = "auto") -> dict:
+    """One pack shape timed as training runs it (see the module docstring)."""
+    import torch
+
+    from rankbias import numerics
+    from rankbias.engine import GraphedStep, Pack
+    from rankbias.spec import pack_steps
     from rankbias.theory import TheoryRecorder
-    from rankbias.train import Recorder, _theory, resolve_device
-    dev = resolve_device(device)
-    train, test = specs[0].sizes()
-    dim = DATASET_DIMS[specs[0].dataset]
-    g = torch.Generator().manual_seed(0)
-    ds = Dataset(name=f"random-{specs[0].dataset}-shaped",
-                 x_train=torch.randn(train, dim, generator=g).to(dev),
-                 y_train=torch.randint(NUM_CLASSES, (train,), generator=g).to(dev),
-                 x_test=torch.randn(test, dim, generator=g).to(dev),
-                 y_test=torch.randint(NUM_CLASSES, (test,), generator=g).to(dev),
-                 num_classes=NUM_CLASSES)
-    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev)
-    plan = pack.epoch_plan(0)
-    step = pack.stepper(plan)                 # captures and checks the graph on CUDA
-    steps = min(plan.steps, max_steps or plan.steps)
+    from rankbias.train import Recorder, _theory
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for t in range(steps):
-        step(plan.inputs(t))
-    sync()
-    step_s = (time.perf_counter() - t0) / steps
-    rec = Recorder(pack, ds)
-    thy = TheoryRecorder(specs, ds.x_train, ds.y_train, ds.num_classes)
-    t0 = time.perf_counter()
-    rec.record(0, None, final=False)          # a logged epoch: evaluation and spectra,
-    _theory(thy, pack, rec, 0, None)          # and Theorem 1 measured, as training does
-    sync()
-    return {"steps": steps, "epoch_steps": plan.steps, "step_s": step_s,
-            "epoch_s": step_s * plan.steps, "record_s": time.perf_counter() - t0,
-            "step_mode": pack.step_mode, "device": str(dev)}
+    with numerics.policy(True, specs[0].precision, dev.type):
+        sync()
+        t0 = time.perf_counter()
+        pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph)
+        plan = pack.epoch_plan(0)
+        step = pack.stepper(plan)            # on CUDA: captured, checked and timed, as in training
+        sync()
+        setup_s = time.perf_counter() - t0
+        want = min(min_steps, pack_steps(specs))
+        done, epoch, t, warm = 0, 0, 0, WARM_STEPS
+        t0 = time.perf_counter()
+        while done < want:
+            if warm and done == 0:       # untimed: the first calls pay for tracing and caches
+                step(plan.inputs(0))
+                warm -= 1
+                sync()
+                t0 = time.perf_counter()
+                continue
+            inputs = plan.inputs(t)
+            if t >= plan.full_steps:
+                pack.step(inputs)                      # the partial last batch runs eagerly
+            elif isinstance(step, GraphedStep) and t > 0:
+                step._refresh(inputs, plan.per_step)   # as GraphedStep.run does within an epoch
+            else:
+                step(inputs)
+            done, t = done + 1, t + 1
+            if t == plan.steps:
+                epoch, t = epoch + 1, 0
+                plan = pack.epoch_plan(epoch)
+            if done >= 20 and done % 10 == 0:
+                sync()
+                if (time.perf_counter() - t0) / done * want > step_seconds:
+                    break
+        sync()
+        step_s = (time.perf_counter() - t0) / done
+        rec = Recorder(pack, ds)
+        thy = TheoryRecorder(specs, ds.x_train, ds.y_train, ds.num_classes)
+        t0 = time.perf_counter()
+        rec.record(0, None, final=False)          # a logged epoch: evaluation and spectra,
+        _theory(thy, pack, rec, 0, None)          # and Theorem 1 measured, as training does
+        sync()
+        logged_s = time.perf_counter() - t0
+        mode = pack.step_mode
+    return {"step_s": step_s, "steps_timed": done, "logged_epoch_s": logged_s, "setup_s": setup_s,
+            "step_mode": mode, "theory_s": round(sum(thy.seconds.values()), 4)}
 
 
 def _run(cmd: list[str]) -> bool:
@@ -96,35 +143,120 @@ def _run(cmd: list[str]) -> bool:
     return subprocess.run(cmd, cwd=ROOT).returncode == 0
 
 
+def _short(mode: str) -> str:
+    return "graph" if mode.startswith("cuda-graph") else "eager"
+
+
+def timings_part(args, start: float) -> tuple[dict, bool]:
+    """Time every shape within the budget; print the table and totals; write the file."""
+    import torch
+
+    from rankbias import sweep
+    from rankbias.cluster import TIMINGS_FORMAT, ShapeTiming, estimate_seconds, model_seconds
+    from rankbias.spec import pack_steps
+    from rankbias.train import device_name, resolve_device
+    dev = resolve_device(args.device)
+    device = "cuda" if dev.type == "cuda" else "cpu"
+    plans = {c: sweep.plan_from_file(c) for c in args.config}
+    shapes = shapes_of(plans)
+    # largest first (by the cost model), so a budget cut leaves the small ones estimated
+    order = sorted(shapes, key=lambda k: -sum(model_seconds(s, device) for _, s in shapes[k]))
+    rows, timings, cache = {}, {}, {}
+    ok = True
+    for i, key in enumerate(order):
+        specs = shapes[key][0][1]
+        if time.monotonic() - start > args.budget:
+            print(f"[{i + 1}/{len(order)}] {key}: budget of {args.budget:g} s spent; cost model",
+                  flush=True)
+            continue
+        try:
+            ds = random_dataset(specs, dev, cache)
+            r = time_shape(specs, ds, dev, args.min_steps, args.step_seconds, args.graph)
+        except Exception as e:  # noqa: BLE001 - a shape that fails is reported, the rest go on
+            print(f"[{i + 1}/{len(order)}] {key}: FAILED {type(e).__name__}: {e}", flush=True)
+            ok = False
+            continue
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        rows[key] = r
+        timings[key] = ShapeTiming(r["step_s"], r["logged_epoch_s"], r["setup_s"])
+        print(f"[{i + 1}/{len(order)}] {key}: {1e3 * r['step_s']:.3f} ms/step over {r['steps_timed']}, "
+              f"logged epoch {r['logged_epoch_s']:.2f} s (Theorem 1 {r['theory_s']:.2f} s), "
+              f"set-up {r['setup_s']:.1f} s, {r['step_mode']}", flush=True)
+
+    print(f"\n{'model':<14} {'data':<8} {'B':>6} {'K':>3} {'packs':>5} {'steps':>9} {'ms/step':>8} "
+          f"{'step':<6} {'logged s':>8} {'x':>4} {'hours':>7}  source")
+    for key in order:
+        packs = shapes[key]
+        s0 = packs[0][1][0]
+        B, K = max(s.batch_size for s in packs[0][1]), len(packs[0][1])
+        steps = sum(pack_steps(s) for _, s in packs)
+        hours = sum(estimate_seconds(s, device, timings) for _, s in packs) / 3600
+        logged = s0.epochs // s0.log_every + 1
+        if key in rows:
+            r = rows[key]
+            print(f"{s0.model:<14} {s0.dataset:<8} {B:>6} {K:>3} {len(packs):>5} {steps:>9} "
+                  f"{1e3 * r['step_s']:>8.3f} {_short(r['step_mode']):<6} {r['logged_epoch_s']:>8.2f} "
+                  f"{logged:>4} {hours:>7.2f}  measured")
+        else:
+            print(f"{s0.model:<14} {s0.dataset:<8} {B:>6} {K:>3} {len(packs):>5} {steps:>9} "
+                  f"{'-':>8} {'-':<6} {'-':>8} {logged:>4} {hours:>7.2f}  cost model")
+    totals = profile_hours(plans, timings, device)
+    for name, hours in totals.items():
+        measured = sum(1 for k in shapes if k in rows and any(c == name for c, _ in shapes[k]))
+        total = sum(1 for k in shapes if any(c == name for c, _ in shapes[k]))
+        print(f"profile {name}: {len(plans[name].packs)} packs, {hours:.2f} GPU-hours "
+              f"({measured} of {total} shapes measured)", flush=True)
+    doc = {"format": TIMINGS_FORMAT, "device": device_name(dev), "torch": torch.__version__,
+           "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "min_steps": args.min_steps, "configs": list(args.config),
+           "profile_hours": {n: round(h, 4) for n, h in totals.items()},
+           "shapes": [{"key": k, **{f: (round(v, 7) if isinstance(v, float) else v) for f, v in r.items()}}
+                      for k, r in rows.items()]}
+    if args.timings_out:
+        out = Path(args.timings_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(out)
+        print(f"timings: {out}")
+    return doc, ok and all(h == h for h in totals.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (to try the script)")
-    ap.add_argument("--config", default=str(ROOT / "config" / "paper.yaml"))
-    ap.add_argument("--max-steps", type=int, default=None, help="time at most this many steps of the epoch")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "bench", "epoch"])
+    ap.add_argument("--config", action="append", default=None,
+                    help="a profile to time (repeatable; default config/paper.yaml)")
+    ap.add_argument("--min-steps", type=int, default=MIN_STEPS, help="steady steps timed per shape (default 200)")
+    ap.add_argument("--step-seconds", type=float, default=10.0,
+                    help="fewer steps (at least 20) where min-steps would take longer than this")
+    ap.add_argument("--budget", type=float, default=420.0,
+                    help="seconds from the start after which no further shape is timed (default 420)")
+    ap.add_argument("--graph", default="auto", help="as `rankbias train --graph`")
+    ap.add_argument("--timings-out", default=str(ROOT / "results" / "gpu-timings.json"),
+                    help="where the timings go (default results/gpu-timings.json; '' for nowhere)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "bench", "timings"])
     args = ap.parse_args(argv)
+    args.config = args.config or [str(ROOT / "config" / "paper.yaml")]
+    from rankbias import numerics
+    numerics.prepare_environment(True)        # before anything starts CUDA
+    start = time.monotonic()
     failed = []
     if "tests" not in args.skip:
-        if not _run([sys.executable, "-m", "pytest", "-q", "-rs", *CUDA_TESTS]):
+        if not _run([sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", *CUDA_TESTS]):
             failed.append("tests")
     if "bench" not in args.skip:
-        if not _run([sys.executable, "-m", "rankbias.cli", "bench", "--device", args.device, "--json"]):
+        if not _run([sys.executable, "-m", "rankbias.cli", "bench", "--device", args.device,
+                     "--workload", "mlp", "--K", "16", "64", "256", "--rounds", "3"]):
             failed.append("bench")
-    if "epoch" not in args.skip:
-        from rankbias import sweep
-        plan = sweep.plan_from_file(args.config)
-        pid = slowest_pack(plan)
-        specs = plan.pack_specs(pid)
-        s0 = specs[0]
-        print(f"slowest pack {pid}: K={len(specs)} {s0.model} on {s0.dataset}, "
-              f"B={min(s.batch_size for s in specs)}, {plan.steps(pid)} steps", flush=True)
-        timing = time_epoch(specs, args.device, args.max_steps)
-        hours = estimate_gpu_hours(plan, specs, timing["step_s"], timing["record_s"])
-        print(json.dumps({"pack": pid, **timing, "paper_profile_packs": len(plan.packs),
-                          "paper_profile_gpu_hours": float(f"{hours:.4g}")}))
-        if not math.isfinite(hours):
-            failed.append("epoch")
-    print("gpu-check:", "FAILED: " + ", ".join(failed) if failed else "ok", flush=True)
+    if "timings" not in args.skip:
+        _, ok = timings_part(args, start)
+        if not ok:
+            failed.append("timings")
+    print(f"gpu-check: {time.monotonic() - start:.0f} s;", "FAILED: " + ", ".join(failed) if failed else "ok",
+          flush=True)
     return 1 if failed else 0
 
 

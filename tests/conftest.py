@@ -77,7 +77,8 @@ def steps_equal_reference(specs, ds, steps, rtol=1e-10, atol=1e-11):
                                        rtol=rtol, atol=atol, err_msg=f"member {k} matrix {name}")
 
 
-def killed_and_resumed(specs, ds, root: Path, kill_at: int, every: int, after_kill=None):
+def killed_and_resumed(specs, ds, root: Path, kill_at: int, every: int, after_kill=None,
+                       device: str = "cpu"):
     """Train `specs` uninterrupted into root/a/runs, and into root/b/runs killed (an
     exception from the epoch hook) at epoch `kill_at` with checkpoints every `every`
     epochs, then resumed; `after_kill(out)` looks at root/b between. Returns both run
@@ -92,12 +93,12 @@ def killed_and_resumed(specs, ds, root: Path, kill_at: int, every: int, after_ki
             raise Killed
 
     a, b = root / "a" / "runs", root / "b" / "runs"
-    train_pack(specs, a, device="cpu", dataset=ds, progress=False)
+    train_pack(specs, a, device=device, dataset=ds, progress=False)
     with pytest.raises(Killed):
-        train_pack(specs, b, device="cpu", dataset=ds, progress=False, checkpoint_every=every, on_epoch=kill)
+        train_pack(specs, b, device=device, dataset=ds, progress=False, checkpoint_every=every, on_epoch=kill)
     if after_kill is not None:
         after_kill(b)
-    train_pack(specs, b, device="cpu", dataset=ds, progress=False, checkpoint_every=every)
+    train_pack(specs, b, device=device, dataset=ds, progress=False, checkpoint_every=every)
     return a, b
 
 

@@ -25,6 +25,7 @@ import torch
 
 from . import data as data_mod
 from . import metrics as M
+from . import numerics
 from .cluster import roofline_seconds, step_bytes, step_flops
 from .engine import GRAPH_MODES, GraphedStep, Pack
 from .models import build_net, epoch_order, loss_fn
@@ -181,11 +182,21 @@ class _ReferenceTimer:
 
 
 def run_bench(workloads=tuple(WORKLOADS), Ks=None, device="auto", engine_steps=None,
-              reference_steps=None, rounds: int = 5, graph: str = "auto") -> dict:
+              reference_steps=None, rounds: int = 5, graph: str = "auto",
+              deterministic: bool = True) -> dict:
     """Engine and reference timed in alternating rounds; each rate is the median round.
-    `Ks` (default: each workload's own) are the pack sizes of every workload."""
-    from .train import device_name, resolve_device
+    `Ks` (default: each workload's own) are the pack sizes of every workload. Both run
+    under training's numerical policy (rankbias.numerics: fp32, deterministic kernels
+    unless `deterministic` is False)."""
+    from .train import resolve_device
     dev = resolve_device(device)
+    with numerics.policy(deterministic, "fp32", dev.type) as policy:
+        out = _run_bench(workloads, Ks, dev, engine_steps, reference_steps, rounds, graph)
+    return {**out, "numerics": policy}
+
+
+def _run_bench(workloads, Ks, dev, engine_steps, reference_steps, rounds: int, graph: str) -> dict:
+    from .train import device_name
     synthetic = data_mod.load("synthetic", dev)
     cuda = dev.type == "cuda"
     results = []
@@ -244,13 +255,18 @@ def register(subparsers) -> None:
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds; the median is kept (default 5)")
     p.add_argument("--graph", default="auto", choices=list(GRAPH_MODES),
                    help="CUDA graph for the engine's step (as in `rankbias train`)")
+    p.add_argument("--deterministic", default="on", choices=["on", "off"],
+                   help="deterministic CUDA kernels, as training runs by default (default on)")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise ValueError(f"--rounds: must be >= 1, got {args.rounds}")
-    out = run_bench(tuple(args.workload), args.K, args.device, rounds=args.rounds, graph=args.graph)
+    deterministic = getattr(args, "deterministic", "on") == "on"
+    numerics.prepare_environment(deterministic)    # before anything starts CUDA
+    out = run_bench(tuple(args.workload), args.K, args.device, rounds=args.rounds, graph=args.graph,
+                    deterministic=deterministic)
     if args.json:
         print(json.dumps(out))
         return 0

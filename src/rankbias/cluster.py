@@ -14,14 +14,22 @@ latency plus PyTorch dispatch. The CPU figures (20 GFLOP/s, 20 us per op) are a
 two-core laptop running PyTorch's MKL/OpenBLAS kernels. `rankbias bench` measures the
 real throughput of a machine; if it is far below these numbers, raise
 `SAFETY_FACTOR` (or the profile's runtime) rather than trusting the estimate.
+
+Where a GPU's timings were measured (`make gpu-check` writes them, one row per pack
+shape: seconds per step with the stepper training chooses, seconds per logged epoch),
+a CUDA estimate uses those instead of the cost model: steps * step_s + logged epochs *
+logged_epoch_s + the pack's measured set-up + start-up. `load_timings` finds the file
+($RANKBIAS_TIMINGS, else results/gpu-timings.json).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from dataclasses import dataclass
-from typing import MutableMapping, Sequence
+from pathlib import Path
+from typing import Mapping, MutableMapping, Sequence
 
 from .spec import DATASET_DIMS, RunSpec, SpecError, check_pack, pack_steps
 
@@ -91,15 +99,86 @@ def roofline_seconds(flops: float, nbytes: float, flops_per_second: float,
     return max(flops / flops_per_second, nbytes / bytes_per_second)
 
 
-def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
-    """Unpadded estimate of a pack's wall time in seconds (no safety factor)."""
+# -- measured timings ----------------------------------------------------------------
+
+ENV_TIMINGS = "RANKBIAS_TIMINGS"
+DEFAULT_TIMINGS = Path("results") / "gpu-timings.json"
+TIMINGS_FORMAT = "rankbias-gpu-timings/1"
+
+
+@dataclass(frozen=True)
+class ShapeTiming:
+    """One pack shape measured on a GPU (scripts/gpu_check.py)."""
+    step_s: float             # a steady training step, with the stepper training chooses
+    logged_epoch_s: float     # evaluation, spectra and Theorem 1 at one logged epoch
+    setup_s: float = 0.0      # building the pack and choosing (capturing, checking) its step
+
+
+def shape_key(specs: Sequence[RunSpec]) -> str:
+    """What a pack's step and logged-epoch times depend on: the model and its input,
+    the data's size, B, K, the loss, the precision and Theorem 1's sampling. Packs with
+    one key take one time; learning rates, decays and seeds change none."""
+    s = specs[0]
+    train, test = s.sizes()
+    sizes = ",".join(map(str, s.theory_batch_sizes))
+    return (f"{s.model}|{s.dataset}|{s.activation}|bias={s.bias}|{s.loss}|{s.precision}|n={train}/{test}"
+            f"|B={max(x.batch_size for x in specs)}|K={len(specs)}|theory={s.theory_batches}x{sizes}")
+
+
+def load_timings(path: str | os.PathLike | None = None) -> dict[str, ShapeTiming]:
+    """The measured timings by shape key: from `path`, else $RANKBIAS_TIMINGS, else
+    results/gpu-timings.json; {} where there is no such file. A file that is there but
+    unreadable is an error naming it (a silent fall back to the cost model would hide it)."""
+    given = path or os.environ.get(ENV_TIMINGS)
+    p = Path(given) if given else DEFAULT_TIMINGS
+    if not p.exists():
+        if given:
+            raise SpecError(f"timings file {p} does not exist (from {'--timings' if path else ENV_TIMINGS})")
+        return {}
+    try:
+        doc = json.loads(p.read_text())
+        if doc.get("format") != TIMINGS_FORMAT:
+            raise ValueError(f"format is {doc.get('format')!r}, expected {TIMINGS_FORMAT!r}")
+        out = {}
+        for row in doc["shapes"]:
+            t = ShapeTiming(float(row["step_s"]), float(row["logged_epoch_s"]), float(row.get("setup_s", 0.0)))
+            if not all(math.isfinite(v) and v >= 0 for v in (t.step_s, t.logged_epoch_s, t.setup_s)):
+                raise ValueError(f"shape {row['key']}: times must be finite and >= 0")
+            out[str(row["key"])] = t
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SpecError(f"timings file {p}: unreadable ({e}); rerun `make gpu-check` or remove it") from None
+
+
+def measured_seconds(specs: Sequence[RunSpec], timing: ShapeTiming, device: str = "cuda") -> float:
+    """A pack's wall time from its shape's measured timing: start-up (the cost model's),
+    set-up, every step, and every logged epoch (epoch 0 included)."""
+    first = specs[0]
+    logged = first.epochs // first.log_every + 1
+    return (COST_MODELS[device].startup_seconds + timing.setup_s
+            + pack_steps(list(specs)) * timing.step_s + logged * timing.logged_epoch_s)
+
+
+def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda",
+                     timings: Mapping[str, ShapeTiming] | None = None) -> float:
+    """Unpadded estimate of a pack's wall time in seconds (no safety factor): from the
+    measured `timings` where they have the pack's shape (CUDA only), else the cost model."""
     if not specs:
         raise SpecError("estimate_runtime_minutes: the pack has no runs")
     if device not in COST_MODELS:
         raise SpecError(f"device: {device!r} is not one of {', '.join(sorted(COST_MODELS))}")
+    check_pack(list(specs), "estimate_runtime_minutes")
+    if device == "cuda" and timings:
+        timing = timings.get(shape_key(specs))
+        if timing is not None:
+            return measured_seconds(specs, timing, device)
+    return model_seconds(specs, device)
+
+
+def model_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
+    """The cost model's estimate (the module docstring): exact work, assumed rates."""
     cost = COST_MODELS[device]
     first = specs[0]
-    check_pack(list(specs), "estimate_runtime_minutes")
     k = len(specs)
     train, test = first.sizes()
     shapes = _matrices(first)
@@ -133,7 +212,8 @@ def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     return cost.startup_seconds + train_seconds + logged * (eval_seconds + svd_seconds + theory_seconds)
 
 
-def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda") -> int:
+def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda",
+                             timings: Mapping[str, ShapeTiming] | None = None) -> int:
     """A job time limit in whole minutes for training `specs` as one pack on `device`.
 
     steps = epochs * steps_per_epoch (ceil(train_size / batch_size), or the floor with
@@ -142,10 +222,11 @@ def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda") -> 
     position for a convolution) at the device's effective throughput plus a per-op
     launch cost; each logged epoch adds a full evaluation pass, one SVD per matrix
     per member, and Theorem 1's measurement (theory_batches batches of each B*, a
-    forward and backward and a gradient SVD each). The total is
-    multiplied by SAFETY_FACTOR and is at least MIN_MINUTES.
+    forward and backward and a gradient SVD each); or, with `timings` measured for the
+    pack's shape, from those (`measured_seconds`). The total is multiplied by
+    SAFETY_FACTOR and is at least MIN_MINUTES.
     """
-    seconds = estimate_seconds(list(specs), device)
+    seconds = estimate_seconds(list(specs), device, timings)
     return max(MIN_MINUTES, math.ceil(SAFETY_FACTOR * seconds / 60.0))
 
 

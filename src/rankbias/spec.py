@@ -40,6 +40,9 @@ NORMALISATIONS = ("fro", "max", "none")
 DEFAULT_NORMALISE = "fro"
 DEFAULT_TOL = 1e-3
 GRAPH_MODES = ("auto", "on", "off")
+# Floating-point policy of training (rankbias.numerics): fp32, or TF32 matmuls and
+# convolutions on GPUs that have them (faster for compute-bound packs; changes results).
+PRECISIONS = ("fp32", "tf32")
 # Coupled weight decay scales every weight by (1 - lr * weight_decay) each step, before
 # the gradient. At lr * weight_decay >= 1 that factor is zero or negative: the "decay"
 # overshoots zero and flips every weight's sign each step (and diverges at >= 2), so such
@@ -98,6 +101,9 @@ class RunSpec:
     # what is measured, so they leave the run_id alone at their defaults (OMITTED_AT_DEFAULT).
     theory_batches: int = 32
     theory_sizes: tuple[int, ...] = ()
+    # PRECISIONS; it changes results, so a tf32 run has a run_id of its own (fp32 is
+    # left out of the spec, so every earlier run keeps its run_id).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         # RunSpec(lr=1) and RunSpec.from_dict({"lr": 1}) must be one run with one run_id.
@@ -193,7 +199,7 @@ class RunSpec:
         """
         return (self.dataset, self.arch, self.depth, self.width, self.activation, self.bias,
                 self.loss, self.epochs, self.batch_size, self.drop_last, self.schedule,
-                self.milestones, self.gamma, self.log_every, self.train_subset, self.test_subset)
+                self.milestones, self.gamma, self.log_every, self.train_subset, self.test_subset, self.precision)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate used during 0-based training epoch `epoch`.
@@ -233,7 +239,7 @@ _INT_KEYS = {"depth", "width", "batch_size", "epochs", "seed", "log_every",
              "train_subset", "test_subset", "theory_batches"}
 # Keys added after results were first stored: absent from a spec at their default, so
 # every earlier run keeps its run_id.
-OMITTED_AT_DEFAULT: dict[str, Any] = {"theory_batches": 32, "theory_sizes": []}
+OMITTED_AT_DEFAULT: dict[str, Any] = {"theory_batches": 32, "theory_sizes": [], "precision": "fp32"}
 _FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma"}
 _BOOL_KEYS = {"drop_last", "bias"}
 
@@ -277,6 +283,7 @@ def _validate(s: RunSpec) -> None:
     choice("activation", families.ACTIVATIONS)
     choice("loss", LOSSES)
     choice("schedule", SCHEDULES)
+    choice("precision", PRECISIONS)
     for key in _INT_KEYS:
         v = getattr(s, key)
         if isinstance(v, bool) or not isinstance(v, int):

@@ -75,6 +75,7 @@ SECTION_KEYS = tuple(k for k in SPEC_KEYS if k != "seed") + ("seeds",)
 TOP_DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "graph": "auto",
+    "deterministic": True,
     "max_pack": 64,
     "train_threads": 1,
     "checkpoint_every": 5,
@@ -90,7 +91,7 @@ TOP_KEYS = tuple(TOP_DEFAULTS)
 # Keys that say how jobs run, not what they compute: the config files jobs read leave
 # them out, so switching one redraws nothing, and the train rule takes them as its
 # resources and threads, not its params, so it retrains nothing either.
-EXECUTION_KEYS = ("device", "graph", "train_threads", "checkpoint_every")
+EXECUTION_KEYS = ("device", "graph", "deterministic", "train_threads", "checkpoint_every")
 
 
 class ConfigError(SpecError):
@@ -180,6 +181,8 @@ def resolve_config(raw: Mapping[str, Any]) -> dict:
         cfg["graph"] = "on" if cfg["graph"] else "off"
     if cfg["graph"] not in GRAPH_MODES:
         raise ConfigError(f"graph: {cfg['graph']!r} is not one of {', '.join(GRAPH_MODES)}")
+    if not isinstance(cfg["deterministic"], bool):
+        raise ConfigError(f"deterministic: expected true or false, got {cfg['deterministic']!r}")
     for key in ("max_pack", "train_threads", "checkpoint_every", "device_memory_mb"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:

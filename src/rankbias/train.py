@@ -35,7 +35,7 @@ import torch
 
 from . import data as data_mod
 from . import metrics as M
-from . import timing
+from . import numerics, timing
 from .engine import GRAPH_MODES, Pack
 from .theory import TheoryRecorder
 from .results import atomic_write_bytes, write_run
@@ -311,28 +311,38 @@ def sigterm_requested():
 def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 5,
                data_dir: str | Path | None = None, dataset=None, progress: bool = True,
-               on_epoch=None, graph: str = "auto") -> list[Path]:
+               on_epoch=None, graph: str = "auto", deterministic: bool = True) -> list[Path]:
     """Train one pack and write `out_dir/<run_id>/` for each member.
 
     Resumes from `checkpoint_dir/checkpoint.pt` when it holds this pack. `on_epoch(epoch)`
     is called after each epoch's checkpoint (tests use it to simulate a kill). `graph`
     (auto|on|off) says whether a CUDA step may be a captured graph (engine.choose_stepper).
-    Raises PackLocked when another process trains the pack, and Preempted after SIGTERM
-    (with a checkpoint written).
+    `deterministic` (the config key of that name) runs CUDA under rankbias.numerics'
+    deterministic policy; the pack's `precision` sets fp32 or TF32. Raises PackLocked when
+    another process trains the pack, NondeterministicOp naming an op with no deterministic
+    kernel, and Preempted after SIGTERM (with a checkpoint written).
     """
     if checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every: must be >= 1, got {checkpoint_every}")
     out_dir = Path(out_dir)
     pid = pack_id(specs)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.parent / "packs" / pid
-    with pack_lock(checkpoint_dir, pid), sigterm_requested() as stop:
-        return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, device,
-                             data_dir, dataset, progress, on_epoch, graph, stop)
+    dev_type = resolve_device(device).type
+    with pack_lock(checkpoint_dir, pid), sigterm_requested() as stop, \
+            numerics.policy(deterministic, specs[0].precision, dev_type):
+        try:
+            return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, device,
+                                 data_dir, dataset, progress, on_epoch, graph, stop, deterministic)
+        except RuntimeError as e:
+            err = numerics.explain(e, f"pack {pid}")
+            if err is e:
+                raise
+            raise err from e
 
 
 def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
                   device: str, data_dir, dataset, progress: bool, on_epoch, graph: str,
-                  stop: threading.Event) -> list[Path]:
+                  stop: threading.Event, deterministic: bool = True) -> list[Path]:
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)   # graphs, streams and events use the current device
@@ -404,7 +414,9 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
             break
     wall = elapsed0 + time.perf_counter() - t0
 
-    env = provenance.collect(device=dev.type)
+    # the numerical policy and the device's stack, in the provenance and beside the step
+    policy = numerics.describe(deterministic, s0.precision, dev.type, dev)
+    env = {**provenance.collect(device=dev.type), "numerics": policy}
     paths = []
     for k, spec in enumerate(specs):
         metrics, layers, spectra = rec.frames(k)
@@ -416,7 +428,7 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
             # the whole pack's time measuring the theory (part of wall_time_s after epoch 0)
             "theory_time_s": {part: round(t, 3) for part, t in thy.seconds.items()},
             "device": device_name(dev), "step": pack.step_mode, "differentiation": pack.differentiation,
-            "seeds": {"init": f"torch.manual_seed({spec.seed})",
+            "numerics": policy, "seeds": {"init": f"torch.manual_seed({spec.seed})",
                       "data_order": f"torch.randperm, Generator seed {spec.seed} * 1000003 + epoch + 1"},
             "dataset": {"name": ds.name, "checksums": ds.checksums, "source": ds.source,
                         "train_size": int(ds.x_train.shape[0]), "test_size": int(ds.x_test.shape[0])},
@@ -472,6 +484,9 @@ def register(subparsers) -> None:
                    help="CUDA graph for the training step: auto (capture, check against the "
                         "eager step, keep the faster), on, off (default: $RANKBIAS_GRAPH, else "
                         "auto; the CPU is always eager)")
+    p.add_argument("--deterministic", default="on", choices=["on", "off"],
+                   help="deterministic CUDA kernels, so runs and resumes are bit-identical "
+                        "(default on; the config key `deterministic`)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_train)
 
@@ -489,6 +504,8 @@ def graph_mode(arg: str | None) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    deterministic = args.deterministic == "on"
+    numerics.prepare_environment(deterministic)    # before anything starts CUDA
     graph = graph_mode(args.graph)
     packs = [load_pack(p) for p in args.packs]   # validate every file before training any
     if len(packs) > 1 and args.checkpoint_dir:
@@ -503,7 +520,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for specs in packs:
             try:
                 train_pack(specs, args.out, args.device, args.checkpoint_dir, args.checkpoint_every,
-                           args.data_dir, progress=not args.quiet, graph=graph)
+                           args.data_dir, progress=not args.quiet, graph=graph,
+                           deterministic=deterministic)
             except Preempted as e:
                 _warn(str(e))
                 return PREEMPTED_EXIT

@@ -16,7 +16,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from rankbias import sweep
-from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes
+from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes, load_timings
 from rankbias.data import dataset_files
 
 # A job run by an executor plugin (each SLURM job) parses this file again, in
@@ -52,13 +52,21 @@ ALL_RUNS = list(PLAN.specs)
 PACKS = list(PLAN.packs)
 DATASETS = sorted({s.dataset for s in PLAN.specs.values()})
 ON_GPU = PLAN.config["device"] == "cuda"
+# Per-shape GPU timings `make gpu-check` measured, where present: they set the training
+# jobs' time limits and priorities in place of the cost model (rankbias.cluster).
+TIMINGS = load_timings() if ON_GPU else {}
 # Every job appends its start-up and run time here (`rankbias timing` sums them).
 os.environ.setdefault("RANKBIAS_TIMING", "results/logs/timing.jsonl")
 # Settings that change how a training job runs, never its results: they reach
 # `rankbias train` as resources, which (unlike params) are no rerun trigger, so
 # changing them retrains nothing.
-# (train_threads is the rule's `threads`.)
-EXECUTION = {k: PLAN.config[k] for k in sweep.EXECUTION_KEYS if k != "train_threads"}
+# (train_threads is the rule's `threads`; a resource is a number or a string, so
+# `deterministic` goes as on/off.)
+EXECUTION = {
+    k: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+    for k, v in PLAN.config.items()
+    if k in sweep.EXECUTION_KEYS and k != "train_threads"
+}
 
 
 wildcard_constraints:
@@ -77,7 +85,9 @@ def dataset_inputs(name):
 
 def pack_runtime(pid):
     """Job time limit in minutes (rankbias.cluster's conservative estimate)."""
-    return estimate_runtime_minutes(PLAN.pack_specs(pid), "cuda" if ON_GPU else "cpu")
+    return estimate_runtime_minutes(
+        PLAN.pack_specs(pid), "cuda" if ON_GPU else "cpu", TIMINGS
+    )
 
 
 def pack_mem_mb(pid):

@@ -29,7 +29,7 @@ def _train_rule(pid):
         log:
             f"results/logs/train/{pid}.log",
         # longest packs first: the last job to start should not be the longest one
-        priority: round(estimate_seconds(specs, "cuda" if ON_GPU else "cpu"))
+        priority: round(estimate_seconds(specs, "cuda" if ON_GPU else "cpu", TIMINGS))
         threads: PLAN.config["train_threads"]
         resources:
             **resources_,
@@ -39,6 +39,7 @@ def _train_rule(pid):
             "OMP_NUM_THREADS={threads} rankbias train {input.pack} --out results/runs"
             " --checkpoint-dir results/packs/{params.pack} --checkpoint-every {resources.checkpoint_every}"
             " --data-dir data --device {resources.device} --graph {resources.graph}"
+            " --deterministic {resources.deterministic}"
             " > {log} 2>&1"
 
 
