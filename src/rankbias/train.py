@@ -1,8 +1,9 @@
 """`rankbias train`: train a pack, record every metric, checkpoint, write run outputs.
 
 Robustness of a training job:
-  * a lock file in the pack's checkpoint directory: a second training of the same pack
-    fails at once, naming the process that holds it;
+  * a lock file, `<out>/../.locks/<pack_id>.lock` (results/.locks/, beside the runs and
+    outside every DVC output, git-ignored with results/): a second training of the same
+    pack fails at once, naming the process that holds it;
   * checkpoints hold only tensors and plain containers and are read with
     ``torch.load(weights_only=True)``, which cannot run code; the previous checkpoint is
     kept, so a truncated or corrupt one is named and training resumes from the one
@@ -43,7 +44,9 @@ from .spec import RunSpec, load_pack, pack_id
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
-LOCK = "train.lock"
+# Where the packs' lock files live, beside the runs directory: not in the checkpoint
+# directory, which lies in the DVC output results/packs.
+LOCKS = ".locks"
 # Exit status after a SIGTERM that left a checkpoint behind: 128 + the signal number.
 PREEMPTED_EXIT = 128 + signal.SIGTERM
 # Divergence besides NaN/inf: an epoch's mean training loss above this multiple of the
@@ -261,13 +264,19 @@ def load_checkpoint(checkpoint_dir: Path, run_ids: list[str], pack: Pack) -> tup
     return None
 
 
+def lock_path(out_dir: str | Path, pid: str) -> Path:
+    """The lock file of pack `pid` trained into `out_dir`: `<out_dir>/../.locks/<pid>.lock`
+    (results/.locks/ for results/runs). It is kept after training (removing a lock file
+    another process may be opening races with it) and lies in no DVC output."""
+    return Path(out_dir).parent / LOCKS / f"{pid}.lock"
+
+
 @contextlib.contextmanager
-def pack_lock(checkpoint_dir: Path, pid: str):
-    """Hold the pack's lock file for the block; PackLocked, at once, naming the holder
-    (pid, host, start time), when another process holds it. The lock is the kernel's
-    (flock), so it is released whenever its holder ends, even killed."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_dir / LOCK
+def pack_lock(path: Path, pid: str):
+    """Hold the lock file `path` of pack `pid` for the block; PackLocked, at once, naming
+    the holder (pid, host, start time), when another process holds it. The lock is the
+    kernel's (flock), so it is released whenever its holder ends, even killed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
     try:
         try:
@@ -317,7 +326,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     Resumes from `checkpoint_dir/checkpoint.pt` when it holds this pack. `on_epoch(epoch)`
     is called after each epoch's checkpoint (tests use it to simulate a kill). `graph`
     (auto|on|off) says whether a CUDA step may be a captured graph (engine.choose_stepper).
-    Raises PackLocked when another process trains the pack, and Preempted after SIGTERM
+    Raises PackLocked when another process trains the pack (`lock_path`), and Preempted after SIGTERM
     (with a checkpoint written).
     """
     if checkpoint_every < 1:
@@ -325,7 +334,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     out_dir = Path(out_dir)
     pid = pack_id(specs)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.parent / "packs" / pid
-    with pack_lock(checkpoint_dir, pid), sigterm_requested() as stop:
+    with pack_lock(lock_path(out_dir, pid), pid), sigterm_requested() as stop:
         return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, device,
                              data_dir, dataset, progress, on_epoch, graph, stop)
 
@@ -426,6 +435,8 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         paths.append(out_dir / spec.run_id)
     for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
         (checkpoint_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):     # the emptied checkpoint directory; kept if not empty
+        checkpoint_dir.rmdir()
     _log(progress, f"[pack {pid}] done in {wall:.1f}s; measuring the theory took "
                    f"{thy.seconds['theorem1']:.1f}s (Theorem 1) and {thy.seconds['lemmas']:.1f}s (lemmas); "
                    f"wrote {len(paths)} runs to {out_dir}")
