@@ -37,10 +37,10 @@ import torch
 from . import data as data_mod
 from . import metrics as M
 from . import timing
-from .engine import GRAPH_MODES, Pack
+from .engine import GRAPH_MODES, Pack, check_pack_memory
 from .theory import TheoryRecorder
 from .results import atomic_write_bytes, write_run
-from .spec import RunSpec, load_pack, pack_id
+from .spec import RunSpec, SpecError, check_pack, load_pack, pack_id
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
@@ -320,8 +320,11 @@ def sigterm_requested():
 def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 5,
                data_dir: str | Path | None = None, dataset=None, progress: bool = True,
-               on_epoch=None, graph: str = "auto") -> list[Path]:
+               on_epoch=None, graph: str = "auto", device_memory_mb: int | None = None) -> list[Path]:
     """Train one pack and write `out_dir/<run_id>/` for each member.
+
+    First, before anything is allocated or locked, the pack's memory estimate must fit
+    `device_memory_mb`, else the device's own memory (engine.check_pack_memory).
 
     Resumes from `checkpoint_dir/checkpoint.pt` when it holds this pack. `on_epoch(epoch)`
     is called after each epoch's checkpoint (tests use it to simulate a kill). `graph`
@@ -333,23 +336,25 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
         raise ValueError(f"--checkpoint-every: must be >= 1, got {checkpoint_every}")
     out_dir = Path(out_dir)
     pid = pack_id(specs)
+    check_pack(specs, f"pack {pid}")
+    dev = resolve_device(device)
+    check_pack_memory(specs, dev, device_memory_mb)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.parent / "packs" / pid
     with pack_lock(lock_path(out_dir, pid), pid), sigterm_requested() as stop:
-        return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, device,
-                             data_dir, dataset, progress, on_epoch, graph, stop)
+        return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, dev,
+                             data_dir, dataset, progress, on_epoch, graph, device_memory_mb, stop)
 
 
 def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
-                  device: str, data_dir, dataset, progress: bool, on_epoch, graph: str,
-                  stop: threading.Event) -> list[Path]:
-    dev = resolve_device(device)
+                  dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
+                  device_memory_mb: int | None, stop: threading.Event) -> list[Path]:
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)   # graphs, streams and events use the current device
     s0 = specs[0]
     # A given data_dir is the copy the workflow declared as the job's input: read only it.
     ds = dataset or data_mod.load(s0.dataset, dev, data_dir, s0.train_subset, s0.test_subset,
                                   strict=data_dir is not None)
-    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph)
+    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph, memory_mb=device_memory_mb)
     rec = Recorder(pack, ds)
     thy = TheoryRecorder(specs, ds.x_train, ds.y_train, ds.num_classes)
     run_ids = [s.run_id for s in specs]
@@ -483,6 +488,10 @@ def register(subparsers) -> None:
                    help="CUDA graph for the training step: auto (capture, check against the "
                         "eager step, keep the faster), on, off (default: $RANKBIAS_GRAPH, else "
                         "auto; the CPU is always eager)")
+    p.add_argument("--device-memory-mb", type=int, default=None,
+                   help="memory of the training device in MiB: a pack whose estimate "
+                        "(rankbias.cluster.estimate_mem_mb) exceeds it is refused before anything "
+                        "trains (default: the CUDA device's memory, or the host's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_train)
 
@@ -504,6 +513,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     packs = [load_pack(p) for p in args.packs]   # validate every file before training any
     if len(packs) > 1 and args.checkpoint_dir:
         raise ValueError("--checkpoint-dir: give it only with a single pack file")
+    if args.device_memory_mb is not None and args.device_memory_mb < 1:
+        raise ValueError(f"--device-memory-mb: expected an integer >= 1, got {args.device_memory_mb}")
     # Take a GPU slot before anything touches CUDA: CUDA_VISIBLE_DEVICES is read when
     # the driver starts, so concurrent jobs on one workstation each get their own GPU.
     ctx: contextlib.AbstractContextManager[int | None] = contextlib.nullcontext()
@@ -511,10 +522,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .gpus import acquire_gpu
         ctx = acquire_gpu()
     with ctx:
+        dev = resolve_device(args.device)
+        for path, specs in zip(args.packs, packs):   # every pack fits before any trains
+            try:
+                check_pack_memory(specs, dev, args.device_memory_mb)
+            except SpecError as e:
+                raise SpecError(f"pack file {path}: {e}") from None
         for specs in packs:
             try:
                 train_pack(specs, args.out, args.device, args.checkpoint_dir, args.checkpoint_every,
-                           args.data_dir, progress=not args.quiet, graph=graph)
+                           args.data_dir, progress=not args.quiet, graph=graph,
+                           device_memory_mb=args.device_memory_mb)
             except Preempted as e:
                 _warn(str(e))
                 return PREEMPTED_EXIT
