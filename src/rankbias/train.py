@@ -10,8 +10,10 @@ Robustness of a training job:
     before it (or restarts, saying so);
   * a checkpoint that cannot be written (disk full) is a warning, not the end of the job;
   * SIGTERM (what SLURM sends before it preempts or times out a job) writes a
-    checkpoint at the end of the current epoch and exits with status 143 (128 + SIGTERM,
-    what a shell reports for a process SIGTERM ended), so a requeued job resumes.
+    checkpoint at the end of the current epoch, the last one included (its runs are then
+    left to the rerun), or, while the runs are being written, after the run being written,
+    and exits with status 143 (128 + SIGTERM, what a shell reports for a process SIGTERM
+    ended), so a requeued job resumes.
 """
 from __future__ import annotations
 
@@ -382,7 +384,20 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         _log(progress, f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset} ({pack.n} samples), "
                        f"{dev.type}: epoch 0 mean rank {info['mean_rank']:.1f}")
     t0 = time.perf_counter()
+    reached = start       # epochs trained so far
+
+    def preempted(what: str) -> Preempted:
+        """SIGTERM: checkpoint the state after `reached` epochs (`what` has been done since)."""
+        saved = _save_checkpoint(checkpoint_dir, reached, run_ids, pack, rec,
+                                 elapsed0 + time.perf_counter() - t0, thy)
+        return Preempted(f"[pack {pid}] SIGTERM{what}: " + (
+            f"checkpoint of epoch {reached}/{s0.epochs} in {checkpoint_dir}; a rerun resumes from it"
+            if saved else f"no checkpoint could be written; a rerun resumes from the last one "
+                          f"in {checkpoint_dir}, if any"))
+
     for epoch in range(start, s0.epochs):
+        if all(d is not None for d in rec.diverged):    # resumed where every member had diverged
+            break
         prev = {m: pack.weight(m).detach().clone() for m, _ in pack.matrices}
         t_epoch = time.perf_counter()
         pack.train_epoch(epoch)
@@ -402,15 +417,13 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         div = f" ({info['diverged']} diverged)" if info["diverged"] else ""
         _log(progress, f"[pack {pid}] epoch {epoch + 1}/{s0.epochs} loss {info['loss']:.4f}{rank}{div} "
                        f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s")
-        last = epoch + 1 == s0.epochs
-        saved = False
-        if ((epoch + 1) % checkpoint_every == 0 or stop.is_set()) and not last:
-            saved = _save_checkpoint(checkpoint_dir, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed, thy)
-        if stop.is_set() and not last:
-            raise Preempted(f"[pack {pid}] SIGTERM: " + (
-                f"checkpoint of epoch {epoch + 1}/{s0.epochs} in {checkpoint_dir}; a rerun resumes from it"
-                if saved else f"no checkpoint could be written; a rerun resumes from the last one "
-                              f"in {checkpoint_dir}, if any"))
+        reached = epoch + 1
+        # SIGTERM is honoured in the last epoch too: the runs are not written, the
+        # checkpoint of the trained pack is, and the rerun only writes them.
+        if stop.is_set():
+            raise preempted("")
+        if reached % checkpoint_every == 0 and reached != s0.epochs:
+            _save_checkpoint(checkpoint_dir, reached, run_ids, pack, rec, elapsed0 + elapsed, thy)
         if on_epoch is not None:
             on_epoch(epoch + 1)
         if info["diverged"] == pack.K:
@@ -421,6 +434,11 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
     env = provenance.collect(device=dev.type)
     paths = []
     for k, spec in enumerate(specs):
+        # A SIGTERM while the runs are written stops between two runs: each run directory
+        # holds complete files (run.json last), and the rerun writes them all from the
+        # checkpoint of the trained pack.
+        if stop.is_set():
+            raise preempted(f" after writing {k} of {pack.K} runs")
         metrics, layers, spectra = rec.frames(k)
         run_json = {
             "run_id": spec.run_id, "spec": spec.to_dict(), "model": spec.model, "pack_id": pid,
