@@ -380,6 +380,21 @@ def test_a_finite_blow_up_is_divergence_marked_in_figures_and_excluded_from_clai
     assert [d["run_id"] for d in result["diverged_runs"]] == [wild.run_id]
 
 
+def test_a_resume_where_every_member_had_diverged_trains_no_further(synthetic, tmp_path):
+    """A checkpoint written at the epoch where the last member diverged (as a SIGTERM or
+    a kill there leaves it) resumes into the runs the uninterrupted pack writes."""
+    wild = spec(epochs=3, seed=1, lr=1000.0, momentum=0.0, weight_decay=0.0)
+    T.train_pack([wild], tmp_path / "a", device="cpu", dataset=synthetic, progress=False,
+                 checkpoint_dir=tmp_path / "ck_a")
+    with pytest.raises(Killed):
+        T.train_pack([wild], tmp_path / "b", device="cpu", dataset=synthetic, progress=False,
+                     checkpoint_dir=tmp_path / "ck", checkpoint_every=1, on_epoch=kill_at(1))
+    T.train_pack([wild], tmp_path / "b", device="cpu", dataset=synthetic, progress=False,
+                 checkpoint_dir=tmp_path / "ck")
+    assert Run(tmp_path / "a" / wild.run_id).info["epochs_completed"] == 1
+    assert_same_trajectory(tmp_path / "a" / wild.run_id, tmp_path / "b" / wild.run_id)
+
+
 # -- run files ---------------------------------------------------------------------------
 
 def _frames():
