@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from rankbias import claims, figures
 from rankbias import train as T
@@ -199,8 +201,165 @@ def test_a_second_training_of_the_pack_fails_at_once_naming_the_holder(tmp_path)
         first.kill()
         first.wait()
     # The kernel dropped the lock with its holder: a new training takes it.
-    with T.pack_lock(out.parent / "packs" / pack_id([s]), pack_id([s])):
+    with T.pack_lock(T.lock_path(out, pack_id([s])), pack_id([s])):
         pass
+
+
+def dvc_outputs() -> list[str]:
+    """Every path dvc.yaml names as a stage's output (a figure stage's, its directory)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = []
+    for stage in stages.values():
+        for entry in stage.get("do", stage).get("outs", []):
+            path = next(iter(entry)) if isinstance(entry, dict) else entry
+            outs.append(str(Path(path).parent) if "${" in path else path)
+    return outs
+
+
+def test_the_pack_lock_lies_outside_the_dvc_outputs_and_still_excludes(synthetic, tmp_path):
+    s = spec(epochs=2)
+    pid = pack_id([s])
+    out, ck = tmp_path / "results" / "runs", tmp_path / "results" / "packs" / pid
+    # as the workflow's train rule calls it: --out results/runs --checkpoint-dir results/packs/<pid>
+    T.train_pack([s], out, device="cpu", dataset=synthetic, progress=False, checkpoint_dir=ck,
+                 checkpoint_every=1)
+    outs = dvc_outputs()
+    assert "results/packs" in outs and "results/runs" in outs
+    lock = T.lock_path(out, pid)
+    assert lock.is_file(), "the lock is kept where every trainer of the pack looks for it"
+    for o in outs:
+        assert not lock.resolve().is_relative_to((tmp_path / o).resolve()), f"{lock} lies in the DVC output {o}"
+        found = [p for p in (tmp_path / o).rglob("*") if "lock" in p.name]
+        assert not found, f"lock files in the DVC output {o}: {found}"
+    assert not ck.exists(), "the finished pack leaves no empty checkpoint directory behind"
+    # git ignores it where the workflow puts it
+    rel = lock.relative_to(tmp_path)
+    assert subprocess.run(["git", "check-ignore", "-q", str(rel)], cwd=ROOT).returncode == 0, rel
+    # and it still excludes: a second trainer of the pack, whatever its checkpoint directory
+    with T.pack_lock(lock, pid):
+        for other in (ck, None):
+            with pytest.raises(T.PackLocked, match=f"{re.escape(str(lock))}: pack {pid} is already being trained"):
+                T.train_pack([s], out, device="cpu", dataset=synthetic, progress=False, checkpoint_dir=other)
+
+
+# -- a pack file's checks, before anything trains -------------------------------------------
+
+def train_cli(*args: str):
+    """`rankbias train` in a process of its own, its address space bounded (RLIMIT_AS, 8 GiB),
+    so that a pack that would not fit fails there instead of taking the machine's memory."""
+    import resource
+
+    def bound():
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "rankbias", "train", *args, "--device", "cpu", "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300, preexec_fn=bound)
+
+
+def test_a_pack_file_listing_a_run_twice_trains_nothing(tmp_path):
+    s = spec(epochs=2)
+    pack = tmp_path / "twice.json"
+    pack.write_text(json.dumps([s.to_dict(), spec(epochs=2, seed=1).to_dict(), s.to_dict()]))
+    out = tmp_path / "results" / "runs"
+    r = train_cli(str(pack), "--out", str(out))
+    assert r.returncode == 1, r.stderr
+    assert f"pack file {pack}: run {s.run_id} is listed twice (runs 0 and 2)" in r.stderr
+    assert not (tmp_path / "results").exists(), "nothing was written"
+
+
+def test_a_pack_larger_than_the_host_is_refused_before_allocating(tmp_path):
+    """The issue's case: `rankbias train` on a hand-made 3000-member pack. The direct path
+    checks the memory as `rankbias plan` does, naming the file, the pack and the numbers."""
+    from rankbias.cluster import estimate_mem_mb
+    specs = [RunSpec(dataset="synthetic", arch="mlp", depth=5, width=4000, seed=i) for i in range(3000)]
+    pack = tmp_path / "big.json"
+    pack.write_text(json.dumps([s.to_dict() for s in specs]))
+    out = tmp_path / "results" / "runs"
+    r = train_cli(str(pack), "--out", str(out))
+    assert r.returncode == 1, r.stderr[-3000:]
+    need = estimate_mem_mb(specs)
+    assert (f"pack file {pack}: pack {pack_id(specs)} (3000 x MLP-5-4000 on synthetic): needs about "
+            f"{need} MiB (rankbias.cluster.estimate_mem_mb), more than the host's memory (") in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "results").exists()
+    # a limit given by hand: a pack that fits the host but not it
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps([spec(epochs=2).to_dict()]))
+    r = train_cli(str(small), "--out", str(out), "--device-memory-mb", "100")
+    assert r.returncode == 1, r.stderr
+    assert (f"pack file {small}: pack {pack_id([spec(epochs=2)])} (1 x MLP-2-16 on synthetic): needs about "
+            f"{estimate_mem_mb([spec(epochs=2)])} MiB (rankbias.cluster.estimate_mem_mb), more than "
+            "device_memory_mb = 100") in r.stderr, r.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_every_path_that_builds_a_pack_checks_its_memory_first(synthetic):
+    """`Pack` itself (what `rankbias bench` and scripts/gpu_check.py build) checks it."""
+    from rankbias.cluster import estimate_mem_mb
+    from rankbias.engine import Pack
+    from rankbias.spec import SpecError
+    specs = [spec(seed=i) for i in range(2)]
+    with pytest.raises(SpecError, match=rf"pack {pack_id(specs)} \(2 x MLP-2-16 on synthetic\): needs about "
+                                        rf"{estimate_mem_mb(specs)} MiB .*more than device_memory_mb = 100;"):
+        Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu", memory_mb=100)
+    huge = [RunSpec(dataset="synthetic", arch="mlp", depth=5, width=4000, seed=i) for i in range(3000)]
+    with pytest.raises(SpecError, match=r"more than the host's memory \(\d+ MiB\)"):
+        Pack(huge, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
+
+
+# -- SIGTERM in the last epoch --------------------------------------------------------------
+
+def sigterm_at(n):
+    def hook(epoch):
+        if epoch == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return hook
+
+
+def test_sigterm_in_the_last_epoch_stops_before_writing_runs_and_the_rerun_finishes(synthetic, tmp_path):
+    """The hook after epoch 2 of 3 comes after that epoch's look at the flag: the signal
+    is pending while the last epoch trains, and is honoured at its end."""
+    specs = [spec(epochs=3, seed=i) for i in range(3)]
+    ck = tmp_path / "ck"
+    with pytest.raises(T.Preempted, match=rf"SIGTERM: checkpoint of epoch 3/3 in {re.escape(str(ck))}"):
+        T.train_pack(specs, tmp_path / "b", device="cpu", dataset=synthetic, progress=False,
+                     checkpoint_dir=ck, checkpoint_every=1000, on_epoch=sigterm_at(2))
+    assert torch.load(ck / T.CHECKPOINT, weights_only=True)["epoch"] == 3
+    assert not list(tmp_path.glob("b/*/run.json")), "no run was written"
+    T.train_pack(specs, tmp_path / "b", device="cpu", dataset=synthetic, progress=False, checkpoint_dir=ck)
+    T.train_pack(specs, tmp_path / "a", device="cpu", dataset=synthetic, progress=False,
+                 checkpoint_dir=tmp_path / "ck_a")
+    for s in specs:
+        assert Run(tmp_path / "b" / s.run_id).verify() == []
+        assert_same_trajectory(tmp_path / "a" / s.run_id, tmp_path / "b" / s.run_id)
+
+
+def test_sigterm_while_the_runs_are_written_stops_between_runs(synthetic, tmp_path, monkeypatch):
+    """A SIGTERM that arrives while the pack writes its runs stops after the run being
+    written: every run directory holds complete files, and the rerun writes the rest."""
+    specs = [spec(epochs=2, seed=i) for i in range(3)]
+    ck, out = tmp_path / "ck", tmp_path / "b"
+    written = []
+
+    def write_then_sigterm(run_dir, *a, **kw):
+        write_run(run_dir, *a, **kw)
+        written.append(run_dir)
+        if len(written) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(T, "write_run", write_then_sigterm)
+    with pytest.raises(T.Preempted, match="SIGTERM after writing 1 of 3 runs: checkpoint of epoch 2/2"):
+        T.train_pack(specs, out, device="cpu", dataset=synthetic, progress=False, checkpoint_dir=ck)
+    assert len(written) == 1, "the pack stopped after the run it was writing"
+    assert [p.parent.name for p in out.rglob("run.json")] == [written[0].name]
+    assert not list(out.rglob("*.tmp")), "no half-written file"
+    assert Run(written[0]).verify() == []
+    monkeypatch.undo()
+    T.train_pack(specs, out, device="cpu", dataset=synthetic, progress=False, checkpoint_dir=ck)
+    T.train_pack(specs, tmp_path / "a", device="cpu", dataset=synthetic, progress=False,
+                 checkpoint_dir=tmp_path / "ck_a")
+    for s in specs:
+        assert_same_trajectory(tmp_path / "a" / s.run_id, out / s.run_id)
 
 
 # -- divergence --------------------------------------------------------------------------
@@ -219,6 +378,21 @@ def test_a_finite_blow_up_is_divergence_marked_in_figures_and_excluded_from_clai
     result = claims.judge([Run(tmp_path / ok.run_id), w])
     assert result["runs"]["diverged"] == 1 and result["runs"]["judged"] == 1
     assert [d["run_id"] for d in result["diverged_runs"]] == [wild.run_id]
+
+
+def test_a_resume_where_every_member_had_diverged_trains_no_further(synthetic, tmp_path):
+    """A checkpoint written at the epoch where the last member diverged (as a SIGTERM or
+    a kill there leaves it) resumes into the runs the uninterrupted pack writes."""
+    wild = spec(epochs=3, seed=1, lr=1000.0, momentum=0.0, weight_decay=0.0)
+    T.train_pack([wild], tmp_path / "a", device="cpu", dataset=synthetic, progress=False,
+                 checkpoint_dir=tmp_path / "ck_a")
+    with pytest.raises(Killed):
+        T.train_pack([wild], tmp_path / "b", device="cpu", dataset=synthetic, progress=False,
+                     checkpoint_dir=tmp_path / "ck", checkpoint_every=1, on_epoch=kill_at(1))
+    T.train_pack([wild], tmp_path / "b", device="cpu", dataset=synthetic, progress=False,
+                 checkpoint_dir=tmp_path / "ck")
+    assert Run(tmp_path / "a" / wild.run_id).info["epochs_completed"] == 1
+    assert_same_trajectory(tmp_path / "a" / wild.run_id, tmp_path / "b" / wild.run_id)
 
 
 # -- run files ---------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Run specifications: validation, run_id stability, model names, packs (with hypothesis)."""
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankbias.spec import (RunSpec, SpecError, load_pack, make_packs, model_name, pack_id,
+from rankbias.spec import (RunSpec, SpecError, check_pack, load_pack, make_packs, model_name, pack_id,
                            pack_steps, parse_model_name)
 
 specs = st.builds(
@@ -175,6 +176,22 @@ def test_load_pack_files(tmp_path):
         load_pack(two_batch_sizes)
     with pytest.raises(SpecError, match="does not exist"):
         load_pack(tmp_path / "missing.json")
+
+
+def test_a_pack_that_lists_a_run_twice_is_refused_naming_the_file_and_the_run(tmp_path):
+    """lr 1 and lr 1.0 are one run (one run_id): listed twice, it would train as K=2
+    into one run directory."""
+    twice = tmp_path / "twice.json"
+    twice.write_text(json.dumps([{"model": "MLP-2-8", "lr": 1}, {"model": "MLP-2-8", "seed": 1},
+                                 {"model": "MLP-2-8", "lr": 1.0}]))
+    rid = RunSpec.from_dict({"model": "MLP-2-8", "lr": 1}).run_id
+    with pytest.raises(SpecError, match=rf"pack file {re.escape(str(twice))}: run {rid} is listed "
+                                        r"twice \(runs 0 and 2\)"):
+        load_pack(twice)
+    # the one pack check refuses it wherever a pack is built
+    s = RunSpec(dataset="synthetic")
+    with pytest.raises(SpecError, match=f"Pack: run {s.run_id} is listed twice"):
+        check_pack([s, s], "Pack")
 
 
 def test_direct_construction_hashes_like_the_config_path():

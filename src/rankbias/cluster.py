@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, MutableMapping, Sequence
 
-from .spec import DATASET_DIMS, RunSpec, SpecError, check_pack, pack_steps
+from .spec import DATASET_DIMS, RunSpec, SpecError, check_pack, pack_id, pack_steps
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,30 @@ def estimate_mem_mb(specs: Sequence[RunSpec]) -> int:
     data = 4 * (train + test) * DATASET_DIMS[first.dataset]
     params = 4 * 3 * len(specs) * first.layer_table().params
     return 2048 + (2 * (data + params)) // 2**20
+
+
+def check_mem_mb(specs: Sequence[RunSpec], limit_mb: int, limit: str, advice: str) -> None:
+    """SpecError, naming the pack and the numbers, when the pack's `estimate_mem_mb` exceeds
+    `limit_mb` (`limit` says what that limit is, `advice` what to do). The one memory check:
+    `rankbias plan` and the workflow (sweep.check_device_memory) and every path that builds
+    a pack (engine.check_pack_memory) run it."""
+    need = estimate_mem_mb(specs)
+    if need > limit_mb:
+        raise SpecError(f"pack {pack_id(specs)} ({len(specs)} x {specs[0].model} on {specs[0].dataset}): "
+                        f"needs about {need} MiB (rankbias.cluster.estimate_mem_mb), more than {limit}; {advice}")
+
+
+def host_memory_mb() -> int:
+    """This machine's memory in MiB: its physical memory, or its cgroup's limit where lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = min(total, int(value))
+    return total // 2**20
 
 
 # -- the container image ---------------------------------------------------------

@@ -19,6 +19,7 @@ from . import metrics as M
 from . import models
 from .batched import BatchContext, Conv2d, batched, matrix_layer
 from .chain import Chain
+from .cluster import check_mem_mb, host_memory_mb
 from .models import build_net, epoch_order, loss_fn, weighted_loss, weighted_loss_and_grad
 from .spec import GRAPH_MODES, RunSpec, check_pack
 
@@ -59,16 +60,43 @@ def storage_blocks(shapes: list[tuple[int, ...]], K: int, dtype, device) -> tupl
     return blocks, [v for v in views if v is not None]
 
 
+def device_memory(device) -> tuple[int, str]:
+    """(MiB, what they are) of the memory a pack on `device` lives in: a CUDA device's
+    own, else the host's (cluster.host_memory_mb)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        mb = torch.cuda.get_device_properties(device).total_memory // 2**20
+        return mb, f"the memory of {device} ({torch.cuda.get_device_name(device)}, {mb} MiB)"
+    mb = host_memory_mb()
+    return mb, f"the host's memory ({mb} MiB)"
+
+
+def check_pack_memory(specs: list[RunSpec], device, memory_mb: int | None = None) -> None:
+    """The pack fits `memory_mb` (the config's and `rankbias train`'s device_memory_mb),
+    else the memory of the device it trains on, by cluster.estimate_mem_mb, as `rankbias
+    plan` checks it: SpecError naming the pack and the numbers. Run before anything of
+    the pack is allocated."""
+    if memory_mb is None:
+        memory_mb, limit = device_memory(device)
+    else:
+        limit = f"device_memory_mb = {memory_mb}"
+    check_mem_mb(specs, memory_mb, limit, "use a smaller model or fewer runs in the pack, or, where the "
+                 "device has more memory, give it as `rankbias train --device-memory-mb`")
+
+
 class Pack:
     """K networks of one architecture, their optimiser state and their data."""
 
     def __init__(self, specs: list[RunSpec], x_train, y_train, num_classes: int, device,
-                 graph: str = "auto"):
+                 graph: str = "auto", memory_mb: int | None = None):
+        """`memory_mb`: the memory the pack must fit (default: the device's own;
+        check_pack_memory), checked before anything is allocated."""
         if graph not in GRAPH_MODES:
             raise ValueError(f"graph: {graph!r} is not one of {', '.join(GRAPH_MODES)}")
         self.graph, self._stepper, self.step_mode = graph, None, None
         s0 = specs[0]
         check_pack(specs, "Pack")
+        check_pack_memory(specs, device, memory_mb)
         self.specs, self.K, self.device = specs, len(specs), torch.device(device)
         self.loss = s0.loss
         self.X, self.Y, self.num_classes = x_train, y_train, num_classes

@@ -397,7 +397,14 @@ def load_pack(path: str | Path) -> list[RunSpec]:
 
 
 def check_pack(specs: list[RunSpec], where: str) -> None:
-    """Runs can train as one pack only if they share `RunSpec.pack_key()`."""
+    """Runs can train as one pack only if each is listed once (a run listed twice would
+    train as two members into one run directory) and they share `RunSpec.pack_key()`."""
+    first: dict[str, int] = {}
+    for i, s in enumerate(specs):
+        if s.run_id in first:
+            raise SpecError(f"{where}: run {s.run_id} is listed twice (runs {first[s.run_id]} and {i}); "
+                            "a pack lists each run once")
+        first[s.run_id] = i
     if len({s.pack_key() for s in specs}) > 1:
         raise SpecError(f"{where}: the runs of a pack must share dataset, architecture, activation, "
                         "bias, loss, epochs, batch_size, drop_last, schedule, log_every and "

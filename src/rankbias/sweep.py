@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 # Snakemake imports this module on every parse (dry runs, --lint and each SLURM job
 # too), so nothing it imports may pull in torch; tests/test_sweep.py checks.
-from .cluster import estimate_mem_mb
+from .cluster import check_mem_mb
 from .spec import (
     CONV_SPECTRA,
     DEFAULT_CONV,
@@ -317,16 +317,15 @@ def plan(raw_config: Mapping[str, Any]) -> Plan:
 def check_device_memory(p: Plan) -> None:
     """Every pack fits the training device (config key device_memory_mb), by
     rankbias.cluster.estimate_mem_mb; checked where training is planned (the workflow,
-    `rankbias plan`), not by jobs that only read runs."""
+    `rankbias plan`), not by jobs that only read runs. Every path that builds a pack checks
+    it again against the device it trains on (engine.check_pack_memory)."""
     limit = p.config["device_memory_mb"]
     for pid in p.packs:
-        specs = p.pack_specs(pid)
-        need = estimate_mem_mb(specs)
-        if need > limit:
-            raise ConfigError(
-                f"pack {pid} ({len(specs)} x {specs[0].model} on {specs[0].dataset}): needs about "
-                f"{need} MiB (rankbias.cluster.estimate_mem_mb), more than device_memory_mb = {limit}; "
-                "use a smaller model or max_pack, or set device_memory_mb to the training device's memory")
+        try:
+            check_mem_mb(p.pack_specs(pid), limit, f"device_memory_mb = {limit}",
+                         "use a smaller model or max_pack, or set device_memory_mb to the training device's memory")
+        except SpecError as e:
+            raise ConfigError(str(e)) from None
 
 
 def plan_from_file(path: str | Path) -> Plan:

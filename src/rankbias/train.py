@@ -1,16 +1,19 @@
 """`rankbias train`: train a pack, record every metric, checkpoint, write run outputs.
 
 Robustness of a training job:
-  * a lock file in the pack's checkpoint directory: a second training of the same pack
-    fails at once, naming the process that holds it;
+  * a lock file, `<out>/../.locks/<pack_id>.lock` (results/.locks/, beside the runs and
+    outside every DVC output, git-ignored with results/): a second training of the same
+    pack fails at once, naming the process that holds it;
   * checkpoints hold only tensors and plain containers and are read with
     ``torch.load(weights_only=True)``, which cannot run code; the previous checkpoint is
     kept, so a truncated or corrupt one is named and training resumes from the one
     before it (or restarts, saying so);
   * a checkpoint that cannot be written (disk full) is a warning, not the end of the job;
   * SIGTERM (what SLURM sends before it preempts or times out a job) writes a
-    checkpoint at the end of the current epoch and exits with status 143 (128 + SIGTERM,
-    what a shell reports for a process SIGTERM ended), so a requeued job resumes.
+    checkpoint at the end of the current epoch, the last one included (its runs are then
+    left to the rerun), or, while the runs are being written, after the run being written,
+    and exits with status 143 (128 + SIGTERM, what a shell reports for a process SIGTERM
+    ended), so a requeued job resumes.
 """
 from __future__ import annotations
 
@@ -36,14 +39,16 @@ import torch
 from . import data as data_mod
 from . import metrics as M
 from . import numerics, timing
-from .engine import GRAPH_MODES, Pack
+from .engine import GRAPH_MODES, Pack, check_pack_memory
 from .theory import TheoryRecorder
 from .results import atomic_write_bytes, write_run
-from .spec import RunSpec, load_pack, pack_id
+from .spec import RunSpec, SpecError, check_pack, load_pack, pack_id
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
-LOCK = "train.lock"
+# Where the packs' lock files live, beside the runs directory: not in the checkpoint
+# directory, which lies in the DVC output results/packs.
+LOCKS = ".locks"
 # Exit status after a SIGTERM that left a checkpoint behind: 128 + the signal number.
 PREEMPTED_EXIT = 128 + signal.SIGTERM
 # Divergence besides NaN/inf: an epoch's mean training loss above this multiple of the
@@ -261,13 +266,19 @@ def load_checkpoint(checkpoint_dir: Path, run_ids: list[str], pack: Pack) -> tup
     return None
 
 
+def lock_path(out_dir: str | Path, pid: str) -> Path:
+    """The lock file of pack `pid` trained into `out_dir`: `<out_dir>/../.locks/<pid>.lock`
+    (results/.locks/ for results/runs). It is kept after training (removing a lock file
+    another process may be opening races with it) and lies in no DVC output."""
+    return Path(out_dir).parent / LOCKS / f"{pid}.lock"
+
+
 @contextlib.contextmanager
-def pack_lock(checkpoint_dir: Path, pid: str):
-    """Hold the pack's lock file for the block; PackLocked, at once, naming the holder
-    (pid, host, start time), when another process holds it. The lock is the kernel's
-    (flock), so it is released whenever its holder ends, even killed."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_dir / LOCK
+def pack_lock(path: Path, pid: str):
+    """Hold the lock file `path` of pack `pid` for the block; PackLocked, at once, naming
+    the holder (pid, host, start time), when another process holds it. The lock is the
+    kernel's (flock), so it is released whenever its holder ends, even killed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
     try:
         try:
@@ -311,28 +322,35 @@ def sigterm_requested():
 def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 5,
                data_dir: str | Path | None = None, dataset=None, progress: bool = True,
-               on_epoch=None, graph: str = "auto", deterministic: bool = True) -> list[Path]:
+               on_epoch=None, graph: str = "auto", device_memory_mb: int | None = None,
+               deterministic: bool = True) -> list[Path]:
     """Train one pack and write `out_dir/<run_id>/` for each member.
+
+    First, before anything is allocated or locked, the pack's memory estimate must fit
+    `device_memory_mb`, else the device's own memory (engine.check_pack_memory).
 
     Resumes from `checkpoint_dir/checkpoint.pt` when it holds this pack. `on_epoch(epoch)`
     is called after each epoch's checkpoint (tests use it to simulate a kill). `graph`
     (auto|on|off) says whether a CUDA step may be a captured graph (engine.choose_stepper).
     `deterministic` (the config key of that name) runs CUDA under rankbias.numerics'
     deterministic policy; the pack's `precision` sets fp32 or TF32. Raises PackLocked when
-    another process trains the pack, NondeterministicOp naming an op with no deterministic
-    kernel, and Preempted after SIGTERM (with a checkpoint written).
+    another process trains the pack (`lock_path`), NondeterministicOp naming an op with no
+    deterministic kernel, and Preempted after SIGTERM (with a checkpoint written).
     """
     if checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every: must be >= 1, got {checkpoint_every}")
     out_dir = Path(out_dir)
     pid = pack_id(specs)
+    check_pack(specs, f"pack {pid}")
+    dev = resolve_device(device)
+    check_pack_memory(specs, dev, device_memory_mb)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.parent / "packs" / pid
-    dev_type = resolve_device(device).type
-    with pack_lock(checkpoint_dir, pid), sigterm_requested() as stop, \
-            numerics.policy(deterministic, specs[0].precision, dev_type):
+    with pack_lock(lock_path(out_dir, pid), pid), sigterm_requested() as stop, \
+            numerics.policy(deterministic, specs[0].precision, dev.type):
         try:
-            return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, device,
-                                 data_dir, dataset, progress, on_epoch, graph, stop, deterministic)
+            return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, dev,
+                                 data_dir, dataset, progress, on_epoch, graph, device_memory_mb, stop,
+                                 deterministic)
         except RuntimeError as e:
             err = numerics.explain(e, f"pack {pid}")
             if err is e:
@@ -341,16 +359,16 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
 
 
 def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
-                  device: str, data_dir, dataset, progress: bool, on_epoch, graph: str,
-                  stop: threading.Event, deterministic: bool = True) -> list[Path]:
-    dev = resolve_device(device)
+                  dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
+                  device_memory_mb: int | None, stop: threading.Event,
+                  deterministic: bool = True) -> list[Path]:
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)   # graphs, streams and events use the current device
     s0 = specs[0]
     # A given data_dir is the copy the workflow declared as the job's input: read only it.
     ds = dataset or data_mod.load(s0.dataset, dev, data_dir, s0.train_subset, s0.test_subset,
                                   strict=data_dir is not None)
-    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph)
+    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph, memory_mb=device_memory_mb)
     rec = Recorder(pack, ds)
     thy = TheoryRecorder(specs, ds.x_train, ds.y_train, ds.num_classes)
     run_ids = [s.run_id for s in specs]
@@ -378,7 +396,20 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         _log(progress, f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset} ({pack.n} samples), "
                        f"{dev.type}: epoch 0 mean rank {info['mean_rank']:.1f}")
     t0 = time.perf_counter()
+    reached = start       # epochs trained so far
+
+    def preempted(what: str) -> Preempted:
+        """SIGTERM: checkpoint the state after `reached` epochs (`what` has been done since)."""
+        saved = _save_checkpoint(checkpoint_dir, reached, run_ids, pack, rec,
+                                 elapsed0 + time.perf_counter() - t0, thy)
+        return Preempted(f"[pack {pid}] SIGTERM{what}: " + (
+            f"checkpoint of epoch {reached}/{s0.epochs} in {checkpoint_dir}; a rerun resumes from it"
+            if saved else f"no checkpoint could be written; a rerun resumes from the last one "
+                          f"in {checkpoint_dir}, if any"))
+
     for epoch in range(start, s0.epochs):
+        if all(d is not None for d in rec.diverged):    # resumed where every member had diverged
+            break
         prev = {m: pack.weight(m).detach().clone() for m, _ in pack.matrices}
         t_epoch = time.perf_counter()
         pack.train_epoch(epoch)
@@ -398,15 +429,13 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         div = f" ({info['diverged']} diverged)" if info["diverged"] else ""
         _log(progress, f"[pack {pid}] epoch {epoch + 1}/{s0.epochs} loss {info['loss']:.4f}{rank}{div} "
                        f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s")
-        last = epoch + 1 == s0.epochs
-        saved = False
-        if ((epoch + 1) % checkpoint_every == 0 or stop.is_set()) and not last:
-            saved = _save_checkpoint(checkpoint_dir, epoch + 1, run_ids, pack, rec, elapsed0 + elapsed, thy)
-        if stop.is_set() and not last:
-            raise Preempted(f"[pack {pid}] SIGTERM: " + (
-                f"checkpoint of epoch {epoch + 1}/{s0.epochs} in {checkpoint_dir}; a rerun resumes from it"
-                if saved else f"no checkpoint could be written; a rerun resumes from the last one "
-                              f"in {checkpoint_dir}, if any"))
+        reached = epoch + 1
+        # SIGTERM is honoured in the last epoch too: the runs are not written, the
+        # checkpoint of the trained pack is, and the rerun only writes them.
+        if stop.is_set():
+            raise preempted("")
+        if reached % checkpoint_every == 0 and reached != s0.epochs:
+            _save_checkpoint(checkpoint_dir, reached, run_ids, pack, rec, elapsed0 + elapsed, thy)
         if on_epoch is not None:
             on_epoch(epoch + 1)
         if info["diverged"] == pack.K:
@@ -419,6 +448,11 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
     env = {**provenance.collect(device=dev.type), "numerics": policy}
     paths = []
     for k, spec in enumerate(specs):
+        # A SIGTERM while the runs are written stops between two runs: each run directory
+        # holds complete files (run.json last), and the rerun writes them all from the
+        # checkpoint of the trained pack.
+        if stop.is_set():
+            raise preempted(f" after writing {k} of {pack.K} runs")
         metrics, layers, spectra = rec.frames(k)
         run_json = {
             "run_id": spec.run_id, "spec": spec.to_dict(), "model": spec.model, "pack_id": pid,
@@ -438,6 +472,8 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         paths.append(out_dir / spec.run_id)
     for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
         (checkpoint_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):     # the emptied checkpoint directory; kept if not empty
+        checkpoint_dir.rmdir()
     _log(progress, f"[pack {pid}] done in {wall:.1f}s; measuring the theory took "
                    f"{thy.seconds['theorem1']:.1f}s (Theorem 1) and {thy.seconds['lemmas']:.1f}s (lemmas); "
                    f"wrote {len(paths)} runs to {out_dir}")
@@ -487,6 +523,10 @@ def register(subparsers) -> None:
     p.add_argument("--deterministic", default="on", choices=["on", "off"],
                    help="deterministic CUDA kernels, so runs and resumes are bit-identical "
                         "(default on; the config key `deterministic`)")
+    p.add_argument("--device-memory-mb", type=int, default=None,
+                   help="memory of the training device in MiB: a pack whose estimate "
+                        "(rankbias.cluster.estimate_mem_mb) exceeds it is refused before anything "
+                        "trains (default: the CUDA device's memory, or the host's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_train)
 
@@ -510,6 +550,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     packs = [load_pack(p) for p in args.packs]   # validate every file before training any
     if len(packs) > 1 and args.checkpoint_dir:
         raise ValueError("--checkpoint-dir: give it only with a single pack file")
+    if args.device_memory_mb is not None and args.device_memory_mb < 1:
+        raise ValueError(f"--device-memory-mb: expected an integer >= 1, got {args.device_memory_mb}")
     # Take a GPU slot before anything touches CUDA: CUDA_VISIBLE_DEVICES is read when
     # the driver starts, so concurrent jobs on one workstation each get their own GPU.
     ctx: contextlib.AbstractContextManager[int | None] = contextlib.nullcontext()
@@ -517,11 +559,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .gpus import acquire_gpu
         ctx = acquire_gpu()
     with ctx:
+        dev = resolve_device(args.device)
+        for path, specs in zip(args.packs, packs):   # every pack fits before any trains
+            try:
+                check_pack_memory(specs, dev, args.device_memory_mb)
+            except SpecError as e:
+                raise SpecError(f"pack file {path}: {e}") from None
         for specs in packs:
             try:
                 train_pack(specs, args.out, args.device, args.checkpoint_dir, args.checkpoint_every,
                            args.data_dir, progress=not args.quiet, graph=graph,
-                           deterministic=deterministic)
+                           device_memory_mb=args.device_memory_mb, deterministic=deterministic)
             except Preempted as e:
                 _warn(str(e))
                 return PREEMPTED_EXIT
