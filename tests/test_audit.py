@@ -633,3 +633,14 @@ def test_a_figure_member_out_of_step_fails_restore(tree, capsys):
     plt.close(fig)
     assert main(["restore", "--root", str(tree), "--check"]) == 1
     assert "FAILED results/figures/fig2.pdf: its embedded provenance differs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("member", ["claims.md", "claims.json", "claims.provenance.json"])
+def test_the_claims_missing_one_of_their_files_fail_restore_naming_it(tree, capsys, member):
+    from rankbias import claims
+
+    claims.run_claims(None, tree / "results/runs", tree / "results/claims")
+    (tree / "results" / member).unlink()
+    assert main(["restore", "--root", str(tree), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert any(x.startswith(f"FAILED results/{member}: ") and "missing" in x for x in out.splitlines()), out

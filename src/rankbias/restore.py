@@ -237,11 +237,12 @@ def check_figures(rep: Report, failed_runs: set[str]) -> None:
         if linked:
             rep.bad.update(trio)  # the link is named and left; the set is not verified
             continue
-        output = next((x for x in files[:2] if x.exists()), None)
+        # The claims' audit names a missing claims.md or claims.json itself; a figure's,
+        # a missing other image, given one of them.
+        output = files[0] if is_table(files[0]) else next((x for x in files[:2] if x.exists()), None)
         if output is None:
-            what = "claims.md and claims.json" if is_table(files[0]) else "the PNG and the PDF"
-            rep.fail(files[0], f"missing, and so is {rep.rel(files[1])}: expected {what} beside "
-                               f"{rep.rel(files[2])}", bad=files[2])
+            rep.fail(files[0], f"missing, and so is {rep.rel(files[1])}: expected the PNG and the "
+                               f"PDF beside {rep.rel(files[2])}", bad=files[2])
             continue
         a = Audit(output, rep.root, runs=rep.runs)
         record = a.record()
