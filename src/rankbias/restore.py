@@ -344,13 +344,13 @@ def quarantine(rep: Report, paths: list[Path], stamp: str) -> list[Path]:
             continue
         try:
             repo_path(rep.root, p, f"move {rep.rel(p)}")
-        except DvcStateError as err:
-            rep.problems.append(str(err))
+            # The destination from the path as written (no link on it, so `..` is plain),
+            # never from a resolved one: that would be a link's target.
+            rel = Path(os.path.normpath(p.relative_to(rep.root)))
+        except (DvcStateError, ValueError) as err:
+            rep.problems.append(f"move {p}: {err}" if isinstance(err, ValueError) else str(err))
             rep.blocked = True
             continue
-        # The destination from the path as written (no link on it, so `..` is plain), never
-        # from a resolved one: that would be a link's target.
-        rel = Path(os.path.normpath(p.relative_to(rep.root)))
         dest = base / (rel.relative_to("results") if rel.parts[:1] == ("results",) else rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if _there(dest) or first_link(rep.root, dest.parent) is not None:
