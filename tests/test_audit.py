@@ -357,7 +357,10 @@ def test_restore_never_touches_a_file_outside_the_repository(tree, capsys, case)
     _lock_with(tree, path, md5)
     assert main(["restore", "--root", str(tree)]) == 1
     out = capsys.readouterr().out
-    assert f"FAILED dvc.lock: dvc.lock stage crafted out {path!r}:" in out and "refused" in out, out
+    if case == "symlink":   # the link is named, and neither it nor its target is touched
+        assert f"FAILED results/escape: a symbolic link (to {victim.parent})" in out, out
+    else:
+        assert f"FAILED dvc.lock: dvc.lock stage crafted out {path!r}:" in out and "refused" in out, out
     assert victim.read_text() == "not the pipeline's\n"
     assert victim.stat().st_mode & 0o777 == 0o444
     assert sorted(p.name for p in victim.parent.iterdir()) == ["victim.txt"]
@@ -455,3 +458,189 @@ def test_audit_and_restore_import_in_one_direction():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(Path(A.__file__).parents[1])})
     assert proc.returncode == 0, proc.stderr
+
+
+# -- restore never acts through a symbolic link, nor outside data/ and results/ ----------
+
+def _tamper_a_run(tree: Path) -> Path:
+    run = sorted((tree / "results/runs").iterdir())[0]
+    f = run / "metrics.parquet"
+    f.write_bytes(f.read_bytes() + b"\0")
+    return run
+
+
+def _outside(tree: Path, name: str = "outside") -> Path:
+    d = tree.parent / name
+    d.mkdir()
+    return d
+
+
+def _listing(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): (b"-> " + os.readlink(p).encode()) if p.is_symlink()
+            else p.read_bytes() for p in sorted(d.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+def test_a_symlinked_figure_failing_verification_leaves_its_target_alone(tree, capsys):
+    fig = tree / FIG
+    target = _outside(tree) / "fig2.png"
+    target.write_bytes(fig.read_bytes())
+    fig.unlink()
+    fig.symlink_to(target)
+    _tamper_a_run(tree)
+    before = _listing(target.parent)
+    assert main(["restore", "--root", str(tree)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED {FIG}: a symbolic link (to {target})" in out, out
+    assert _listing(target.parent) == before and not target.is_symlink()
+    assert fig.is_symlink() and os.readlink(fig) == str(target)   # neither it nor its target moved
+    assert "did not run snakemake --touch" in out   # it would mark the link up to date
+
+
+def test_a_symlinked_run_directory_is_named_not_followed(tree, capsys):
+    run = sorted((tree / "results/runs").iterdir())[0]
+    elsewhere = _outside(tree) / run.name
+    run.rename(elsewhere)
+    run.symlink_to(elsewhere, target_is_directory=True)
+    before = _listing(elsewhere.parent)
+    assert main(["restore", "--root", str(tree), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED results/runs/{run.name}: a symbolic link (to {elsewhere})" in out, out
+    assert main(["restore", "--root", str(tree)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED results/runs/{run.name}: a symbolic link (to {elsewhere})" in out, out
+    assert _listing(elsewhere.parent) == before and run.is_symlink()
+    # The figure drawn from it is a real file, so it is moved aside; the link is not.
+    assert not (tree / FIG).exists() and "drawn from run(s) that failed verification" in out
+
+
+def test_a_symlinked_results_subdirectory_is_named_and_nothing_beneath_it_moves(tree, capsys):
+    figs = tree / "results/figures"
+    elsewhere = _outside(tree) / "figures"
+    figs.rename(elsewhere)
+    figs.symlink_to(elsewhere, target_is_directory=True)
+    _tamper_a_run(tree)
+    before = _listing(elsewhere)
+    assert main(["restore", "--root", str(tree)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED results/figures: a symbolic link (to {elsewhere})" in out, out
+    assert _listing(elsewhere) == before
+
+
+@pytest.mark.parametrize("kind", ["symlink", "file"])
+def test_a_quarantine_that_is_not_a_real_directory_is_refused(tree, capsys, kind):
+    q = tree / "results/quarantine"
+    outside = _outside(tree)
+    if kind == "symlink":
+        q.symlink_to(outside, target_is_directory=True)
+    else:
+        q.write_text("not a directory\n")
+    run = _tamper_a_run(tree)
+    assert main(["restore", "--root", str(tree)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED results/quarantine: " in out and "expected a real directory" in out, out
+    assert list(outside.iterdir()) == []
+    assert run.is_dir() and (tree / FIG).is_file()   # nothing moved
+
+
+def _cache_config(tree: Path, **cache: str) -> None:
+    (tree / ".dvc").mkdir(exist_ok=True)
+    (tree / ".dvc/config").write_text("[cache]\n" + "".join(f"    {k} = {v}\n" for k, v in cache.items()))
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+def test_a_corrupt_cache_object_is_reported_never_deleted(tree, capsys, where):
+    if where == "outside":
+        _cache_config(tree, dir=str(_outside(tree, "shared-cache")))
+    want = dvcstate.md5_file(tree / FIG)
+    obj = dvcstate.cache_object(tree, want)
+    obj.parent.mkdir(parents=True)
+    obj.write_bytes(b"corrupt")
+    obj.chmod(0o444)
+    _write_lock(tree, want)
+    fig = tree / FIG
+    fig.write_bytes(fig.read_bytes() + b"\0")
+    assert main(["restore", "--root", str(tree)]) == 1
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith(f"FAILED {FIG}: md5 "))
+    assert f"the DVC cache object {obj if where == 'outside' else dvcstate.cache_object('.', want)}" \
+           f" is corrupt" in line and "delete it" in line, out
+    assert obj.read_bytes() == b"corrupt" and obj.stat().st_mode & 0o777 == 0o444
+
+
+def test_a_symlink_cache_type_is_refused(tree, capsys):
+    _cache_config(tree, type="symlink")
+    run = _tamper_a_run(tree)
+    assert main(["restore", "--root", str(tree)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED .dvc/config: cache.type 'symlink'" in out and "copy" in out, out
+    assert run.is_dir() and (tree / FIG).is_file()   # nothing moved
+
+
+def test_links_into_a_shared_cache_are_refused_and_the_cache_is_untouched(tree, capsys):
+    """Files checked out as links into a shared cache (cache.type symlink set outside the
+    repository's config): every link is named, no object is moved or deleted."""
+    cache = _outside(tree, "shared-cache")
+    _cache_config(tree, dir=str(cache))
+    run = _tamper_a_run(tree)
+    for f in sorted(run.iterdir()):
+        obj = cache / "files/md5" / dvcstate.md5_file(f)[:2] / dvcstate.md5_file(f)[2:]
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        obj.write_bytes(f.read_bytes())
+        f.unlink()
+        f.symlink_to(obj)
+    runs_md5, manifest = dvcstate.dir_md5(tree / "results/runs")
+    obj = dvcstate.cache_object(tree, runs_md5)
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_text(json.dumps([{"md5": m, "relpath": k} for k, m in sorted(manifest.items())]))
+    _lock_with(tree, "results/runs", runs_md5)
+    before = _listing(cache)
+    assert main(["restore", "--root", str(tree)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED results/runs/{run.name}/metrics.parquet: a symbolic link" in out, out
+    assert "cache.type" in out
+    assert _listing(cache) == before
+    # The run's real directory may be moved aside; the links in it stay links.
+    assert sorted(p.name for p in (tree / "results").rglob("*") if p.is_symlink()) == \
+        ["layers.parquet", "metrics.parquet", "run.json", "spectra.npz"]
+
+
+# -- a figure's PNG, PDF and provenance are one set --------------------------------------
+
+@pytest.mark.parametrize("member", ["pdf", "png", "provenance.json"])
+def test_a_figure_missing_one_of_its_files_fails_audit_and_restore(tree, capsys, member):
+    gone = tree / FIG.replace(".png", "." + member)
+    gone.unlink()
+    name = FIG.replace(".png", "." + member)
+    for fig in (FIG, FIG.replace(".png", ".pdf")):
+        if (tree / fig).exists():
+            rc, out = audit(tree, capsys, fig)
+            assert rc == 1 and any(x.startswith(f"MISMATCH {name}: ") and "missing" in x
+                                   for x in mismatches(out)), out
+    assert main(["restore", "--root", str(tree), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert any(x.startswith(f"FAILED {name}: ") and "missing" in x for x in out.splitlines()), out
+    assert main(["restore", "--root", str(tree)]) == 1
+    capsys.readouterr()
+    assert not any((tree / "results/figures").iterdir())   # the rest moved aside, redrawn next
+
+
+def test_a_figure_member_out_of_step_fails_restore(tree, capsys):
+    pdf = tree / FIG.replace(".png", ".pdf")
+    runs = load_runs(tree / "results/runs")
+    record = P.figure_provenance(runs[:1], {}, "fig2", root=tree)
+    fig, _ = plt.subplots()
+    P.save_figure(fig, tree / "elsewhere.png", pdf, record)   # a newer PDF beside the old PNG
+    plt.close(fig)
+    assert main(["restore", "--root", str(tree), "--check"]) == 1
+    assert "FAILED results/figures/fig2.pdf: its embedded provenance differs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("member", ["claims.md", "claims.json", "claims.provenance.json"])
+def test_the_claims_missing_one_of_their_files_fail_restore_naming_it(tree, capsys, member):
+    from rankbias import claims
+
+    claims.run_claims(None, tree / "results/runs", tree / "results/claims")
+    (tree / "results" / member).unlink()
+    assert main(["restore", "--root", str(tree), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert any(x.startswith(f"FAILED results/{member}: ") and "missing" in x for x in out.splitlines()), out

@@ -138,11 +138,13 @@ def test_corrupt_cache_object_is_an_error_not_used(pushed):
     p = restore(repo, check=False)
     assert p.returncode == 1
     line = next(x for x in p.stdout.splitlines() if f"results/runs/{run_id}/metrics.parquet" in x)
-    assert "differs from" in line and "DVC cache object" in line and "corrupt" in line, p.stdout
-    assert not obj.exists()  # removed, so the next pull fetches a good copy
+    assert "differs from" in line and "DVC cache object" in line and "corrupt: delete it" in line, p.stdout
+    assert obj.exists()  # named, not deleted: restore changes nothing outside data/ and results/
     assert not (repo / "results/runs" / run_id).exists()
     jobs = dry_run(repo)
     assert any(j.startswith("train_") for j in jobs), jobs  # retrained, not used
+    obj.chmod(0o644)
+    obj.unlink()  # as the report says
     sh(repo, "dvc", "pull", *STAGES)
     assert dvcstate.md5_file(obj) == obj.parent.name + obj.name  # a good copy again
 

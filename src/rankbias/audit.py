@@ -6,8 +6,9 @@ The figure's provenance (embedded in the PNG/PDF, and in the sidecar
 the run's files, the code commit, the datasets' checksums and the environment. The
 audit prints that record as a tree and then checks, against the tree as it is now:
 
-  * the sidecar exists and equals what is embedded in the PNG and the PDF (for the
-    claims table ``results/claims.md``: the sidecar records the sha256 of claims.md and
+  * the figure's three files (PNG, PDF, sidecar) are all there, and the sidecar
+    equals what is embedded in the PNG and the PDF (for the claims table
+    ``results/claims.md``: the sidecar records the sha256 of claims.md and
     claims.json, and both still have it);
   * every run directory exists, passes ``Run.verify()`` (files match run.json, run_id
     matches its spec) and holds exactly the files, hashes and spec the figure recorded;
@@ -128,7 +129,12 @@ class Audit:
                     self.ok()
             record = record if record is not None else sidecar
         other = other_format(self.figure)
-        if other.exists() and record is not None:
+        if not other.exists():
+            # The PNG, PDF and sidecar are written together: one missing is an interrupted or
+            # partial copy, whatever the others say.
+            self.fail(self.rel(other), f"missing: a figure is its PNG, PDF and provenance "
+                                       f"sidecar together, and {self.rel(self.figure)} is here")
+        elif record is not None:
             try:
                 if P.read_embedded(other) != record:
                     self.fail(self.rel(other), f"its embedded provenance differs from "

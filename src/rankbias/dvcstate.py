@@ -4,7 +4,9 @@ of files and directories, the cache and the directory file lists stored in it.
 Every path these records name is untrusted input (a crafted ``dvc.lock`` or cache
 object can say anything): ``repo_path`` resolves it, symbolic links included, and
 accepts it only inside the repository's ``data/`` or ``results/``, the only places the
-pipeline writes.
+pipeline writes. ``first_link`` finds a symbolic link on a path without following it:
+restore acts only on real files and directories, since moving what a link resolves to
+would move whatever it points at.
 """
 from __future__ import annotations
 
@@ -48,6 +50,29 @@ def repo_path(root: str | Path, path: str | Path, entry: str) -> Path:
             return resolved
     raise DvcStateError(f"{entry}: path {str(path)!r} resolves to {resolved}, outside "
                         f"{' and '.join(str(base / d) for d in MANAGED_DIRS)}; refused")
+
+
+def first_link(root: str | Path, path: str | Path) -> Path | None:
+    """The first symbolic link on `path` (`root`/..., taken as written, not resolved): one
+    of the directories between `root` and it, or `path` itself; None when there is none or
+    `path` is not written under `root` (``repo_path`` judges those)."""
+    root = Path(root)
+    try:
+        rel = Path(path).relative_to(root)
+    except ValueError:
+        return None
+    cur = root
+    for part in rel.parts:
+        cur = cur / part
+        if cur.is_symlink():
+            return cur
+    return None
+
+
+def cache_types(root: str | Path) -> list[str]:
+    """``cache.type`` of .dvc/config(.local), as the list DVC reads (e.g. "reflink,copy")."""
+    found = _cache_option(root, "type")
+    return [t.strip() for t in found.split(",") if t.strip()] if found else []
 
 
 def check_md5(md5: str, entry: str) -> str:
@@ -96,18 +121,24 @@ def dir_md5(path: str | Path) -> tuple[str, dict[str, str]]:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir", manifest
 
 
-def cache_dir(root: str | Path) -> Path:
-    """The DVC cache directory: ``cache.dir`` of .dvc/config(.local), else .dvc/cache."""
-    dvc = Path(root) / ".dvc"
+def _cache_option(root: str | Path, option: str) -> str | None:
+    """`option` of the [cache] section, config.local overriding config, as DVC reads them."""
     found = None
     for name in ("config", "config.local"):
         cp = configparser.ConfigParser()
         try:
-            cp.read(dvc / name)
+            cp.read(Path(root) / ".dvc" / name)
         except configparser.Error:
             continue
-        if cp.has_option("cache", "dir"):
-            found = cp.get("cache", "dir")
+        if cp.has_option("cache", option):
+            found = cp.get("cache", option)
+    return found
+
+
+def cache_dir(root: str | Path) -> Path:
+    """The DVC cache directory: ``cache.dir`` of .dvc/config(.local), else .dvc/cache."""
+    dvc = Path(root) / ".dvc"
+    found = _cache_option(root, "dir")
     if found is None:
         return dvc / "cache"
     p = Path(os.path.expanduser(found))

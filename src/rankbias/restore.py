@@ -6,21 +6,31 @@ redraw or retrain what it need not. Touching everything would hide a corrupt or
 tampered file. So restore
 
   1. checks every output recorded in ``dvc.lock`` against its md5 (a directory
-     against the file list DVC stored for it); a file that differs is named, and a
-     corrupt object in the DVC cache is removed so the next `dvc pull` fetches it again.
-     A path that does not resolve inside the repository's data/ or results/ (absolute,
-     ``../``, through a symbolic link) is an error naming the entry, and is not touched;
+     against the file list DVC stored for it); a file that differs is named, and so is
+     a corrupt object in the DVC cache (for the user to delete: restore changes nothing
+     outside data/ and results/). A path that does not resolve inside the repository's
+     data/ or results/ (absolute, ``../``) is an error naming the entry, and is not
+     touched;
   2. verifies every run under ``results/runs``: run.json readable and unedited (its
      ``record_sha256``), its run_id the hash of its spec and its directory name, every
      file's sha256 as recorded;
-  3. verifies every figure and the claims table: provenance sidecar equal to what the
-     PNG and PDF embed (the claims' sidecar: the sha256 of claims.md and claims.json),
-     and every run it records present with the same hashes;
+  3. verifies every figure and the claims table, each as one set of three files (PNG,
+     PDF and provenance sidecar; claims.md, claims.json and sidecar): all present, the
+     sidecar equal to what the PNG and PDF embed (the claims' sidecar: the sha256 of
+     claims.md and claims.json), and every run it records present with the same hashes;
   4. moves whatever failed to ``results/quarantine/<time>/`` (named in the report),
      together with every output Snakemake derives from it, so `snakemake` rebuilds
      exactly those;
   5. runs ``snakemake --touch`` so the verified outputs are up to date in Snakemake's
      eyes (timestamps in DAG order, metadata recorded).
+
+Restore acts on nothing through a symbolic link: a result that is a link, or lies
+beneath one, is an error naming the link, and neither the link nor its target is
+checked or moved (moving what a link resolves to would move whatever it points at: a
+file outside the repository, a shared DVC cache object). So a DVC ``cache.type``
+with symlink is refused before anything is checked, and ``results/quarantine`` must be
+a real directory. When something could not be checked or moved, ``snakemake --touch``
+is not run: it would mark that thing up to date.
 
 Exit status: 0 everything verified; 1 something failed verification (moved aside and
 reported: the next `snakemake` retrains or redraws it); 2 bad usage.
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import re
 import shutil
 import subprocess
@@ -37,15 +48,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import dvcstate
-from .audit import Audit, own_files
-from .dvcstate import DvcStateError, cache_object, dir_manifest, md5_file, repo_path
+from .audit import Audit, is_table, own_files
+from .dvcstate import DvcStateError, cache_dir, cache_object, dir_manifest, first_link, md5_file, repo_path
 from .provenance import rel_path
 from .results import check_run
 
 RUNS_DIR = Path("results/runs")
 FIGURES_DIR = Path("results/figures")
 QUARANTINE_DIR = Path("results/quarantine")
-CLAIMS_SIDECAR = Path("results/claims.provenance.json")
+CLAIMS_MD = Path("results/claims.md")
 
 
 # -- verification ----------------------------------------------------------------------
@@ -61,9 +72,36 @@ class Report:
     # Run directories checked so far (resolved path -> results.CheckedRun): each run is
     # verified once, by check_runs, and its result reused for every figure drawn from it.
     runs: dict = field(default_factory=dict)
+    links: set[Path] = field(default_factory=set)        # symbolic links named so far
+    # Something failed that restore could not move aside: `snakemake --touch` would mark
+    # it up to date, so it is not run.
+    blocked: bool = False
 
     def rel(self, p: Path) -> str:
-        return rel_path(p, self.root)
+        # As written, not resolved: a link is named as the link, not as its target.
+        try:
+            return Path(p).relative_to(self.root).as_posix()
+        except ValueError:
+            return rel_path(p, self.root)
+
+    def linked(self, p: Path) -> bool:
+        """Whether `p` is a symbolic link or lies beneath one (the link is named, once)."""
+        link = first_link(self.root, p)
+        if link is None:
+            return False
+        self.blocked = True
+        if link not in self.links:
+            self.links.add(link)
+            kind = "directory" if link.is_dir() else "file"
+            detail = (f"a symbolic link (to {os.readlink(link)}); expected a real {kind} inside "
+                      f"the repository: restore checks and moves nothing through a link, so the "
+                      f"link, its target and what lies beneath are left as they are")
+            cache = cache_dir(self.root).resolve()
+            if cache == link.resolve() or cache in link.resolve().parents:
+                detail += ("; it points into the DVC cache: set `dvc config cache.type reflink,copy` "
+                           "and run `dvc checkout --relink`")
+            self.fail(link, detail)
+        return True
 
     def fail(self, path: Path | str, detail: str, bad: Path | None = None) -> None:
         self.problems.append(f"{self.rel(Path(path)) if isinstance(path, Path) else path}: {detail}")
@@ -72,16 +110,16 @@ class Report:
 
 
 def _owner(root: Path, f: Path) -> Path:
-    """What to move aside when file `f` is bad: its run directory, or the figure with its
-    sidecar and other format, or the file itself."""
+    """What to move aside when file `f` is bad: its run directory, or the file itself (a
+    figure's other files follow it, as one set, in check_figures)."""
     try:
-        rel = f.resolve().relative_to((root / RUNS_DIR).resolve())
+        rel = f.relative_to(root / RUNS_DIR)  # as written: `f` was checked for links
         return root / RUNS_DIR / rel.parts[0]
     except (ValueError, IndexError):
         return f
 
 
-def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
+def check_dvc_outputs(rep: Report) -> None:
     root = rep.root
     if not (root / "dvc.lock").exists():
         return
@@ -96,13 +134,15 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
             continue
         seen.add(out.path)
         entry = f"dvc.lock stage {out.stage} out {out.path!r}"
+        p = root / out.path
+        if rep.linked(p):
+            continue
         try:
             repo_path(root, out.path, entry)
             dvcstate.check_md5(out.md5, entry)
         except DvcStateError as err:
             rep.fail("dvc.lock", str(err))
             continue
-        p = root / out.path
         if out.md5.endswith(".dir"):
             manifest = dir_manifest(root, out.md5)
             if manifest is None:
@@ -112,6 +152,8 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
             files = []
             for rel, md5 in sorted(manifest.items()):
                 where = f"{entry}: file list {out.md5} entry {rel!r}"
+                if rep.linked(p / rel):
+                    continue
                 try:
                     repo_path(root, Path(out.path) / rel, where)
                     files.append((p / rel, dvcstate.check_md5(md5, where)))
@@ -129,17 +171,11 @@ def check_dvc_outputs(rep: Report, fix_cache: bool = True) -> None:
                 continue
             detail = f"md5 {got} differs from {want} recorded in dvc.lock (stage {out.stage})"
             obj = cache_object(root, want)
-            if obj.is_file() and not obj.is_symlink() and md5_file(obj) != want:
-                detail += f"; the DVC cache object {rep.rel(obj)} is corrupt"
-                if not fix_cache:
-                    rep.fail(f, detail, bad=_owner(root, f))
-                    continue
-                detail += " and was removed (`dvc pull` fetches it again)"
-                try:
-                    obj.chmod(0o644)
-                    obj.unlink()
-                except OSError as err:
-                    detail += f" (could not remove it: {err})"
+            if obj.is_file() and md5_file(obj) != want:
+                # Reported, not deleted: restore changes nothing outside data/ and results/,
+                # and a cache may be shared with other repositories.
+                detail += (f"; the DVC cache object {rep.rel(obj)} is corrupt: delete it, then "
+                           f"`dvc pull` fetches it again")
             rep.fail(f, detail, bad=_owner(root, f))
 
 
@@ -147,10 +183,10 @@ def check_runs(rep: Report) -> set[str]:
     """Verify every run directory; returns the run_ids that failed."""
     failed: set[str] = set()
     runs_dir = rep.root / RUNS_DIR
-    if not runs_dir.is_dir():
+    if rep.linked(runs_dir) or not runs_dir.is_dir():
         return failed
-    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
-        if d in rep.bad:
+    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir() or p.is_symlink()):
+        if d in rep.bad or rep.linked(d):
             failed.add(d.name)
             continue
         try:
@@ -173,28 +209,41 @@ def check_runs(rep: Report) -> set[str]:
     return failed
 
 
-def recorded_outputs(root: Path) -> list[tuple[Path, Path | None]]:
-    """(sidecar, output it describes or None when absent) for every figure and the claims."""
-    found = []
-    fig_dir = root / FIGURES_DIR
-    for side in sorted(fig_dir.glob("*.provenance.json")) if fig_dir.is_dir() else []:
-        stem = side.name[: -len(".provenance.json")]
-        png, pdf = side.with_name(stem + ".png"), side.with_name(stem + ".pdf")
-        found.append((side, png if png.exists() else pdf if pdf.exists() else None))
-    claims_side = root / CLAIMS_SIDECAR
-    if claims_side.exists():
-        md = claims_side.with_name("claims.md")
-        found.append((claims_side, md if md.exists() else None))
-    return found
+def _there(p: Path) -> bool:
+    return p.exists() or p.is_symlink()
+
+
+def output_sets(rep: Report) -> list[list[Path]]:
+    """The files of every figure (PNG, PDF, sidecar) and of the claims (claims.md,
+    claims.json, sidecar) of which any one is present: each set is checked as one, so a
+    member missing is found from the others."""
+    sets = []
+    fig_dir = rep.root / FIGURES_DIR
+    if not rep.linked(fig_dir) and fig_dir.is_dir():
+        stems = {p.name[: -len(suffix)] for suffix in (".png", ".pdf", ".provenance.json")
+                 for p in fig_dir.glob("*" + suffix)}
+        sets += [own_files(fig_dir / (stem + ".png")) for stem in sorted(stems)]
+    claims = own_files(rep.root / CLAIMS_MD)
+    if any(_there(x) for x in claims):
+        sets.append(claims)
+    return sets
 
 
 def check_figures(rep: Report, failed_runs: set[str]) -> None:
     """Verify every figure and the claims table against their provenance records."""
-    for side, output in recorded_outputs(rep.root):
-        if output is None:
-            rep.fail(side, "provenance sidecar without the output it describes", bad=side)
+    for files in output_sets(rep):
+        linked = [x for x in files if rep.linked(x)]
+        trio = [x for x in files if _there(x) and x not in linked]
+        if linked:
+            rep.bad.update(trio)  # the link is named and left; the set is not verified
             continue
-        trio = [x for x in own_files(output) if x.exists()]
+        # The claims' audit names a missing claims.md or claims.json itself; a figure's,
+        # a missing other image, given one of them.
+        output = files[0] if is_table(files[0]) else next((x for x in files[:2] if x.exists()), None)
+        if output is None:
+            rep.fail(files[0], f"missing, and so is {rep.rel(files[1])}: expected the PNG and the "
+                               f"PDF beside {rep.rel(files[2])}", bad=files[2])
+            continue
         a = Audit(output, rep.root, runs=rep.runs)
         record = a.record()
         if record is not None:
@@ -269,22 +318,46 @@ def downstream(rep: Report, moved: list[Path], snakemake_args: list[str]) -> lis
     return out
 
 
+def quarantine_refused(rep: Report) -> bool:
+    """Whether ``results/quarantine`` cannot take what failed: it must be a real directory
+    inside the repository (or not exist yet), not a link that would carry files outside."""
+    q = rep.root / QUARANTINE_DIR
+    if rep.linked(q):
+        return True
+    if _there(q) and not q.is_dir():
+        rep.fail(q, "not a directory; expected a real directory inside the repository to move "
+                    "what failed verification into")
+        rep.blocked = True
+        return True
+    return False
+
+
 def quarantine(rep: Report, paths: list[Path], stamp: str) -> list[Path]:
     moved = []
     base = rep.root / QUARANTINE_DIR / stamp
     for p in sorted(set(paths)):
-        if not p.exists() and not p.is_symlink():
+        if not _there(p):
+            continue
+        # Checked again here, at the only place that moves files: whatever the findings
+        # name, nothing outside data/ and results/ and nothing through a link is moved.
+        if rep.linked(p):
             continue
         try:
-            # Checked again here, at the only place that moves files: whatever the
-            # findings name, nothing outside data/ and results/ is moved.
-            repo_path(rep.root, p.parent, f"move {p}")
-        except DvcStateError as err:
-            rep.problems.append(str(err))
+            repo_path(rep.root, p, f"move {rep.rel(p)}")
+            # The destination from the path as written (no link on it, so `..` is plain),
+            # never from a resolved one: that would be a link's target.
+            rel = Path(os.path.normpath(p.relative_to(rep.root)))
+        except (DvcStateError, ValueError) as err:
+            rep.problems.append(f"move {p}: {err}" if isinstance(err, ValueError) else str(err))
+            rep.blocked = True
             continue
-        rel = Path(rep.rel(p))
         dest = base / (rel.relative_to("results") if rel.parts[:1] == ("results",) else rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if _there(dest) or first_link(rep.root, dest.parent) is not None:
+            rep.fail(p, f"not moved: {rep.rel(dest)} exists or lies beneath a link; expected a "
+                        f"new path in {rep.rel(base)}")
+            rep.blocked = True
+            continue
         shutil.move(str(p), str(dest))
         rep.actions.append(f"moved {rep.rel(p)} to {rep.rel(dest)}")
         moved.append(p)
@@ -301,18 +374,34 @@ def restore(root: str | Path = ".", snakemake_args: list[str] | None = None, pul
         if proc.returncode != 0:
             rep.problems.append(f"dvc pull: exit {proc.returncode}: "
                                 + " ".join(proc.stderr.strip().splitlines()[-3:]))
-    check_dvc_outputs(rep, fix_cache=not check_only)
+    types = dvcstate.cache_types(root)
+    if "symlink" in types:
+        rep.fail(".dvc/config", f"cache.type {','.join(types)!r} lets DVC check results out as "
+                                f"links into its cache, and restore acts on nothing through a link "
+                                f"(moving one aside could destroy a shared cache object); expected "
+                                f"copy or reflink: `dvc config cache.type reflink,copy` then `dvc "
+                                f"checkout --relink`. Nothing was checked or moved")
+        return rep
+    no_quarantine = quarantine_refused(rep)
+    check_dvc_outputs(rep)
     failed = check_runs(rep)
     check_figures(rep, failed)
     if check_only:
         return rep
+    if no_quarantine and rep.bad:
+        rep.actions.append(f"moved nothing aside ({len(rep.bad)} path(s) failed): "
+                           f"{QUARANTINE_DIR} is refused above")
+        rep.bad.clear()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     moved = quarantine(rep, sorted(rep.bad), stamp)
     if moved:
         derived = downstream(rep, moved, snakemake_args)
         for p in quarantine(rep, derived, stamp):
             rep.problems.append(f"{rep.rel(p)}: derived from a file that failed verification")
-    if touch and ((root / "Snakefile").exists() or (root / "workflow" / "Snakefile").exists()):
+    if touch and rep.blocked:
+        rep.actions.append("did not run snakemake --touch: what failed above and could not be "
+                           "checked or moved aside would be marked up to date")
+    elif touch and ((root / "Snakefile").exists() or (root / "workflow" / "Snakefile").exists()):
         proc = _snakemake(root, snakemake_args, ["--touch", "--cores", "1"])
         if proc.returncode != 0:
             raise RuntimeError("snakemake --touch failed (exit %d):\n%s"
