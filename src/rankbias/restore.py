@@ -15,7 +15,8 @@ tampered file. So restore
      file's sha256 as recorded;
   3. verifies every figure and the claims table: provenance sidecar equal to what the
      PNG and PDF embed (the claims' sidecar: the sha256 of claims.md and claims.json),
-     and every run it records present with the same hashes;
+     every run it records present with the same hashes, and the sources of the package
+     that made it equal to the checkout's ``src/rankbias`` (its recorded sha256);
   4. moves whatever failed to ``results/quarantine/<time>/`` (named in the report),
      together with every output Snakemake derives from it, so `snakemake` rebuilds
      exactly those;
@@ -205,6 +206,7 @@ def check_figures(rep: Report, failed_runs: set[str]) -> None:
                                   f"{', '.join(stale)}")
             else:
                 a.runs(record)
+            a.package(record)
         if any(x in rep.bad for x in trio):
             a.problems.append(f"{a.rel(output)}: files differ from dvc.lock")
         for p in a.problems:
