@@ -246,7 +246,7 @@ def test_a_modified_package_first_on_pythonpath_is_caught(tmp_path):
     import yaml
     repo = tmp_path / "repo"
     shutil.copytree(SRC, repo / "src" / "rankbias", ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / ".gitignore").write_text("/results/\n__pycache__/\n")
+    (repo / ".gitignore").write_text("/results/\n/.rankbias/\n__pycache__/\n")
     git(repo.parent, "init", "-q", str(repo))
     git(repo, "add", "-A")
     git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "code")

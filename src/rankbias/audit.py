@@ -36,9 +36,9 @@ from . import dvcstate
 from . import provenance as P
 from .results import CheckedRun, check_run, sha256_file
 
-# Paths whose changes cannot change a figure: DVC bookkeeping and prose.
+# Paths whose changes cannot change a figure: DVC bookkeeping, training records and prose.
 CODE_EXCLUDES = (":(exclude)dvc.lock", ":(exclude,glob)**/*.dvc", ":(exclude).dvc",
-                 ":(exclude,glob)**/*.md", ":(exclude).dvcignore")
+                 ":(exclude,glob)**/*.md", ":(exclude).dvcignore", ":(exclude).rankbias")
 
 
 def other_format(figure: Path) -> Path:
