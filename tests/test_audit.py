@@ -527,6 +527,16 @@ def test_restore_vouches_for_pulled_runs_that_match_dvc_lock(tree, capsys):
     runs = sorted((tree / "results/runs").iterdir())
     assert sorted(p.name for p in (tree / ".rankbias/trained").iterdir()) == sorted(
         f"{r.name}.json" for r in runs)
+    # A record that differs (a run trained here, then `dvc checkout` of the committed one):
+    # the run.json that equals dvc.lock is recorded again, not moved aside.
+    ledger = tree / ".rankbias/trained" / f"{runs[0].name}.json"
+    ledger.write_text(json.dumps({"run_json_sha256": "0" * 64}))
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and f"results/runs/{runs[0].name}/run.json: not the run.json a training job" in out
+    assert main(["restore", "--root", str(tree), "--check"]) == 0, capsys.readouterr().out
+    assert main(["restore", "--root", str(tree), "--no-touch"]) == 0, capsys.readouterr().out
+    assert json.loads(ledger.read_text())["run_json_sha256"] == hashlib.sha256(
+        (runs[0] / "run.json").read_bytes()).hexdigest()
     (tree / "dvc.lock").unlink()
     _forge(runs[1])
     rc, out = audit(tree, capsys)
