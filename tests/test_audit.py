@@ -102,7 +102,10 @@ def test_consistent_rewrite_of_a_run_is_still_caught(tree, capsys):
     text = "\n".join(mismatches(out))
     assert rc == 1
     assert f"results/runs/{run.name}/spectra.npz: sha256 differs from the one the figure recorded" in text
-    assert f"results/runs/{run.name}/run.json: differs from the run.json the figure" in text
+    # run.json is named once: not the one training wrote (its training record, outside
+    # results/, says so before the figure's record does).
+    assert f"results/runs/{run.name}/run.json: not the run.json a training job wrote" in text
+    assert sum(f"results/runs/{run.name}/run.json:" in x for x in mismatches(out)) == 1
 
 
 def test_each_differing_file_is_named_once(tree, capsys):
@@ -644,3 +647,86 @@ def test_the_claims_missing_one_of_their_files_fail_restore_naming_it(tree, caps
     assert main(["restore", "--root", str(tree), "--check"]) == 1
     out = capsys.readouterr().out
     assert any(x.startswith(f"FAILED results/{member}: ") and "missing" in x for x in out.splitlines()), out
+
+
+# -- a consistent forgery is not laundered by the next redraw --------------------------
+
+def _forge(run: Path) -> None:
+    """Edit metrics.parquet and recompute every hash run.json holds, as someone with write
+    access to results/ (but not to the training records outside it) can."""
+    f = run / "metrics.parquet"
+    f.write_bytes(f.read_bytes() + b"\0")
+    info = json.loads((run / "run.json").read_text())
+    info["files"]["metrics.parquet"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    info[RECORD_HASH] = record_hash(info)
+    (run / "run.json").write_text(json.dumps(info))
+
+
+def test_a_forged_run_is_not_redrawn_from(tree, capsys):
+    """After a consistent forgery, a figure or claims job (what a plain `snakemake` runs
+    because run.json is newer) refuses the run by name instead of redrawing from it, so
+    audit and `restore --check` keep failing; restore moves it aside for retraining."""
+    cfg = tree.parent / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"defaults": {"dataset": "synthetic", "epochs": 2},
+                                   "figures": {"fig2": {"model": "MLP-2-8", "grid": {"seed": [0, 1]}}}}))
+    assert main(["figure", "fig2", "--config", str(cfg), "--runs", "results/runs", "--out", FIG]) == 0
+    capsys.readouterr()
+    run = sorted((tree / "results/runs").iterdir())[0]
+    ledger = tree / ".rankbias" / "trained" / f"{run.name}.json"
+    assert json.loads(ledger.read_text())["run_json_sha256"] == hashlib.sha256(
+        (run / "run.json").read_bytes()).hexdigest()
+    _forge(run)
+    before = (tree / FIG).read_bytes()
+    assert main(["figure", "fig2", "--config", str(cfg), "--runs", "results/runs", "--out", FIG]) == 1
+    err = capsys.readouterr().err
+    assert f"results/runs/{run.name}/run.json: not the run.json a training job wrote" in err, err
+    assert ".rankbias/trained" in err and run.name in err
+    assert (tree / FIG).read_bytes() == before                     # nothing redrawn
+    from rankbias import claims
+    with pytest.raises(RuntimeError, match=f"claims: refusing 1 run.*{run.name}"):
+        claims.run_claims(None, tree / "results/runs", tree / "results/claims")
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and f"MISMATCH results/runs/{run.name}/run.json: not the run.json a training" in out
+    assert main(["restore", "--root", str(tree), "--check"]) == 1
+    assert f"FAILED results/runs/{run.name}: run.json: not the run.json a training job wrote" \
+        in capsys.readouterr().out
+    # Retraining (any write by the trainer) is what may change a run.json.
+    fabricate(tree / "results/runs", RunSpec(dataset="synthetic", arch="mlp", depth=2, width=8,
+                                             epochs=2, seed=json.loads((run / "run.json").read_text())
+                                             ["spec"]["seed"]), final_ranks=[3, 3])
+    assert main(["figure", "fig2", "--config", str(cfg), "--runs", "results/runs", "--out", FIG]) == 0
+    rc, out = audit(tree, capsys)
+    assert rc == 0, out
+
+
+def test_restore_vouches_for_pulled_runs_that_match_dvc_lock(tree, capsys):
+    """Runs pulled from a remote have no training record here: restore records those that
+    match the committed dvc.lock, after which a forgery of one is refused."""
+    import shutil
+    shutil.rmtree(tree / ".rankbias")
+    _write_lock(tree, dvcstate.md5_file(tree / FIG))
+    lock = yaml.safe_load((tree / "dvc.lock").read_text())
+    runs_md5 = lock["stages"]["figure@fig2"]["deps"][0]["md5"]
+    lock["stages"]["runs"] = {"cmd": "snakemake", "outs": [{"path": "results/runs", "hash": "md5",
+                                                            "md5": runs_md5}]}
+    (tree / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert main(["restore", "--root", str(tree), "--check"]) == 0, capsys.readouterr().out
+    assert not (tree / ".rankbias").exists()                       # --check writes nothing
+    assert main(["restore", "--root", str(tree), "--no-touch"]) == 0, capsys.readouterr().out
+    runs = sorted((tree / "results/runs").iterdir())
+    assert sorted(p.name for p in (tree / ".rankbias/trained").iterdir()) == sorted(
+        f"{r.name}.json" for r in runs)
+    # A record that differs (a run trained here, then `dvc checkout` of the committed one):
+    # the run.json that equals dvc.lock is recorded again, not moved aside.
+    ledger = tree / ".rankbias/trained" / f"{runs[0].name}.json"
+    ledger.write_text(json.dumps({"run_json_sha256": "0" * 64}))
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and f"results/runs/{runs[0].name}/run.json: not the run.json a training job" in out
+    assert main(["restore", "--root", str(tree), "--check"]) == 0, capsys.readouterr().out
+    assert main(["restore", "--root", str(tree), "--no-touch"]) == 0, capsys.readouterr().out
+    assert json.loads(ledger.read_text())["run_json_sha256"] == hashlib.sha256(
+        (runs[0] / "run.json").read_bytes()).hexdigest()
+    (tree / "dvc.lock").unlink()
+    _forge(runs[1])
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and f"results/runs/{runs[1].name}/run.json: not the run.json a training job wrote" in out

@@ -197,3 +197,105 @@ def test_rel_path_is_posix_inside_the_root_and_absolute_outside(tmp_path, monkey
     assert P.rel_path(root / "results" / ".." / "results/runs/a", str(root)) == "results/runs/a"
     assert P.rel_path(root, root) == "."
     assert P.rel_path(Path("../elsewhere"), root) == str(tmp_path / "elsewhere")
+
+
+# -- the code that ran ---------------------------------------------------------------
+
+SRC = Path(P.__file__).resolve().parent
+
+
+def _cli(cwd: Path, pythonpath: Path, *args: str) -> subprocess.CompletedProcess:
+    """The real `rankbias` CLI in a fresh interpreter, importing the package found first
+    on PYTHONPATH (as a non-editable install or an older image would)."""
+    import os
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    return subprocess.run([sys.executable, "-m", "rankbias", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_source_hash_is_over_sorted_paths_and_contents(tmp_path):
+    a = tmp_path / "a"
+    (a / "sub").mkdir(parents=True)
+    (a / "x.py").write_text("x = 1\n")
+    (a / "sub" / "y.py").write_text("y = 2\n")
+    (a / "notes.txt").write_text("not code\n")
+    digest, n = P.source_hash(a)
+    h = hashlib.sha256()
+    for rel, data in (("sub/y.py", b"y = 2\n"), ("x.py", b"x = 1\n")):
+        h.update(f"{rel}\0{len(data)}\0".encode() + data)
+    assert (digest, n) == (h.hexdigest(), 2)
+    (a / "notes.txt").write_text("changed\n")
+    assert P.source_hash(a)[0] == digest
+    (a / "x.py").write_text("x = 2\n")
+    assert P.source_hash(a)[0] != digest
+
+
+def test_collect_records_the_imported_package(tmp_path):
+    pkg = P.collect()["package"]
+    assert pkg["location"] == str(SRC)
+    assert pkg["sources_sha256"] == P.source_hash(SRC)[0]
+    assert isinstance(pkg["git"], dict) and pkg["git"]["commit"]
+
+
+def test_a_modified_package_first_on_pythonpath_is_caught(tmp_path):
+    """The checkout is clean, but the figure is drawn by a modified copy of the package
+    found first on PYTHONPATH: audit and `restore --check` name the figure and both hashes;
+    the same figure drawn by the checkout's own sources passes."""
+    import shutil
+    import yaml
+    repo = tmp_path / "repo"
+    shutil.copytree(SRC, repo / "src" / "rankbias", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / ".gitignore").write_text("/results/\n/.rankbias/\n__pycache__/\n")
+    git(repo.parent, "init", "-q", str(repo))
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "code")
+    for seed in (0, 1):
+        fabricate(repo / "results/runs", RunSpec(dataset="synthetic", arch="mlp", depth=2, width=8,
+                                                 epochs=2, seed=seed))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"defaults": {"dataset": "synthetic", "epochs": 2},
+                                   "figures": {"fig2": {"model": "MLP-2-8",
+                                                        "grid": {"seed": [0, 1]}}}}))
+    other = tmp_path / "other"
+    shutil.copytree(SRC, other / "rankbias", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(other / "rankbias" / "figures.py", "a") as f:
+        f.write("\n# a change the checkout does not have\n")
+    fig = "results/figures/fig2.png"
+
+    p = _cli(repo, repo / "src", "figure", "fig2", "--config", str(cfg), "--out", fig)
+    assert p.returncode == 0, p.stderr
+    p = _cli(repo, repo / "src", "audit", fig)
+    assert p.returncode == 0 and "audit: OK" in p.stdout, p.stdout + p.stderr
+    assert _cli(repo, repo / "src", "restore", "--check").returncode == 0
+
+    p = _cli(repo, other, "figure", "fig2", "--config", str(cfg), "--out", fig)
+    assert p.returncode == 0, p.stderr
+    assert git(repo, "status", "--porcelain") == ""           # the checkout is clean
+    ours, theirs = P.source_hash(repo / "src" / "rankbias")[0], P.source_hash(other / "rankbias")[0]
+    p = _cli(repo, repo / "src", "audit", fig)
+    assert p.returncode == 1, p.stdout
+    lines = [x for x in p.stdout.splitlines() if x.startswith("MISMATCH")]
+    assert any(x.startswith(f"MISMATCH {fig}:") and theirs in x and ours in x
+               and str(other / "rankbias") in x for x in lines), lines
+    p = _cli(repo, repo / "src", "restore", "--check")
+    assert p.returncode == 1, p.stdout
+    assert any(x.startswith(f"FAILED {fig}:") and theirs in x and ours in x
+               for x in p.stdout.splitlines()), p.stdout
+
+
+def test_a_record_without_the_package_is_a_note(tmp_path):
+    """Records written before the package was recorded stay readable: audit names the
+    missing field in a note and checks the rest."""
+    from rankbias import audit as A
+    root = tmp_path
+    fabricate(root / "results/runs", RunSpec(dataset="synthetic", arch="mlp", depth=2, width=8, epochs=2))
+    record = P.figure_provenance(load_runs(root / "results/runs"), {}, "fig2", root=root)
+    del record["environment"]["package"]
+    fig, ax = plt.subplots()
+    P.save_figure(fig, root / "results/figures/fig2.png", root / "results/figures/fig2.pdf", record)
+    plt.close(fig)
+    a = A.Audit(root / "results/figures/fig2.png", root)
+    a.package(a.record())
+    assert a.problems == []
+    assert any("not recorded" in n and "results/figures/fig2.png" in n for n in a.notes), a.notes

@@ -15,6 +15,9 @@ audit prints that record as a tree and then checks, against the tree as it is no
   * the datasets' recorded checksums equal the published ones and the local manifest;
   * ``dvc.lock`` (when present) records the figure's files with their current md5, and
     the run files with the md5 in the recorded ``results/runs`` manifest;
+  * the sources of the package that made it (their recorded sha256) equal the
+    checkout's ``src/rankbias``: a copy first on PYTHONPATH or an installed package is
+    not the checkout;
   * the code that made the figure equals the working tree (``git diff`` against the
     recorded commit, ignoring DVC bookkeeping and Markdown; a file that git neither
     tracks nor ignores counts as a change).
@@ -34,9 +37,9 @@ from . import dvcstate
 from . import provenance as P
 from .results import CheckedRun, check_run, sha256_file
 
-# Paths whose changes cannot change a figure: DVC bookkeeping and prose.
+# Paths whose changes cannot change a figure: DVC bookkeeping, training records and prose.
 CODE_EXCLUDES = (":(exclude)dvc.lock", ":(exclude,glob)**/*.dvc", ":(exclude).dvc",
-                 ":(exclude,glob)**/*.md", ":(exclude).dvcignore")
+                 ":(exclude,glob)**/*.md", ":(exclude).dvcignore", ":(exclude).rankbias")
 
 
 def other_format(figure: Path) -> Path:
@@ -287,6 +290,31 @@ class Audit:
                     elif f.exists():
                         self.ok()
 
+    def package(self, record: dict) -> None:
+        """The sources of the package that made the output (its recorded hash) against the
+        checkout's ``src/rankbias``: a copy first on PYTHONPATH, an installed package or an
+        image older than the checkout made it otherwise. A record without the hash (written
+        before rankbias recorded it) is a note; the git check still applies to it."""
+        label = self.rel(self.figure)
+        pkg = (record.get("environment") or {}).get("package")
+        want = pkg.get("sources_sha256") if isinstance(pkg, dict) else None
+        if not isinstance(want, str):
+            self.notes.append(f"code: {label}: the sources of the package that made it are not "
+                              f"recorded (written by an older rankbias); not compared")
+            return
+        assert isinstance(pkg, dict)
+        src = self.root / "src" / "rankbias"
+        if not src.is_dir():
+            self.notes.append(f"code: {self.root} has no src/rankbias, so the sources that made "
+                              f"{label} (sha256 {want}) are not compared")
+            return
+        now, _ = P.source_hash(src)
+        if now != want:
+            self.fail(label, f"made by the package at {pkg.get('location')}, whose sources hash to "
+                             f"sha256 {want}; this checkout's src/rankbias hashes to {now}")
+        else:
+            self.ok()
+
     def code(self, record: dict) -> None:
         code = (record.get("environment") or {}).get("code") or {}
         commit = code.get("commit")
@@ -352,11 +380,21 @@ def _code(code: dict) -> str:
     return f"{code['commit'][:12]}{' dirty' if code.get('dirty') else ''}{extra}"
 
 
+def _package(pkg) -> str:
+    if not isinstance(pkg, dict):
+        return "not recorded"
+    git = pkg.get("git")
+    where = _code(git) if isinstance(git, dict) else str(git)
+    return (f"{pkg.get('location')}  sources sha256 {str(pkg.get('sources_sha256'))[:16]}…  "
+            f"({where})")
+
+
 def _env_items(env: dict) -> list[TreeNode]:
     host, dev, cont = env.get("host") or {}, env.get("device") or {}, env.get("container") or {}
     pk = env.get("packages") or {}
     return [
         f"code: {_code(env.get('code') or {})}",
+        f"package: {_package(env.get('package'))}",
         f"created: {env.get('created')}",
         f"host: {host.get('hostname')} ({host.get('platform')}, {host.get('cpu_count')} CPUs)",
         f"device: {dev.get('type')} {dev.get('name') or ''}".rstrip(),
@@ -414,6 +452,7 @@ def audit(figure: str | Path, root: str | Path = ".") -> tuple[dict | None, Audi
         a.runs(record)
         a.datasets(record)
         a.dvc_lock(record)
+        a.package(record)
         a.code(record)
     return record, a
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import hashlib
 import io
 import json
 import os
@@ -35,6 +36,10 @@ PDF_KEY = "RankbiasProvenance"
 PACKAGES = ("rankbias", "torch", "torchvision", "numpy", "pandas", "pyarrow", "matplotlib",
             "pyyaml", "snakemake", "snakemake-executor-plugin-slurm", "dvc")
 APPTAINER_LABELS = Path("/.singularity.d/labels.json")
+# The directory of the package that is running (rankbias.__file__'s), whatever put it
+# first on sys.path: the checkout's src/, an installed copy, an image's.
+PACKAGE_DIR = Path(__file__).resolve().parent
+NOT_A_CHECKOUT = "not a git checkout"
 
 
 class ProvenanceError(RuntimeError):
@@ -68,6 +73,31 @@ def code_version(root: str | Path | None = None) -> dict:
     if describe is None or commit is None:
         return {"commit": None, "dirty": None, "describe": None}
     return {"commit": commit, "dirty": describe.endswith("-dirty"), "describe": describe}
+
+
+def source_hash(package_dir: str | Path) -> tuple[str, int]:
+    """(sha256, number of files) over a package's ``.py`` files: for each, in the order of
+    their POSIX paths relative to `package_dir`, the path, a NUL, the length in bytes, a
+    NUL and the content. Caches, data files and timestamps do not count."""
+    base = Path(package_dir)
+    h = hashlib.sha256()
+    rels = sorted(p.relative_to(base).as_posix() for p in base.rglob("*.py") if p.is_file())
+    for rel in rels:
+        data = (base / rel).read_bytes()
+        h.update(f"{rel}\0{len(data)}\0".encode() + data)
+    return h.hexdigest(), len(rels)
+
+
+@functools.lru_cache(maxsize=1)
+def package_source() -> dict:
+    """The code that is running: where the imported package lies, the hash of its sources
+    (``source_hash``) and the git state of the tree that holds them (commit, dirty flag,
+    ``git describe``), or ``"not a git checkout"``. Unlike ``code_version()``, which
+    describes the current directory, this names what Python imported."""
+    digest, n = source_hash(PACKAGE_DIR)
+    git = code_version(PACKAGE_DIR)
+    return {"location": str(PACKAGE_DIR), "sources_sha256": digest, "files": n,
+            "git": git if git["commit"] is not None else NOT_A_CHECKOUT}
 
 
 @functools.lru_cache(maxsize=1)
@@ -141,9 +171,12 @@ def utc_now() -> str:
 
 
 def collect(device: str | None = None, root: str | Path | None = None) -> dict:
-    """The environment producing an output now. Fast: a few git calls, cached versions."""
+    """The environment producing an output now. Fast: a few git calls, cached versions.
+    ``code`` is the git state of `root` (default: the current directory); ``package`` is
+    the code that actually runs (``package_source()``)."""
     return {
         "code": code_version(root),
+        "package": dict(package_source()),
         "packages": dict(package_versions()),
         "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
                  "cpu_count": os.cpu_count()},

@@ -17,7 +17,9 @@ tampered file. So restore
   3. verifies every figure and the claims table, each as one set of three files (PNG,
      PDF and provenance sidecar; claims.md, claims.json and sidecar): all present, the
      sidecar equal to what the PNG and PDF embed (the claims' sidecar: the sha256 of
-     claims.md and claims.json), and every run it records present with the same hashes;
+     claims.md and claims.json), every run it records present with the same hashes, and
+     the sources of the package that made it equal to the checkout's ``src/rankbias``
+     (its recorded sha256);
   4. moves whatever failed to ``results/quarantine/<time>/`` (named in the report),
      together with every output Snakemake derives from it, so `snakemake` rebuilds
      exactly those;
@@ -51,7 +53,7 @@ from . import dvcstate
 from .audit import Audit, is_table, own_files
 from .dvcstate import DvcStateError, cache_dir, cache_object, dir_manifest, first_link, md5_file, repo_path
 from .provenance import rel_path
-from .results import check_run
+from .results import NOT_TRAINED, RunError, check_run, ledger_path, record_trained, trained_sha256
 
 RUNS_DIR = Path("results/runs")
 FIGURES_DIR = Path("results/figures")
@@ -69,6 +71,8 @@ class Report:
     actions: list[str] = field(default_factory=list)
     verified_runs: int = 0
     verified_figures: int = 0
+    # Files whose md5 equals the one dvc.lock records (what was committed and pulled).
+    lock_matched: set[Path] = field(default_factory=set)
     # Run directories checked so far (resolved path -> results.CheckedRun): each run is
     # verified once, by check_runs, and its result reused for every figure drawn from it.
     runs: dict = field(default_factory=dict)
@@ -168,6 +172,7 @@ def check_dvc_outputs(rep: Report) -> None:
                 continue
             got = md5_file(f)
             if got == want:
+                rep.lock_matched.add(Path(os.path.abspath(f)))
                 continue
             detail = f"md5 {got} differs from {want} recorded in dvc.lock (stage {out.stage})"
             obj = cache_object(root, want)
@@ -179,8 +184,12 @@ def check_dvc_outputs(rep: Report) -> None:
             rep.fail(f, detail, bad=_owner(root, f))
 
 
-def check_runs(rep: Report) -> set[str]:
-    """Verify every run directory; returns the run_ids that failed."""
+def check_runs(rep: Report, vouch: bool = True) -> set[str]:
+    """Verify every run directory; returns the run_ids that failed.
+
+    A run.json that equals the one dvc.lock records is vouched for by the committed
+    dvc.lock: its training record (results.ledger_dir) is written when it has none or a
+    different one (a run pulled, or checked out over one trained here), with `vouch`."""
     failed: set[str] = set()
     runs_dir = rep.root / RUNS_DIR
     if rep.linked(runs_dir) or not runs_dir.is_dir():
@@ -199,7 +208,18 @@ def check_runs(rep: Report) -> set[str]:
             rep.fail(d, "incomplete run (no run.json)", bad=d)
             failed.add(d.name)
             continue
-        problems = check_run(d, rep.runs).problems
+        checked = check_run(d, rep.runs)
+        if Path(os.path.abspath(d / "run.json")) in rep.lock_matched:
+            checked.problems = [p for p in checked.problems if NOT_TRAINED not in p]
+            if not checked.problems and vouch:
+                try:
+                    if trained_sha256(d) != checked.run_json_sha256:
+                        record_trained(d, by="rankbias restore (equals dvc.lock)")
+                        rep.actions.append(f"recorded {rep.rel(d / 'run.json')} as verified "
+                                           f"against dvc.lock in {rep.rel(ledger_path(d))}")
+                except (RunError, OSError) as err:
+                    rep.fail(ledger_path(d), f"cannot record the run as verified ({err})")
+        problems = checked.problems
         for p in problems:
             rep.fail(d, p.replace(str(d) + "/", "").replace(str(d), "run.json"), bad=d)
         if problems:
@@ -254,6 +274,7 @@ def check_figures(rep: Report, failed_runs: set[str]) -> None:
                                   f"{', '.join(stale)}")
             else:
                 a.runs(record)
+            a.package(record)
         if any(x in rep.bad for x in trio):
             a.problems.append(f"{a.rel(output)}: files differ from dvc.lock")
         for p in a.problems:
@@ -384,7 +405,7 @@ def restore(root: str | Path = ".", snakemake_args: list[str] | None = None, pul
         return rep
     no_quarantine = quarantine_refused(rep)
     check_dvc_outputs(rep)
-    failed = check_runs(rep)
+    failed = check_runs(rep, vouch=not check_only)
     check_figures(rep, failed)
     if check_only:
         return rep

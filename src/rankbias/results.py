@@ -38,6 +38,8 @@ from .spec import RunSpec
 
 RUN_FILES = ("metrics.parquet", "layers.parquet", "spectra.npz")
 RECORD_HASH = "record_sha256"
+# What a run.json that no training job (nor restore, from dvc.lock) wrote is called.
+NOT_TRAINED = "not the run.json a training job wrote"
 # The temporary files atomic_write_bytes makes: ".<name>.<random>.tmp".
 _TMP_RE = re.compile(r"^\..+\.tmp$")
 
@@ -125,6 +127,49 @@ def remove_stale_temporaries(directory: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
+# -- training records: which run.json a training job wrote -------------------------
+
+def ledger_dir(runs_dir: str | Path) -> Path:
+    """Where the training records of the runs in `runs_dir` are kept: outside results/,
+    ``<repository>/.rankbias/trained/`` for ``<repository>/results/runs`` (for a runs
+    directory elsewhere, ``.rankbias/trained/`` beside it). Not a DVC output and ignored
+    by git: it says what was trained, or verified against dvc.lock, in this checkout."""
+    base = Path(os.path.abspath(runs_dir)).parent
+    if base.name == "results":
+        base = base.parent
+    return base / ".rankbias" / "trained"
+
+
+def ledger_path(run_dir: str | Path) -> Path:
+    run_dir = Path(os.path.abspath(run_dir))
+    return ledger_dir(run_dir.parent) / f"{run_dir.name}.json"
+
+
+def record_trained(run_dir: str | Path, by: str = "rankbias train") -> None:
+    """Record the sha256 of the run.json now in `run_dir` as the one `by` wrote."""
+    from .provenance import utc_now
+
+    digest = sha256_file(Path(run_dir) / "run.json")
+    atomic_write_json(ledger_path(run_dir), {"run_json_sha256": digest, "by": by, "time": utc_now()})
+
+
+def trained_sha256(run_dir: str | Path) -> str | None:
+    """The sha256 of run.json that the training record of `run_dir` holds; None when there
+    is no record (a run trained by an older rankbias, or pulled and not yet restored).
+    RunError naming the record when it is unreadable."""
+    p = ledger_path(run_dir)
+    try:
+        digest = json.loads(p.read_text()).get("run_json_sha256")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as e:
+        raise RunError(f"{p}: unreadable training record ({e}); expected a JSON object with "
+                       f"run_json_sha256") from None
+    if not isinstance(digest, str):
+        raise RunError(f"{p}: training record without run_json_sha256")
+    return digest
+
+
 def write_run(run_dir: str | Path, run_json: dict, metrics: pd.DataFrame,
               layers: pd.DataFrame, spectra: dict[str, np.ndarray],
               tables: dict[str, pd.DataFrame] | None = None) -> None:
@@ -148,6 +193,7 @@ def write_run(run_dir: str | Path, run_json: dict, metrics: pd.DataFrame,
     run_json = json.loads(json.dumps(run_json, default=str))
     run_json[RECORD_HASH] = record_hash(run_json)
     atomic_write_json(run_dir / "run.json", run_json)
+    record_trained(run_dir)
 
 
 # -- reading ---------------------------------------------------------------------
@@ -171,6 +217,11 @@ class Run:
     @property
     def run_id(self) -> str:
         return self.info["run_id"]
+
+    @cached_property
+    def json_sha256(self) -> str:
+        """sha256 of run.json's bytes (read once, however many checks want it)."""
+        return sha256_file(self.path / "run.json")
 
     @cached_property
     def spec(self) -> RunSpec:
@@ -272,6 +323,19 @@ class Run:
         elif record_hash(info) != info[RECORD_HASH]:
             problems.append(f"{self.path / 'run.json'}: edited after it was written (its fields "
                             f"do not hash to the {RECORD_HASH} it records)")
+        else:
+            # A consistent rewrite (every hash recomputed) passes the checks above; the
+            # training record, kept outside results/, still holds what training wrote.
+            try:
+                want = trained_sha256(self.path)
+            except RunError as e:
+                problems.append(f"{self.path / 'run.json'}: {e}")
+            else:
+                got = self.json_sha256 if want is not None else None
+                if want is not None and got != want:
+                    problems.append(f"{self.path / 'run.json'}: {NOT_TRAINED} (sha256 {got}; "
+                                    f"{ledger_path(self.path)} records {want}): rewritten "
+                                    f"outside training")
         try:
             spec = RunSpec.from_dict(info.get("spec", {}))
         except Exception as e:  # noqa: BLE001 - report any spec problem as a finding
@@ -318,7 +382,7 @@ class CheckedRun:
     @cached_property
     def run_json_sha256(self) -> str | None:
         try:
-            return sha256_file(self.path / "run.json")
+            return self.run.json_sha256
         except OSError:
             return None
 
