@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,8 +208,8 @@ def _check_rank(where: str, rank: Any) -> None:
                           f"{', '.join(NORMALISATIONS)}")
     if "tol" in rank:
         tol = rank["tol"]
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-            raise ConfigError(f"{where}.tol: expected a number > 0, got {tol!r}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+            raise ConfigError(f"{where}.tol: expected a finite number > 0, got {tol!r}")
     if "conv" in rank and rank["conv"] not in CONV_SPECTRA:
         raise ConfigError(f"{where}.conv: {rank['conv']!r} is not one of {', '.join(CONV_SPECTRA)}")
 
