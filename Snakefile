@@ -22,7 +22,15 @@ envvars:
 
 # The quick profile is the default; a --configfile replaces it entirely (Snakemake would
 # otherwise merge the two, and a paper or test config would inherit quick-profile runs).
+# The library's loader reads it first, so a bad file is named before Snakemake's loader
+# reports it without the file's name (--configfile files Snakemake reads before this).
+from rankbias import sweep
+
 if not workflow.overwrite_configfiles:
+    try:
+        sweep.load_config("config/config.yaml")
+    except sweep.SpecError as e:
+        raise ValueError(f"invalid config: {e}") from None
 
     configfile: "config/config.yaml"
 

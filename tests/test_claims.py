@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from fabricate import fabricate
 from rankbias import claims as C
 from rankbias.results import load_runs
-from rankbias.spec import RunSpec
+from rankbias.spec import NORMALISATIONS, RunSpec
 
 
 def spec(**kw):
@@ -331,3 +333,76 @@ def test_claims_refuse_a_run_that_fails_verification_and_record_provenance(tmp_p
     with pytest.raises(RuntimeError, match=f"refusing 2 run.*{paths[1].name} .*spectra.npz: sha256"):
         C.run_claims(None, runs, tmp_path / "again")
     assert not (tmp_path / "again.md").exists()
+
+
+# -- rank settings across their whole accepted range ---------------------------------------
+
+@pytest.fixture(scope="module")
+def mixed_runs(tmp_path_factory):
+    """Runs for C1, C3 (weight decay 0) and C7 (full batch), two seeds."""
+    d = tmp_path_factory.mktemp("mixed")
+    for seed in SEEDS:
+        for b, r in ((8, 6), (32, 12), (128, 19)):
+            fabricate(d, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
+        fabricate(d, spec(weight_decay=0.0, seed=seed), final_ranks=[18] * 3)
+        fabricate(d, spec(batch_size=1000, seed=seed), final_ranks=[19] * 3)
+    return load_runs(d)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tol=st.floats(min_value=0.0, exclude_min=True, allow_nan=False, allow_infinity=False),
+       normalise=st.sampled_from(NORMALISATIONS))
+@example(tol=0.5, normalise="fro")           # every rank 0 from the first epoch on
+@example(tol=5e-324, normalise="none")
+@example(tol=1.0, normalise="max")
+@example(tol=1.7976931348623157e308, normalise="fro")
+def test_every_accepted_rank_setting_gives_verdicts_not_a_crash(mixed_runs, tol, normalise):
+    res = C.judge(mixed_runs, normalise, tol, overrides={"bootstrap_resamples": 200})
+    C.markdown(res), C.html(res), C.metrics(res)
+    json.dumps(res, allow_nan=False)
+    for c in res["claims"]:
+        assert c["verdict"] in ("holds", "fails", "insufficient"), c["id"]
+        for name, e in c.get("intervals", {}).items():
+            assert e["n_values"] == 0 or e["mean"] is not None, (c["id"], name, e)
+    measured = [r for r in mixed_runs if C.summarise(r, normalise, tol).initial_rank > 0]
+    assert res["runs"]["unmeasured"] == len(mixed_runs) - len(measured)
+    if not measured:
+        assert {c["verdict"] for c in res["claims"] if c["id"].startswith("C")} == {"insufficient"}
+
+
+def test_a_tolerance_above_every_singular_value_is_insufficient(mixed_runs):
+    res = C.judge(mixed_runs, "fro", 0.5)
+    assert res["runs"]["unmeasured"] == len(mixed_runs) and res["runs"]["judged"] == 0
+    assert {c["verdict"] for c in res["claims"] if c["id"].startswith("C")} == {"insufficient"}
+    assert "10 with no singular value above tol 0.5 at epoch 0" in C.markdown(res)
+
+
+def _claims_files(stem):
+    return {p.name: p.read_bytes() for p in stem.parent.iterdir() if p.name.startswith(stem.name)}
+
+
+@pytest.mark.parametrize("breaks", ["html", "figure_provenance"])
+def test_the_claims_outputs_are_replaced_all_or_none(tmp_path, monkeypatch, breaks):
+    from rankbias import provenance
+    runs = tmp_path / "runs"
+    for b, r in ((8, 6), (32, 12), (128, 19)):
+        fabricate(runs, spec(batch_size=b), final_ranks=[r] * 3)
+    out = tmp_path / "out" / "claims"
+    C.run_claims(None, runs, out)
+    before = _claims_files(out)
+    assert sorted(before) == ["claims.html", "claims.json", "claims.md", "claims.metrics.json",
+                              "claims.provenance.json"]
+    fabricate(runs, spec(batch_size=512), final_ranks=[19] * 3)   # the next table differs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"{breaks} failed")
+
+    monkeypatch.setattr(C if breaks == "html" else provenance, breaks, broken)
+    with pytest.raises(RuntimeError, match=f"{breaks} failed"):
+        C.run_claims(None, runs, out)
+    assert _claims_files(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(before)   # no temporary left
+    monkeypatch.undo()
+    C.run_claims(None, runs, out)
+    after = _claims_files(out)
+    assert sorted(after) == sorted(before) and all(after[k] != before[k] for k in after)

@@ -117,6 +117,7 @@ def test_schema_defaults_agree_with_the_library():
     (lambda c: c.update(graph="sometimes"), "graph"),
     (lambda c: c.update(graph=3), "graph"),
     (lambda c: c["rank"].update(tol=0), "rank.tol"),
+    (lambda c: c["rank"].update(tol=float("inf")), "rank.tol"),   # passes the schema
 ])
 def test_bad_configs_name_the_key(mutate, key):
     cfg = {"rank": {"normalise": "fro", "tol": 1e-3}, "defaults": {"dataset": "synthetic"},
@@ -246,3 +247,45 @@ def test_plan_cli_writes_the_config_files_named_by_their_content(tmp_path):
         if fig:
             f = tmp_path / "c" / f"{sweep.config_digest(doc)}.json"
             assert sweep.figure_runs(sweep.plan_from_file(f), fig) == sweep.figure_runs(p, fig)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "defaults: *i\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (BOMB, r"line 1: YAML anchors and aliases are refused"),
+    ("defaults: &d {dataset: synthetic}\nextra:\n  g: *d\n", r"line 1: YAML anchors and aliases"),
+    ("", r"empty; expected a YAML mapping of top-level keys"),
+    ("# only a comment\n", r"empty; expected a YAML mapping"),
+    ("- fig1\n- fig2\n", r"expected a YAML mapping of top-level keys, got a list"),
+    ("figures:\n\tfig1: {}\n", r"line 2: a tab in the indentation; YAML indents with spaces"),
+    ("device: cpu\n\x00\x01", r"not a text file"),
+    ("device: c\xe9u\n".encode("latin-1"), r"not UTF-8 text \(byte 0xe9 at offset 9\)"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", r"not UTF-8 text|not a text file"),
+])
+def test_file_level_config_errors_name_the_file_and_what_was_expected(tmp_path, text, expected):
+    cfg = tmp_path / "bad.yaml"
+    (cfg.write_bytes if isinstance(text, bytes) else cfg.write_text)(text)
+    with pytest.raises(sweep.ConfigError, match=rf"config file {cfg}(:|, | is)[^\n]*{expected}"):
+        sweep.load_config(cfg)
+
+
+def test_plan_cli_refuses_an_alias_bomb_at_once(tmp_path, capsys):
+    from rankbias.cli import main
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(BOMB)
+    assert main(["plan", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"config file {cfg}, line 1: YAML anchors and aliases are refused" in err and len(err) < 500
+
+
+def test_a_json_config_indented_with_tabs_loads(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(small(fig1={"model": "MLP-2-8"}), indent="\t"))
+    assert sweep.load_config(cfg) == small(fig1={"model": "MLP-2-8"})
+
+
+def test_unknown_top_level_keys_are_refused_by_one_check(tmp_path):
+    with pytest.raises(sweep.ConfigError, match=r"config: unknown key\(s\) 'figurse'; allowed keys: device"):
+        sweep.check_top_level({"figurse": {}})

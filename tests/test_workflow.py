@@ -275,6 +275,41 @@ def test_a_duplicate_key_in_the_config_file_fails_before_any_job(tmp_path):
     assert not (wd / "results").exists() and "rule " not in p.stdout
 
 
+def test_an_alias_bomb_and_an_unknown_key_fail_before_the_schema_prints_the_config(tmp_path):
+    from test_sweep import BOMB
+    wd = copy_repo(tmp_path)
+    (wd / "bomb.yaml").write_text(BOMB)
+    t0 = time.time()
+    p = snakemake(wd, "--configfile", "bomb.yaml", "-n", check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and time.time() - t0 < 120 and len(text) < 5000, text[-3000:]
+    assert "bomb.yaml, line 1: YAML anchors and aliases are refused" in text, text[-3000:]
+    (wd / "unknown.yaml").write_text((wd / TEST_CONFIG).read_text() + "figurse: {}\n")
+    p = snakemake(wd, "--configfile", "unknown.yaml", "-n", check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and "unknown key(s) 'figurse'" in text, text[-3000:]
+    assert "Failed validating" not in text and "weight_decay" not in text, text[-3000:]
+    assert not (wd / "results").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is empty; expected a YAML mapping of top-level keys"),
+    (b"- fig1\n- fig2\n", "expected a YAML mapping of top-level keys, got a list"),
+    (b"figures:\n\tfig1: {}\n", "line 2: a tab in the indentation; YAML indents with spaces only"),
+    (b"\x89PNG\r\n\x1a\n\x00", "not UTF-8 text (byte 0x89 at offset 0)"),
+])
+def test_a_bad_default_config_file_is_named_with_what_was_expected(tmp_path, content, expected):
+    """Bare `snakemake` reads config/config.yaml (a --configfile, Snakemake's own
+    reader loads before the workflow; see README)."""
+    wd = copy_repo(tmp_path)
+    (wd / "config" / "config.yaml").write_bytes(content)
+    p = snakemake(wd, "-n", check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and "invalid config: config file config/config.yaml" in text, text[-3000:]
+    assert expected in text, text[-3000:]
+    assert "UnicodeDecodeError" not in text and not (wd / "results").exists()
+
+
 # -- data: training reads data/, every dataset file is an output ---------------------------
 
 def _two_datasets(wd) -> str:

@@ -32,7 +32,7 @@ import pandas as pd
 
 from . import metrics as M
 from . import theory_verdicts
-from .results import Run, atomic_write_bytes, atomic_write_json
+from .results import Run, atomic_write_set, json_bytes
 from .spec import RunSpec
 
 HOLDS, FAILS, INSUFFICIENT = "holds", "fails", "insufficient"
@@ -555,12 +555,19 @@ def thresholds(overrides: dict | None) -> dict:
 def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
           overrides: dict | None = None, missing: Sequence[str] = (), conv: str = M.DEFAULT_CONV) -> dict:
     t = thresholds(overrides)
-    summaries, diverged = [], []
+    summaries, diverged, unmeasured = [], [], []
     for run in runs:
         if run.diverged:
             diverged.append({"run_id": run.run_id, **(run.info.get("diverged") or {})})
             continue
-        summaries.append(summarise(run, normalise, tol, conv))
+        s = summarise(run, normalise, tol, conv)
+        # No singular value above tol at epoch 0: these rank settings measure nothing on
+        # this run (its relative ranks are 0/0), so it is left out and counted; with
+        # every run so, every claim is insufficient.
+        if not s.initial_rank > 0:
+            unmeasured.append(run.run_id)
+            continue
+        summaries.append(s)
     claims = []
     for cid, fn in CLAIMS.items():
         res = fn(summaries, t)
@@ -569,8 +576,8 @@ def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float 
     claims += theory_verdicts.verdicts([r for r in runs if not r.diverged])
     return {"claims": claims, "rank": {"normalise": normalise, "tol": tol, "conv": conv}, "thresholds": t,
             "runs": {"available": len(runs), "judged": len(summaries), "diverged": len(diverged),
-                     "missing": len(missing)},
-            "diverged_runs": diverged, "missing_runs": list(missing)}
+                     "unmeasured": len(unmeasured), "missing": len(missing)},
+            "diverged_runs": diverged, "unmeasured_runs": unmeasured, "missing_runs": list(missing)}
 
 
 # -- report ----------------------------------------------------------------------------
@@ -617,8 +624,9 @@ def markdown(result: dict) -> str:
     r = result["runs"]
     lines = ["# Claims", "",
              f"Judged on {r['judged']} run(s) ({r['diverged']} diverged and excluded, "
-             f"{r['missing']} not available). Rank: normalise={result['rank']['normalise']}, "
-             f"tol={result['rank']['tol']:g}.", "",
+             f"{r.get('unmeasured', 0)} with no singular value above tol {result['rank']['tol']:g} at "
+             f"epoch 0 and excluded, {r['missing']} not available). Rank: "
+             f"normalise={result['rank']['normalise']}, tol={result['rank']['tol']:g}.", "",
              f"| id | claim | verdict | effect: mean [{100 * result['thresholds']['ci_level']:g}% interval] "
              "(values) | effect measured | runs | seeds |",
              "|---|---|---|---|---|---|---|"]
@@ -686,22 +694,23 @@ def metrics(result: dict) -> dict:
     return flat
 
 
-def write(result: dict, out_stem: str | Path) -> tuple[Path, Path]:
-    """OUT.json (everything) and OUT.md (the table), returned; beside them the same table
-    as OUT.html and the verdicts and effects as OUT.metrics.json (metrics())."""
+def outputs(result: dict, out_stem: str | Path) -> dict[Path, bytes]:
+    """OUT.md (the table), OUT.json (everything), OUT.html (the table) and
+    OUT.metrics.json (metrics()), rendered; the first two are what the provenance
+    record names."""
     out = Path(out_stem)
-    md, js = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
-    atomic_write_json(js, result)
-    atomic_write_bytes(md, markdown(result).encode())
-    atomic_write_bytes(out.with_name(out.name + ".html"), html(result).encode())
-    atomic_write_json(out.with_name(out.name + ".metrics.json"), metrics(result))
-    return md, js
+    return {out.with_name(out.name + ".md"): markdown(result).encode(),
+            out.with_name(out.name + ".json"): json_bytes(result),
+            out.with_name(out.name + ".html"): html(result).encode(),
+            out.with_name(out.name + ".metrics.json"): json_bytes(metrics(result))}
 
 
 def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | Path) -> dict:
     """Judge the claims on the runs of `config_path` (every run in `runs_dir` without one)
-    and write OUT.md, OUT.json and their provenance record OUT.provenance.json. A run that
-    fails verification is an error naming it, before anything is judged."""
+    and write OUT.md, OUT.json, OUT.html, OUT.metrics.json and the provenance record
+    OUT.provenance.json as one set: all are rendered and written to temporaries first,
+    so an error replaces none of them. A run that fails verification is an error naming
+    it, before anything is judged."""
     from . import provenance, sweep
     from .results import load_runs, refuse_unverified
 
@@ -719,10 +728,13 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
         print(f"warning: {len(missing)} run(s) of the config are not in {runs_dir}", file=sys.stderr)
     refuse_unverified(runs, "claims")
     result = judge(runs, rank["normalise"], rank["tol"], overrides, missing, rank["conv"])
-    md, js = write(result, out)
+    files = outputs(result, out)
+    md, js = list(files)[:2]
     record = provenance.figure_provenance(runs, {"rank": rank, "claims": overrides,
                                                  "missing_runs": missing}, "claims")
-    provenance.save_record([md, js], record)
+    files[provenance.sidecar_path(md)] = provenance.record_bytes(
+        {md.name: files[md], js.name: files[js]}, record)
+    atomic_write_set(files)
     return result
 
 

@@ -7,7 +7,7 @@ it drew from (spec, run_id, file hashes, each run's own provenance, dataset
 checksums) plus the environment that drew it. ``save_figure()`` writes the PNG and PDF
 with that record embedded and a ``<stem>.provenance.json`` sidecar beside them;
 ``read_embedded()`` reads it back from either image format with plain Python. The
-claims table, which cannot embed it, gets the same record from ``save_record()``, with
+claims table, which cannot embed it, gets the same record from ``record_bytes()``, with
 the sha256 of its Markdown and JSON.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import warnings
 import zlib
 from importlib import metadata as _md
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 SCHEMA = 1
 # Key of the embedded record: a PNG text chunk keyword and a PDF info dictionary key.
@@ -293,16 +293,15 @@ def save_figure(fig, png_path: str | Path, pdf_path: str | Path | None, provenan
     atomic_write_json(sidecar_path(png_path), record)
 
 
-def save_record(outputs: list[Path], provenance: dict) -> Path:
-    """Write the provenance sidecar of outputs that cannot embed a record (the claims'
-    Markdown and JSON): `provenance` plus the sha256 of each output, so the record names
-    the exact bytes it describes. Written after the outputs, beside the first of them."""
-    from .results import atomic_write_json, sha256_file
+def record_bytes(outputs: Mapping[str, bytes], provenance: dict) -> bytes:
+    """The provenance sidecar of outputs that cannot embed a record (the claims' Markdown
+    and JSON, name -> content): `provenance` plus the sha256 of each output, so the
+    record names the exact bytes it describes. The caller writes it beside the first
+    output (sidecar_path), in one set with them."""
+    from .results import json_bytes
 
-    record = json.loads(_json({**provenance, "outputs": {Path(p).name: sha256_file(p) for p in outputs}}))
-    side = sidecar_path(outputs[0])
-    atomic_write_json(side, record)
-    return side
+    sums = {name: hashlib.sha256(data).hexdigest() for name, data in outputs.items()}
+    return json_bytes(json.loads(_json({**provenance, "outputs": sums})))
 
 
 # -- reading an embedded record back -------------------------------------------------

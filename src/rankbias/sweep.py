@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,23 +131,91 @@ class Plan:
 # -- config ------------------------------------------------------------------------
 
 def load_config(path: str | Path) -> dict:
-    """A YAML (or JSON) config file; a key given twice in one mapping is an error (plain
-    YAML loaders, Snakemake's included, silently keep the last)."""
+    """A config file's top-level mapping, YAML (or JSON). Refused, naming the file and
+    what was expected: a file that is not UTF-8 text, an empty one, one that is no
+    mapping, a tab in YAML's indentation, a key given twice in one mapping (plain YAML
+    loaders, Snakemake's included, silently keep the last) and YAML anchors and aliases
+    (a few lines of nested aliases expand to billions of values, which an error message
+    that prints the config then renders)."""
     import yaml
     path = Path(path)
+    where = f"config file {path}"
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{where} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{where} is not a file; expected YAML or JSON text")
+    data = path.read_bytes()
     try:
-        raw = yaml.load(path.read_text(), Loader=_strict_loader())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
-    return raw if raw is not None else {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "expected YAML or JSON text in UTF-8") from None
+    if "\0" in text:
+        raise ConfigError(f"{where}: not a text file (a NUL byte at offset {text.index(chr(0))}); "
+                          "expected YAML or JSON text")
+    raw = _load_json(where, text) if text.lstrip().startswith("{") else None
+    if raw is None:
+        try:
+            raw = yaml.load(text, Loader=_strict_loader())
+        except _Refused as e:
+            raise ConfigError(f"{where}, line {e.line}: {e}") from None
+        except yaml.YAMLError as e:
+            tabbed = [n for n, line in enumerate(text.splitlines(), 1)
+                      if "\t" in line[:len(line) - len(line.lstrip())]]
+            if tabbed:
+                raise ConfigError(f"{where}, line {tabbed[0]}: a tab in the indentation; YAML indents "
+                                  "with spaces only") from None
+            raise ConfigError(f"{where}: not valid YAML ({e})") from None
+    if raw is None:
+        raise ConfigError(f"{where} is empty; expected a YAML mapping of top-level keys "
+                          f"({', '.join(TOP_KEYS)})")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a YAML mapping of top-level keys, got {_kind(raw)}")
+    return raw
+
+
+def _load_json(where: str, text: str) -> dict | None:
+    """`text` as JSON (which may indent with tabs, unlike YAML); None if it is not JSON."""
+    def pairs(items: list[tuple[str, Any]]) -> dict:
+        keys = [k for k, _ in items]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ConfigError(f"{where}: duplicate key(s) {', '.join(map(repr, twice))}")
+        return dict(items)
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError:
+        return None
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+class _Refused(Exception):
+    """A YAML construct the config loader refuses, at a 1-based line."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line = line
 
 
 def _strict_loader() -> type[yaml.SafeLoader]:
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            # Refused as the parser meets them, before any alias is expanded.
+            event = self.peek_event()
+            anchor = getattr(event, "anchor", None)
+            if anchor is not None:
+                sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+                raise _Refused(event.start_mark.line + 1, f"YAML anchors and aliases are refused "
+                               f"({sign}{anchor}); write each value out")
+            return super().compose_node(parent, index)
+
         def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
             seen: dict = {}
             for key_node, _ in node.value:
@@ -163,12 +232,7 @@ def _strict_loader() -> type[yaml.SafeLoader]:
 
 def resolve_config(raw: Mapping[str, Any]) -> dict:
     """Check the top-level structure and fill in defaults; errors name the key."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config: expected a mapping of keys to values, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(TOP_KEYS))
-    if unknown:
-        raise ConfigError(f"config: unknown key(s) {', '.join(map(repr, unknown))}; "
-                          f"allowed keys: {', '.join(TOP_KEYS)}")
+    check_top_level(raw)
     cfg = json.loads(json.dumps(TOP_DEFAULTS))
     for k, v in raw.items():
         if isinstance(v, Mapping) and isinstance(cfg.get(k), dict):
@@ -202,6 +266,17 @@ def resolve_config(raw: Mapping[str, Any]) -> dict:
     return cfg
 
 
+def check_top_level(raw: Any) -> None:
+    """A mapping of known top-level keys. The workflow checks this before its schema,
+    whose error message would print the whole config."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: expected a mapping of keys to values, got {_kind(raw)}")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"allowed keys: {', '.join(TOP_KEYS)}")
+
+
 def _check_rank(where: str, rank: Any) -> None:
     if not isinstance(rank, Mapping) or set(rank) - set(TOP_DEFAULTS["rank"]):
         raise ConfigError(f"{where}: expected a mapping with keys {', '.join(TOP_DEFAULTS['rank'])}")
@@ -210,8 +285,8 @@ def _check_rank(where: str, rank: Any) -> None:
                           f"{', '.join(NORMALISATIONS)}")
     if "tol" in rank:
         tol = rank["tol"]
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-            raise ConfigError(f"{where}.tol: expected a number > 0, got {tol!r}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+            raise ConfigError(f"{where}.tol: expected a finite number > 0, got {tol!r}")
     if "conv" in rank and rank["conv"] not in CONV_SPECTRA:
         raise ConfigError(f"{where}.conv: {rank['conv']!r} is not one of {', '.join(CONV_SPECTRA)}")
 

@@ -27,11 +27,14 @@ PLANNED_CONFIG = "RANKBIAS_PLANNED_CONFIG"
 if workflow.remote_exec and PLANNED_CONFIG in os.environ:
     PLAN = sweep.plan(json.loads(os.environ[PLANNED_CONFIG]))
 else:
-    # Snakemake's YAML loader keeps the last of two equal keys; read each config file
-    # again with one that refuses them, so the error names the key before anything runs.
+    # Snakemake's YAML loader keeps the last of two equal keys and expands aliases, and
+    # its schema error prints the whole config; read each config file again with the
+    # library's loader (sweep.load_config) and check the top-level keys first, so the
+    # error names the file or key before anything renders or runs.
     try:
         for _configfile in workflow.configfiles:
             sweep.load_config(_configfile)
+        sweep.check_top_level(config)
         validate(config, "../schemas/config.schema.yaml")
         PLAN = sweep.plan(config)
         sweep.check_device_memory(PLAN)
