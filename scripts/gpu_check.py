@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import subprocess
 import sys
@@ -80,35 +81,34 @@ def random_dataset(specs, dev, cache: dict):
     return cache[key]
 
 
-def time_shape(specs, ds, dev, min_steps: int = MIN_STEPS, step_seconds: float = 10.0,
-               graph: str = "auto") -> dict:
-    """One pack shape timed as training runs it (see the module docstring)."""
+def _sync(dev):
     import torch
+    return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
+
+def time_steps(specs, ds, dev, min_steps: int = MIN_STEPS, step_seconds: float = 10.0,
+               graph: str = "auto") -> dict:
+    """Set-up (the pack built, its step chosen: on CUDA captured, checked and timed, as in
+    training) and steady steps with that stepper, as an epoch runs them."""
     from rankbias import numerics
     from rankbias.engine import GraphedStep, Pack
     from rankbias.spec import pack_steps
-    from rankbias.theory import TheoryRecorder
-    from rankbias.train import Recorder, _theory
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    sync = _sync(dev)
     with numerics.policy(True, specs[0].precision, dev.type):
         sync()
         t0 = time.perf_counter()
         pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph)
         plan = pack.epoch_plan(0)
-        step = pack.stepper(plan)            # on CUDA: captured, checked and timed, as in training
+        step = pack.stepper(plan)
         sync()
         setup_s = time.perf_counter() - t0
+        for _ in range(WARM_STEPS):      # untimed: the first calls pay for tracing and caches
+            step(plan.inputs(0))
         want = min(min_steps, pack_steps(specs))
-        done, epoch, t, warm = 0, 0, 0, WARM_STEPS
+        done, epoch, t = 0, 0, 0
+        sync()
         t0 = time.perf_counter()
         while done < want:
-            if warm and done == 0:       # untimed: the first calls pay for tracing and caches
-                step(plan.inputs(0))
-                warm -= 1
-                sync()
-                t0 = time.perf_counter()
-                continue
             inputs = plan.inputs(t)
             if t >= plan.full_steps:
                 pack.step(inputs)                      # the partial last batch runs eagerly
@@ -125,17 +125,46 @@ def time_shape(specs, ds, dev, min_steps: int = MIN_STEPS, step_seconds: float =
                 if (time.perf_counter() - t0) / done * want > step_seconds:
                     break
         sync()
-        step_s = (time.perf_counter() - t0) / done
+        return {"step_s": (time.perf_counter() - t0) / done, "steps_timed": done, "setup_s": setup_s,
+                "step_mode": pack.step_mode}
+
+
+def time_logged_epoch(specs, ds, dev) -> dict:
+    """One logged epoch as training records it (evaluation of the whole train and test
+    sets, every spectrum, Theorem 1), with the parts that can dominate timed apart."""
+    from rankbias import numerics
+    from rankbias.engine import Pack
+    from rankbias.theory import TheoryRecorder
+    from rankbias.train import Recorder, _theory
+    sync = _sync(dev)
+    parts = {"evaluation": 0.0, "operator_spectra": 0.0}
+    with numerics.policy(True, specs[0].precision, dev.type):
+        pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph="off")
+
+        def timed(name, fn):
+            def call(*a, **kw):
+                sync()
+                t = time.perf_counter()
+                out = fn(*a, **kw)
+                sync()
+                parts[name] += time.perf_counter() - t
+                return out
+            return call
+
+        pack.evaluate = timed("evaluation", pack.evaluate)                 # type: ignore[method-assign]
+        pack.operator_spectra = timed("operator_spectra", pack.operator_spectra)  # type: ignore[method-assign]
         rec = Recorder(pack, ds)
         thy = TheoryRecorder(specs, ds.x_train, ds.y_train, ds.num_classes)
-        t0 = time.perf_counter()
-        rec.record(0, None, final=False)          # a logged epoch: evaluation and spectra,
-        _theory(thy, pack, rec, 0, None)          # and Theorem 1 measured, as training does
         sync()
-        logged_s = time.perf_counter() - t0
-        mode = pack.step_mode
-    return {"step_s": step_s, "steps_timed": done, "logged_epoch_s": logged_s, "setup_s": setup_s,
-            "step_mode": mode, "theory_s": round(sum(thy.seconds.values()), 4)}
+        t0 = time.perf_counter()
+        rec.record(0, None, final=False)
+        _theory(thy, pack, rec, 0, None)
+        sync()
+        total = time.perf_counter() - t0
+    theorem1 = thy.seconds["theorem1"]
+    return {"logged_epoch_s": total, "evaluation_s": parts["evaluation"],
+            "operator_spectra_s": parts["operator_spectra"], "theorem1_s": theorem1,
+            "weight_spectra_s": max(0.0, total - theorem1 - sum(parts.values()))}
 
 
 def _run(cmd: list[str]) -> bool:
@@ -147,12 +176,28 @@ def _short(mode: str) -> str:
     return "graph" if mode.startswith("cuda-graph") else "eager"
 
 
+def _guarded(what: str, fn, *a):
+    """fn(*a), or None after printing why it failed (the other shapes go on)."""
+    import torch
+    try:
+        return fn(*a)
+    except Exception as e:  # noqa: BLE001 - a shape that fails is reported, the rest go on
+        print(f"{what}: FAILED {type(e).__name__}: {e}", flush=True)
+        return None
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def timings_part(args, start: float) -> tuple[dict, bool]:
-    """Time every shape within the budget; print the table and totals; write the file."""
+    """Two passes over the shapes, largest first: steps of every shape, then logged
+    epochs while the budget lasts (a slow logged epoch cannot cost the step times of
+    the shapes after it). Prints the table and totals; writes the file."""
     import torch
 
     from rankbias import sweep
-    from rankbias.cluster import TIMINGS_FORMAT, ShapeTiming, estimate_seconds, model_seconds
+    from rankbias.cluster import (TIMINGS_FORMAT, ShapeTiming, estimate_seconds, model_logged_epoch_seconds,
+                                  model_seconds)
     from rankbias.spec import pack_steps
     from rankbias.train import device_name, resolve_device
     dev = resolve_device(args.device)
@@ -161,29 +206,42 @@ def timings_part(args, start: float) -> tuple[dict, bool]:
     shapes = shapes_of(plans)
     # largest first (by the cost model), so a budget cut leaves the small ones estimated
     order = sorted(shapes, key=lambda k: -sum(model_seconds(s, device) for _, s in shapes[k]))
-    rows, timings, cache = {}, {}, {}
+    rows: dict[str, dict] = {}
+    cache: dict = {}
     ok = True
+    n = len(order)
     for i, key in enumerate(order):
         specs = shapes[key][0][1]
         if time.monotonic() - start > args.budget:
-            print(f"[{i + 1}/{len(order)}] {key}: budget of {args.budget:g} s spent; cost model",
-                  flush=True)
+            print(f"steps [{i + 1}/{n}] {key}: budget of {args.budget:g} s spent; cost model", flush=True)
             continue
-        try:
-            ds = random_dataset(specs, dev, cache)
-            r = time_shape(specs, ds, dev, args.min_steps, args.step_seconds, args.graph)
-        except Exception as e:  # noqa: BLE001 - a shape that fails is reported, the rest go on
-            print(f"[{i + 1}/{len(order)}] {key}: FAILED {type(e).__name__}: {e}", flush=True)
+        r = _guarded(f"steps [{i + 1}/{n}] {key}", lambda s: time_steps(
+            s, random_dataset(s, dev, cache), dev, args.min_steps, args.step_seconds, args.graph), specs)
+        if r is None:
             ok = False
             continue
-        finally:
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
         rows[key] = r
-        timings[key] = ShapeTiming(r["step_s"], r["logged_epoch_s"], r["setup_s"])
-        print(f"[{i + 1}/{len(order)}] {key}: {1e3 * r['step_s']:.3f} ms/step over {r['steps_timed']}, "
-              f"logged epoch {r['logged_epoch_s']:.2f} s (Theorem 1 {r['theory_s']:.2f} s), "
+        print(f"steps [{i + 1}/{n}] {key}: {1e3 * r['step_s']:.3f} ms/step over {r['steps_timed']}, "
               f"set-up {r['setup_s']:.1f} s, {r['step_mode']}", flush=True)
+    for i, key in enumerate(order):
+        if key not in rows:
+            continue
+        specs = shapes[key][0][1]
+        if time.monotonic() - start > args.budget:
+            print(f"logged epoch [{i + 1}/{n}] {key}: budget of {args.budget:g} s spent; cost model",
+                  flush=True)
+            continue
+        r = _guarded(f"logged epoch [{i + 1}/{n}] {key}",
+                     lambda s: time_logged_epoch(s, random_dataset(s, dev, cache), dev), specs)
+        if r is None:
+            ok = False
+            continue
+        rows[key].update(r)
+        print(f"logged epoch [{i + 1}/{n}] {key}: {r['logged_epoch_s']:.2f} s: evaluation "
+              f"{r['evaluation_s']:.2f}, weight spectra {r['weight_spectra_s']:.2f}, operator spectra "
+              f"{r['operator_spectra_s']:.2f}, Theorem 1 {r['theorem1_s']:.2f}", flush=True)
+    cache.clear()
+    timings = {k: ShapeTiming(r["step_s"], r.get("logged_epoch_s"), r["setup_s"]) for k, r in rows.items()}
 
     print(f"\n{'model':<14} {'data':<8} {'B':>6} {'K':>3} {'packs':>5} {'steps':>9} {'ms/step':>8} "
           f"{'step':<6} {'logged s':>8} {'x':>4} {'hours':>7}  source")
@@ -194,20 +252,25 @@ def timings_part(args, start: float) -> tuple[dict, bool]:
         steps = sum(pack_steps(s) for _, s in packs)
         hours = sum(estimate_seconds(s, device, timings) for _, s in packs) / 3600
         logged = s0.epochs // s0.log_every + 1
-        if key in rows:
-            r = rows[key]
-            print(f"{s0.model:<14} {s0.dataset:<8} {B:>6} {K:>3} {len(packs):>5} {steps:>9} "
-                  f"{1e3 * r['step_s']:>8.3f} {_short(r['step_mode']):<6} {r['logged_epoch_s']:>8.2f} "
-                  f"{logged:>4} {hours:>7.2f}  measured")
+        r = rows.get(key)
+        if r is None:
+            ms, mode, source = f"{'-':>8}", "-", "cost model"
         else:
-            print(f"{s0.model:<14} {s0.dataset:<8} {B:>6} {K:>3} {len(packs):>5} {steps:>9} "
-                  f"{'-':>8} {'-':<6} {'-':>8} {logged:>4} {hours:>7.2f}  cost model")
+            ms, mode, source = f"{1e3 * r['step_s']:>8.3f}", _short(r["step_mode"]), "measured"
+        if r is not None and "logged_epoch_s" in r:
+            logged_s = f"{r['logged_epoch_s']:>8.2f}"
+        else:
+            logged_s = f"{model_logged_epoch_seconds(packs[0][1], device):>7.2f}*"
+            source += "; logged epoch: cost model" if r is not None else ""
+        print(f"{s0.model:<14} {s0.dataset:<8} {B:>6} {K:>3} {len(packs):>5} {steps:>9} {ms} "
+              f"{mode:<6} {logged_s} {logged:>4} {hours:>7.2f}  {source}")
     totals = profile_hours(plans, timings, device)
     for name, hours in totals.items():
-        measured = sum(1 for k in shapes if k in rows and any(c == name for c, _ in shapes[k]))
-        total = sum(1 for k in shapes if any(c == name for c, _ in shapes[k]))
-        print(f"profile {name}: {len(plans[name].packs)} packs, {hours:.2f} GPU-hours "
-              f"({measured} of {total} shapes measured)", flush=True)
+        mine = [k for k in shapes if any(c == name for c, _ in shapes[k])]
+        steps_m = sum(1 for k in mine if k in rows)
+        logged_m = sum(1 for k in mine if "logged_epoch_s" in rows.get(k, {}))
+        print(f"profile {name}: {len(plans[name].packs)} packs, {hours:.2f} GPU-hours ({steps_m} of "
+              f"{len(mine)} shapes' steps and {logged_m} logged epochs measured; * = cost model)", flush=True)
     doc = {"format": TIMINGS_FORMAT, "device": device_name(dev), "torch": torch.__version__,
            "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "min_steps": args.min_steps, "configs": list(args.config),
@@ -237,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph", default="auto", help="as `rankbias train --graph`")
     ap.add_argument("--timings-out", default=str(ROOT / "results" / "gpu-timings.json"),
                     help="where the timings go (default results/gpu-timings.json; '' for nowhere)")
+    ap.add_argument("--test-timeout", type=int, default=120, help="seconds per CUDA test (default 120)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "bench", "timings"])
     args = ap.parse_args(argv)
     args.config = args.config or [str(ROOT / "config" / "paper.yaml")]
@@ -245,7 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     failed = []
     if "tests" not in args.skip:
-        if not _run([sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", *CUDA_TESTS]):
+        # each test at most --test-timeout seconds where pytest-timeout is there to enforce it
+        limit = (["--timeout", str(args.test_timeout)]
+                 if importlib.util.find_spec("pytest_timeout") is not None else [])
+        if not _run([sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", *limit,
+                     *CUDA_TESTS]):
             failed.append("tests")
     if "bench" not in args.skip:
         if not _run([sys.executable, "-m", "rankbias.cli", "bench", "--device", args.device,

@@ -58,6 +58,10 @@ def test_gpu_hours_by_hand_from_given_timings():
     o_specs = other.pack_specs(next(iter(other.packs)))
     assert cluster.estimate_seconds(o_specs, "cuda", timings) == cluster.model_seconds(o_specs, "cuda")
     assert cluster.estimate_seconds(specs, "cpu", timings) == cluster.model_seconds(specs, "cpu")
+    # a logged epoch the budget left unmeasured: the cost model's stands in for it alone
+    part = {cluster.shape_key(specs): cluster.ShapeTiming(step_s=0.5, logged_epoch_s=None, setup_s=3.0)}
+    assert cluster.estimate_seconds(specs, "cuda", part) == pytest.approx(
+        want - 3 * 2.0 + 3 * cluster.model_logged_epoch_seconds(specs, "cuda"))
 
 
 def test_timings_file_round_trip_and_errors(tmp_path, monkeypatch):
@@ -93,10 +97,17 @@ def test_timing_run_on_the_cpu_writes_what_the_estimates_read(tmp_path, capsys):
     plan = sweep.plan_from_file(config)
     shapes = gpu_check.shapes_of({config: plan})
     assert f"profile {config}: {len(plan.packs)} packs" in text
-    assert f"({len(shapes)} of {len(shapes)} shapes measured)" in text
+    n = len(shapes)
+    assert f"({n} of {n} shapes' steps and {n} logged epochs measured" in text
     doc = json.loads(out.read_text())
     assert {r["key"] for r in doc["shapes"]} == set(shapes)
-    assert all(r["steps_timed"] == 2 and r["step_s"] > 0 and r["logged_epoch_s"] > 0 for r in doc["shapes"])
+    for r in doc["shapes"]:
+        assert r["steps_timed"] == 2 and r["step_s"] > 0 and r["logged_epoch_s"] > 0
+        parts = ("evaluation_s", "weight_spectra_s", "operator_spectra_s", "theorem1_s")
+        assert sum(r[p] for p in parts) == pytest.approx(r["logged_epoch_s"], rel=1e-3)
+        assert r["evaluation_s"] > 0 and r["theorem1_s"] > 0
+        if r["key"].startswith("CONV"):       # a convolution's operator spectrum, timed apart
+            assert r["operator_spectra_s"] > 1e-4
     timings = cluster.load_timings(out)
     assert set(timings) == set(shapes)
     # the printed total is the estimates' own sum, from the file just written

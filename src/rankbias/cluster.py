@@ -110,7 +110,8 @@ TIMINGS_FORMAT = "rankbias-gpu-timings/1"
 class ShapeTiming:
     """One pack shape measured on a GPU (scripts/gpu_check.py)."""
     step_s: float             # a steady training step, with the stepper training chooses
-    logged_epoch_s: float     # evaluation, spectra and Theorem 1 at one logged epoch
+    logged_epoch_s: float | None   # evaluation, spectra and Theorem 1 at one logged epoch
+                                   # (None: not measured; the cost model's stands in)
     setup_s: float = 0.0      # building the pack and choosing (capturing, checking) its step
 
 
@@ -141,8 +142,11 @@ def load_timings(path: str | os.PathLike | None = None) -> dict[str, ShapeTiming
             raise ValueError(f"format is {doc.get('format')!r}, expected {TIMINGS_FORMAT!r}")
         out = {}
         for row in doc["shapes"]:
-            t = ShapeTiming(float(row["step_s"]), float(row["logged_epoch_s"]), float(row.get("setup_s", 0.0)))
-            if not all(math.isfinite(v) and v >= 0 for v in (t.step_s, t.logged_epoch_s, t.setup_s)):
+            logged = row.get("logged_epoch_s")
+            t = ShapeTiming(float(row["step_s"]), None if logged is None else float(logged),
+                            float(row.get("setup_s", 0.0)))
+            if not all(math.isfinite(v) and v >= 0 for v in (t.step_s, t.logged_epoch_s, t.setup_s)
+                       if v is not None):
                 raise ValueError(f"shape {row['key']}: times must be finite and >= 0")
             out[str(row["key"])] = t
         return out
@@ -152,11 +156,14 @@ def load_timings(path: str | os.PathLike | None = None) -> dict[str, ShapeTiming
 
 def measured_seconds(specs: Sequence[RunSpec], timing: ShapeTiming, device: str = "cuda") -> float:
     """A pack's wall time from its shape's measured timing: start-up (the cost model's),
-    set-up, every step, and every logged epoch (epoch 0 included)."""
+    set-up, every step, and every logged epoch (epoch 0 included; the cost model's where
+    the logged epoch was not measured)."""
     first = specs[0]
     logged = first.epochs // first.log_every + 1
+    logged_s = (timing.logged_epoch_s if timing.logged_epoch_s is not None
+                else model_logged_epoch_seconds(specs, device))
     return (COST_MODELS[device].startup_seconds + timing.setup_s
-            + pack_steps(list(specs)) * timing.step_s + logged * timing.logged_epoch_s)
+            + pack_steps(list(specs)) * timing.step_s + logged * logged_s)
 
 
 def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda",
@@ -177,12 +184,18 @@ def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda",
 
 def model_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     """The cost model's estimate (the module docstring): exact work, assumed rates."""
+    first = specs[0]
+    logged = first.epochs // first.log_every + 1
+    return (COST_MODELS[device].startup_seconds + model_train_seconds(specs, device)
+            + logged * model_logged_epoch_seconds(specs, device))
+
+
+def model_train_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
+    """The cost model's seconds of every training step of the pack."""
     cost = COST_MODELS[device]
     first = specs[0]
-    k = len(specs)
-    train, test = first.sizes()
-    shapes = _matrices(first)
-    n_layers = len(shapes)
+    train, _ = first.sizes()
+    n_layers = len(_matrices(first))
 
     # Every member sees each sample it trains on once an epoch (all n, or the full
     # batches' with drop_last); each of the steps costs its launches whatever its width.
@@ -191,12 +204,20 @@ def model_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     # step_flops is linear in the batch: a step of B samples costs step_flops, so the
     # epoch's samples cost step_flops * samples / B.
     train_flops = step_flops(specs) * samples / first.batch_size
-    train_seconds = (train_flops / cost.flops_per_second
-                     + steps * OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op)
+    return (train_flops / cost.flops_per_second
+            + steps * OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op)
 
+
+def model_logged_epoch_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
+    """The cost model's seconds of one logged epoch of the pack."""
+    cost = COST_MODELS[device]
+    first = specs[0]
+    k = len(specs)
+    train, test = first.sizes()
+    shapes = _matrices(first)
+    n_layers = len(shapes)
     # Each logged epoch (epoch 0 included) evaluates train and test sets and
     # decomposes every matrix of every member.
-    logged = first.epochs // first.log_every + 1
     eval_flops = 2.0 * sum(layer.macs for layer in first.layer_table().layers) * (train + test) * k
     eval_batches = math.ceil((train + test) / 1024)
     eval_seconds = eval_flops / cost.flops_per_second + eval_batches * n_layers * 4 * cost.seconds_per_op
@@ -209,7 +230,7 @@ def model_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
                                               for b in first.theory_batch_sizes)
     theory_seconds = (theory_flops / cost.flops_per_second
                       + batches * (OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op + svd_seconds))
-    return cost.startup_seconds + train_seconds + logged * (eval_seconds + svd_seconds + theory_seconds)
+    return eval_seconds + svd_seconds + theory_seconds
 
 
 def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda",
