@@ -78,3 +78,22 @@ def test_c6_profile_is_the_papers_fig6_setting():
     assert {s.batch_size for s in specs} == {16, 32, 64, 128}
     assert {s.lr for s in specs} == {0.0125, 0.025, 0.05, 0.1}
     assert {(s.weight_decay, s.momentum) for s in specs} == {(5e-4, 0.9)}
+
+
+@pytest.mark.slow
+def test_gpu_workstation_profile_plans_cuda_jobs_one_per_gpu():
+    """`--workflow-profile workflow/profiles/gpu` (a real `snakemake -n`): every training
+    job on CUDA, deterministic, asking for one GPU of the `gpu` resource."""
+    import subprocess
+    import sys
+    snakemake = Path(sys.executable).parent / "snakemake"
+    p = subprocess.run([str(snakemake), "-n", "--workflow-profile", "workflow/profiles/gpu",
+                        "--configfile", ".test/config.yaml"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    trains = [line for line in p.stdout.splitlines() if "rankbias train" in line]
+    plan = sweep.plan_from_file(ROOT / ".test" / "config.yaml")
+    assert len(trains) == len(plan.packs)
+    assert all("--device cuda" in t and "--deterministic on" in t for t in trains)
+    resources = [line for line in p.stdout.splitlines() if "resources:" in line and "device=cuda" in line]
+    assert len(resources) == len(plan.packs) and all("gpu=1" in r for r in resources)
