@@ -18,7 +18,6 @@ networks"), the grouped convolution was the faster on the CPU.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +26,26 @@ from torch.nn.utils import parametrize
 
 from .models import ModelError
 
-if TYPE_CHECKING:
-    from .engine import StepInputs
-
 # Parameter-free layers that act per channel or per element, hence on either layout
 # exactly as on one member's tensor.
 LAYOUT_FREE = (nn.Identity, nn.ReLU, nn.LeakyReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Sequential)
+
+
+class StepInputs:
+    """What one step needs besides the pack: the [K, B] sample indices, [K, 1] columns
+    (loss weight, -lr, weight decay, momentum) and the BN momentum. Here, below the
+    engine that fills it, because the batched layers read the BN momentum from it."""
+    __slots__ = ("idx", "weight", "neg_lr", "wd", "mom", "bn_momentum")
+    idx: torch.Tensor
+    weight: torch.Tensor
+    neg_lr: torch.Tensor
+    wd: torch.Tensor
+    mom: torch.Tensor
+    bn_momentum: float
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
 
 
 class BatchContext:

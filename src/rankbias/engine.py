@@ -17,7 +17,7 @@ import torch
 
 from . import metrics as M
 from . import models
-from .batched import BatchContext, Conv2d, batched, matrix_layer
+from .batched import BatchContext, Conv2d, StepInputs, batched, matrix_layer
 from .chain import Chain
 from .cluster import check_mem_mb, host_memory_mb
 from .models import build_net, epoch_order, loss_fn, weighted_loss, weighted_loss_and_grad
@@ -306,22 +306,6 @@ class Pack:
         self.alive.copy_(st["alive"])
         for k, v in st["running"].items():
             self.running[k].copy_(v)
-
-
-class StepInputs:
-    """What one step needs besides the pack: the [K, B] sample indices, [K, 1] columns
-    (loss weight, -lr, weight decay, momentum) and the BN momentum."""
-    __slots__ = ("idx", "weight", "neg_lr", "wd", "mom", "bn_momentum")
-    idx: torch.Tensor
-    weight: torch.Tensor
-    neg_lr: torch.Tensor
-    wd: torch.Tensor
-    mom: torch.Tensor
-    bn_momentum: float
-
-    def __init__(self, **kw):
-        for k, v in kw.items():
-            setattr(self, k, v)
 
 
 class EpochPlan:
