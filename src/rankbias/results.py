@@ -151,12 +151,14 @@ def remove_stale_temporaries(directory: Path) -> None:
 def ledger_dir(runs_dir: str | Path) -> Path:
     """Where the training records of the runs in `runs_dir` are kept: outside results/,
     ``<repository>/.rankbias/trained/`` for ``<repository>/results/runs`` (for a runs
-    directory elsewhere, ``.rankbias/trained/`` beside it). Not a DVC output and ignored
-    by git: it says what was trained, or verified against dvc.lock, in this checkout."""
-    base = Path(os.path.abspath(runs_dir)).parent
-    if base.name == "results":
-        base = base.parent
-    return base / ".rankbias" / "trained"
+    directory D elsewhere, ``.rankbias/trained/<D's name>/`` beside it, so two runs
+    directories side by side keep their records apart). Not a DVC output and ignored by
+    git: it says what was trained, or verified against dvc.lock, in this checkout."""
+    runs = Path(os.path.abspath(runs_dir))
+    base = runs.parent
+    if base.name == "results" and runs.name == "runs":
+        return base.parent / ".rankbias" / "trained"
+    return base / ".rankbias" / "trained" / runs.name
 
 
 def ledger_path(run_dir: str | Path) -> Path:
