@@ -41,7 +41,7 @@ def test_spearman_matches_pearson_of_ranks_and_handles_ties():
 def test_nothing_is_insufficient(tmp_path):
     v, res = verdicts(tmp_path)
     assert {c["verdict"] for c in v.values()} == {"insufficient"}
-    assert [c["id"] for c in res["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3"]
+    assert [c["id"] for c in res["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2"]
 
 
 SEEDS = (0, 1)
@@ -278,7 +278,7 @@ def test_cli_writes_md_and_json(tmp_path):
             fabricate(runs, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
     assert main(["claims", "--runs", str(runs), "--out", str(tmp_path / "claims")]) == 0
     doc = json.loads((tmp_path / "claims.json").read_text())
-    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3"]
+    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2"]
     assert doc["claims"][0]["verdict"] == "holds"
     md = (tmp_path / "claims.md").read_text()
     assert "| C1 |" in md and "**holds**" in md and "Spearman: 1 [1, 1] (2 seeds)" in md
