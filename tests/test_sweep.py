@@ -118,6 +118,7 @@ def test_schema_defaults_agree_with_the_library():
     (lambda c: c.update(graph=3), "graph"),
     (lambda c: c["rank"].update(tol=0), "rank.tol"),
     (lambda c: c["rank"].update(tol=float("inf")), "rank.tol"),   # passes the schema
+    (lambda c: c["rank"].update(measure="entropy"), "rank.measure"),
 ])
 def test_bad_configs_name_the_key(mutate, key):
     cfg = {"rank": {"normalise": "fro", "tol": 1e-3}, "defaults": {"dataset": "synthetic"},

@@ -149,8 +149,8 @@ def stable_rank(sv: np.ndarray) -> np.ndarray:
     """
     sv = np.asarray(sv, dtype=np.float64)
     top = sv.max(-1)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        sr = (sv ** 2).sum(-1) / top ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sr = ((sv / top[..., None]) ** 2).sum(-1)      # scaled first: no under- or overflow
     sr = np.where(top > 0, sr, 0.0)
     return np.where(np.isfinite(sv).all(-1), sr, np.nan)
 
