@@ -465,10 +465,14 @@ def test_r2_fails_when_the_rank_stays_at_stationarity(tmp_path):
 def test_r2_without_a_stationary_run_is_insufficient(tmp_path):
     for seed in (0, 1):
         fabricate(tmp_path, _full_batch(seed=seed), final_ranks=[5] * 3, distance=[0.1] * 6 + [0.05, 0.01])
+        # flat at lr x lambda / (1 - momentum) = 0.05: weight decay alone, shrinking towards zero
+        fabricate(tmp_path, _full_batch(seed=seed, train_subset=501, batch_size=501), final_ranks=[5] * 3,
+                  distance=[0.05] * 8)
         fabricate(tmp_path, _full_batch(seed=seed, weight_decay=0.0), final_ranks=[5] * 3,
                   distance=[0.1] * 4 + [1e-6] * 4)       # weight decay 0: not R2's
     r2 = verdicts(tmp_path)[0]["R2"]
-    assert r2["verdict"] == "insufficient" and r2["n_not_stationary"] == 2
+    assert r2["verdict"] == "insufficient" and r2["n_not_stationary"] == 4
+    assert [x["decay_shrink"] for x in r2["runs"]] == pytest.approx([0.05] * 4)
 
 
 # -- robustness to the rank convention

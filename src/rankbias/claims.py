@@ -57,8 +57,9 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "c7_ratio": 0.9,           # C7: full-batch GD final rank >= this x initial rank
     "c7_tiny_data": 1000,      # C7: training sets smaller than this are 'tiny' (exempt)
     "r1_strongest": 0.25,      # R1: each seed's fraction of weight-decay runs with the lowest relative rank
-    "r2_max_distance": 1.0e-4,  # R2: late d(W_t, W_t+1) at most this: run to stationarity
-    "r2_flat": 0.5,            # R2: ... or late d >= this x d a tenth of the epochs before (flattened)
+    "r2_max_distance": 1.0e-4,  # R2: late d(W_t, W_t+1) at most this: at rest (stationary)
+    "r2_flat": 0.5,            # R2: ... or flattened: late d >= this x d a tenth of the epochs before,
+    "r2_max_shrink": 0.5,      # R2: ... and <= this x the weight decay's own shrink per epoch
     "r2_min_reduction": 0.1,   # R2: rank reduction 1 - final/initial rank at least this
     "ci_level": 0.95,          # all: coverage of the bootstrap interval of each effect
     "ci_min_values": 2,        # all: fewer values (seeds, or one seed's groups) give no interval
@@ -592,12 +593,17 @@ def claim_r2(runs: list[RunSummary], t: dict) -> dict:
     judged, rows = [], []
     for r in full:
         late, before = _late_distances(r)
-        stationary = bool(np.isfinite(late) and (late <= t["r2_max_distance"] or
-                                                 (before > 0 and late >= t["r2_flat"] * before)))
+        # One step an epoch: with no gradient, coupled weight decay alone shrinks W by
+        # lr * lambda / (1 - momentum) per step once the momentum has built up, and d is that.
+        shrink = r.spec["lr"] * r.spec["weight_decay"] / max(1.0 - r.spec["momentum"], 1e-12)
+        at_rest = bool(late <= t["r2_max_distance"])
+        flattened = bool(before > 0 and late >= t["r2_flat"] * before and late <= t["r2_max_shrink"] * shrink)
+        stationary = bool(np.isfinite(late) and (at_rest or flattened))
         rows.append({"run_id": r.run_id, "model": _model(r.spec), "train_size": r.train_size(),
                      "epochs": r.spec["epochs"], "lr": r.spec["lr"], "weight_decay": r.spec["weight_decay"],
                      "seed": r.spec["seed"], "d_late": _r(late, 8), "d_before": _r(before, 8),
-                     "stationary": stationary, "final_over_initial_rank": _r(r.relative_rank)})
+                     "decay_shrink": _r(shrink, 8), "stationary": stationary,
+                     "final_over_initial_rank": _r(r.relative_rank)})
         if stationary:
             judged.append(r)
     reduction = _rank_reduction(judged, t)
@@ -612,8 +618,11 @@ def claim_r2(runs: list[RunSummary], t: dict) -> dict:
                        f"not stationary, left out)"),
             "rule": (f"Runs with weight decay > 0 whose batch is the whole training set (any size). "
                      f"A run is at stationarity when d(W_t, W_t+1), averaged over the last tenth of "
-                     f"its epochs ('late'), is <= {t['r2_max_distance']:g}, or has flattened: late d "
-                     f">= {t['r2_flat']:g} x the mean over the tenth before. Other runs are counted "
+                     f"its epochs ('late'), is <= {t['r2_max_distance']:g} (at rest), or has flattened: "
+                     f"late d >= {t['r2_flat']:g} x the mean over the tenth before, and <= "
+                     f"{t['r2_max_shrink']:g} x lr x weight decay / (1 - momentum), the shrink per "
+                     f"step that weight decay alone gives (a run whose d is that shrink is decaying "
+                     f"towards the zero function, not held by its gradient). Other runs are counted "
                      f"and left out. Rank reduction 1 - final/initial rank per run; holds (the rank "
                      f"falls, contrary to C7's reading) when its interval lies above 0 and its mean "
                      f"is >= {t['r2_min_reduction']:g}.")}
