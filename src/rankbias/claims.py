@@ -559,10 +559,11 @@ def claim_r1(runs: list[RunSummary], t: dict) -> dict:
     for members in by_seed.values():
         members = sorted(members, key=lambda r: (r.relative_rank, r.run_id))
         judged += members[:max(1, math.ceil(t["r1_strongest"] * len(members)))]
-    margins = [(r.spec["seed"], min(x for _, x in r.final_layers) - floor) for r in judged]
-    eff = across_seeds(margins, t, "runs")
-    verdict = _within(eff, 0.0, math.inf) if judged else INSUFFICIENT
     lowest = [min(x for _, x in r.final_layers) for r in judged]
+    # how far a run's lowest hidden rank falls short of the floor (0 when it keeps it)
+    shortfalls = [(r.spec["seed"], min(x - floor, 0.0)) for r, x in zip(judged, lowest)]
+    eff = across_seeds(shortfalls, t, "runs")
+    verdict = _within(eff, 0.0, math.inf) if judged else INSUFFICIENT
     return {"verdict": verdict, "floor": floor, "n_runs": len(judged), "seeds": _seeds(judged),
             "n_below_floor": sum(x < floor for x in lowest),
             "runs": [{"run_id": r.run_id, "model": _model(r.spec), "batch_size": r.spec["batch_size"],
@@ -570,14 +571,15 @@ def claim_r1(runs: list[RunSummary], t: dict) -> dict:
                       "final_over_initial_rank": _r(r.relative_rank), "mean_hidden_rank": _r(r.final_rank, 2),
                       "lowest_layer": min(r.final_layers, key=lambda lx: lx[1])[0],
                       "lowest_layer_rank": _r(x, 2)} for r, x in zip(judged, lowest)],
-            "floor_margin": eff.to_dict(), "intervals": {"lowest hidden rank - (k-1)": eff},
-            "effect": (f"lowest hidden rank - {floor} (k = {NUM_CLASSES} classes) over {len(judged)} "
-                       f"strongest-bias runs; {sum(x < floor for x in lowest)} below the floor"),
+            "shortfall": eff.to_dict(), "intervals": {"shortfall below k-1": eff},
+            "effect": (f"lowest hidden rank {_r(min(lowest), 2) if lowest else None} against the floor "
+                       f"{floor} (k = {NUM_CLASSES} classes) over {len(judged)} strongest-bias runs; "
+                       f"{sum(x < floor for x in lowest)} below it"),
             "rule": (f"Runs with weight decay > 0: per seed, the {t['r1_strongest']:g} fraction (at "
                      f"least one) with the lowest final/initial rank ('strongest bias'). Per run, "
-                     f"the floor margin is the lowest final rank over its hidden matrices minus "
-                     f"{floor} (the number of classes {NUM_CLASSES} minus one). Holds when the "
-                     f"interval of the mean margin lies at or above 0.")}
+                     f"the shortfall is min(0, lowest final rank over its hidden matrices - "
+                     f"{floor}), {floor} being the number of classes {NUM_CLASSES} minus one. Holds "
+                     f"when the interval of the mean shortfall lies at 0 (no run below the floor).")}
 
 
 def _late_distances(r: RunSummary) -> tuple[float, float]:
@@ -635,10 +637,10 @@ CLAIMS: dict[str, Callable[[list[RunSummary], dict], dict]] = {
 # The rank conventions the robustness table judges under ((measure, normalise); the
 # threshold ones at the config's tol), and the claims it judges.
 CONVENTIONS: tuple[tuple[str, str, str], ...] = (
-    ("threshold on W/||W||_F (the paper's)", "threshold", "fro"),
-    ("threshold on W/sigma_max", "threshold", "max"),
-    ("effective rank exp H(sigma/sum sigma)", "effective", "fro"),
-    ("stable rank ||W||_F^2/||W||_2^2", "stable", "fro"),
+    ("threshold on W/‖W‖_F (the paper's)", "threshold", "fro"),
+    ("threshold on W/σ_max", "threshold", "max"),
+    ("effective rank exp H(σ/Σσ)", "effective", "fro"),
+    ("stable rank ‖W‖_F²/‖W‖₂²", "stable", "fro"),
 )
 CONVENTION_CLAIMS = ("C1", "C2", "C3", "R1")
 
@@ -663,7 +665,8 @@ def _summaries(runs: Sequence[Run], normalise: str, tol: float, conv: str,
 def robustness(runs: Sequence[Run], t: dict, tol: float, conv: str = M.DEFAULT_CONV) -> dict:
     """C1-C3 and R1 judged under every rank convention in CONVENTIONS, from the stored
     spectra (nothing retrains), and whether each claim's verdicts agree."""
-    conventions, verdicts = [], {cid: {} for cid in CONVENTION_CLAIMS}
+    conventions: list[dict] = []
+    verdicts: dict[str, dict[str, dict]] = {cid: {} for cid in CONVENTION_CLAIMS}
     for name, measure, normalise in CONVENTIONS:
         summaries, unmeasured = _summaries(runs, normalise, tol, conv, measure)
         conventions.append({"name": name, "measure": measure,
