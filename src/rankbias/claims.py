@@ -926,7 +926,9 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7, its theory T1-T3 and checks R1-R2 on the stored runs",
-                              description="Judge claims C1-C7 and theory T1-T3 on whatever runs exist; writes "
+                              description="Judge claims C1-C7, theory T1-T3 and the checks beyond the paper "
+                                          "R1-R2 on whatever runs exist, with a table of C1-C3 and R1 "
+                                          "under four rank conventions; writes "
                                           "OUT.md, OUT.json and their provenance "
                                           "OUT.provenance.json (`rankbias audit OUT.md` checks "
                                           "it); the table as OUT.html and the verdicts and effects "
