@@ -228,6 +228,10 @@ def test_job_configs_change_only_where_the_config_does():
     assert changed == {None, "fig7", *sweep.SUMMARY}
     tol = {**base, "rank": {**base["rank"], "tol": 0.05}}
     assert {k for k, d in digests(tol).items() if d != before[k]} == set(before)
+    # another rank convention re-draws and re-judges from the stored spectra: same runs, same packs
+    measure = {**base, "rank": {**base["rank"], "measure": "effective"}}
+    assert {k for k, d in digests(measure).items() if d != before[k]} == set(before)
+    assert sweep.plan(measure).packs == sweep.plan(base).packs
     for key, value in (("graph", "off"), ("device", "cuda"), ("checkpoint_every", 1), ("train_threads", 2)):
         assert digests({**base, key: value}) == before, key
 
