@@ -17,11 +17,12 @@ def fabricate(runs_dir: str | Path, spec: RunSpec, layer_ranks: Sequence[Sequenc
               final_ranks: Sequence[int] | None = None, distance: Sequence[float] | None = None,
               train_acc: Sequence[float] | None = None, test_acc: Sequence[float] | None = None,
               diverged_at: int | None = None, tables: dict[str, pd.DataFrame] | None = None,
-              theory: dict | None = None) -> Path:
+              theory: dict | None = None, tail: float = 1e-7) -> Path:
     """Write one run. `layer_ranks[e][l]`: rank of hidden matrix l at epoch e; or give
     `final_ranks` (per hidden matrix: every one but the output layer) and ranks go
     linearly from full to those. `tables` (file name -> frame) and `theory` (run.json's
-    theory record) as rankbias.theory writes them."""
+    theory record) as rankbias.theory writes them. `tail`: the singular values beyond
+    each matrix's rank (unit ones up to it)."""
     E = spec.epochs
     # the stored matrices, named and shaped as the model defines them
     layers = spec.layer_table().layers
@@ -37,7 +38,7 @@ def fabricate(runs_dir: str | Path, spec: RunSpec, layer_ranks: Sequence[Sequenc
     epochs = np.arange(E + 1)
     spectra = {"epochs": epochs, "layers": np.array(names)}
     for i, layer in enumerate(hidden):
-        sv = np.full((E + 1, min(layer.shape)), 1e-7)
+        sv = np.full((E + 1, min(layer.shape)), tail)
         for e in range(E + 1):
             sv[e, :layer_ranks[e, i]] = 1.0
         spectra[f"sv_{i}"] = sv

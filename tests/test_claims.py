@@ -41,7 +41,7 @@ def test_spearman_matches_pearson_of_ranks_and_handles_ties():
 def test_nothing_is_insufficient(tmp_path):
     v, res = verdicts(tmp_path)
     assert {c["verdict"] for c in v.values()} == {"insufficient"}
-    assert [c["id"] for c in res["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3"]
+    assert [c["id"] for c in res["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2"]
 
 
 SEEDS = (0, 1)
@@ -278,7 +278,7 @@ def test_cli_writes_md_and_json(tmp_path):
             fabricate(runs, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
     assert main(["claims", "--runs", str(runs), "--out", str(tmp_path / "claims")]) == 0
     doc = json.loads((tmp_path / "claims.json").read_text())
-    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3"]
+    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2"]
     assert doc["claims"][0]["verdict"] == "holds"
     md = (tmp_path / "claims.md").read_text()
     assert "| C1 |" in md and "**holds**" in md and "Spearman: 1 [1, 1] (2 seeds)" in md
@@ -406,3 +406,130 @@ def test_the_claims_outputs_are_replaced_all_or_none(tmp_path, monkeypatch, brea
     C.run_claims(None, runs, out)
     after = _claims_files(out)
     assert sorted(after) == sorted(before) and all(after[k] != before[k] for k in after)
+
+
+# -- checks beyond the paper: R1 (rank floor) and R2 (GD with weight decay at stationarity)
+
+def test_r1_rank_floor_holds_when_the_strongest_bias_keeps_k_minus_one(tmp_path):
+    for seed in (0, 1, 2):
+        fabricate(tmp_path, spec(seed=seed), final_ranks=[15, 10, 12])          # strongest: floor 9 kept
+        fabricate(tmp_path, spec(seed=seed, batch_size=128), final_ranks=[20] * 3)
+        fabricate(tmp_path, spec(seed=seed, weight_decay=0.0), final_ranks=[2] * 3)  # no weight decay: not judged
+    v, res = verdicts(tmp_path)
+    r1 = v["R1"]
+    assert r1["verdict"] == "holds" and r1["floor"] == 9 and r1["n_runs"] == 3 and r1["n_below_floor"] == 0
+    assert r1["shortfall"]["ci"] == pytest.approx([0, 0])
+    assert {x["lowest_layer_rank"] for x in r1["runs"]} == {10.0}
+    assert r1["beyond_paper"] is True and "2402.03991" in r1["source"]
+    assert "Check beyond the paper: Zangrando et al." in C.markdown(res)
+
+
+def test_r1_rank_floor_fails_when_one_strongest_run_falls_below(tmp_path):
+    for seed in (0, 1, 2):
+        fabricate(tmp_path, spec(seed=seed), final_ranks=[15, 10 if seed else 8, 12])
+        fabricate(tmp_path, spec(seed=seed, batch_size=128), final_ranks=[20] * 3)
+    r1 = verdicts(tmp_path)[0]["R1"]
+    assert r1["verdict"] == "fails" and r1["n_below_floor"] == 1
+    assert r1["shortfall"]["per_seed"] == {"0": -1.0, "1": 0.0, "2": 0.0}
+
+
+def test_r1_rank_floor_fails_when_a_hidden_matrix_falls_below(tmp_path):
+    for seed in (0, 1, 2):
+        fabricate(tmp_path, spec(seed=seed), final_ranks=[15, 4, 12])
+        fabricate(tmp_path, spec(seed=seed, batch_size=128), final_ranks=[20] * 3)
+    r1 = verdicts(tmp_path)[0]["R1"]
+    assert r1["verdict"] == "fails" and r1["n_below_floor"] == 3
+    assert r1["shortfall"]["mean"] == pytest.approx(-5.0)
+    assert len({x["lowest_layer"] for x in r1["runs"]}) == 1      # the middle matrix, in every run
+
+
+def _full_batch(**kw):
+    return spec(**{"batch_size": 500, "train_subset": 500, "weight_decay": 5e-2, **kw})
+
+
+def test_r2_holds_when_the_rank_falls_at_stationarity(tmp_path):
+    for seed in (0, 1, 2):
+        # d flat at 1e-2 over the last tenths: flattened, so stationary
+        fabricate(tmp_path, _full_batch(seed=seed), final_ranks=[5] * 3, distance=[0.1] * 4 + [0.01] * 4)
+    # still falling fast: not stationary, counted and left out
+    fabricate(tmp_path, _full_batch(seed=3), final_ranks=[20] * 3, distance=[0.1] * 6 + [0.05, 0.01])
+    v, res = verdicts(tmp_path)
+    r2 = v["R2"]
+    assert r2["verdict"] == "holds" and r2["n_runs"] == 3 and r2["n_not_stationary"] == 1
+    assert r2["rank_reduction"]["mean"] == pytest.approx(0.75)
+    assert r2["beyond_paper"] is True and "2502.17340" in r2["source"]
+    assert v["C7"]["verdict"] == "insufficient"      # 500 examples: tiny data for C7
+
+
+def test_r2_fails_when_the_rank_stays_at_stationarity(tmp_path):
+    for seed in (0, 1, 2):
+        # d down to 1e-6: at rest
+        fabricate(tmp_path, _full_batch(seed=seed), final_ranks=[20] * 3,
+                  distance=[0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6, 1e-6, 1e-6])
+    r2 = verdicts(tmp_path)[0]["R2"]
+    assert r2["verdict"] == "fails" and r2["n_runs"] == 3
+    assert r2["rank_reduction"]["ci"] == pytest.approx([0, 0])
+
+
+def test_r2_without_a_stationary_run_is_insufficient(tmp_path):
+    for seed in (0, 1):
+        fabricate(tmp_path, _full_batch(seed=seed), final_ranks=[5] * 3, distance=[0.1] * 6 + [0.05, 0.01])
+        # flat at lr x lambda / (1 - momentum) = 0.05: weight decay alone, shrinking towards zero
+        fabricate(tmp_path, _full_batch(seed=seed, train_subset=501, batch_size=501), final_ranks=[5] * 3,
+                  distance=[0.05] * 8)
+        fabricate(tmp_path, _full_batch(seed=seed, weight_decay=0.0), final_ranks=[5] * 3,
+                  distance=[0.1] * 4 + [1e-6] * 4)       # weight decay 0: not R2's
+    r2 = verdicts(tmp_path)[0]["R2"]
+    assert r2["verdict"] == "insufficient" and r2["n_not_stationary"] == 4
+    assert [x["decay_shrink"] for x in r2["runs"]] == pytest.approx([0.05] * 4)
+
+
+# -- robustness to the rank convention
+
+def _c1_runs(tmp_path, tail):
+    for seed in SEEDS:
+        for b, r in ((8, 5), (32, 10), (128, 15)):
+            fabricate(tmp_path, spec(seed=seed, batch_size=b), final_ranks=[r] * 3, tail=tail)
+
+
+def test_conventions_agree_on_clean_spectra(tmp_path):
+    _c1_runs(tmp_path, 1e-7)
+    _, res = verdicts(tmp_path)
+    rob = {c["id"]: c for c in res["robustness"]["claims"]}
+    assert [c["measure"] for c in res["robustness"]["conventions"]] == ["threshold", "threshold",
+                                                                         "effective", "stable"]
+    assert set(rob) == {"C1", "C2", "C3", "R1"}
+    assert {v["verdict"] for v in rob["C1"]["verdicts"].values()} == {"holds"} and rob["C1"]["agree"]
+    md = C.markdown(res)
+    assert "## Robustness to the rank convention" in md and "| C1 | **holds**" in md
+    assert C.metrics(res)["robustness.C1.agree"] == "yes"
+
+
+def test_conventions_disagree_when_the_tail_sits_between_the_thresholds(tmp_path):
+    # Tail 2e-3: below tol 1e-3 x ||W||_F (>= sqrt(5)) but above tol x sigma_max = 1e-3. Under
+    # the sigma_max threshold every matrix is full rank (every group flat, C1 fails); the paper's
+    # threshold, the effective and the stable rank all see ranks 5, 10, 15.
+    _c1_runs(tmp_path, 2e-3)
+    _, res = verdicts(tmp_path)
+    c1 = next(c for c in res["robustness"]["claims"] if c["id"] == "C1")
+    by = {name: v["verdict"] for name, v in c1["verdicts"].items()}
+    assert by == {"threshold on W/‖W‖_F (the paper's)": "holds", "threshold on W/σ_max": "fails",
+                  "effective rank exp H(σ/Σσ)": "holds", "stable rank ‖W‖_F²/‖W‖₂²": "holds"}
+    assert not c1["agree"] and "| **no** |" in C.markdown(res)
+    # the config's convention decides the main table; nothing is retrained to change it
+    v_max, res_max = verdicts(tmp_path, normalise="max")
+    assert v_max["C1"]["verdict"] == "fails" and res_max["robustness"] == res["robustness"]
+    v_eff, res_eff = verdicts(tmp_path, measure="effective")
+    assert v_eff["C1"]["verdict"] == "holds" and res_eff["rank"]["measure"] == "effective"
+    assert "Rank: measure=effective." in C.markdown(res_eff)
+
+
+def test_stable_and_effective_ranks_read_off_stored_spectra(tmp_path):
+    fabricate(tmp_path, spec(), final_ranks=[4, 6, 8], tail=0.0)
+    (run,) = load_runs(tmp_path)
+    for measure in ("effective", "stable"):
+        mean, final = run.hidden_ranks(measure=measure)
+        assert list(final["rank"]) == pytest.approx([4.0, 6.0, 8.0])
+        assert mean.iloc[0] == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="measure"):
+        run.hidden_ranks(measure="entropy")

@@ -57,7 +57,7 @@ def test_every_figure_is_written_with_provenance(world, tmp_path):
         prov = provenance.read_embedded(out)
         assert sorted(x["run_id"] for x in prov["runs"]) == sorted(p.figures[name])
         tol = 0.04 if name == "fig8" else 1e-3       # fig8 sets its own
-        assert prov["rank"] == {"normalise": "fro", "tol": tol, "conv": "kernel"}
+        assert prov["rank"] == {"measure": "threshold", "normalise": "fro", "tol": tol, "conv": "kernel"}
 
 
 def test_layouts(world):
@@ -166,7 +166,7 @@ def test_summary_figures_are_written_with_provenance_and_audit(world, tmp_path):
         assert out.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
         prov = provenance.read_embedded(out)
         assert sorted(x["run_id"] for x in prov["runs"]) == expected
-        assert prov["rank"] == {"normalise": "fro", "tol": 1e-3, "conv": "kernel"}
+        assert prov["rank"] == {"measure": "threshold", "normalise": "fro", "tol": 1e-3, "conv": "kernel"}
         # What `rankbias audit` checks of a figure's images and runs (code and DVC need a repo).
         a = audit.Audit(out, tmp_path)
         record = a.images()

@@ -182,3 +182,29 @@ def test_effective_rank_edge_cases():
     batch = np.stack([np.full(4, 1.0), np.array([2.0, 0.0, 0.0, 0.0])])
     np.testing.assert_allclose(M.effective_rank(batch), [4.0, 1.0])
     assert M.effective_rank(np.array([1.0, 1.0]) * 1e6) == pytest.approx(2.0)   # scale-free
+
+
+@pytest.mark.parametrize("m, n, r", [(50, 80, 50), (60, 40, 7), (30, 30, 1)])
+def test_every_rank_measure_matches_numpy_svd(m, n, r):
+    """rank.measure's four conventions against numpy's SVD of the matrix itself."""
+    rng = np.random.default_rng(10 + r)
+    w = rng.standard_normal((m, r)) @ rng.standard_normal((r, n)) * np.logspace(0, -4, n)
+    sv = M.singular_values(torch.tensor(w)).numpy()
+    s = np.linalg.svd(w, compute_uv=False)
+    tol = 1e-3
+    assert M.rank_measure(sv, "threshold", "fro", tol) == (s / np.linalg.norm(w, "fro") > tol).sum()
+    assert M.rank_measure(sv, "threshold", "max", tol) == np.linalg.matrix_rank(w, tol=tol * s[0])
+    assert M.rank_measure(sv, "effective") == pytest.approx(_effective_rank_direct(w), rel=1e-5)
+    assert M.rank_measure(sv, "stable") == pytest.approx(
+        np.linalg.norm(w, "fro") ** 2 / np.linalg.norm(w, 2) ** 2, rel=1e-9)
+
+
+def test_rank_measure_edge_cases():
+    batch = np.array([[1.0, 1.0, 0.0], [np.nan, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    for measure in M.MEASURES:
+        out = M.rank_measure(batch, measure)
+        assert out.dtype == np.float64 and out.shape == (3,)
+        assert out[0] == pytest.approx(2.0) and np.isnan(out[1]) and out[2] == 0.0
+    assert M.stable_rank(np.array([2.0, 2.0, 0.0]) * 1e-200) == pytest.approx(2.0)   # tiny, not zero
+    with pytest.raises(ValueError, match="measure"):
+        M.rank_measure(batch, "nuclear")

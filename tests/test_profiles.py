@@ -30,7 +30,7 @@ def test_authors_profile_plans_their_logged_settings():
     p = sweep.plan(_load("authors.yaml"))
     specs = list(p.specs.values())
     assert all(s.momentum == 0.0 for s in specs)
-    assert p.config["rank"] == {"normalise": "fro", "tol": 1e-3, "conv": "kernel"}
+    assert p.config["rank"] == {"measure": "threshold", "normalise": "fro", "tol": 1e-3, "conv": "kernel"}
     logged = [s for s in specs if s.epochs == 500]
     assert logged and all(s.dataset == "cifar10" and s.schedule == "multistep"
                           and s.milestones == (60, 100, 200) and s.gamma == 0.2

@@ -97,7 +97,8 @@ def _runs(root: Path) -> list[Run]:
 def test_figure_provenance_names_runs_files_and_data(tmp_path):
     runs = _runs(tmp_path)
     rec = P.figure_provenance(runs, {"rank": {"normalise": "max", "tol": 0.01}}, "fig9", root=tmp_path)
-    assert rec["figure"] == "fig9" and rec["rank"] == {"normalise": "max", "tol": 0.01, "conv": "kernel"}
+    assert rec["figure"] == "fig9" and rec["rank"] == {"measure": "threshold", "normalise": "max", "tol": 0.01,
+                                                             "conv": "kernel"}
     assert [r["run_id"] for r in rec["runs"]] == sorted(r.run_id for r in runs)
     for r, run in zip(rec["runs"], sorted(runs, key=lambda x: x.run_id)):
         assert r["path"] == f"results/runs/{run.run_id}"

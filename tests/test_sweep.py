@@ -118,6 +118,7 @@ def test_schema_defaults_agree_with_the_library():
     (lambda c: c.update(graph=3), "graph"),
     (lambda c: c["rank"].update(tol=0), "rank.tol"),
     (lambda c: c["rank"].update(tol=float("inf")), "rank.tol"),   # passes the schema
+    (lambda c: c["rank"].update(measure="entropy"), "rank.measure"),
 ])
 def test_bad_configs_name_the_key(mutate, key):
     cfg = {"rank": {"normalise": "fro", "tol": 1e-3}, "defaults": {"dataset": "synthetic"},
@@ -227,6 +228,10 @@ def test_job_configs_change_only_where_the_config_does():
     assert changed == {None, "fig7", *sweep.SUMMARY}
     tol = {**base, "rank": {**base["rank"], "tol": 0.05}}
     assert {k for k, d in digests(tol).items() if d != before[k]} == set(before)
+    # another rank convention re-draws and re-judges from the stored spectra: same runs, same packs
+    measure = {**base, "rank": {**base["rank"], "measure": "effective"}}
+    assert {k for k, d in digests(measure).items() if d != before[k]} == set(before)
+    assert sweep.plan(measure).packs == sweep.plan(base).packs
     for key, value in (("graph", "off"), ("device", "cuda"), ("checkpoint_every", 1), ("train_threads", 2)):
         assert digests({**base, key: value}) == before, key
 

@@ -1,5 +1,5 @@
-"""Measured verdicts on the paper's claims C1-C7 and its theory T1-T3 (rankbias.theory),
-from whatever runs exist.
+"""Measured verdicts on the paper's claims C1-C7, its theory T1-T3 (rankbias.theory) and
+checks beyond the paper that later work asks for (R1, R2), from whatever runs exist.
 
 Each claim gets a verdict -- ``holds``, ``fails`` or ``insufficient`` (not enough
 runs of the right kind to judge) -- with the effect measured, the runs and seeds it
@@ -7,7 +7,10 @@ rests on and the thresholds used. Ranks are read off the stored spectra with the
 config's ``rank`` settings. Diverged runs are counted and excluded.
 
 "Final rank" is a run's average hidden-matrix rank at its last logged epoch;
-"relative rank" divides it by the same run's average rank at epoch 0. A group whose
+"relative rank" divides it by the same run's average rank at epoch 0. What a rank is
+follows the config's ``rank.measure`` (rankbias.metrics.rank_measure); the claims table
+also judges C1-C3 and R1 under each convention (``CONVENTIONS``), from the same stored
+spectra, and says whether the verdicts agree. A group whose
 final ranks differ by less than ``flat`` (relative range) shows no effect: it counts
 as an effect of 0.
 
@@ -33,7 +36,7 @@ import pandas as pd
 from . import metrics as M
 from . import theory_verdicts
 from .results import Run, atomic_write_set, json_bytes
-from .spec import RunSpec
+from .spec import NUM_CLASSES, RunSpec
 
 HOLDS, FAILS, INSUFFICIENT = "holds", "fails", "insufficient"
 
@@ -53,6 +56,11 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "c6_min_fraction": 0.5,    # C6: fraction of judged runs that must show the pattern
     "c7_ratio": 0.9,           # C7: full-batch GD final rank >= this x initial rank
     "c7_tiny_data": 1000,      # C7: training sets smaller than this are 'tiny' (exempt)
+    "r1_strongest": 0.25,      # R1: each seed's fraction of weight-decay runs with the lowest relative rank
+    "r2_max_distance": 1.0e-4,  # R2: late d(W_t, W_t+1) at most this: at rest (stationary)
+    "r2_flat": 0.5,            # R2: ... or flattened: late d >= this x d a tenth of the epochs before,
+    "r2_max_shrink": 0.5,      # R2: ... and <= this x the weight decay's own shrink per epoch
+    "r2_min_reduction": 0.1,   # R2: rank reduction 1 - final/initial rank at least this
     "ci_level": 0.95,          # all: coverage of the bootstrap interval of each effect
     "ci_min_values": 2,        # all: fewer values (seeds, or one seed's groups) give no interval
     "bootstrap_resamples": 10000,  # all: resamples of the percentile bootstrap
@@ -70,6 +78,18 @@ STATEMENTS = {
     "C6": "MLPs learn a bottleneck (middle layers lower rank than the first and last); "
           "ResNets balance rank across blocks.",
     "C7": "Full-batch gradient descent does not reduce rank (except on tiny data).",
+    "R1": "Rank floor: in the runs with the strongest rank bias, every hidden matrix keeps rank "
+          "at or above the number of classes minus one.",
+    "R2": "Full-batch gradient descent with weight decay, run until d(W_t, W_t+1) has flattened "
+          "(a stationary point), does reduce rank, contrary to C7's reading.",
+}
+
+# Checks beyond the paper: the later work each one comes from.
+BEYOND_PAPER = {
+    "R1": "Zangrando et al., Neural rank collapse: weight decay and small within-class "
+          "variability yield low-rank bias, arXiv 2402.03991",
+    "R2": "Kuzborskij & Abbasi-Yadkori, Low-rank bias, weight decay, and model merging in "
+          "neural networks, arXiv 2502.17340",
 }
 
 # The claims each of the paper's figures shows (the paper's own attribution).
@@ -131,8 +151,9 @@ class RunSummary:
         return RunSpec.from_dict(self.spec).sizes()[0]
 
 
-def summarise(run: Run, normalise: str, tol: float, conv: str = M.DEFAULT_CONV) -> RunSummary:
-    mean, fl = run.hidden_ranks(normalise, tol, finite_last=False, conv=conv)
+def summarise(run: Run, normalise: str, tol: float, conv: str = M.DEFAULT_CONV,
+              measure: str = M.DEFAULT_MEASURE) -> RunSummary:
+    mean, fl = run.hidden_ranks(normalise, tol, finite_last=False, conv=conv, measure=measure)
     last = int(mean.index.max())
     return RunSummary(run.run_id, run.spec.to_dict(), run.info.get("diverged"),
                       float(mean.iloc[0]), float(mean.loc[last]),
@@ -527,9 +548,138 @@ def claim_c7(runs: list[RunSummary], t: dict) -> dict:
                      f"{1.0 - t['c7_ratio']:g}.")}
 
 
+def claim_r1(runs: list[RunSummary], t: dict) -> dict:
+    """Rank floor (Zangrando et al.): the strongest-bias runs keep every hidden rank >= k - 1."""
+    floor = NUM_CLASSES - 1
+    by_seed: dict[int, list[RunSummary]] = {}
+    for r in runs:
+        if r.spec["weight_decay"] > 0 and r.final_layers and np.isfinite(r.relative_rank):
+            by_seed.setdefault(int(r.spec["seed"]), []).append(r)
+    judged: list[RunSummary] = []
+    for members in by_seed.values():
+        members = sorted(members, key=lambda r: (r.relative_rank, r.run_id))
+        judged += members[:max(1, math.ceil(t["r1_strongest"] * len(members)))]
+    lowest = [min(x for _, x in r.final_layers) for r in judged]
+    # how far a run's lowest hidden rank falls short of the floor (0 when it keeps it)
+    shortfalls = [(r.spec["seed"], min(x - floor, 0.0)) for r, x in zip(judged, lowest)]
+    eff = across_seeds(shortfalls, t, "runs")
+    verdict = _within(eff, 0.0, math.inf) if judged else INSUFFICIENT
+    return {"verdict": verdict, "floor": floor, "n_runs": len(judged), "seeds": _seeds(judged),
+            "n_below_floor": sum(x < floor for x in lowest),
+            "runs": [{"run_id": r.run_id, "model": _model(r.spec), "batch_size": r.spec["batch_size"],
+                      "lr": r.spec["lr"], "weight_decay": r.spec["weight_decay"], "seed": r.spec["seed"],
+                      "final_over_initial_rank": _r(r.relative_rank), "mean_hidden_rank": _r(r.final_rank, 2),
+                      "lowest_layer": min(r.final_layers, key=lambda lx: lx[1])[0],
+                      "lowest_layer_rank": _r(x, 2)} for r, x in zip(judged, lowest)],
+            "shortfall": eff.to_dict(), "intervals": {"shortfall below k-1": eff},
+            "effect": (f"lowest hidden rank {_r(min(lowest), 2) if lowest else None} against the floor "
+                       f"{floor} (k = {NUM_CLASSES} classes) over {len(judged)} strongest-bias runs; "
+                       f"{sum(x < floor for x in lowest)} below it"),
+            "rule": (f"Runs with weight decay > 0: per seed, the {t['r1_strongest']:g} fraction (at "
+                     f"least one) with the lowest final/initial rank ('strongest bias'). Per run, "
+                     f"the shortfall is min(0, lowest final rank over its hidden matrices - "
+                     f"{floor}), {floor} being the number of classes {NUM_CLASSES} minus one. Holds "
+                     f"when the interval of the mean shortfall lies at 0 (no run below the floor).")}
+
+
+def _late_distances(r: RunSummary) -> tuple[float, float]:
+    """Mean d(W_t, W_t+1) over the last tenth of the epochs, and over the tenth before."""
+    if "distance" not in r.metrics:
+        return float("nan"), float("nan")
+    return _window_mean(r.metrics["distance"], 0.9, 1.0), _window_mean(r.metrics["distance"], 0.8, 0.9)
+
+
+def claim_r2(runs: list[RunSummary], t: dict) -> dict:
+    """Full-batch GD with weight decay at stationarity (Kuzborskij & Abbasi-Yadkori)."""
+    full = [r for r in runs if r.spec["batch_size"] >= r.train_size() > 0 and r.spec["weight_decay"] > 0]
+    judged, rows = [], []
+    for r in full:
+        late, before = _late_distances(r)
+        # One step an epoch: with no gradient, coupled weight decay alone shrinks W by
+        # lr * lambda / (1 - momentum) per step once the momentum has built up, and d is that.
+        shrink = r.spec["lr"] * r.spec["weight_decay"] / max(1.0 - r.spec["momentum"], 1e-12)
+        at_rest = bool(late <= t["r2_max_distance"])
+        flattened = bool(before > 0 and late >= t["r2_flat"] * before and late <= t["r2_max_shrink"] * shrink)
+        stationary = bool(np.isfinite(late) and (at_rest or flattened))
+        rows.append({"run_id": r.run_id, "model": _model(r.spec), "train_size": r.train_size(),
+                     "epochs": r.spec["epochs"], "lr": r.spec["lr"], "weight_decay": r.spec["weight_decay"],
+                     "seed": r.spec["seed"], "d_late": _r(late, 8), "d_before": _r(before, 8),
+                     "decay_shrink": _r(shrink, 8), "stationary": stationary,
+                     "final_over_initial_rank": _r(r.relative_rank)})
+        if stationary:
+            judged.append(r)
+    reduction = _rank_reduction(judged, t)
+    verdict = _shows_effect(reduction, t["r2_min_reduction"]) if judged else INSUFFICIENT
+    ratios = [r.relative_rank for r in judged]
+    return {"verdict": verdict, "n_runs": len(judged), "seeds": _seeds(judged),
+            "n_not_stationary": len(full) - len(judged), "runs": rows,
+            "max_final_over_initial": _r(max(ratios)) if ratios else None,
+            "rank_reduction": reduction.to_dict(), "intervals": {"rank reduction": reduction},
+            "effect": (f"max final/initial rank {_r(max(ratios)) if ratios else None} over "
+                       f"{len(judged)} full-batch runs at stationarity ({len(full) - len(judged)} "
+                       f"not stationary, left out)"),
+            "rule": (f"Runs with weight decay > 0 whose batch is the whole training set (any size). "
+                     f"A run is at stationarity when d(W_t, W_t+1), averaged over the last tenth of "
+                     f"its epochs ('late'), is <= {t['r2_max_distance']:g} (at rest), or has flattened: "
+                     f"late d >= {t['r2_flat']:g} x the mean over the tenth before, and <= "
+                     f"{t['r2_max_shrink']:g} x lr x weight decay / (1 - momentum), the shrink per "
+                     f"step that weight decay alone gives (a run whose d is that shrink is decaying "
+                     f"towards the zero function, not held by its gradient). Other runs are counted "
+                     f"and left out. Rank reduction 1 - final/initial rank per run; holds (the rank "
+                     f"falls, contrary to C7's reading) when its interval lies above 0 and its mean "
+                     f"is >= {t['r2_min_reduction']:g}.")}
+
+
 CLAIMS: dict[str, Callable[[list[RunSummary], dict], dict]] = {
     "C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": claim_c5, "C6": claim_c6,
-    "C7": claim_c7}
+    "C7": claim_c7, "R1": claim_r1, "R2": claim_r2}
+
+# The rank conventions the robustness table judges under ((measure, normalise); the
+# threshold ones at the config's tol), and the claims it judges.
+CONVENTIONS: tuple[tuple[str, str, str], ...] = (
+    ("threshold on W/‖W‖_F (the paper's)", "threshold", "fro"),
+    ("threshold on W/σ_max", "threshold", "max"),
+    ("effective rank exp H(σ/Σσ)", "effective", "fro"),
+    ("stable rank ‖W‖_F²/‖W‖₂²", "stable", "fro"),
+)
+CONVENTION_CLAIMS = ("C1", "C2", "C3", "R1")
+
+
+def _summaries(runs: Sequence[Run], normalise: str, tol: float, conv: str,
+               measure: str) -> tuple[list[RunSummary], list[str]]:
+    """Summaries of the runs that did not diverge, and the ids of those these rank
+    settings measure nothing on (no singular value above tol at epoch 0: relative ranks
+    0/0), left out."""
+    summaries, unmeasured = [], []
+    for run in runs:
+        if run.diverged:
+            continue
+        s = summarise(run, normalise, tol, conv, measure)
+        if not s.initial_rank > 0:
+            unmeasured.append(run.run_id)
+            continue
+        summaries.append(s)
+    return summaries, unmeasured
+
+
+def robustness(runs: Sequence[Run], t: dict, tol: float, conv: str = M.DEFAULT_CONV) -> dict:
+    """C1-C3 and R1 judged under every rank convention in CONVENTIONS, from the stored
+    spectra (nothing retrains), and whether each claim's verdicts agree."""
+    conventions: list[dict] = []
+    verdicts: dict[str, dict[str, dict]] = {cid: {} for cid in CONVENTION_CLAIMS}
+    for name, measure, normalise in CONVENTIONS:
+        summaries, unmeasured = _summaries(runs, normalise, tol, conv, measure)
+        conventions.append({"name": name, "measure": measure,
+                            "normalise": normalise if measure == "threshold" else None,
+                            "tol": tol if measure == "threshold" else None,
+                            "judged": len(summaries), "unmeasured": len(unmeasured)})
+        for cid in CONVENTION_CLAIMS:
+            res = CLAIMS[cid](summaries, t)
+            verdicts[cid][name] = {"verdict": res["verdict"],
+                                   "intervals": {k: e.to_dict() for k, e in res["intervals"].items()}}
+    claims = [{"id": cid, "verdicts": v, "agree": len({x["verdict"] for x in v.values()}) == 1}
+              for cid, v in verdicts.items()]
+    return {"conventions": conventions, "claims": claims}
 
 
 def thresholds(overrides: dict | None) -> dict:
@@ -553,28 +703,26 @@ def thresholds(overrides: dict | None) -> dict:
 
 
 def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
-          overrides: dict | None = None, missing: Sequence[str] = (), conv: str = M.DEFAULT_CONV) -> dict:
+          overrides: dict | None = None, missing: Sequence[str] = (), conv: str = M.DEFAULT_CONV,
+          measure: str = M.DEFAULT_MEASURE) -> dict:
     t = thresholds(overrides)
-    summaries, diverged, unmeasured = [], [], []
-    for run in runs:
-        if run.diverged:
-            diverged.append({"run_id": run.run_id, **(run.info.get("diverged") or {})})
-            continue
-        s = summarise(run, normalise, tol, conv)
-        # No singular value above tol at epoch 0: these rank settings measure nothing on
-        # this run (its relative ranks are 0/0), so it is left out and counted; with
-        # every run so, every claim is insufficient.
-        if not s.initial_rank > 0:
-            unmeasured.append(run.run_id)
-            continue
-        summaries.append(s)
-    claims = []
+    diverged = [{"run_id": run.run_id, **(run.info.get("diverged") or {})} for run in runs if run.diverged]
+    # A run with no singular value above tol at epoch 0 is left out and counted; with
+    # every run so, every claim is insufficient.
+    summaries, unmeasured = _summaries(runs, normalise, tol, conv, measure)
+    claims, beyond = [], []
     for cid, fn in CLAIMS.items():
         res = fn(summaries, t)
         res["intervals"] = {k: e.to_dict() for k, e in res["intervals"].items()}
-        claims.append({"id": cid, "statement": STATEMENTS[cid], **res})
-    claims += theory_verdicts.verdicts([r for r in runs if not r.diverged])
-    return {"claims": claims, "rank": {"normalise": normalise, "tol": tol, "conv": conv}, "thresholds": t,
+        row = {"id": cid, "statement": STATEMENTS[cid], **res}
+        if cid in BEYOND_PAPER:
+            beyond.append({**row, "beyond_paper": True, "source": BEYOND_PAPER[cid]})
+        else:
+            claims.append(row)
+    # the paper's claims, its theory, then the checks beyond it
+    claims += theory_verdicts.verdicts([r for r in runs if not r.diverged]) + beyond
+    return {"claims": claims, "rank": {"measure": measure, "normalise": normalise, "tol": tol, "conv": conv},
+            "thresholds": t, "robustness": robustness(runs, t, tol, conv),
             "runs": {"available": len(runs), "judged": len(summaries), "diverged": len(diverged),
                      "unmeasured": len(unmeasured), "missing": len(missing)},
             "diverged_runs": diverged, "unmeasured_runs": unmeasured, "missing_runs": list(missing)}
@@ -625,13 +773,16 @@ def markdown(result: dict) -> str:
     lines = ["# Claims", "",
              f"Judged on {r['judged']} run(s) ({r['diverged']} diverged and excluded, "
              f"{r.get('unmeasured', 0)} with no singular value above tol {result['rank']['tol']:g} at "
-             f"epoch 0 and excluded, {r['missing']} not available). Rank: "
-             f"normalise={result['rank']['normalise']}, tol={result['rank']['tol']:g}.", "",
+             f"epoch 0 and excluded, {r['missing']} not available). Rank: {_rank_text(result['rank'])}.",
+             "", "Rows R1 and R2 are checks beyond the paper, from the later work each one cites.", "",
              f"| id | claim | verdict | effect: mean [{100 * result['thresholds']['ci_level']:g}% interval] "
              "(values) | effect measured | runs | seeds |",
              "|---|---|---|---|---|---|---|"]
     for c in result["claims"]:
-        lines.append(f"| {c['id']} | {c['statement']} | **{c['verdict']}** | {_intervals(c)} | "
+        statement = c["statement"]
+        if c.get("beyond_paper"):
+            statement += f" *Check beyond the paper: {c['source']}.*"
+        lines.append(f"| {c['id']} | {statement} | **{c['verdict']}** | {_intervals(c)} | "
                      f"{_effect(c)} | {c['n_runs']} | {len(c['seeds'])}: "
                      f"{', '.join(map(str, c['seeds'])) or '-'} |")
     lines += ["", "## How each verdict is reached", "",
@@ -644,6 +795,8 @@ def markdown(result: dict) -> str:
         if c.get("n_violations"):
             lines += [f"{c['n_violations']} violation(s), the first {len(c['violations'])}:", ""]
             lines += [f"- {json.dumps(v, sort_keys=True)}" for v in c["violations"]] + [""]
+    if result.get("robustness"):
+        lines += robustness_markdown(result["robustness"])
     if result["diverged_runs"]:
         lines += ["## Diverged runs (excluded)", ""]
         for d in result["diverged_runs"]:
@@ -653,6 +806,35 @@ def markdown(result: dict) -> str:
     lines += [f"| {k} | {v:g} |" for k, v in result["thresholds"].items()]
     lines += ["", "Full per-group numbers: claims.json.", ""]
     return "\n".join(lines)
+
+
+def _rank_text(rank: dict) -> str:
+    measure = rank.get("measure", M.DEFAULT_MEASURE)
+    if measure != "threshold":
+        return f"measure={measure}"
+    return f"measure=threshold, normalise={rank['normalise']}, tol={rank['tol']:g}"
+
+
+def robustness_markdown(rob: dict) -> list[str]:
+    """The robustness table: C1-C3 and R1 under each rank convention, and whether they agree."""
+    names = [c["name"] for c in rob["conventions"]]
+    lines = ["## Robustness to the rank convention", "",
+             "The same stored spectra, ranked four ways (thresholds at the config's tol); every "
+             "claim judged with the rules above. A verdict that changes with the convention rests "
+             "on it.", "",
+             "| claim | " + " | ".join(names) + " | agree |",
+             "|---|" + "---|" * len(names) + "---|"]
+    for c in rob["claims"]:
+        cells = []
+        for name in names:
+            v = c["verdicts"][name]
+            ivs = "; ".join(interval_text(e) for e in v["intervals"].values())
+            cells.append(f"**{v['verdict']}** ({ivs})")
+        lines.append(f"| {c['id']} | " + " | ".join(cells) + f" | {'yes' if c['agree'] else '**no**'} |")
+    lines += ["", "Runs judged per convention: " + "; ".join(
+        f"{c['name']}: {c['judged']}" + (f" ({c['unmeasured']} unmeasured)" if c["unmeasured"] else "")
+        for c in rob["conventions"]) + ".", ""]
+    return lines
 
 
 def measured(result: dict, figure: str) -> str:
@@ -691,6 +873,8 @@ def metrics(result: dict) -> dict:
                     flat[name] = v
     for key, value in result["runs"].items():
         flat[f"runs.{key}"] = value
+    for c in (result.get("robustness") or {}).get("claims", []):
+        flat[f"robustness.{c['id']}.agree"] = "yes" if c["agree"] else "no"
     return flat
 
 
@@ -723,11 +907,13 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
         rank, overrides = p.config["rank"], p.config["claims"]
     else:
         runs, missing = load_runs(runs_dir), []
-        rank, overrides = {"normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL, "conv": M.DEFAULT_CONV}, {}
+        rank, overrides = {"measure": M.DEFAULT_MEASURE, "normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL,
+                           "conv": M.DEFAULT_CONV}, {}
     if missing:
         print(f"warning: {len(missing)} run(s) of the config are not in {runs_dir}", file=sys.stderr)
     refuse_unverified(runs, "claims")
-    result = judge(runs, rank["normalise"], rank["tol"], overrides, missing, rank["conv"])
+    result = judge(runs, rank["normalise"], rank["tol"], overrides, missing, rank["conv"],
+                   rank.get("measure", M.DEFAULT_MEASURE))
     files = outputs(result, out)
     md, js = list(files)[:2]
     record = provenance.figure_provenance(runs, {"rank": rank, "claims": overrides,
@@ -739,8 +925,10 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7 and its theory T1-T3 on the stored runs",
-                              description="Judge claims C1-C7 and theory T1-T3 on whatever runs exist; writes "
+    p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7, its theory T1-T3 and checks R1-R2 on the stored runs",
+                              description="Judge claims C1-C7, theory T1-T3 and the checks beyond the paper "
+                                          "R1-R2 on whatever runs exist, with a table of C1-C3 and R1 "
+                                          "under four rank conventions; writes "
                                           "OUT.md, OUT.json and their provenance "
                                           "OUT.provenance.json (`rankbias audit OUT.md` checks "
                                           "it); the table as OUT.html and the verdicts and effects "

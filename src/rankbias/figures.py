@@ -52,11 +52,11 @@ class RunData:
 
 
 def load_run(run: Run, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
-             conv: str = M.DEFAULT_CONV) -> RunData:
+             conv: str = M.DEFAULT_CONV, measure: str = M.DEFAULT_MEASURE) -> RunData:
     spec = run.spec.to_dict()
     spec["model"] = run.spec.model
     metrics = run.metrics.set_index("epoch").sort_index()
-    mean_rank, final = run.hidden_ranks(normalise, tol, finite_last=True, conv=conv)
+    mean_rank, final = run.hidden_ranks(normalise, tol, finite_last=True, conv=conv, measure=measure)
     div = run.info.get("diverged")
     return RunData(run, spec, metrics, mean_rank, final,
                    None if div is None else int(div.get("epoch", -1)))
@@ -386,7 +386,8 @@ def draw_rank_vs_ratio(data: Sequence[RunData], missing: Sequence[str] = ()):
 # -- runs and the command ------------------------------------------------------------
 
 def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: float,
-            what: str = "figure", conv: str = M.DEFAULT_CONV) -> tuple[list[RunData], list[str]]:
+            what: str = "figure", conv: str = M.DEFAULT_CONV,
+            measure: str = M.DEFAULT_MEASURE) -> tuple[list[RunData], list[str]]:
     """Load the runs that exist; return them and the run_ids that do not. A run that
     fails verification (an edited record, an altered file) is an error naming it:
     nothing is drawn from it, and it is not passed off as missing either."""
@@ -398,7 +399,7 @@ def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: f
         else:
             missing.append(rid)
     refuse_unverified(runs, what)
-    return [load_run(run, normalise, tol, conv) for run in runs], missing
+    return [load_run(run, normalise, tol, conv, measure) for run in runs], missing
 
 
 def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: str | Path) -> dict:
@@ -408,7 +409,8 @@ def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: s
                          f"(figures: {', '.join(figure_names(p)) or 'none'})")
     rank = sweep.figure_rank(p.config, name) if name in p.config["figures"] else dict(p.config["rank"])
     run_ids = figure_runs(p, name)
-    data, missing = collect(runs_dir, run_ids, rank["normalise"], rank["tol"], name, rank["conv"])
+    data, missing = collect(runs_dir, run_ids, rank["normalise"], rank["tol"], name, rank["conv"],
+                            rank.get("measure", M.DEFAULT_MEASURE))
     if missing:
         print(f"warning: {name}: {len(missing)} of {len(run_ids)} runs missing in "
               f"{runs_dir}: {', '.join(missing)}", file=sys.stderr)

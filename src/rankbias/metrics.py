@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .spec import CONV_SPECTRA, DEFAULT_CONV, DEFAULT_NORMALISE, DEFAULT_TOL, NORMALISATIONS  # noqa: F401
+from .spec import (  # noqa: F401
+    CONV_SPECTRA,
+    DEFAULT_CONV,
+    DEFAULT_MEASURE,
+    DEFAULT_NORMALISE,
+    DEFAULT_TOL,
+    MEASURES,
+    NORMALISATIONS,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -134,10 +142,33 @@ def rank(sv: np.ndarray, normalise: str = DEFAULT_NORMALISE, tol: float = DEFAUL
 
 
 def stable_rank(sv: np.ndarray) -> np.ndarray:
-    """sum sigma^2 / sigma_max^2."""
+    """sum sigma^2 / sigma_max^2 = ||W||_F^2 / ||W||_2^2.
+
+    Threshold-free and scale-invariant, between 1 and the rank. A zero matrix has
+    stable rank 0 (as its rank is 0); a spectrum with NaN or inf (a diverged run) gives NaN.
+    """
     sv = np.asarray(sv, dtype=np.float64)
+    top = sv.max(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (sv ** 2).sum(-1) / sv.max(-1) ** 2
+        sr = ((sv / top[..., None]) ** 2).sum(-1)      # scaled first: no under- or overflow
+    sr = np.where(top > 0, sr, 0.0)
+    return np.where(np.isfinite(sv).all(-1), sr, np.nan)
+
+
+def rank_measure(sv: np.ndarray, measure: str = DEFAULT_MEASURE, normalise: str = DEFAULT_NORMALISE,
+                 tol: float = DEFAULT_TOL) -> np.ndarray:
+    """A spectrum's rank under one convention (``rank.measure``), as float [...]: the
+    paper's count above tol after `normalise` (``threshold``), the effective rank
+    (``effective``) or the stable rank (``stable``); NaN for a spectrum with NaN or inf.
+    `normalise` and `tol` matter to ``threshold`` only."""
+    if measure == "threshold":
+        r = rank(sv, normalise, tol).astype(np.float64)
+        return np.where(r < 0, np.nan, r)
+    if measure == "effective":
+        return effective_rank(sv)
+    if measure == "stable":
+        return stable_rank(sv)
+    raise ValueError(f"rank.measure: {measure!r} is not one of {', '.join(MEASURES)}")
 
 
 def relative_distance(w_prev: torch.Tensor, w_next: torch.Tensor) -> torch.Tensor:

@@ -285,35 +285,45 @@ class Run:
     def layer_names(self) -> list[str]:
         return [str(x) for x in self.spectra["layers"]]
 
-    def ranks(self, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL) -> pd.DataFrame:
-        """Rank of every matrix at every logged epoch: epoch, layer, index, kind, rank, stable_rank."""
+    def ranks(self, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
+              measure: str = M.DEFAULT_MEASURE) -> pd.DataFrame:
+        """Rank of every matrix at every logged epoch: epoch, layer, index, kind, rank, stable_rank.
+
+        `rank` is the paper's count (int; -1 for a spectrum with NaN) with the default
+        `measure`, else that convention's rank (float; NaN for a spectrum with NaN)."""
+        if measure not in M.MEASURES:
+            raise ValueError(f"rank.measure: {measure!r} is not one of {', '.join(M.MEASURES)}")
         sp = self.spectra
         kinds = dict(self.layers.drop_duplicates("index")[["index", "kind"]].itertuples(index=False))
         rows = []
         for i, name in enumerate(self.layer_names):
             sv = sp[f"sv_{i}"]
-            r = M.rank(sv, normalise, tol)
+            r = M.rank(sv, normalise, tol) if measure == "threshold" else M.rank_measure(sv, measure)
             sr = M.stable_rank(sv)
             for e, ri, si in zip(sp["epochs"], r, sr):
-                rows.append((int(e), name, i, kinds.get(i, "hidden"), int(ri), float(si)))
+                ri = int(ri) if measure == "threshold" else float(ri)
+                rows.append((int(e), name, i, kinds.get(i, "hidden"), ri, float(si)))
         return pd.DataFrame(rows, columns=["epoch", "layer", "index", "kind", "rank", "stable_rank"])
 
     def hidden_ranks(self, normalise: str = M.DEFAULT_NORMALISE, tol: float = M.DEFAULT_TOL,
-                     finite_last: bool = True, conv: str = M.DEFAULT_CONV) -> tuple[pd.Series, pd.DataFrame]:
+                     finite_last: bool = True, conv: str = M.DEFAULT_CONV,
+                     measure: str = M.DEFAULT_MEASURE) -> tuple[pd.Series, pd.DataFrame]:
         """(mean, final): the average rank over the hidden matrices indexed by logged epoch
         (NaN where a rank is unknown, i.e. once diverged), and the hidden matrices' ranks
         (columns layer, index, rank; sorted by index) at the last logged epoch -- with
         `finite_last`, the last one whose mean is finite (empty when there is none).
         Hidden matrices are the hidden Linear layers and the convolutions, each
-        convolution by its kernel's or its operator's spectrum (`conv`)."""
+        convolution by its kernel's or its operator's spectrum (`conv`); ranks under the
+        convention `measure` (rankbias.metrics.rank_measure)."""
         if conv not in M.CONV_SPECTRA:
             raise ValueError(f"rank.conv: {conv!r} is not one of {', '.join(M.CONV_SPECTRA)}")
-        r = self.ranks(normalise, tol)
+        r = self.ranks(normalise, tol, measure)
         conv_kind = "conv" if conv == "kernel" else "conv_operator"
         if conv == "operator" and (r["kind"] == "conv").any() and not (r["kind"] == conv_kind).any():
             raise RunError(f"{self.path}: rank.conv is 'operator', but this run stores no "
                            "operator spectra of its convolutions")
         hidden = r[r["kind"].isin(("hidden", conv_kind))].copy()
+        hidden["rank"] = hidden["rank"].astype(float)
         hidden.loc[hidden["rank"] < 0, "rank"] = np.nan
         mean = hidden.groupby("epoch")["rank"].mean()
         epochs = mean.dropna().index if finite_last else mean.index

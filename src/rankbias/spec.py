@@ -39,6 +39,11 @@ NORMALISATIONS = ("fro", "max", "none")
 # measured trends in NOTES.md use the same, so it is the default.
 DEFAULT_NORMALISE = "fro"
 DEFAULT_TOL = 1e-3
+# What a rank is: the count of normalised singular values above tol (the paper's), or a
+# threshold-free one read off the same spectrum: the effective rank exp H(sigma/sum sigma)
+# (Roy & Vetterli 2007) or the stable rank ||W||_F^2 / ||W||_2^2.
+MEASURES = ("threshold", "effective", "stable")
+DEFAULT_MEASURE = "threshold"
 GRAPH_MODES = ("auto", "on", "off")
 # Floating-point policy of training (rankbias.numerics): fp32, or TF32 matmuls and
 # convolutions on GPUs that have them (faster for compute-bound packs; changes results).

@@ -30,9 +30,11 @@ from .cluster import check_mem_mb
 from .spec import (
     CONV_SPECTRA,
     DEFAULT_CONV,
+    DEFAULT_MEASURE,
     DEFAULT_NORMALISE,
     DEFAULT_TOL,
     GRAPH_MODES,
+    MEASURES,
     NORMALISATIONS,
     RunSpec,
     SpecError,
@@ -82,7 +84,8 @@ TOP_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 5,
     # One 40 GB A100, the smallest data-centre GPU the paper profile is meant for.
     "device_memory_mb": 40960,
-    "rank": {"normalise": DEFAULT_NORMALISE, "tol": DEFAULT_TOL, "conv": DEFAULT_CONV},
+    "rank": {"measure": DEFAULT_MEASURE, "normalise": DEFAULT_NORMALISE, "tol": DEFAULT_TOL,
+             "conv": DEFAULT_CONV},
     "defaults": {},
     "figures": {},
     "extra": {},
@@ -280,6 +283,8 @@ def check_top_level(raw: Any) -> None:
 def _check_rank(where: str, rank: Any) -> None:
     if not isinstance(rank, Mapping) or set(rank) - set(TOP_DEFAULTS["rank"]):
         raise ConfigError(f"{where}: expected a mapping with keys {', '.join(TOP_DEFAULTS['rank'])}")
+    if "measure" in rank and rank["measure"] not in MEASURES:
+        raise ConfigError(f"{where}.measure: {rank['measure']!r} is not one of {', '.join(MEASURES)}")
     if "normalise" in rank and rank["normalise"] not in NORMALISATIONS:
         raise ConfigError(f"{where}.normalise: {rank['normalise']!r} is not one of "
                           f"{', '.join(NORMALISATIONS)}")
