@@ -1,0 +1,207 @@
+"""Progress on the terminal while the workflow trains (no torch: the workflow's parse
+imports this module).
+
+A training job writes every epoch's line to its log (results/logs/train/<pack>.log) and,
+through `--progress-fd`, a rate-limited copy to the terminal Snakemake runs in:
+``PackProgress`` prints a pack's line (pack, epoch, loss, mean rank, ETA) at most every
+``min_interval`` seconds, the first and the last always, and a heartbeat thread repeats
+the latest one, its ETA counted down, whenever ``max_silence`` seconds pass without a
+line (an epoch longer than that). So a running pack is heard from at least every
+``max_silence`` seconds.
+
+The whole run's estimate: when the workflow starts (its ``onstart``), ``run_plan``
+takes the cost model's seconds (``rankbias.cluster.estimate_seconds``) of every pack it
+will train and ``start_line`` prints the total; the plan reaches the training jobs in
+the environment (``RUN_PLAN``), and each job, when its pack is done, prints
+``finished_line``: the packs done, the time so far and what is left, the cost model
+scaled by the ratio of measured to estimated seconds of the packs done so far.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO
+
+# The environment variable holding the run's plan (run_plan()) for its training jobs.
+RUN_PLAN = "RANKBIAS_RUN_PLAN"
+MIN_INTERVAL = 10.0
+MAX_SILENCE = 25.0
+
+
+def duration(seconds: float) -> str:
+    """'45s', '3m05s', '2h04m'."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class PackProgress:
+    """A pack's progress lines on `stream` (see the module's docstring). `clock` is
+    injectable for tests; the heartbeat thread runs between start() and stop()."""
+
+    def __init__(self, stream: IO[str], pack: str, epochs: int, min_interval: float = MIN_INTERVAL,
+                 max_silence: float = MAX_SILENCE, clock: Callable[[], float] = time.monotonic):
+        self.stream, self.pack, self.epochs = stream, pack, epochs
+        self.min_interval, self.max_silence, self.clock = min_interval, max_silence, clock
+        self.lock = threading.Lock()
+        self.last_emit: float | None = None
+        self.state: tuple[int, float | None, float | None, float, float] | None = None
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def line(self, epoch: int, loss: float | None, rank: float | None, eta: float,
+             running_for: float | None = None) -> str:
+        loss_s = f"loss {loss:.4f}" if loss is not None else "loss -"
+        rank_s = f"mean rank {rank:.1f}" if rank is not None else "mean rank -"
+        head = f"[pack {self.pack}] epoch {epoch}/{self.epochs} {loss_s} {rank_s}"
+        if running_for is None:
+            return f"{head} ETA {duration(eta)}"
+        return (f"{head} ETA {duration(eta)} (epoch {min(epoch + 1, self.epochs)} running "
+                f"for {duration(running_for)})")
+
+    def _write(self, text: str, now: float) -> None:
+        try:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass    # the terminal went away: progress is a courtesy, training goes on
+        self.last_emit = now
+
+    def epoch(self, epoch: int, loss: float | None, rank: float | None, eta: float) -> bool:
+        """Record epoch `epoch`'s result; print it if it is the first or the last epoch or
+        `min_interval` has passed since the last line. Returns whether it printed."""
+        now = self.clock()
+        with self.lock:
+            self.state = (epoch, loss, rank, eta, now)
+            due = (self.last_emit is None or epoch >= self.epochs
+                   or now - self.last_emit >= self.min_interval)
+            if due:
+                self._write(self.line(epoch, loss, rank, eta), now)
+            return due
+
+    def say(self, text: str) -> None:
+        """A line of its own (start, done), printed at once."""
+        with self.lock:
+            self._write(text, self.clock())
+
+    def beat(self) -> bool:
+        """Repeat the latest state, its ETA counted down, if `max_silence` has passed
+        without a line. Returns whether it printed."""
+        now = self.clock()
+        with self.lock:
+            if self.state is None or self.last_emit is None or now - self.last_emit < self.max_silence:
+                return False
+            epoch, loss, rank, eta, at = self.state
+            self._write(self.line(epoch, loss, rank, max(0.0, eta - (now - at)), now - at), now)
+            return True
+
+    def start(self) -> PackProgress:
+        def loop() -> None:
+            period = min(self.max_silence, self.min_interval) / 2
+            while not self.stop_event.wait(period):
+                self.beat()
+        self.thread = threading.Thread(target=loop, name=f"progress-{self.pack}", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+# -- the whole run ---------------------------------------------------------------------
+
+def run_plan(packs: Mapping[str, tuple[list[str], float]], slots: int, runs_dir: str | Path) -> dict:
+    """The run's plan for `finished_line`: every pack still to train ({pack_id: (its run_ids,
+    cost-model seconds)}, those whose last run.json is missing under `runs_dir`), the
+    number of packs that train at once (`slots`) and the start time."""
+    todo = {pid: {"last_run": ids[-1], "estimate_s": round(float(est), 1)}
+            for pid, (ids, est) in packs.items()
+            if ids and not (Path(runs_dir) / ids[-1] / "run.json").exists()}
+    return {"packs": todo, "slots": max(1, int(slots)), "started": time.time(),
+            "runs_dir": str(runs_dir)}
+
+
+def start_line(plan: Mapping) -> str | None:
+    packs = plan["packs"]
+    if not packs:
+        return None
+    total = sum(p["estimate_s"] for p in packs.values())
+    return (f"[run] {len(packs)} pack(s) to train: about {duration(_wall(total, packs, plan['slots']))} "
+            f"with {plan['slots']} at a time (cost model: {duration(total)} of training; "
+            f"each pack's progress follows, its full log in results/logs/train/<pack>.log)")
+
+
+def _wall(seconds: float, packs: Mapping, slots: int) -> float:
+    """Wall seconds for `seconds` of training spread over `slots` jobs, at least the
+    longest pack's."""
+    longest = max((p["estimate_s"] for p in packs.values()), default=0.0)
+    return max(seconds / max(1, slots), longest)
+
+
+def measured_seconds(run_json: Path) -> float | None:
+    """The pack's wall time its run.json records, or None."""
+    try:
+        value = json.loads(run_json.read_text()).get("wall_time_s")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def finished_line(plan: Mapping, now: float | None = None) -> str | None:
+    """After a pack is done: packs done of the run's, time so far, and the training left,
+    the cost model scaled by measured / estimated seconds of the packs done."""
+    packs = plan.get("packs") or {}
+    if not packs:
+        return None
+    runs_dir = Path(plan.get("runs_dir", "results/runs"))
+    done_est = done_real = 0.0
+    left: dict[str, dict] = {}
+    for pid, p in packs.items():
+        real = measured_seconds(runs_dir / p["last_run"] / "run.json")
+        if real is None:
+            left[pid] = p
+        else:
+            done_est, done_real = done_est + p["estimate_s"], done_real + real
+    scale = done_real / done_est if done_est > 0 and done_real > 0 else 1.0
+    remaining = {pid: {"estimate_s": p["estimate_s"] * scale} for pid, p in left.items()}
+    rest = sum(p["estimate_s"] for p in remaining.values())
+    elapsed = (now if now is not None else time.time()) - float(plan.get("started", time.time()))
+    head = f"[run] {len(packs) - len(left)}/{len(packs)} pack(s) trained, {duration(elapsed)} so far"
+    if not left:
+        return f"{head}; training done"
+    return (f"{head}; about {duration(_wall(rest, remaining, int(plan.get('slots', 1))))} of training "
+            f"left ({len(left)} pack(s): cost model x {scale:.2f}, the measured / estimated seconds "
+            f"of the packs done)")
+
+
+def plan_from_environment() -> dict | None:
+    """The run's plan the workflow put in the environment (RUN_PLAN), or None."""
+    text = os.environ.get(RUN_PLAN)
+    if not text:
+        return None
+    try:
+        plan = json.loads(text)
+    except ValueError:
+        return None
+    return plan if isinstance(plan, dict) and isinstance(plan.get("packs"), dict) else None
+
+
+def open_fd(fd: int) -> IO[str]:
+    """A text stream on the open file descriptor `fd` (the rule opens it as the
+    terminal's stderr); ValueError naming it otherwise."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise ValueError(f"--progress-fd {fd}: not an open file descriptor (the workflow's train "
+                         f"rule opens it with `{fd}>&2`, the terminal, before sending the rest "
+                         f"to the log)") from None
+    return os.fdopen(fd, "w", buffering=1, closefd=False)
