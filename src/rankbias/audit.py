@@ -264,20 +264,24 @@ class Audit:
         # Run files against the runs-directory manifest the figure's stage depended on.
         fig_stages = {entry.stage for entry in entries
                       if entry.path == self.rel(self.figure) and entry.kind == "out"}
-        # Only a directory some stage outputs has its file list in the cache: `src` and
-        # `workflow` are dependencies git versions, and DVC stores no file list of them.
+        # Runs lie in results/: only a directory dependency there (results/runs) holds
+        # them. `src` and `workflow` are dependencies git versions; DVC pushes and pulls
+        # no file list of them, so none is looked for.
         producers = {entry.path: entry.stage for entry in entries
                      if entry.kind == "out" and entry.md5.endswith(".dir")}
         for dep in entries:
             if dep.stage not in fig_stages or dep.kind != "dep" or not dep.md5.endswith(".dir"):
                 continue
-            if dep.path not in producers:
+            if Path(dep.path).parts[:1] != ("results",):
                 continue
             manifest = dvcstate.dir_manifest(self.root, dep.md5)
             if manifest is None:
+                stage = producers.get(dep.path)
+                fix = (f"`dvc pull {stage}` fetches it" if stage else
+                       f"no stage in dvc.lock outputs {dep.path}: `dvc commit -f` its stage "
+                       f"(runs) and push it")
                 self.notes.append(f"dvc.lock: the file list {dep.md5} of {dep.path} is not in the "
-                                  f"DVC cache, so run files are not checked against it; "
-                                  f"`dvc pull {producers[dep.path]}` fetches it")
+                                  f"DVC cache, so run files are not checked against it; {fix}")
                 continue
             base = self.root / dep.path
             for rec in record.get("runs", []):
