@@ -150,3 +150,35 @@ def test_the_workflow_prints_a_short_plan_command_and_sends_training_progress_to
     assert plan and all(len(line) < 250 for line in plan), plan
     train = [line for line in shell if " rankbias train " in line]
     assert train and all("--progress-fd 3 3>&2 > results/logs/train/" in line for line in train), train
+
+
+def test_train_sends_rate_limited_lines_and_the_run_estimate_to_the_progress_fd(tmp_path):
+    """The training job as the workflow runs it: every epoch in the log (stderr), the
+    terminal's lines on fd 3, and the whole run's line when the pack is done."""
+    import subprocess
+    import sys
+
+    from rankbias.spec import load_pack, pack_id
+    specs = [{"dataset": "synthetic", "model": "MLP-2-8", "epochs": 3, "batch_size": 64, "seed": s}
+             for s in (0, 1)]
+    pack = tmp_path / "pack.json"
+    pack.write_text(json.dumps(specs))
+    members = load_pack(pack)
+    pid, run_ids = pack_id(members), [m.run_id for m in members]
+    runs = tmp_path / "runs"
+    plan = G.run_plan({pid: (run_ids, 4.0), "other": (["x"], 8.0)}, 1, runs)
+    read, write = os.pipe()
+    env = dict(os.environ, **{G.RUN_PLAN: json.dumps(plan)})
+    p = subprocess.run([sys.executable, "-m", "rankbias", "train", str(pack), "--out", str(runs),
+                        "--device", "cpu", "--progress-fd", str(write)], pass_fds=(write,),
+                       env=env, capture_output=True, text=True, timeout=300)
+    os.close(write)
+    with os.fdopen(read) as f:
+        shown = f.read().splitlines()
+    assert p.returncode == 0, p.stderr
+    assert f"[pack {pid}] epoch 3/3 loss" in p.stderr             # the log keeps every line
+    assert shown[0].startswith(f"[pack {pid}] K=2 MLP-2-8 on synthetic, cpu: 3 epochs")
+    epochs = [x for x in shown if " epoch " in x and "ETA" in x]
+    assert epochs[0].startswith(f"[pack {pid}] epoch 1/3 loss ") and epochs[-1].endswith("ETA 0s")
+    assert shown[-2].startswith(f"[pack {pid}] done in ") and shown[-2].endswith(": 2 runs")
+    assert shown[-1].startswith("[run] 1/2 pack(s) trained, ") and "1 pack(s): cost model x " in shown[-1]

@@ -79,9 +79,9 @@ class PackProgress:
         `min_interval` has passed since the last line. Returns whether it printed."""
         now = self.clock()
         with self.lock:
-            self.state = (epoch, loss, rank, eta, now)
-            due = (self.last_emit is None or epoch >= self.epochs
+            due = (self.state is None or self.last_emit is None or epoch >= self.epochs
                    or now - self.last_emit >= self.min_interval)
+            self.state = (epoch, loss, rank, eta, now)
             if due:
                 self._write(self.line(epoch, loss, rank, eta), now)
             return due
