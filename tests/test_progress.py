@@ -95,15 +95,17 @@ def test_whole_run_estimate_is_corrected_as_packs_finish(tmp_path):
     assert sorted(plan["packs"]) == ["p1", "p2", "p3"]    # p0 was trained before this run
     assert G.start_line(plan).startswith("[run] 3 pack(s) to train: about 1m00s with 2 at a time "
                                          "(cost model: 2m00s of training;")
-    for run_id, seconds in (("b", 10.0), ("c", 20.0)):
+    assert G.finished_line(plan, now=plan["started"] + 5).endswith(
+        "0/3 pack(s) trained, 5s so far; 3 pack(s) left, about 1m00s by the cost model")
+    for run_id in ("b", "c"):
         (runs / run_id).mkdir()
-        (runs / run_id / "run.json").write_text(json.dumps({"wall_time_s": seconds}))
-    line = G.finished_line(plan, now=plan["started"] + 65)
-    # 30 s measured for 60 s estimated: the 60 s left are about 30 s
-    assert line == ("[run] 2/3 pack(s) trained, 1m05s so far; about 30s of training left (1 pack(s): "
-                    "cost model x 0.50, the measured / estimated seconds of the packs done)")
+        (runs / run_id / "run.json").write_text("{}")
+    line = G.finished_line(plan, now=plan["started"] + 30)
+    # 60 s of the cost model done in 30 s: its 60 s left are about 30 s
+    assert line == ("[run] 2/3 pack(s) trained, 30s so far; about 30s of training left (1 pack(s): "
+                    "the cost model's 1m00s at this run's pace, x 0.50)")
     (runs / "d").mkdir()
-    (runs / "d" / "run.json").write_text(json.dumps({"wall_time_s": 1.0}))
+    (runs / "d" / "run.json").write_text("{}")
     assert G.finished_line(plan, now=plan["started"] + 70).endswith("1m10s so far; training done")
     assert G.start_line(G.run_plan({"p0": (["q", "r0"], 9.0)}, 1, runs)) is None
 
@@ -180,5 +182,5 @@ def test_train_sends_rate_limited_lines_and_the_run_estimate_to_the_progress_fd(
     assert shown[0].startswith(f"[pack {pid}] K=2 MLP-2-8 on synthetic, cpu: 3 epochs")
     epochs = [x for x in shown if " epoch " in x and "ETA" in x]
     assert epochs[0].startswith(f"[pack {pid}] epoch 1/3 loss ") and epochs[-1].endswith("ETA 0s")
-    assert shown[-2].startswith(f"[pack {pid}] done in ") and shown[-2].endswith(": 2 runs")
-    assert shown[-1].startswith("[run] 1/2 pack(s) trained, ") and "1 pack(s): cost model x " in shown[-1]
+    assert re.match(rf"\[pack {pid}\] done: 2 runs, \S+ of training, \S+ in this job$", shown[-2])
+    assert shown[-1].startswith("[run] 1/2 pack(s) trained, ") and "at this run's pace" in shown[-1]

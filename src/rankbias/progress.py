@@ -13,8 +13,9 @@ The whole run's estimate: when the workflow starts (its ``onstart``), ``run_plan
 takes the cost model's seconds (``rankbias.cluster.estimate_seconds``) of every pack it
 will train and ``start_line`` prints the total; the plan reaches the training jobs in
 the environment (``RUN_PLAN``), and each job, when its pack is done, prints
-``finished_line``: the packs done, the time so far and what is left, the cost model
-scaled by the ratio of measured to estimated seconds of the packs done so far.
+``finished_line``: the packs done, the time so far and what is left, the cost model's
+seconds of the packs left at the pace the run has kept (wall time so far over the cost
+model's seconds of the packs done).
 """
 from __future__ import annotations
 
@@ -147,40 +148,33 @@ def _wall(seconds: float, packs: Mapping, slots: int) -> float:
     return max(seconds / max(1, slots), longest)
 
 
-def measured_seconds(run_json: Path) -> float | None:
-    """The pack's wall time its run.json records, or None."""
-    try:
-        value = json.loads(run_json.read_text()).get("wall_time_s")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) else None
+def finished(runs_dir: Path, last_run: str) -> bool:
+    """Whether a pack is done: its last run's run.json (written last) exists."""
+    return (runs_dir / last_run / "run.json").exists()
 
 
 def finished_line(plan: Mapping, now: float | None = None) -> str | None:
-    """After a pack is done: packs done of the run's, time so far, and the training left,
-    the cost model scaled by measured / estimated seconds of the packs done."""
+    """After a pack is done: the packs done of the run's, the time so far, and the
+    training left: the cost model's seconds of the packs left, at the pace the run has
+    kept so far (its wall time over the cost model's seconds of the packs done), which
+    takes in job start-up, parallel jobs and how far off the cost model is here."""
     packs = plan.get("packs") or {}
     if not packs:
         return None
     runs_dir = Path(plan.get("runs_dir", "results/runs"))
-    done_est = done_real = 0.0
-    left: dict[str, dict] = {}
-    for pid, p in packs.items():
-        real = measured_seconds(runs_dir / p["last_run"] / "run.json")
-        if real is None:
-            left[pid] = p
-        else:
-            done_est, done_real = done_est + p["estimate_s"], done_real + real
-    scale = done_real / done_est if done_est > 0 and done_real > 0 else 1.0
-    remaining = {pid: {"estimate_s": p["estimate_s"] * scale} for pid, p in left.items()}
-    rest = sum(p["estimate_s"] for p in remaining.values())
-    elapsed = (now if now is not None else time.time()) - float(plan.get("started", time.time()))
+    left = {pid: p for pid, p in packs.items() if not finished(runs_dir, p["last_run"])}
+    done_est = sum(p["estimate_s"] for pid, p in packs.items() if pid not in left)
+    elapsed = max(0.0, (now if now is not None else time.time()) - float(plan.get("started", time.time())))
     head = f"[run] {len(packs) - len(left)}/{len(packs)} pack(s) trained, {duration(elapsed)} so far"
     if not left:
         return f"{head}; training done"
-    return (f"{head}; about {duration(_wall(rest, remaining, int(plan.get('slots', 1))))} of training "
-            f"left ({len(left)} pack(s): cost model x {scale:.2f}, the measured / estimated seconds "
-            f"of the packs done)")
+    rest = sum(p["estimate_s"] for p in left.values())
+    if done_est <= 0:
+        return (f"{head}; {len(left)} pack(s) left, about {duration(_wall(rest, left, int(plan.get('slots', 1))))} "
+                f"by the cost model")
+    pace = elapsed / done_est
+    return (f"{head}; about {duration(rest * pace)} of training left ({len(left)} pack(s): the cost "
+            f"model's {duration(rest)} at this run's pace, x {pace:.2f})")
 
 
 def plan_from_environment() -> dict | None:

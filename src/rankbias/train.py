@@ -504,7 +504,9 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
                    f"{thy.seconds['theorem1']:.1f}s (Theorem 1) and {thy.seconds['lemmas']:.1f}s (lemmas); "
                    f"wrote {len(paths)} runs to {out_dir}")
     if shown is not None:
-        shown.say(f"[pack {pid}] done in {duration(wall)}: {len(paths)} runs")
+        job = (timing.process_age() or 0.0)
+        shown.say(f"[pack {pid}] done: {len(paths)} runs, {duration(wall)} of training, "
+                  f"{duration(job)} in this job")
         run = plan_from_environment()
         line = finished_line(run) if run is not None and pid in run["packs"] else None
         if line is not None:
