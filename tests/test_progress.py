@@ -44,7 +44,14 @@ def test_epoch_lines_are_rate_limited_first_and_last_always():
 def test_heartbeat_repeats_the_latest_state_when_an_epoch_is_long():
     out, clock = io.StringIO(), Clock()
     p = G.PackProgress(out, "abc", 20, min_interval=10, max_silence=25, clock=clock)
-    assert not p.beat()                 # nothing known yet: nothing to repeat
+    assert not p.beat()                 # nothing said yet: nothing to repeat
+    clock.t = 60.0
+    p.say("[pack abc] K=4 MLP-5-100 on mnist, cpu: 20 epochs")
+    clock.t = 84.0
+    assert not p.beat()
+    clock.t = 85.0
+    assert p.beat()                     # the first epoch is long: heard from all the same
+    assert out.getvalue().splitlines()[-1] == "[pack abc] epoch 1/20 running for 25s"
     clock.t = 100.0
     p.epoch(1, 2.3, None, 950.0)
     clock.t = 124.0

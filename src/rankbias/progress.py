@@ -54,6 +54,8 @@ class PackProgress:
         self.lock = threading.Lock()
         self.last_emit: float | None = None
         self.state: tuple[int, float | None, float | None, float, float] | None = None
+        self.next_epoch = 1         # the epoch a pack resumed from a checkpoint starts with
+        self.said_at: float | None = None
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -90,15 +92,23 @@ class PackProgress:
     def say(self, text: str) -> None:
         """A line of its own (start, done), printed at once."""
         with self.lock:
-            self._write(text, self.clock())
+            now = self.clock()
+            self._write(text, now)
+            if self.said_at is None:
+                self.said_at = now
 
     def beat(self) -> bool:
         """Repeat the latest state, its ETA counted down, if `max_silence` has passed
         without a line. Returns whether it printed."""
         now = self.clock()
         with self.lock:
-            if self.state is None or self.last_emit is None or now - self.last_emit < self.max_silence:
+            if self.last_emit is None or now - self.last_emit < self.max_silence:
                 return False
+            if self.state is None:      # the first epoch still running
+                since = now - (self.said_at if self.said_at is not None else self.last_emit)
+                self._write(f"[pack {self.pack}] epoch {self.next_epoch}/{self.epochs} running for "
+                            f"{duration(since)}", now)
+                return True
             epoch, loss, rank, eta, at = self.state
             self._write(self.line(epoch, loss, rank, max(0.0, eta - (now - at)), now - at), now)
             return True

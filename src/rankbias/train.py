@@ -417,6 +417,7 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         _log(progress, f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset} ({pack.n} samples), "
                        f"{dev.type}: epoch 0 mean rank {info['mean_rank']:.1f}")
     if shown is not None:
+        shown.next_epoch = start + 1
         shown.say(f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset}, {dev.type}: "
                   + (f"resuming at epoch {start}/{s0.epochs}" if start else f"{s0.epochs} epochs"))
     t0 = time.perf_counter()
