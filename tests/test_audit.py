@@ -255,6 +255,42 @@ def test_dvc_lock_is_checked(tree, capsys):
     assert rc == 1 and any(x.startswith(f"MISMATCH {FIG}: md5 ") for x in mismatches(out))
 
 
+def test_a_file_list_missing_from_the_cache_is_noted_only_for_results(tree, capsys):
+    _write_lock(tree, dvcstate.md5_file(tree / FIG))
+    lock = yaml.safe_load((tree / "dvc.lock").read_text())
+    runs_md5 = lock["stages"]["figure@fig2"]["deps"][0]["md5"]
+    # src and workflow are dependencies git versions: DVC pulls no file list of them.
+    lock["stages"]["figure@fig2"]["deps"] += [{"path": d, "hash": "md5", "md5": f"{c * 32}.dir"}
+                                              for d, c in (("src", "a"), ("workflow", "b"))]
+    lock["stages"]["runs"] = {"cmd": "snakemake", "outs": [{"path": "results/runs", "hash": "md5",
+                                                            "md5": runs_md5}]}
+    (tree / "dvc.lock").write_text(yaml.safe_dump(lock))
+    rc, out = audit(tree, capsys)
+    assert rc == 0 and "note: dvc.lock" not in out, out
+    dvcstate.cache_object(tree, runs_md5).unlink()
+    rc, out = audit(tree, capsys)
+    notes = [line for line in out.splitlines() if line.startswith("note: dvc.lock")]
+    assert rc == 0 and notes == [f"note: dvc.lock: the file list {runs_md5} of results/runs is not in "
+                                 f"the DVC cache, so run files are not checked against it; "
+                                 f"`dvc pull runs` fetches it"], out
+
+
+def test_params_yaml_is_bookkeeping_not_code(tree, capsys):
+    """README: set params.yaml to the config the results came from before `dvc commit`,
+    after the figures were made, and commit it with dvc.lock."""
+    (tree / "params.yaml").write_text("configfile: config/config.yaml\n")
+    git(tree, "add", "-A")
+    git(tree, "commit", "-qm", "params")
+    rc, out = audit(tree, capsys)
+    assert rc == 0, out
+    (tree / "params.yaml").write_text("configfile: .test/config.yaml\n")
+    rc, out = audit(tree, capsys)
+    assert rc == 0, out
+    git(tree, "commit", "-qam", "results")
+    rc, out = audit(tree, capsys)
+    assert rc == 0, out
+
+
 def test_usage_errors_exit_2(tree, capsys):
     assert main(["audit", "results/figures/nope.png", "--root", str(tree)]) == 2
     (tree / "results/figures/fig2.svg").write_text("<svg/>")

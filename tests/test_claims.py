@@ -285,6 +285,31 @@ def test_cli_writes_md_and_json(tmp_path):
     assert "2: 0, 1 |" in md
 
 
+def test_table_prints_a_row_per_claim_and_names_a_bad_file(tmp_path, capsys):
+    from rankbias.cli import main
+    runs = tmp_path / "runs"
+    for seed in SEEDS:
+        for b, r in ((8, 6), (32, 12), (128, 19)):
+            fabricate(runs, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
+    assert main(["claims", "--runs", str(runs), "--out", str(tmp_path / "claims")]) == 0
+    capsys.readouterr()
+    assert main(["claims", "--out", str(tmp_path / "claims"), "--table"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["id", "verdict", "runs", "seeds"]
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert list(rows) == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3"]
+    assert rows["C1"].split()[1] == "holds" and "Spearman: 1 [1, 1] (2 seeds)" in rows["C1"]
+    assert lines[-1].startswith("runs: available 6")
+    assert max(len(line) for line in lines) < 240      # dvc metrics show: one row of ~1,900
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"claims": 3}')
+    assert main(["claims", "--table", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "'claims' is a list" in err
+    assert main(["claims", "--table", str(tmp_path / "none.json")]) == 1
+    assert "none.json: no such file" in capsys.readouterr().err
+
+
 def test_c4_verdict_uses_unrounded_ratios(tmp_path):
     # Ratio 1.0004 rounds to 1.0 for display, but it is > 1 and meets c4_min_ratio = 1.
     E = 8

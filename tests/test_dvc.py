@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -241,3 +242,56 @@ def test_params_are_the_config_and_code_is_a_dependency(committed):
         assert {"runs", "claims", "figure@fig1"} <= set(status), status
     finally:
         src.write_text(code)
+
+
+def test_readme_dvc_section_command_by_command_ends_with_audits_that_pass(tmp_path):
+    """README "Provenance, DVC and audit", as a researcher follows it: the pipeline runs,
+    params.yaml is set to the config the results came from, `dvc commit -f`, git commit,
+    `dvc push`; `dvc metrics show`, `rankbias claims --table`, `dvc plots show` and
+    `snakemake --report report.html`; then a fresh clone: `dvc pull`, `rankbias restore`,
+    `snakemake -n` (nothing), the same viewing commands, and `rankbias audit` of every
+    figure and the claims passes in both, with no note that asks for another pull."""
+    repo = copy_repo(tmp_path / "repo")
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "code")
+    run = sh(repo, "snakemake", *CONFIG, "--cores", "2")            # the pipeline has run
+    # ... with each pack's progress and the whole run's estimate on the terminal
+    shown = run.stdout + run.stderr
+    assert re.search(r"^\[pack [0-9a-f]{12}\] epoch 3/3 loss \d\.\d{4} mean rank \S+ ETA 0s$", shown, re.M), shown
+    assert re.search(r"^\[run\] \d+ pack\(s\) to train: about ", shown, re.M), shown
+    assert re.search(r"^\[run\] (\d+)/\1 pack\(s\) trained, .* so far; training done$", shown, re.M), shown
+    use_config(repo, TEST_CONFIG)              # "Set it to the config your results came from"
+    sh(repo, "dvc", "commit", "-f")
+    sh(repo, "git", "add", "dvc.lock", "params.yaml")
+    sh(repo, "git", "commit", "-qm", "results")
+    sh(repo, "dvc", "push")
+    outputs = sorted(str(p.relative_to(repo)) for p in (repo / "results/figures").glob("*.png"))
+    assert len(outputs) == 12, outputs
+    outputs.append("results/claims.md")
+
+    def look_and_audit(wd: Path) -> None:
+        metrics = sh(wd, "dvc", "metrics", "show").stdout
+        assert "results/claims.metrics.json" in metrics, metrics
+        table = sh(wd, "rankbias", "claims", "--table").stdout.splitlines()
+        assert [line.split()[0] for line in table[1:11]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3"]
+        sh(wd, "dvc", "plots", "show")
+        assert (wd / "dvc_plots" / "index.html").is_file()
+        sh(wd, "snakemake", *CONFIG, "--report", "report.html", "--cores", "1")
+        assert (wd / "report.html").is_file()
+        assert sh(wd, "git", "status", "--porcelain", "--untracked-files=all").stdout.strip() == ""
+        for out in outputs:
+            p = sh(wd, "rankbias", "audit", out, check=False)
+            assert p.returncode == 0 and "audit: OK" in p.stdout, f"{wd.name}: {out}\n{p.stdout[-3000:]}"
+            notes = [line for line in p.stdout.splitlines() if line.startswith("note:")]
+            assert notes == [], f"{wd.name}: {out}: {notes}"
+
+    look_and_audit(repo)
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", "repo", "clone")
+    sh(clone, "dvc", "pull")
+    p = sh(clone, "rankbias", "restore", "--", *CONFIG)
+    assert "0 problem(s)" in p.stdout, p.stdout
+    p = sh(clone, "snakemake", "-n", *CONFIG, "--cores", "1")
+    assert "Nothing to be done" in p.stdout + p.stderr, p.stdout + p.stderr
+    look_and_audit(clone)

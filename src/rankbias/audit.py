@@ -19,8 +19,8 @@ audit prints that record as a tree and then checks, against the tree as it is no
     checkout's ``src/rankbias``: a copy first on PYTHONPATH or an installed package is
     not the checkout;
   * the code that made the figure equals the working tree (``git diff`` against the
-    recorded commit, ignoring DVC bookkeeping and Markdown; a file that git neither
-    tracks nor ignores counts as a change).
+    recorded commit, ignoring DVC bookkeeping (dvc.lock, params.yaml) and Markdown; a
+    file that git neither tracks nor ignores counts as a change).
 
 Exit status: 0 everything matches, 1 a mismatch (one line per differing file or fact),
 2 bad usage or a missing figure.
@@ -38,8 +38,12 @@ from . import provenance as P
 from .results import CheckedRun, check_run, sha256_file
 
 # Paths whose changes cannot change a figure: DVC bookkeeping, training records and prose.
-CODE_EXCLUDES = (":(exclude)dvc.lock", ":(exclude,glob)**/*.dvc", ":(exclude).dvc",
-                 ":(exclude,glob)**/*.md", ":(exclude).dvcignore", ":(exclude).rankbias")
+# params.yaml is DVC bookkeeping too: it names the config file DVC's stages pass to
+# snakemake (`configfile`), which the README has set before `dvc commit`; what a figure
+# was drawn from is its own record (runs, specs, rank settings), checked above.
+CODE_EXCLUDES = (":(exclude)dvc.lock", ":(exclude)params.yaml", ":(exclude,glob)**/*.dvc",
+                 ":(exclude).dvc", ":(exclude,glob)**/*.md", ":(exclude).dvcignore",
+                 ":(exclude).rankbias")
 
 
 def other_format(figure: Path) -> Path:
@@ -260,13 +264,24 @@ class Audit:
         # Run files against the runs-directory manifest the figure's stage depended on.
         fig_stages = {entry.stage for entry in entries
                       if entry.path == self.rel(self.figure) and entry.kind == "out"}
+        # Runs lie in results/: only a directory dependency there (results/runs) holds
+        # them. `src` and `workflow` are dependencies git versions; DVC pushes and pulls
+        # no file list of them, so none is looked for.
+        producers = {entry.path: entry.stage for entry in entries
+                     if entry.kind == "out" and entry.md5.endswith(".dir")}
         for dep in entries:
             if dep.stage not in fig_stages or dep.kind != "dep" or not dep.md5.endswith(".dir"):
                 continue
+            if Path(dep.path).parts[:1] != ("results",):
+                continue
             manifest = dvcstate.dir_manifest(self.root, dep.md5)
             if manifest is None:
-                self.notes.append(f"dvc.lock: manifest {dep.md5} of {dep.path} is not in the DVC "
-                                  f"cache (dvc pull), run files not checked against it")
+                stage = producers.get(dep.path)
+                fix = (f"`dvc pull {stage}` fetches it" if stage else
+                       f"no stage in dvc.lock outputs {dep.path}: `dvc commit -f` its stage "
+                       f"(runs) and push it")
+                self.notes.append(f"dvc.lock: the file list {dep.md5} of {dep.path} is not in the "
+                                  f"DVC cache, so run files are not checked against it; {fix}")
                 continue
             base = self.root / dep.path
             for rec in record.get("runs", []):

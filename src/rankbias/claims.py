@@ -939,10 +939,49 @@ def register(subparsers) -> None:
                         "(default: every run in --runs, default settings)")
     p.add_argument("--runs", default="results/runs", help="runs directory (default: %(default)s)")
     p.add_argument("--out", default="results/claims", help="output stem (default: %(default)s)")
+    p.add_argument("--table", nargs="?", const="", metavar="CLAIMS_JSON",
+                   help="judge nothing: print the verdicts of CLAIMS_JSON (default: OUT.json) as a "
+                        "short table, a row per claim (what `dvc metrics show` prints in one row)")
     p.set_defaults(func=_cmd_claims)
 
 
+def read_result(path: str | Path) -> dict:
+    """A claims.json `rankbias claims` wrote; ValueError naming the file and what was
+    expected otherwise."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file (`snakemake` or `rankbias claims` writes it)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: expected the JSON `rankbias claims` writes ({e})") from None
+    claims = result.get("claims") if isinstance(result, dict) else None
+    if not isinstance(claims, list) or not all(isinstance(c, dict) and "id" in c and "verdict" in c
+                                               for c in claims):
+        raise ValueError(f"{path}: expected an object whose 'claims' is a list of objects with "
+                         f"'id' and 'verdict', as `rankbias claims` writes")
+    return result
+
+
+def table(result: dict) -> str:
+    """The verdicts as a short plain-text table: a row per claim (id, verdict, runs,
+    seeds, each effect's mean and interval), and the runs judged."""
+    rows = [("id", "verdict", "runs", "seeds", "effect: mean [interval] (values)")]
+    for c in result["claims"]:
+        rows.append((str(c["id"]), str(c["verdict"]), str(c.get("n_runs", "-")),
+                     str(len(c.get("seeds") or [])), _intervals(c)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+    runs = result.get("runs") or {}
+    if runs:
+        lines.append("runs: " + ", ".join(f"{k} {v}" for k, v in runs.items()))
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def _cmd_claims(args: argparse.Namespace) -> int:
+    if args.table is not None:
+        print(table(read_result(args.table or f"{args.out}.json")))
+        return 0
     result = run_claims(args.config, args.runs, args.out)
     for c in result["claims"]:
         print(f"{c['id']}: {c['verdict']:<12} {_intervals(c)}")

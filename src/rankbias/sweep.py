@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -526,6 +527,11 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", default="config/config.yaml", help="config file (default: %(default)s)")
     src.add_argument("--config-json", metavar="JSON", help="the config itself, as JSON text")
+    src.add_argument("--config-env", metavar="NAME", help="the config as JSON text in the "
+                     "environment variable NAME (the workflow's plan job: RANKBIAS_PLANNED_CONFIG, "
+                     "which its parse sets to the config it planned)")
+    p.add_argument("--expect-config", metavar="DIGEST", help="refuse, writing nothing, unless the "
+                   "config plans the job config DIGEST (results/config/DIGEST.json)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--write-configs", metavar="DIR", help="write the config files the workflow's "
                    "jobs read, DIR/<digest>.json, each named by the hash of its content")
@@ -537,15 +543,30 @@ def register(subparsers) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    if args.config_env is not None:
+        text = os.environ.get(args.config_env)
+        if text is None:
+            raise ConfigError(f"--config-env {args.config_env}: the environment variable is not set "
+                              f"(expected the config as JSON, which the workflow's parse sets)")
+        args.config_json, where = text, f"--config-env {args.config_env}"
+    else:
+        where = "--config-json"
     if args.config_json is not None:
         try:
             doc = json.loads(args.config_json)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--config-json: not valid JSON ({e})") from None
+            raise ConfigError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{where}: expected a JSON object (the config), got {_kind(doc)}")
         p = plan(doc)
-        args.config = "--config-json"
+        args.config = where
     else:
         p = plan_from_file(args.config)
+    if args.expect_config is not None:
+        got = config_digest(job_configs(p)[None])
+        if got != args.expect_config:
+            raise ConfigError(f"{args.config}: plans the job config {got}, expected {args.expect_config} "
+                              f"(results/config/{args.expect_config}.json); nothing written")
     check_device_memory(p)
     if args.write_configs:
         written = write_configs(p, args.write_configs)

@@ -41,6 +41,7 @@ from . import metrics as M
 from . import numerics, timing
 from .engine import GRAPH_MODES, Pack, check_pack_memory
 from .theory import TheoryRecorder
+from .progress import MAX_SILENCE, PackProgress, duration, finished_line, open_fd, plan_from_environment
 from .results import atomic_write_bytes, write_run
 from .spec import RunSpec, SpecError, check_pack, load_pack, pack_id
 
@@ -323,7 +324,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 5,
                data_dir: str | Path | None = None, dataset=None, progress: bool = True,
                on_epoch=None, graph: str = "auto", device_memory_mb: int | None = None,
-               deterministic: bool = True) -> list[Path]:
+               deterministic: bool = True, terminal=None) -> list[Path]:
     """Train one pack and write `out_dir/<run_id>/` for each member.
 
     First, before anything is allocated or locked, the pack's memory estimate must fit
@@ -333,7 +334,10 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     is called after each epoch's checkpoint (tests use it to simulate a kill). `graph`
     (auto|on|off) says whether a CUDA step may be a captured graph (engine.choose_stepper).
     `deterministic` (the config key of that name) runs CUDA under rankbias.numerics'
-    deterministic policy; the pack's `precision` sets fp32 or TF32. Raises PackLocked when
+    deterministic policy; the pack's `precision` sets fp32 or TF32. `terminal` (a text
+    stream) gets the rate-limited progress lines of rankbias.progress besides the full
+    ones on stderr, and, in a workflow run, the whole run's estimate when the pack is
+    done. Raises PackLocked when
     another process trains the pack (`lock_path`), NondeterministicOp naming an op with no
     deterministic kernel, and Preempted after SIGTERM (with a checkpoint written).
     """
@@ -350,7 +354,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
         try:
             return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, dev,
                                  data_dir, dataset, progress, on_epoch, graph, device_memory_mb, stop,
-                                 deterministic)
+                                 deterministic, terminal)
         except RuntimeError as e:
             err = numerics.explain(e, f"pack {pid}")
             if err is e:
@@ -361,7 +365,24 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
 def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
                   dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
                   device_memory_mb: int | None, stop: threading.Event,
-                  deterministic: bool = True) -> list[Path]:
+                  deterministic: bool = True, terminal=None) -> list[Path]:
+    shown = None
+    if terminal is not None:
+        shown = PackProgress(terminal, pid, specs[0].epochs)
+        shown.start()
+    try:
+        return _train_epochs(specs, out_dir, pid, checkpoint_dir, checkpoint_every, dev, data_dir,
+                             dataset, progress, on_epoch, graph, device_memory_mb, stop,
+                             deterministic, shown)
+    finally:
+        if shown is not None:
+            shown.stop()
+
+
+def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
+                  dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
+                  device_memory_mb: int | None, stop: threading.Event, deterministic: bool,
+                  shown: PackProgress | None) -> list[Path]:
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)   # graphs, streams and events use the current device
     s0 = specs[0]
@@ -395,6 +416,10 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         _theory(thy, pack, rec, 0, "fresh")
         _log(progress, f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset} ({pack.n} samples), "
                        f"{dev.type}: epoch 0 mean rank {info['mean_rank']:.1f}")
+    if shown is not None:
+        shown.next_epoch = start + 1
+        shown.say(f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset}, {dev.type}: "
+                  + (f"resuming at epoch {start}/{s0.epochs}" if start else f"{s0.epochs} epochs"))
     t0 = time.perf_counter()
     reached = start       # epochs trained so far
 
@@ -429,6 +454,8 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         div = f" ({info['diverged']} diverged)" if info["diverged"] else ""
         _log(progress, f"[pack {pid}] epoch {epoch + 1}/{s0.epochs} loss {info['loss']:.4f}{rank}{div} "
                        f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+        if shown is not None:
+            shown.epoch(epoch + 1, info["loss"], info["mean_rank"], eta)
         reached = epoch + 1
         # SIGTERM is honoured in the last epoch too: the runs are not written, the
         # checkpoint of the trained pack is, and the rerun only writes them.
@@ -477,6 +504,15 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
     _log(progress, f"[pack {pid}] done in {wall:.1f}s; measuring the theory took "
                    f"{thy.seconds['theorem1']:.1f}s (Theorem 1) and {thy.seconds['lemmas']:.1f}s (lemmas); "
                    f"wrote {len(paths)} runs to {out_dir}")
+    if shown is not None:
+        job = (timing.process_age() or 0.0)
+        shown.say(f"[pack {pid}] done: {len(paths)} runs, {duration(wall)} of training, "
+                  f"{duration(job)} in this job")
+        run = plan_from_environment()
+        line = finished_line(run) if run is not None and pid in run["packs"] else None
+        if line is not None:
+            shown.say(line)
+            _log(progress, line)
     return paths
 
 
@@ -528,6 +564,11 @@ def register(subparsers) -> None:
                         "(rankbias.cluster.estimate_mem_mb) exceeds it is refused before anything "
                         "trains (default: the CUDA device's memory, or the host's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--progress-fd", type=int, default=None, metavar="FD",
+                   help="also write progress lines, one per pack at least every "
+                        f"{MAX_SILENCE:g} s while it trains (pack, epoch, loss, mean rank, ETA), "
+                        "to the open file descriptor FD (the workflow: the terminal, while "
+                        "stderr goes to the job's log)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -565,11 +606,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 check_pack_memory(specs, dev, args.device_memory_mb)
             except SpecError as e:
                 raise SpecError(f"pack file {path}: {e}") from None
+        terminal = open_fd(args.progress_fd) if args.progress_fd is not None else None
         for specs in packs:
             try:
                 train_pack(specs, args.out, args.device, args.checkpoint_dir, args.checkpoint_every,
                            args.data_dir, progress=not args.quiet, graph=graph,
-                           device_memory_mb=args.device_memory_mb, deterministic=deterministic)
+                           device_memory_mb=args.device_memory_mb, deterministic=deterministic,
+                           terminal=terminal)
             except Preempted as e:
                 _warn(str(e))
                 return PREEMPTED_EXIT

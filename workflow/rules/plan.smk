@@ -1,5 +1,8 @@
 # One job writes what this parse planned: the config files and the pack files, all
-# named by hashes of their content. They are `ancient` inputs of every job that reads
+# named by hashes of their content. It reads the config this parse planned from the
+# environment variable the parse set (RANKBIAS_PLANNED_CONFIG, as every SLURM job does),
+# not from a command line of the whole config, and checks that it is the job config
+# this parse planned (--expect-config, its digest). They are `ancient` inputs of every job that reads
 # them (a name never changes its content), so this job running again, because another
 # config was planned meanwhile, retrains and redraws nothing.
 rule plan:
@@ -10,7 +13,7 @@ rule plan:
         "results/logs/plan.log",
     localrule: True
     params:
-        config=json.dumps(JOB_CONFIGS[None], sort_keys=True, separators=(",", ":")),
+        digest=sweep.config_digest(JOB_CONFIGS[None]),
     shell:
-        "rankbias plan --config-json {params.config:q} --write-configs results/config"
-        " --write-packs results/packs > {log} 2>&1"
+        "rankbias plan --config-env RANKBIAS_PLANNED_CONFIG --expect-config {params.digest}"
+        " --write-configs results/config --write-packs results/packs > {log} 2>&1"

@@ -9,7 +9,12 @@
 # retrain. The dataset's manifest is no input: it records the files, training does not
 # read it, so a rewritten manifest retrains nothing.
 
+from rankbias import progress
 from rankbias.cluster import estimate_seconds
+
+# The log holds every line of a pack's training; the terminal gets a line per pack at least
+# every 25 s (pack, epoch, loss, mean rank, ETA) through file descriptor 3, the terminal's
+# stderr (`--progress-fd 3 3>&2`), and, as each pack finishes, the whole run's estimate.
 
 
 def _train_rule(pid):
@@ -40,8 +45,42 @@ def _train_rule(pid):
             " --checkpoint-dir results/packs/{params.pack} --checkpoint-every {resources.checkpoint_every}"
             " --data-dir data --device {resources.device} --graph {resources.graph}"
             " --deterministic {resources.deterministic}"
-            " > {log} 2>&1"
+            " --progress-fd 3 3>&2 > {log} 2>&1"
 
 
 for _pid in PACKS:
     _train_rule(_pid)
+
+
+def train_slots():
+    """How many packs train at once: the cores over each job's threads, at most the
+    GPUs given (--resources gpu=N); 1 where Snakemake does not say."""
+    try:
+        slots = max(1, int(workflow.cores) // int(PLAN.config["train_threads"]))
+        gpus = workflow.global_resources.get("gpu") if ON_GPU else None
+        gpus = getattr(gpus, "value", gpus)
+        return min(slots, int(gpus)) if isinstance(gpus, int) and gpus > 0 else slots
+    except Exception:
+        return 1
+
+
+# When jobs are about to run (never in a dry run, --lint or --report): the cost model's
+# seconds of every pack still to train, printed as one estimate and passed to the
+# training jobs, each of which prints what is left when its pack is done.
+onstart:
+    _plan = progress.run_plan(
+        {
+            pid: (
+                PLAN.packs[pid],
+                estimate_seconds(
+                    PLAN.pack_specs(pid), "cuda" if ON_GPU else "cpu", TIMINGS
+                ),
+            )
+            for pid in PACKS
+        },
+        train_slots(),
+        "results/runs",
+    )
+    os.environ[progress.RUN_PLAN] = json.dumps(_plan)
+    if progress.start_line(_plan):
+        print(progress.start_line(_plan), file=sys.stderr, flush=True)
