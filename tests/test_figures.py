@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -245,3 +247,203 @@ def test_a_run_that_fails_verification_is_refused_by_name(world, tmp_path, capsy
     assert main(["figure", "fig2", "--config", str(cfg), "--runs", str(runs), "--out", str(out)]) == 1
     assert victim in capsys.readouterr().err
     assert not out.exists() and not out.with_suffix(".pdf").exists()
+
+
+# -- every figure legible: no text over text, ticks or axis labels --------------------------
+
+def _final_fraction(spec) -> float:
+    """Fabricated end-of-training rank as a fraction of the largest possible rank: lower at
+    small B and large lambda, as the paper reports. The convolutional net's B=32 and B=128
+    end at the same rank (13/16, as measured), so fig8 has two coincident lines."""
+    if spec.arch.startswith("conv"):
+        return 10.5 / 16 if spec.batch_size <= 8 else 13 / 16
+    f = 0.3 + 0.12 * np.log2(spec.batch_size / 8) - 20 * spec.weight_decay + spec.lr
+    return float(np.clip(f, 0.05, 1.0))
+
+
+def _theory_tables(spec, layers) -> dict:
+    from rankbias.theory_verdicts import LEMMA_COLUMNS, LEMMAS_FILE, THEORY_COLUMNS, THEORY_FILE
+    bn = "bn" in spec.arch
+    lemma, theory = [], []
+    for stage, epoch in (("fresh", 0), ("trained", spec.epochs)):
+        for i, layer in enumerate(layers):
+            kind, widest = layer.kind, min(layer.shape)
+            for s in range(8):
+                lemma.append(dict(stage=stage, epoch=epoch, lemma=1, layer=layer.name, index=i, kind=kind,
+                                  gradient="loss", sample=s, batch_size=1, rank=2 if bn else 1, bound=1,
+                                  max_rank=widest))
+            for b in (1, 2, 4, 8, 16, 32, 64, 128):
+                lemma.append(dict(stage=stage, epoch=epoch, lemma=2, layer=layer.name, index=i, kind=kind,
+                                  gradient="batch loss", sample=-1, batch_size=b,
+                                  rank=min(2 * b if bn else b, widest), bound=b, max_rank=widest))
+    lam = spec.weight_decay
+    for e in range(spec.epochs + 1):
+        for i, layer in enumerate(layers):
+            left = (0.5 + 0.1 * e) * (32 / spec.batch_size) ** 0.3
+            right = (3.0 + 30 / (1 + e)) * 5e-4 / max(lam, 1e-6)
+            theory.append(dict(epoch=e, layer=layer.name, index=i, kind=layer.kind,
+                               batch_size=spec.batch_size, n_batches=4, weight_decay=lam,
+                               grad_rank_min=spec.batch_size, grad_rank_max=spec.batch_size,
+                               gnorm_min=right * lam, gnorm_median=right * lam, gnorm_max=right * lam,
+                               left=left, right=right, ratio=left / right))
+    return {LEMMAS_FILE: pd.DataFrame(lemma, columns=LEMMA_COLUMNS),
+            THEORY_FILE: pd.DataFrame(theory, columns=THEORY_COLUMNS)}
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """Every run of the shipped quick config (config/config.yaml), fabricated: the figures'
+    real titles, panels and legends, with theory tables for the theory figures' runs."""
+    root = Path(__file__).resolve().parents[1]
+    p = sweep.plan_from_file(root / "config" / "config.yaml")
+    runs = tmp_path_factory.mktemp("shipped") / "runs"
+    theory_runs = set(p.figures.get("figT1", [])) | set(p.figures.get("figT2", []))
+    for rid, s in sorted(p.specs.items()):
+        layers = s.layer_table().layers
+        hidden = [layer for layer in layers if layer.kind != "output"]
+        f = _final_fraction(s)
+        fabricate(runs, s, final_ranks=[max(1, round(min(layer.shape) * f)) for layer in hidden],
+                  tables=_theory_tables(s, layers) if rid in theory_runs else None)
+    return p, runs
+
+
+def _drawn_ticklabels(axis):
+    """The tick labels the renderer draws: visible, non-empty, inside the view interval."""
+    lo, hi = sorted(axis.get_view_interval())
+    span = (hi - lo) * 1e-9
+    out = []
+    for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+        if not lo - span <= tick.get_loc() <= hi + span:
+            continue
+        out += [t for t in (tick.label1, tick.label2) if t.get_visible() and t.get_text().strip()]
+    return out
+
+
+def _text_boxes(fig, renderer):
+    """(owner, what, bbox) of every drawn piece of text; one owner's pieces are one block
+    (a legend, one axis's tick labels) and are not compared with each other."""
+    from matplotlib.text import Text
+
+    boxes = []
+
+    def add(owner, what, artist):
+        if artist is None or not artist.get_visible():
+            return
+        if isinstance(artist, Text) and not artist.get_text().strip():
+            return
+        bb = artist.get_window_extent(renderer)
+        if bb.width > 0 and bb.height > 0:
+            boxes.append((owner, what, bb))
+
+    for key in ("_suptitle", "_supxlabel", "_supylabel"):
+        t = getattr(fig, key, None)
+        add(key.strip("_"), t.get_text() if t else "", t)
+    sup = [getattr(fig, key, None) for key in ("_suptitle", "_supxlabel", "_supylabel")]
+    for k, t in enumerate(fig.texts):
+        if not any(t is s for s in sup):
+            add(f"figure text {k}", t.get_text(), t)
+    for k, lg in enumerate(fig.legends):
+        add(f"figure legend {k}", "legend", lg)
+
+    def axes(ax, name):
+        for t in (ax.title, ax._left_title, ax._right_title):
+            add(f"{name} title", t.get_text(), t)
+        for axis, xy in ((ax.xaxis, "x"), (ax.yaxis, "y")):
+            if axis.get_visible() and ax.axison:
+                add(f"{name} {xy}label", axis.label.get_text(), axis.label)
+                for t in _drawn_ticklabels(axis):
+                    add(f"{name} {xy}ticks", f"tick {t.get_text()!r}", t)
+        for k, t in enumerate(ax.texts):
+            add(f"{name} text {k}", t.get_text(), t)
+        add(f"{name} legend", "legend", ax.get_legend())
+        for j, child in enumerate(ax.child_axes):
+            axes(child, f"{name}.child{j}")
+
+    for i, ax in enumerate(fig.axes):
+        if getattr(ax, "_parent_axes", None) is None:      # secondary axes come as children
+            axes(ax, f"axes {i} ({ax.get_title()!r})")
+    return boxes
+
+
+def _data_paths(ax):
+    """Display-space paths of the data curves of `ax` (not axhline/axvline marks)."""
+    from matplotlib.path import Path as MPath
+    out = []
+    for ln in ax.get_lines():
+        if ln.get_transform() is not ax.transData or not ln.get_visible():
+            continue
+        xy = ax.transData.transform(np.asarray(ln.get_xydata(), float))
+        ok = np.isfinite(xy).all(axis=1)
+        for seg in np.split(np.arange(len(xy)), np.flatnonzero(np.diff(ok.astype(int)) != 0) + 1):
+            if ok[seg[0]]:
+                pts = xy[seg]
+                out.append((ln.get_label(), MPath(pts if len(pts) > 1 else np.r_[pts, pts])))
+    return out
+
+
+def overlaps(fig, slack: float = 1.0) -> list[str]:
+    """What makes `fig` illegible: two text pieces overlapping (titles, captions, legends,
+    axis labels, tick labels, annotations), text outside the canvas, or an annotation or
+    an in-axes legend crossing a data curve. Boxes overlapping by `slack` pixels or less
+    (touching) are not counted."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig.set_dpi(150)                               # as the PNG is saved
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    boxes = _text_boxes(fig, renderer)
+    found = []
+    for a in range(len(boxes)):
+        for b in range(a + 1, len(boxes)):
+            (oa, wa, ba), (ob, wb, bb) = boxes[a], boxes[b]
+            if oa == ob and not oa.endswith("ticks"):
+                continue
+            w = min(ba.x1, bb.x1) - max(ba.x0, bb.x0)
+            h = min(ba.y1, bb.y1) - max(ba.y0, bb.y0)
+            if w > slack and h > slack:
+                found.append(f"{oa} [{wa}] overlaps {ob} [{wb}]")
+    page = fig.bbox
+    for owner, what, bb in boxes:
+        if bb.x0 < page.x0 - slack or bb.y0 < page.y0 - slack or bb.x1 > page.x1 + slack \
+                or bb.y1 > page.y1 + slack:
+            found.append(f"{owner} [{what}] runs off the figure")
+    for i, ax in enumerate(fig.axes):
+        labels = [(f"text {t.get_text()!r}", t) for t in ax.texts if t.get_visible()]
+        lg = ax.get_legend()
+        if lg is not None:
+            lb = lg.get_window_extent(renderer)
+            if not ax.bbox.contains((lb.x0 + lb.x1) / 2, (lb.y0 + lb.y1) / 2):
+                lg = None
+        if lg is not None:
+            labels.append(("legend", lg))
+        for what, artist in labels:
+            bb = artist.get_window_extent(renderer)
+            for label, path in _data_paths(ax):
+                if path.intersects_bbox(bb, filled=True):
+                    found.append(f"axes {i} ({ax.get_title()!r}): {what} crosses the curve {label!r}")
+    return found
+
+
+def _draw_any(name, p, runs):
+    rank = sweep.figure_rank(p.config, name) if name in p.config["figures"] else dict(p.config["rank"])
+    ids = F.figure_runs(p, name)
+    data, missing = F.collect(runs, ids, rank["normalise"], rank["tol"], name, rank["conv"])
+    assert not missing
+    if name == "figR":
+        loaded = {d.run.run_id: d for d in data}
+        return F.draw_rank_vs_tolerance({f: [loaded[r] for r in rs if r in loaded]
+                                         for f, rs in p.figures.items()}, rank["normalise"])
+    if name == "figS":
+        return F.draw_rank_vs_ratio(data)
+    return F.draw(name, data)
+
+
+@pytest.mark.parametrize("name", F.NAMES)
+def test_no_text_overlaps_in_any_figure(shipped, name):
+    """Every figure (fig1-fig8, figT1, figT2, figR, figS), drawn from fabricated runs of
+    the shipped config: no text over other text, tick labels or axis labels, nothing off
+    the canvas, no annotation or in-axes legend across a curve."""
+    p, runs = shipped
+    fig = _draw_any(name, p, runs)
+    problems = overlaps(fig)
+    assert problems == [], f"{name}:\n" + "\n".join(problems)

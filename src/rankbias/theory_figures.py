@@ -1,12 +1,13 @@
 """Figures T1 and T2: the theory's checks drawn from the runs' lemmas.parquet and
 theory.parquet (rankbias.theory), in the layout of ``rankbias.figures``: a colour per
-line, several seeds as their mean with a min-max band, one legend for the figure."""
+line (and in figT2 a marker per weight decay), several seeds as their mean with a
+min-max band, one legend for the figure, notes in a caption under the panels."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from .figures import Line, _legend, _plot_series
+from .figures import Line, _legend, _plot_series, caption
 from .theory_verdicts import LEMMAS_FILE, THEORY_FILE
 
 KINDS = ("lemmas", "theorem1")
@@ -26,11 +27,15 @@ def _table(member, name: str) -> pd.DataFrame:
     return df if df is not None else pd.DataFrame()
 
 
-def draw(fig, kind: str, lines: list[Line], colors: dict) -> None:
+def draw(fig, kind: str, lines: list[Line], colors: dict, markers: dict | None = None,
+         marker_by: str = "") -> None:
+    """Draw `kind` into `fig`: a colour per line's first key (`colors`) and, in figT2, a
+    marker per the rest of its key (`markers`, by ``line.key[1:]``; `marker_by` names
+    those keys, e.g. "λ", for the caption)."""
     if kind == "lemmas":
         _lemmas(fig, lines, colors)
     else:
-        _theorem1(fig, lines, colors)
+        _theorem1(fig, lines, colors, markers or {}, marker_by)
     _legend(fig)
 
 
@@ -79,7 +84,7 @@ def _lemmas(fig, lines: list[Line], colors: dict) -> None:
     ax2.set_title("(b) Lemma 2: batch-loss gradient, with and without BN")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    fig.text(0.01, 0.005, "solid: freshly initialised network; dashed: after training", fontsize=8)
+    caption(fig, "solid: freshly initialised network; dashed: after training")
 
 
 def _own_size(t: pd.DataFrame, batch_size: int) -> pd.DataFrame:
@@ -90,10 +95,11 @@ def _own_size(t: pd.DataFrame, batch_size: int) -> pd.DataFrame:
     return t[(t["batch_size"] == b) & (t["kind"] == "hidden")]
 
 
-def _theorem1(fig, lines: list[Line], colors: dict) -> None:
+def _theorem1(fig, lines: list[Line], colors: dict, markers: dict, marker_by: str) -> None:
     ax1, ax2 = fig.subplots(1, 2)
     for ln in lines:
         c = colors[ln.key[0]]
+        mk = {"marker": markers.get(ln.key[1:], "o"), "ms": 5, "mfc": "none", "mew": 1.2}
         left, right, ratio = [], [], []
         for m in ln.members:
             t = _own_size(_table(m, THEORY_FILE), int(m.spec["batch_size"]))
@@ -101,9 +107,9 @@ def _theorem1(fig, lines: list[Line], colors: dict) -> None:
             left.append(g["left"].mean() if g is not None else pd.Series(dtype=float))
             right.append(g["right"].mean() if g is not None else pd.Series(dtype=float))
             ratio.append(g["ratio"].median() if g is not None else pd.Series(dtype=float))
-        _plot_series(ax1, ln, left, c, "-", positive=True)
-        _plot_series(ax1, ln, right, c, "--", label=False, positive=True)
-        _plot_series(ax2, ln, ratio, c, "-", label=False, positive=True)
+        _plot_series(ax1, ln, left, c, "-", positive=True, **mk)
+        _plot_series(ax1, ln, right, c, "--", label=False, positive=True, **mk)
+        _plot_series(ax2, ln, ratio, c, "-", label=False, positive=True, **mk)
     _log_scale(ax1)
     ax1.set_ylabel("mean over hidden matrices")
     ax1.set_title("(a) left(B*) = ‖W − W_B*‖_F (solid) ≤ right(B*) = min_S ‖G_S‖_F / λ (dashed)")
@@ -114,5 +120,6 @@ def _theorem1(fig, lines: list[Line], colors: dict) -> None:
     for ax in (ax1, ax2):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    fig.text(0.01, 0.005, "B* = the run's own batch size; λ = torch's weight_decay (the paper's 2λ); "
-             "S: the sampled batches of size B*", fontsize=8)
+    styles = f"colour: B; marker: {marker_by} (see the legend). " if len(markers) > 1 and marker_by else ""
+    caption(fig, styles + "B* = the run's own batch size; λ = torch's weight_decay (the paper's 2λ); "
+            "S: the sampled batches of size B*")
