@@ -69,11 +69,11 @@ def test_layouts(world):
     titles = axes_titles(fig)
     assert titles[:4] == ["(a) d(W_t, W_t+1)", "(b) train accuracy", "(c) train loss", "(d) average rank"]
     assert fig.axes[0].get_yscale() == "log" and fig.axes[3].get_yscale() == "linear"
-    labels = fig.legends[0].get_texts()
+    labels = F.figure_legend(fig).get_texts()
     assert sorted(t.get_text() for t in labels) == ["λ=0", "λ=0.0005", "λ=0.005"]
     fig = F.draw("fig2", load("fig2"))
     assert axes_titles(fig) == ["η=0.01", "η=0.1"]
-    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["B=32", "B=8"]
+    assert sorted(t.get_text() for t in F.figure_legend(fig).get_texts()) == ["B=32", "B=8"]
     fig = F.draw("fig3", load("fig3"))
     assert axes_titles(fig) == ["B=8", "B=32"]
     fig = F.draw("fig5", load("fig5"))
@@ -83,7 +83,7 @@ def test_layouts(world):
     assert ticks == ["fc1", "fc2", "fc3"]
     fig = F.draw("fig7", load("fig7"))
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()][:2] == ["stem", "block1.w1"]
-    assert any("2 seeds" in t.get_text() for t in fig.legends[0].get_texts())
+    assert any("2 seeds" in t.get_text() for t in F.figure_legend(fig).get_texts())
 
 
 def test_plotted_ranks_follow_the_tolerance(tmp_path):
@@ -115,7 +115,7 @@ def test_missing_and_diverged_runs_are_shown(world, tmp_path, capsys):
     data, missing = F.collect(runs, ids, "fro", 1e-3)
     fig = F.draw("fig2", data, missing)
     assert "1 of 4 runs not available" in fig._suptitle.get_text()
-    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    labels = [t.get_text() for t in F.figure_legend(fig).get_texts()]
     assert any("diverged at epoch 3" in t for t in labels)
     crosses = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_marker() == "x"]
     assert len(crosses) == 1 and crosses[0].get_xdata()[0] == 2   # last finite epoch
@@ -204,9 +204,13 @@ def test_rank_vs_ratio_places_every_run_and_counts_the_rest(world):
     assert ax.get_xscale() == "log"
     shown = {tuple(xy) for c in ax.collections for xy in c.get_offsets()}
     positive = [d for d in data if d.spec["weight_decay"] > 0]
-    expected = {(d.spec["batch_size"] / (d.spec["lr"] * d.spec["weight_decay"]),
-                 float(d.mean_rank.dropna().iloc[-1])) for d in positive}
-    assert shown == expected
+    def relative(d):                  # rank / min(shape) per hidden matrix, averaged
+        full = [min(layer.shape) for layer in d.run.spec.layer_table().layers if layer.kind != "output"]
+        return float(np.mean(d.final_layers["rank"].to_numpy(float) / np.asarray(full)))
+    expected = {(d.spec["batch_size"] / (d.spec["lr"] * d.spec["weight_decay"]), relative(d))
+                for d in positive}
+    assert {(x, round(y, 9)) for x, y in shown} == {(x, round(y, 9)) for x, y in expected}
+    assert all(0 < y <= 1 for _, y in shown) and "relative rank" in ax.get_ylabel()
     assert f"{len(data) - len(positive)} run(s) with λ = 0 not shown" in fig._suptitle.get_text()
     assert len(ax.collections) == len({d.spec["model"] for d in data})
     assert F.theorem1_ratio({"batch_size": 32, "lr": 0.1, "weight_decay": 5e-4}) == pytest.approx(640000)
@@ -447,3 +451,34 @@ def test_no_text_overlaps_in_any_figure(shipped, name):
     fig = _draw_any(name, p, runs)
     problems = overlaps(fig)
     assert problems == [], f"{name}:\n" + "\n".join(problems)
+
+
+def test_coincident_lines_are_marked_and_said_in_the_legend(shipped):
+    """fig8's B=32 and B=128 end at the same ranks: each gets a hollow marker of its own
+    shape and size, and its legend entry names the line it coincides with."""
+    p, runs = shipped
+    fig = _draw_any("fig8", p, runs)
+    labels = [t.get_text() for t in F.figure_legend(fig).get_texts()]
+    assert "B=32 (2 seeds) — coincides with B=128" in labels
+    assert "B=128 (2 seeds) — coincides with B=32" in labels
+    assert "B=8 (2 seeds)" in labels
+    drawn = {ln.get_label(): ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")}
+    a, b = drawn["B=32 (2 seeds) — coincides with B=128"], drawn["B=128 (2 seeds) — coincides with B=32"]
+    assert list(a.get_ydata()) == list(b.get_ydata())
+    assert a.get_marker() != b.get_marker() and a.get_markersize() != b.get_markersize()
+    assert a.get_markerfacecolor() == "none" and drawn["B=8 (2 seeds)"].get_marker() in ("None", "", None)
+
+
+def test_fig_t2_tells_the_weight_decays_apart(shipped):
+    p, runs = shipped
+    fig = _draw_any("figT2", p, runs)
+    handles = {t.get_text(): h for t, h in zip(F.figure_legend(fig).get_texts(),
+                                                F.figure_legend(fig).legend_handles)}
+    by = {(b, lam): handles[f"B={b}, λ={lam} (2 seeds)"] for b in (8, 32) for lam in ("0.0005", "0.001")}
+    for b in (8, 32):      # one B: one colour, a marker per lambda
+        assert by[b, "0.0005"].get_color() == by[b, "0.001"].get_color()
+        assert by[b, "0.0005"].get_marker() != by[b, "0.001"].get_marker()
+    for lam in ("0.0005", "0.001"):
+        assert by[8, lam].get_marker() == by[32, lam].get_marker()
+        assert by[8, lam].get_color() != by[32, lam].get_color()
+    assert "marker: λ" in fig._supxlabel.get_text()
