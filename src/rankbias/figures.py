@@ -9,9 +9,14 @@ labelled "diverged at epoch e"; it is never dropped silently. Several seeds of o
 setting are drawn as their mean with a band from min to max. A run that fails
 verification (``Run.verify``) stops the figure, named in the error.
 
+Lines that lie exactly on one another (the same values in a panel) get hollow markers
+of their own shape and size and say so in the legend; the legend sits beside the
+top-right panel, clear of the title, and notes go in a caption under the panels.
+
 The summary figures need no config section of their own: figR (final rank against the
 rank tolerance) is drawn from every paper figure's runs, a panel per figure; figS
-(final rank against B/(eta*lambda), Theorem 1's ratio) from every run of the config.
+(final relative rank, rank / largest possible rank, against B/(eta*lambda), Theorem 1's
+ratio) from every run of the config.
 """
 from __future__ import annotations
 
@@ -393,7 +398,7 @@ def draw_rank_vs_tolerance(by_figure: dict[str, list[RunData]], normalise: str,
                      for ln in lines]
         curves = {id(ln): [final_rank_by_tolerance(m, normalise, TOLERANCES) for m in ln.members]
                   for ln in lines}
-        kws = mark_coincident({None: lines}, lambda ln, c=curves: c[id(ln)])  # type: ignore[misc]
+        kws = mark_coincident({None: lines}, lambda ln, c=curves: c[id(ln)])
         for ln, color in zip(lines, _colors(len(lines))):
             _plot_series(ax, ln, curves[id(ln)], color, **kws.get(ln.label, {}))
         for tol in MARKED_TOLERANCES:
