@@ -24,7 +24,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -200,21 +200,25 @@ def _short(label: str) -> str:
     return label.split(" (")[0].split(" —")[0]
 
 
-def mark_coincident(panels: dict[Any, list[Line]], series_of, panel: str | None = None) -> dict[str, dict]:
+def mark_coincident(panels: dict[Any, list[Line]], series_of: Callable[[Any, Line], list[pd.Series]],
+                    panel: str | None = None) -> dict[str, dict]:
     """Lines drawn exactly over another's values in some panel would be invisible: give
     each of them a hollow marker of its own shape and size (drawn over one another they
-    all show), and say in its label which lines it coincides with. Labels are changed in
-    place, alike in every panel; returns the plot keywords per (new) label."""
+    all show), and say in its label which lines it coincides with. `series_of(pv, line)`:
+    the line's series (one per seed) in panel `pv`; `panel` names the panels' key for the
+    note. Labels are changed in place, alike in every panel; returns the plot keywords
+    per (new) label."""
     notes: dict[str, list[str]] = {}
     for pv, lines in panels.items():
-        means = [(ln, _mean(series_of(ln))) for ln in lines]
+        means = [(ln, _mean(series_of(pv, ln))) for ln in lines]
         for ln, m in means:
             same = [o for o, om in means if o is not ln and len(m) and m.index.equals(om.index)
                     and np.allclose(m.to_numpy(float), om.to_numpy(float), equal_nan=True)]
             if same:
                 where = f" at {_fmt(panel, pv)}" if panel and len(panels) > 1 else ""
-                notes.setdefault(ln.label, []).append(
-                    "coincides with " + " and ".join(_short(o.label) for o in same) + where)
+                note = "coincides with " + " and ".join(_short(o.label) for o in same) + where
+                if note not in notes.setdefault(ln.label, []):
+                    notes[ln.label].append(note)
     involved = list(notes)
     kws = {}
     for j, label in enumerate(involved):
@@ -274,9 +278,9 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
     colors, styles = _line_colors(all_lines), _styles(all_lines)
     kws: dict[str, dict] = {}
     if kind in ("dynamics", "rank", "rank_acc"):
-        kws = mark_coincident(panels, lambda ln: [m.mean_rank for m in ln.members], panel)
+        kws = mark_coincident(panels, lambda pv, ln: [m.mean_rank for m in ln.members], panel)
     elif kind == "layers":
-        kws = mark_coincident(panels, lambda ln: [_layer_series(m)[0] for m in ln.members], panel)
+        kws = mark_coincident(panels, lambda pv, ln: [_layer_series(m)[0] for m in ln.members], panel)
 
     if kind in ("lemmas", "theorem1"):
         from . import theory_figures
@@ -398,7 +402,9 @@ def draw_rank_vs_tolerance(by_figure: dict[str, list[RunData]], normalise: str,
                      for ln in lines]
         curves = {id(ln): [final_rank_by_tolerance(m, normalise, TOLERANCES) for m in ln.members]
                   for ln in lines}
-        kws = mark_coincident({None: lines}, lambda ln, c=curves: c[id(ln)])
+        def curve(pv: Any, ln: Line, c: dict = curves) -> list[pd.Series]:
+            return c[id(ln)]
+        kws = mark_coincident({None: lines}, curve)
         for ln, color in zip(lines, _colors(len(lines))):
             _plot_series(ax, ln, curves[id(ln)], color, **kws.get(ln.label, {}))
         for tol in MARKED_TOLERANCES:
