@@ -294,13 +294,7 @@ def _theory_tables(spec, layers) -> dict:
             THEORY_FILE: pd.DataFrame(theory, columns=THEORY_COLUMNS)}
 
 
-@pytest.fixture(scope="module")
-def shipped(tmp_path_factory):
-    """Every run of the shipped quick config (config/config.yaml), fabricated: the figures'
-    real titles, panels and legends, with theory tables for the theory figures' runs."""
-    root = Path(__file__).resolve().parents[1]
-    p = sweep.plan_from_file(root / "config" / "config.yaml")
-    runs = tmp_path_factory.mktemp("shipped") / "runs"
+def _fabricate_all(p, runs) -> None:
     theory_runs = set(p.figures.get("figT1", [])) | set(p.figures.get("figT2", []))
     for rid, s in sorted(p.specs.items()):
         layers = s.layer_table().layers
@@ -308,6 +302,40 @@ def shipped(tmp_path_factory):
         f = _final_fraction(s)
         fabricate(runs, s, final_ranks=[max(1, round(min(layer.shape) * f)) for layer in hidden],
                   tables=_theory_tables(s, layers) if rid in theory_runs else None)
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """Every run of the shipped quick config (config/config.yaml), fabricated: the figures'
+    real titles, panels and legends, with theory tables for the theory figures' runs."""
+    root = Path(__file__).resolve().parents[1]
+    p = sweep.plan_from_file(root / "config" / "config.yaml")
+    runs = tmp_path_factory.mktemp("shipped") / "runs"
+    _fabricate_all(p, runs)
+    return p, runs
+
+
+@pytest.fixture(scope="module")
+def paper_shipped(tmp_path_factory):
+    """Every run of config/paper.yaml (138 runs, up to 2000 wide, ResNet-18 and VGG-16),
+    fabricated with 6 epochs instead of 500 (the learning-rate milestones moved to match):
+    the paper's panels, layer names and legends."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "config" / "paper.yaml").read_text())
+
+    def shorten(d):
+        if isinstance(d, dict):
+            for k, v in d.items():
+                if k == "epochs":
+                    d[k] = 6
+                elif k == "milestones" and isinstance(v, list) and v:
+                    d[k] = [2, 3, 4]
+                else:
+                    shorten(v)
+    shorten(cfg)
+    p = sweep.plan(cfg)
+    runs = tmp_path_factory.mktemp("paper") / "runs"
+    _fabricate_all(p, runs)
     return p, runs
 
 
@@ -323,9 +351,39 @@ def _drawn_ticklabels(axis):
     return out
 
 
+def _corners(artist, bb, renderer) -> np.ndarray:
+    """The 4 corners of what `artist` covers on screen: its bounding box, or for rotated
+    text (layer names at 45 degrees) the rotated rectangle of its glyphs, whose axis-aligned
+    box would overlap its neighbours' without the text doing so."""
+    from matplotlib.text import Text
+    angle = artist.get_rotation() if isinstance(artist, Text) else 0.0
+    if angle % 90 == 0:
+        return np.array([[bb.x0, bb.y0], [bb.x1, bb.y0], [bb.x1, bb.y1], [bb.x0, bb.y1]])
+    artist.set_rotation(0)
+    flat = artist.get_window_extent(renderer)
+    artist.set_rotation(angle)
+    a = np.deg2rad(angle)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    half = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [flat.width / 2, flat.height / 2]
+    return half @ rot.T + [(bb.x0 + bb.x1) / 2, (bb.y0 + bb.y1) / 2]
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """How far two convex quadrilaterals overlap, in pixels: the least overlap of their
+    projections on the edge normals of either (separating axes); <= 0 when apart."""
+    least = np.inf
+    for poly in (a, b):
+        for k in range(4):
+            edge = poly[(k + 1) % 4] - poly[k]
+            n = np.array([-edge[1], edge[0]]) / (np.hypot(*edge) or 1.0)
+            pa, pb = a @ n, b @ n
+            least = min(least, min(pa.max(), pb.max()) - max(pa.min(), pb.min()))
+    return float(least)
+
+
 def _text_boxes(fig, renderer):
-    """(owner, what, bbox) of every drawn piece of text; one owner's pieces are one block
-    (a legend, one axis's tick labels) and are not compared with each other."""
+    """(owner, what, bbox, corners) of every drawn piece of text; one owner's pieces are
+    one block (a legend) and are not compared with each other, except tick labels."""
     from matplotlib.text import Text
 
     boxes = []
@@ -337,7 +395,7 @@ def _text_boxes(fig, renderer):
             return
         bb = artist.get_window_extent(renderer)
         if bb.width > 0 and bb.height > 0:
-            boxes.append((owner, what, bb))
+            boxes.append((owner, what, bb, _corners(artist, bb, renderer)))
 
     for key in ("_suptitle", "_supxlabel", "_supylabel"):
         t = getattr(fig, key, None)
@@ -399,15 +457,13 @@ def overlaps(fig, slack: float = 1.0) -> list[str]:
     found = []
     for a in range(len(boxes)):
         for b in range(a + 1, len(boxes)):
-            (oa, wa, ba), (ob, wb, bb) = boxes[a], boxes[b]
+            (oa, wa, _, ca), (ob, wb, _, cb) = boxes[a], boxes[b]
             if oa == ob and not oa.endswith("ticks"):
                 continue
-            w = min(ba.x1, bb.x1) - max(ba.x0, bb.x0)
-            h = min(ba.y1, bb.y1) - max(ba.y0, bb.y0)
-            if w > slack and h > slack:
+            if _overlap(ca, cb) > slack:
                 found.append(f"{oa} [{wa}] overlaps {ob} [{wb}]")
     page = fig.bbox
-    for owner, what, bb in boxes:
+    for owner, what, bb, _ in boxes:
         if bb.x0 < page.x0 - slack or bb.y0 < page.y0 - slack or bb.x1 > page.x1 + slack \
                 or bb.y1 > page.y1 + slack:
             found.append(f"{owner} [{what}] runs off the figure")
@@ -450,6 +506,16 @@ def test_no_text_overlaps_in_any_figure(shipped, name):
     p, runs = shipped
     fig = _draw_any(name, p, runs)
     problems = overlaps(fig)
+    assert problems == [], f"{name}:\n" + "\n".join(problems)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", F.NAMES)
+def test_no_text_overlaps_in_any_figure_of_the_paper_config(paper_shipped, name):
+    """As above, for the paper's full grids (more panels, longer legends, deep networks'
+    layer names)."""
+    p, runs = paper_shipped
+    problems = overlaps(_draw_any(name, p, runs))
     assert problems == [], f"{name}:\n" + "\n".join(problems)
 
 

@@ -387,7 +387,15 @@ def draw_rank_vs_tolerance(by_figure: dict[str, list[RunData]], normalise: str,
     names = [n for n in LAYOUTS if n in by_figure] or ["none"]
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
-    fig = Figure(figsize=(4.4 * cols, 3.6 * rows + 0.6), layout="constrained")
+
+    def n_lines(name: str) -> int:
+        layout = LAYOUTS.get(name, {"panel": None, "line": "batch_size"})
+        data = by_figure.get(name, [])
+        return sum(len(v) for v in group(data, layout["panel"], layout["line"]).values()) if data else 0
+
+    # each row as tall as its panels plus its longest legend (about 0.15 in an entry at 6 pt)
+    legend_in = [0.15 * max(n_lines(n) for n in names[r * cols:(r + 1) * cols]) for r in range(rows)]
+    fig = Figure(figsize=(4.4 * cols, 3.4 * rows + sum(legend_in) + 0.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
     for ax in axes[len(names):]:
         ax.set_axis_off()
