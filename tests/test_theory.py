@@ -315,5 +315,5 @@ def test_theory_figures_from_trained_runs_pass_the_audit(synthetic, tmp_path, mo
     assert any(ln.get_label() == "bound: rank ≤ B" for ln in ax2.get_lines())
     fig = F.draw("figT2", F.collect(runs, p.figures["figT2"], "fro", 1e-3)[0])
     assert [ax.get_yscale() for ax in fig.axes] == ["log", "log"]
-    labels = {t.get_text() for t in fig.legends[0].get_texts()}
+    labels = {t.get_text() for t in F.figure_legend(fig).get_texts()}
     assert {"B=8, λ=0.0005", "B=32, λ=0.001"} <= labels

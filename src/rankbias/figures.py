@@ -9,9 +9,14 @@ labelled "diverged at epoch e"; it is never dropped silently. Several seeds of o
 setting are drawn as their mean with a band from min to max. A run that fails
 verification (``Run.verify``) stops the figure, named in the error.
 
+Lines that lie exactly on one another (the same values in a panel) get hollow markers
+of their own shape and size and say so in the legend; the legend sits beside the
+top-right panel, clear of the title, and notes go in a caption under the panels.
+
 The summary figures need no config section of their own: figR (final rank against the
 rank tolerance) is drawn from every paper figure's runs, a panel per figure; figS
-(final rank against B/(eta*lambda), Theorem 1's ratio) from every run of the config.
+(final relative rank, rank / largest possible rank, against B/(eta*lambda), Theorem 1's
+ratio) from every run of the config.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,7 +37,9 @@ from .sweep import LAYOUTS, NAMES, SUMMARY, figure_names, figure_runs  # noqa: F
 # figR's tolerance axis and the tolerances in use: the paper's text, the authors' code
 # and their plotting notebooks (conv nets).
 TOLERANCES = np.logspace(-5, -1, 41)
-MARKED_TOLERANCES = {1e-4: "paper text", 1e-3: "authors' code", 0.04: "authors' notebooks"}
+MARKED_TOLERANCES = {1e-4: "the paper's text", 1e-3: "the authors' code",
+                     0.04: "the authors' notebooks (conv nets)"}
+TOLERANCE_TAGS = {1e-4: "paper", 1e-3: "code", 0.04: "notebooks"}
 SYMBOL = {"lr": "η", "batch_size": "B", "weight_decay": "λ", "momentum": "μ", "dataset": "",
           "loss": "", "model": "", "epochs": "epochs"}
 DESCRIBE_KEYS = ("lr", "batch_size", "weight_decay", "momentum", "loss", "epochs")
@@ -120,20 +127,26 @@ def _stack(series: list[pd.Series]) -> pd.DataFrame:
 
 
 def _plot_series(ax, line: Line, series: list[pd.Series], color, style="-", label=True,
-                 positive=False):
-    """Mean over seeds with a min-max band; crosses where a member diverged."""
+                 positive=False, **kw):
+    """Mean over seeds with a min-max band; crosses where a member diverged. Further
+    keywords (a marker of the line's own) go to the mean's line."""
+    if "marker" in kw:
+        style = "".join(c for c in style if c in "-.:") or "-"
     frame = _stack([s.astype(float) for s in series])
     if positive:
         frame = frame.where(frame > 0)
     # eval metrics exist only at logged epochs (log_every > 1): join those points
     frame = frame.dropna(how="all")
     if frame.empty or frame.notna().sum().sum() == 0:
-        ax.plot([], [], style, color=color, label=line.label if label else None)
+        ax.plot([], [], style, color=color, label=line.label if label else None, **kw)
         for _ in line.diverged:
             ax.plot([], [], "x", color=color)
         return
     mean = frame.mean(axis=1, skipna=True)
-    ax.plot(mean.index, mean.values, style, color=color, lw=1.4, label=line.label if label else None)
+    if "marker" in kw:
+        kw.setdefault("markevery", max(1, len(mean) // 10))
+    ax.plot(mean.index, mean.values, style, color=color, lw=1.4, label=line.label if label else None,
+            **kw)
     if frame.shape[1] > 1:
         ax.fill_between(mean.index, frame.min(axis=1).values, frame.max(axis=1).values,
                         color=color, alpha=0.15, lw=0)
@@ -157,6 +170,7 @@ def _line_colors(lines: Iterable[Line]) -> dict:
 
 
 STYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
 
 
 def _styles(lines: Iterable[Line]) -> dict:
@@ -176,14 +190,79 @@ def _title(name: str, data: Sequence[RunData], layout: dict) -> str:
             + (f" ({', '.join(fixed)})" if fixed else ""))
 
 
+def _mean(series: list[pd.Series]) -> pd.Series:
+    frame = _stack([s.astype(float) for s in series]).dropna(how="all")
+    return frame.mean(axis=1, skipna=True) if not frame.empty else pd.Series(dtype=float)
+
+
+def _short(label: str) -> str:
+    """A line's label without its seed count and notes ("B=32 (2 seeds)" -> "B=32")."""
+    return label.split(" (")[0].split(" —")[0]
+
+
+def mark_coincident(panels: dict[Any, list[Line]], series_of: Callable[[Any, Line], list[pd.Series]],
+                    panel: str | None = None) -> dict[str, dict]:
+    """Lines drawn exactly over another's values in some panel would be invisible: give
+    each of them a hollow marker of its own shape and size (drawn over one another they
+    all show), and say in its label which lines it coincides with. `series_of(pv, line)`:
+    the line's series (one per seed) in panel `pv`; `panel` names the panels' key for the
+    note. Labels are changed in place, alike in every panel; returns the plot keywords
+    per (new) label."""
+    notes: dict[str, list[str]] = {}
+    for pv, lines in panels.items():
+        means = [(ln, _mean(series_of(pv, ln))) for ln in lines]
+        for ln, m in means:
+            same = [o for o, om in means if o is not ln and len(m) and m.index.equals(om.index)
+                    and np.allclose(m.to_numpy(float), om.to_numpy(float), equal_nan=True)]
+            if same:
+                where = f" at {_fmt(panel, pv)}" if panel and len(panels) > 1 else ""
+                note = "coincides with " + " and ".join(_short(o.label) for o in same) + where
+                if note not in notes.setdefault(ln.label, []):
+                    notes[ln.label].append(note)
+    involved = list(notes)
+    kws = {}
+    for j, label in enumerate(involved):
+        new = f"{label} — {'; '.join(notes[label])}"
+        for ln in (ln for lines in panels.values() for ln in lines if ln.label == label):
+            ln.label = new
+        kws[new] = dict(marker=MARKERS[j % len(MARKERS)], ms=max(4.0, 11.0 - 2.5 * j),
+                        mfc="none", mew=1.3)
+    return kws
+
+
 def _legend(fig) -> None:
-    """One legend for the figure: each label once, whichever panel drew it."""
+    """One legend for the figure, each label once whichever panel drew it, to the right
+    of the top-right panel: below the figure's title, in room the layout reserves."""
     handles: dict[str, Any] = {}
     for ax in fig.axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8)
+    if not handles:
+        return
+    grid = [ax for ax in fig.axes if ax.get_subplotspec() is not None]
+    anchor = min(grid, key=lambda ax: (ax.get_subplotspec().rowspan.start,
+                                       -ax.get_subplotspec().colspan.stop))
+    anchor.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  borderaxespad=0.0, fontsize=8)
+
+
+def figure_legend(fig):
+    """The figure's one legend (see `_legend`), None when it has none."""
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] + list(fig.legends)
+    return legends[0] if legends else None
+
+
+def caption(fig, text: str) -> None:
+    """A note under the figure, in room the layout reserves below the axes."""
+    fig.supxlabel(text, fontsize=8)
+
+
+def _layer_series(m: RunData) -> tuple[pd.Series, dict[int, str]]:
+    """A run's final rank per hidden matrix, at x = 1, 2, ..., and the matrices' names."""
+    fl = m.final_layers
+    x = np.arange(1, len(fl) + 1)
+    return (pd.Series(fl["rank"].to_numpy(float), index=x),
+            {int(i): str(nm) for i, nm in zip(x, fl["layer"])})
 
 
 def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
@@ -197,11 +276,20 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
     panels = group(data, panel, line) if data else {None: []}
     all_lines = [ln for lines in panels.values() for ln in lines]
     colors, styles = _line_colors(all_lines), _styles(all_lines)
+    kws: dict[str, dict] = {}
+    if kind in ("dynamics", "rank", "rank_acc"):
+        kws = mark_coincident(panels, lambda pv, ln: [m.mean_rank for m in ln.members], panel)
+    elif kind == "layers":
+        kws = mark_coincident(panels, lambda pv, ln: [_layer_series(m)[0] for m in ln.members], panel)
 
     if kind in ("lemmas", "theorem1"):
         from . import theory_figures
         fig = Figure(figsize=(15, 5), layout="constrained")
-        theory_figures.draw(fig, kind, all_lines, colors)
+        markers = {r: MARKERS[i % len(MARKERS)] for i, r in enumerate(sorted({ln.key[1:] for ln in all_lines},
+                                                                             key=str))}
+        extra = [k for k in (_varying(data) if data else []) if k not in (panel, line)]
+        theory_figures.draw(fig, kind, all_lines, colors, markers,
+                            ", ".join(SYMBOL.get(k) or k for k in extra))
     elif kind == "dynamics":
         fig = Figure(figsize=(15, 4.2), layout="constrained")
         axes = fig.subplots(1, 4)
@@ -216,7 +304,7 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
                     series = [m.metrics[col] if col in m.metrics else pd.Series(dtype=float)
                               for m in ln.members]
                 _plot_series(ax, ln, series, colors[ln.key[0]], styles[ln.key[1:]],
-                             positive=logy)
+                             positive=logy, **kws.get(ln.label, {}))
             if logy:
                 ax.set_yscale("log")
             ax.set_xlabel("epoch")
@@ -234,7 +322,7 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
             if kind in ("rank", "rank_acc"):
                 for ln in lines:
                     _plot_series(ax, ln, [m.mean_rank for m in ln.members], colors[ln.key[0]],
-                                 styles[ln.key[1:]])
+                                 styles[ln.key[1:]], **kws.get(ln.label, {}))
                 ax.set_xlabel("epoch")
                 ax.set_ylabel("average rank")
             else:
@@ -242,13 +330,12 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
                 for ln in lines:
                     series = []
                     for m in ln.members:
-                        fl = m.final_layers
-                        x = np.arange(1, len(fl) + 1)
-                        names.update({int(i): str(nm) for i, nm in zip(x, fl["layer"])})
-                        series.append(pd.Series(fl["rank"].to_numpy(float), index=x))
+                        one, named = _layer_series(m)
+                        names.update(named)
+                        series.append(one)
                     style = styles[ln.key[1:]]
                     _plot_series(ax, ln, series, colors[ln.key[0]],
-                                 style + "o" if len(style) == 1 else style)
+                                 style + "o" if len(style) == 1 else style, **kws.get(ln.label, {}))
                 if names:
                     ax.set_xticks(sorted(names), [names[i] for i in sorted(names)],
                                   rotation=45, ha="right", fontsize=8)
@@ -295,11 +382,20 @@ def draw_rank_vs_tolerance(by_figure: dict[str, list[RunData]], normalise: str,
                            missing: Sequence[str] = ()):
     """figR: a panel per paper figure, a line per setting (mean over seeds, min-max band)."""
     from matplotlib.figure import Figure
+    from matplotlib.transforms import ScaledTranslation
 
     names = [n for n in LAYOUTS if n in by_figure] or ["none"]
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
-    fig = Figure(figsize=(4.4 * cols, 3.6 * rows + 0.6), layout="constrained")
+
+    def n_lines(name: str) -> int:
+        layout = LAYOUTS.get(name, {"panel": None, "line": "batch_size"})
+        data = by_figure.get(name, [])
+        return sum(len(v) for v in group(data, layout["panel"], layout["line"]).values()) if data else 0
+
+    # each row as tall as its panels plus its longest legend (about 0.15 in an entry at 6 pt)
+    legend_in = [0.15 * max(n_lines(n) for n in names[r * cols:(r + 1) * cols]) for r in range(rows)]
+    fig = Figure(figsize=(4.4 * cols, 3.4 * rows + sum(legend_in) + 0.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
     for ax in axes[len(names):]:
         ax.set_axis_off()
@@ -309,24 +405,35 @@ def draw_rank_vs_tolerance(by_figure: dict[str, list[RunData]], normalise: str,
         lines = [ln for lns in group(data, layout["panel"], layout["line"]).values() for ln in lns] \
             if data else []
         panel = layout["panel"]
+        if panel and len({m.spec.get(panel) for m in data}) > 1:
+            lines = [Line(ln.key, f"{_fmt(panel, ln.members[0].spec.get(panel))}, {ln.label}", ln.members)
+                     for ln in lines]
+        curves = {id(ln): [final_rank_by_tolerance(m, normalise, TOLERANCES) for m in ln.members]
+                  for ln in lines}
+        def curve(pv: Any, ln: Line, c: dict = curves) -> list[pd.Series]:
+            return c[id(ln)]
+        kws = mark_coincident({None: lines}, curve)
         for ln, color in zip(lines, _colors(len(lines))):
-            if panel and len({m.spec.get(panel) for m in data}) > 1:
-                ln = Line(ln.key, f"{_fmt(panel, ln.members[0].spec.get(panel))}, {ln.label}",
-                          ln.members)
-            _plot_series(ax, ln, [final_rank_by_tolerance(m, normalise, TOLERANCES)
-                                  for m in ln.members], color)
-        for tol, who in MARKED_TOLERANCES.items():
+            _plot_series(ax, ln, curves[id(ln)], color, **kws.get(ln.label, {}))
+        for tol in MARKED_TOLERANCES:
             ax.axvline(tol, color="0.4", lw=0.8, ls=":")
-            ax.annotate(f"{tol:g} ({who})", (tol, 1.0), xycoords=("data", "axes fraction"),
-                        rotation=90, va="top", ha="right", fontsize=6, color="0.3")
         ax.set_xscale("log")
+        ax.set_xlim(TOLERANCES[0], TOLERANCES[-1])
+        # the tolerances in use named above the panel, clear of the curves
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(list(MARKED_TOLERANCES), [TOLERANCE_TAGS[t] for t in MARKED_TOLERANCES], fontsize=7)
+        top.tick_params(length=3, pad=1)
+        top.minorticks_off()
         ax.set_xlabel("rank tolerance ε")
         ax.set_ylabel("average rank at the end of training")
         models = sorted({d.spec["model"] for d in data})
         ax.set_title(f"{name.replace('fig', 'Figure ')}: {', '.join(models) or 'no runs'}", fontsize=9)
         ax.grid(alpha=0.3)
-        if lines:
-            ax.legend(fontsize=6, loc="lower left")
+        if lines:       # below the panel's axis label, clear of the curves
+            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                      bbox_transform=ax.transAxes + ScaledTranslation(0, -0.5, fig.dpi_scale_trans))
+    caption(fig, "dotted: the tolerances in use: " + "; ".join(
+        f"{tol:g}, {who}" for tol, who in MARKED_TOLERANCES.items()))
     title = f"Final rank vs tolerance (normalise={normalise})"
     if missing:
         title += f"\n{len(missing)} runs not available yet"
@@ -340,9 +447,21 @@ def theorem1_ratio(spec: dict) -> float:
     return spec["batch_size"] / (spec["lr"] * wd) if wd > 0 else float("inf")
 
 
+def relative_rank(d: RunData) -> float:
+    """The run's final rank relative to the largest possible: the mean over its hidden
+    matrices (at the last finite logged epoch) of rank / min(matrix shape), in [0, 1], so
+    that networks of any width compare (NaN when the run has no finite logged epoch)."""
+    if d.final_layers.empty:
+        return float("nan")
+    spectra = d.run.spectra
+    full = [spectra[f"sv_{int(i)}"].shape[1] for i in d.final_layers["index"]]
+    return float(np.mean(d.final_layers["rank"].to_numpy(float) / np.asarray(full, float)))
+
+
 def draw_rank_vs_ratio(data: Sequence[RunData], missing: Sequence[str] = ()):
-    """figS: every run's final average rank against B/(eta*lambda), a colour per model;
-    runs with lambda = 0 (ratio infinite) and diverged runs are counted in the title."""
+    """figS: every run's final relative rank (rank / largest possible rank, averaged over
+    the hidden matrices) against B/(eta*lambda), a colour and marker per model; runs with
+    lambda = 0 (ratio infinite) and diverged runs are counted in the title."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8.5, 5.0), layout="constrained")
@@ -362,18 +481,21 @@ def draw_rank_vs_ratio(data: Sequence[RunData], missing: Sequence[str] = ()):
             if not np.isfinite(x):
                 n_zero += 1
                 continue
-            finite = d.mean_rank.dropna()
-            if len(finite):
+            y = relative_rank(d)
+            if np.isfinite(y):
                 xs.append(x)
-                ys.append(float(finite.iloc[-1]))
-        ax.scatter(xs, ys, color=colors[model], label=f"{model} ({len(xs)} runs)", s=28,
-                   alpha=0.8, edgecolors="none")
+                ys.append(y)
+        ax.scatter(xs, ys, color=colors[model], label=f"{model} ({len(xs)} runs)", s=30, alpha=0.8,
+                   marker=MARKERS[models.index(model) % len(MARKERS)], edgecolors="none")
     ax.set_xscale("log")
+    ax.set_ylim(0, 1.05)
     ax.set_xlabel("B / (η·λ)")
-    ax.set_ylabel("average rank at the end of training")
+    ax.set_ylabel("relative rank at the end of training")
     ax.grid(alpha=0.3, which="both")
-    if models:
-        ax.legend(fontsize=8)
+    if models:          # beside the panel, clear of the points
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    caption(fig, "relative rank: a hidden matrix's rank / its largest possible rank (its smaller side), "
+                 "averaged over the network")
     title = "Final rank vs B/(η·λ): Theorem 1 predicts rank grows with B and falls with ηλ"
     notes = [f"{n_zero} run(s) with λ = 0 not shown" if n_zero else "",
              f"{n_div} diverged run(s) not shown" if n_div else "",

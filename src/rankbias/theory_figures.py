@@ -1,12 +1,13 @@
 """Figures T1 and T2: the theory's checks drawn from the runs' lemmas.parquet and
 theory.parquet (rankbias.theory), in the layout of ``rankbias.figures``: a colour per
-line, several seeds as their mean with a min-max band, one legend for the figure."""
+line (and in figT2 a marker per weight decay), several seeds as their mean with a
+min-max band, one legend for the figure, notes in a caption under the panels."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from .figures import Line, _legend, _plot_series
+from .figures import Line, _legend, _plot_series, caption, mark_coincident
 from .theory_verdicts import LEMMAS_FILE, THEORY_FILE
 
 KINDS = ("lemmas", "theorem1")
@@ -26,11 +27,15 @@ def _table(member, name: str) -> pd.DataFrame:
     return df if df is not None else pd.DataFrame()
 
 
-def draw(fig, kind: str, lines: list[Line], colors: dict) -> None:
+def draw(fig, kind: str, lines: list[Line], colors: dict, markers: dict | None = None,
+         marker_by: str = "") -> None:
+    """Draw `kind` into `fig`: a colour per line's first key (`colors`) and, in figT2, a
+    marker per the rest of its key (`markers`, by ``line.key[1:]``; `marker_by` names
+    those keys, e.g. "λ", for the caption)."""
     if kind == "lemmas":
         _lemmas(fig, lines, colors)
     else:
-        _theorem1(fig, lines, colors)
+        _theorem1(fig, lines, colors, markers or {}, marker_by)
     _legend(fig)
 
 
@@ -38,11 +43,10 @@ def _lemmas(fig, lines: list[Line], colors: dict) -> None:
     ax1, ax2 = fig.subplots(1, 2)
     names: dict[int, str] = {}
     widest = 0
+    drawn: dict[tuple, list[pd.Series]] = {}       # (panel, stage, line) -> a series per seed
     for ln in lines:
-        c = colors[ln.key[0]]
         tables = [_table(m, LEMMAS_FILE) for m in ln.members]
-        for stage, style in STAGE_STYLE.items():
-            first = stage == "fresh"
+        for stage in STAGE_STYLE:
             one, batch = [], []
             for t in tables:
                 t = t[t["stage"] == stage] if len(t) else t
@@ -56,16 +60,25 @@ def _lemmas(fig, lines: list[Line], colors: dict) -> None:
                 l2 = t[(t["lemma"] == 2) & (t["kind"] == "hidden")]
                 batch.append(l2.groupby("batch_size")["rank"].max().astype(float))
                 widest = max([widest, *l2["max_rank"].astype(int)])
+            drawn[1, stage, id(ln)], drawn[2, stage, id(ln)] = one, batch
+    # networks without BN all have rank 1 in Lemma 1: lines on one another, marked
+    kws = mark_coincident({(ax, stage): lines for ax in (1, 2) for stage in STAGE_STYLE},
+                          lambda pv, ln: drawn[pv[0], pv[1], id(ln)])
+    for ln in lines:
+        c, kw = colors[ln.key[0]], kws.get(ln.label, {})
+        for stage, style in STAGE_STYLE.items():
+            first = stage == "fresh"
+            one, batch = drawn[1, stage, id(ln)], drawn[2, stage, id(ln)]
             if any(len(s) for s in one):
-                _plot_series(ax1, ln, one, c, style + "o", label=first)
-            _plot_series(ax2, ln, batch, c, style + "o", label=first and not any(len(s) for s in one))
+                _plot_series(ax1, ln, one, c, style + "o", label=first, **kw)
+            _plot_series(ax2, ln, batch, c, style + "o", label=first and not any(len(s) for s in one), **kw)
     ax1.axhline(1, color="k", ls=":", lw=1.2, label="bound: rank ≤ 1")
     if names:
         ax1.set_xticks(sorted(names), [names[i] for i in sorted(names)], rotation=45, ha="right", fontsize=8)
     ax1.set_ylim(-0.1, 3)
     ax1.set_xlabel("weight matrix")
     ax1.set_ylabel("rank (max over samples and outputs)")
-    ax1.set_title("(a) Lemma 1: per-sample gradients ∂f_c(x)/∂W and ∇_W ℓ(x), no BN")
+    ax1.set_title("(a) Lemma 1: per-sample gradients ∂f_c(x)/∂W and ∇_W ℓ(x), no BN", fontsize=10)
     bs = sorted({b for ln in lines for m in ln.members for b in _table(m, LEMMAS_FILE).get("batch_size", [])})
     if bs:
         b = np.array(bs, dtype=float)
@@ -76,10 +89,10 @@ def _lemmas(fig, lines: list[Line], colors: dict) -> None:
     _log_scale(ax2, "y", 2)
     ax2.set_xlabel("batch size B")
     ax2.set_ylabel("rank of ∇_W L_S (max over hidden matrices)")
-    ax2.set_title("(b) Lemma 2: batch-loss gradient, with and without BN")
+    ax2.set_title("(b) Lemma 2: batch-loss gradient, with and without BN", fontsize=10)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    fig.text(0.01, 0.005, "solid: freshly initialised network; dashed: after training", fontsize=8)
+    caption(fig, "solid: freshly initialised network; dashed: after training")
 
 
 def _own_size(t: pd.DataFrame, batch_size: int) -> pd.DataFrame:
@@ -90,10 +103,11 @@ def _own_size(t: pd.DataFrame, batch_size: int) -> pd.DataFrame:
     return t[(t["batch_size"] == b) & (t["kind"] == "hidden")]
 
 
-def _theorem1(fig, lines: list[Line], colors: dict) -> None:
+def _theorem1(fig, lines: list[Line], colors: dict, markers: dict, marker_by: str) -> None:
     ax1, ax2 = fig.subplots(1, 2)
     for ln in lines:
         c = colors[ln.key[0]]
+        mk = {"marker": markers.get(ln.key[1:], "o"), "ms": 5, "mfc": "none", "mew": 1.2}
         left, right, ratio = [], [], []
         for m in ln.members:
             t = _own_size(_table(m, THEORY_FILE), int(m.spec["batch_size"]))
@@ -101,18 +115,19 @@ def _theorem1(fig, lines: list[Line], colors: dict) -> None:
             left.append(g["left"].mean() if g is not None else pd.Series(dtype=float))
             right.append(g["right"].mean() if g is not None else pd.Series(dtype=float))
             ratio.append(g["ratio"].median() if g is not None else pd.Series(dtype=float))
-        _plot_series(ax1, ln, left, c, "-", positive=True)
-        _plot_series(ax1, ln, right, c, "--", label=False, positive=True)
-        _plot_series(ax2, ln, ratio, c, "-", label=False, positive=True)
+        _plot_series(ax1, ln, left, c, "-", positive=True, **mk)
+        _plot_series(ax1, ln, right, c, "--", label=False, positive=True, **mk)
+        _plot_series(ax2, ln, ratio, c, "-", label=False, positive=True, **mk)
     _log_scale(ax1)
     ax1.set_ylabel("mean over hidden matrices")
-    ax1.set_title("(a) left(B*) = ‖W − W_B*‖_F (solid) ≤ right(B*) = min_S ‖G_S‖_F / λ (dashed)")
+    ax1.set_title("(a) left(B*) = ‖W − W_B*‖_F (solid) ≤ right(B*) = min_S ‖G_S‖_F / λ (dashed)", fontsize=10)
     ax2.axhline(1, color="k", ls=":", lw=1.2, label="left = right (the bound)")
     _log_scale(ax2)
     ax2.set_ylabel("left / right, median over hidden matrices")
-    ax2.set_title("(b) tightness of Theorem 1")
+    ax2.set_title("(b) tightness of Theorem 1", fontsize=10)
     for ax in (ax1, ax2):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    fig.text(0.01, 0.005, "B* = the run's own batch size; λ = torch's weight_decay (the paper's 2λ); "
-             "S: the sampled batches of size B*", fontsize=8)
+    styles = f"colour: B; marker: {marker_by} (see the legend). " if len(markers) > 1 and marker_by else ""
+    caption(fig, styles + "B* = the run's own batch size; λ = torch's weight_decay (the paper's 2λ); "
+            "S: the sampled batches of size B*")
