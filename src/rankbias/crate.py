@@ -95,7 +95,8 @@ class _Crate:
             e["sha256"] = sources
             e["description"] = (f"rankbias sources: sha256 {sources} over {package.get('files')} .py files"
                                 + (f"; git commit {commit}" + (" (with uncommitted changes)"
-                                                               if code.get("dirty") else "") if commit else ""))
+                                                               if code.get("dirty") or (git or {}).get("dirty") else "")
+                                   if commit else ""))
         deps = {k: v for k, v in (env.get("packages") or {}).items() if v and k != "rankbias"}
         if deps:
             e["softwareRequirements"] = [_ref(self.add({
