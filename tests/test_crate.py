@@ -97,3 +97,33 @@ def test_each_figure_and_the_claims_is_an_action_with_its_record(exported):
     for fname, sha in record["outputs"].items():
         assert crate.get(f"results/{fname}")["sha256"] == sha
     assert {r.id for r in claims["result"]} <= {r.id for r in crate.get("#workflow-run")["result"]}
+
+
+def test_every_term_is_defined_by_the_crate_context(exported):
+    """Every property and type the crate uses is a term of the RO-Crate 1.1 context (the
+    copy ro-crate-py ships), or of the Workflow Run terms the crate's second context
+    names (the container image's type and property)."""
+    from importlib import resources
+
+    context = json.loads(resources.files("rocrate").joinpath("data/ro-crate.jsonld").read_text())["@context"]
+    workflow_run_terms = {"ContainerImage", "containerImage"}
+    meta = json.loads((exported / C.METADATA).read_text())
+    used = set()
+    for e in meta["@graph"]:
+        used |= {k for k in e if not k.startswith("@")}
+        used |= set(e["@type"] if isinstance(e["@type"], list) else [e["@type"]])
+    assert not used - set(context) - workflow_run_terms, sorted(used - set(context) - workflow_run_terms)
+
+
+def test_the_container_image_is_named_with_its_digest(exported, tmp_path):
+    """A figure drawn in the image: its action names the image and its digest."""
+    record = json.loads((exported / "results/figures/fig1.provenance.json").read_text())
+    digest = "sha256:" + "ab" * 32
+    record["environment"]["container"] = {"image": "rankbias:0e22734", "image_digest": digest, "runtime": "docker"}
+    (tmp_path / "results/figures").mkdir(parents=True)
+    (tmp_path / "results/figures/fig1.provenance.json").write_text(json.dumps(record))
+    graph = {e["@id"]: e for e in C.build(tmp_path)["@graph"]}
+    image = graph[graph["#fig1"]["containerImage"]["@id"]]
+    assert image["@type"] == "ContainerImage" and image["name"] == "rankbias:0e22734"
+    assert image["sha256"] == "ab" * 32
+    assert image["additionalType"] == {"@id": "https://w3id.org/ro/terms/workflow-run#DockerImage"}
