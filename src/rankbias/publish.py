@@ -14,8 +14,9 @@ Beside the objects:
 
 Any web server or release host that serves the folder's files at their paths is a
 read-only DVC remote (`python -m http.server --directory dist/results-cache` on one
-machine). ``--archive`` also writes the folder as one reproducible ``.tar.gz`` (sorted
-members, owner 0, the commit's time), the file to deposit for a DOI snapshot.
+machine). ``--archive`` also writes the folder as one ``.tar.gz`` (sorted members, owner
+0, the commit's time), the file to deposit for a DOI snapshot. Nothing depends on when
+or where it runs: publishing the same commit again writes the same bytes.
 """
 from __future__ import annotations
 
@@ -126,7 +127,6 @@ def publish(root: str | Path = ".", out: str | Path = DEFAULT_OUT, archive: str 
     """Write the published folder `out` (replacing an earlier one) and, with `archive`, its
     ``.tar.gz``; returns the manifest."""
     from . import __version__
-    from .provenance import utc_now
 
     root = Path(root).resolve()
     out = Path(out) if Path(out).is_absolute() else root / out
@@ -161,7 +161,6 @@ def publish(root: str | Path = ".", out: str | Path = DEFAULT_OUT, archive: str 
             "commit": commit,
             "dvc_lock_sha256": _sha256(tmp / "dvc.lock"),
             "rankbias_version": __version__,
-            "created": utc_now(),
             "objects": entries,
             "total_size": sum(e["size"] for e in entries),
         }
