@@ -13,13 +13,16 @@ TESTS  ?= tests
 # relative to it). The venv's bin goes first on PATH, as an absolute path.
 WITH_VENV = PATH="$$(cd "$(BIN)" && pwd):$$PATH"
 
-.PHONY: install reproduce test test-fast test-image lint bench gpu-check lock clean image docker apptainer
+.PHONY: install reproduce test test-fast test-image lint bench gpu-check lock publish crate clean image docker apptainer
 
 install: $(STAMP)
 
+# Every package from the locks, each file checked against the lock's sha256 (a file the
+# registry serves with other bytes than when the lock was made is refused); then the
+# package itself, from this checkout, with nothing else resolved.
 $(STAMP): requirements.lock requirements-test.lock pyproject.toml
 	"$(PYTHON)" -m venv "$(VENV)"
-	"$(BIN)/pip" install --disable-pip-version-check -q -r requirements.lock -r requirements-test.lock
+	"$(BIN)/pip" install --disable-pip-version-check -q --require-hashes -r requirements.lock -r requirements-test.lock
 	"$(BIN)/pip" install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch "$(STAMP)"
 
@@ -72,18 +75,34 @@ gpu-check:
 
 # Regenerate the locks from the direct dependencies (needs the package registry):
 # requirements.lock for the package and its workflow extra (what the image installs),
-# requirements-test.lock for what the test extra adds on top.
+# requirements-test.lock for what the test extra adds on top. The pins are what pip
+# installs into a fresh venv; pip-tools' pip-compile then adds the sha256 of every file
+# the registry serves for each pinned release, and scripts/hash_locks.py writes both
+# locks (refusing any pin that changed on the way).
+LOCK_TMP := /tmp/rankbias-lock
 lock:
-	rm -rf /tmp/rankbias-lock && $(PYTHON) -m venv /tmp/rankbias-lock
-	/tmp/rankbias-lock/bin/pip install -q torch==2.14.1 torchvision==0.29.1 '.[workflow]'
-	( echo "# Pinned lock of every Python package rankbias runs with: the package and its \`workflow\`"; \
-	  echo "# extra (make install, CI and the container image install this file). Regenerate: make lock"; \
-	  /tmp/rankbias-lock/bin/pip freeze --all --exclude rankbias --exclude pip ) > requirements.lock
-	/tmp/rankbias-lock/bin/pip install -q -c requirements.lock '.[test]'
-	( echo "# Pinned lock of the \`test\` extra (test and lint tools), on top of requirements.lock:"; \
-	  echo "# make install and CI install it, the container image does not. Regenerate: make lock"; \
-	  /tmp/rankbias-lock/bin/pip freeze --all --exclude rankbias --exclude pip \
-	    | grep -v -x -F -f requirements.lock ) > requirements-test.lock
+	rm -rf $(LOCK_TMP) && $(PYTHON) -m venv $(LOCK_TMP)/venv && $(PYTHON) -m venv $(LOCK_TMP)/tools
+	$(LOCK_TMP)/venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 '.[workflow]'
+	$(LOCK_TMP)/venv/bin/pip freeze --all --exclude rankbias --exclude pip > $(LOCK_TMP)/runtime.txt
+	$(LOCK_TMP)/venv/bin/pip install -q -c $(LOCK_TMP)/runtime.txt '.[test]'
+	$(LOCK_TMP)/venv/bin/pip freeze --all --exclude rankbias --exclude pip \
+	  | grep -v -x -F -f $(LOCK_TMP)/runtime.txt > $(LOCK_TMP)/test.txt
+	$(LOCK_TMP)/tools/bin/pip install -q pip-tools
+	cat $(LOCK_TMP)/runtime.txt $(LOCK_TMP)/test.txt > $(LOCK_TMP)/all.in
+	$(LOCK_TMP)/tools/bin/pip-compile -q --generate-hashes --allow-unsafe --no-emit-index-url \
+	  --no-emit-find-links --no-annotate --no-header --strip-extras -o $(LOCK_TMP)/all.txt $(LOCK_TMP)/all.in
+	$(PYTHON) scripts/hash_locks.py $(LOCK_TMP)/all.txt $(LOCK_TMP)/runtime.txt $(LOCK_TMP)/test.txt
+
+# The committed results' DVC cache as static files (dist/results-cache: objects, manifest,
+# SHA256SUMS) for a read-only HTTP(S) remote; PUBLISH_ARGS="--archive dist/results-cache.tar.gz"
+# also writes the archive to deposit for a DOI. See README "Sharing the results".
+PUBLISH_ARGS ?=
+publish: $(STAMP)
+	"$(BIN)/rankbias" publish $(PUBLISH_ARGS)
+
+# The results' provenance as a Workflow Run RO-Crate: ro-crate-metadata.json.
+crate: $(STAMP)
+	"$(BIN)/rankbias" export-crate
 
 # Container images (need Docker / Apptainer; see README "Containers and SLURM").
 docker:

@@ -1,4 +1,5 @@
-"""Print the lines of requirements.lock that the image installs: all but the torch stack.
+"""Print the entries of requirements.lock that the image installs: all but the torch stack,
+each pin on one line with its hashes (so pip checks every file it installs).
 
 The base image ships torch and torchvision built against its own CUDA libraries.
 Installing the lock's torch over them would leave two torch/CUDA stacks in the image
@@ -27,15 +28,28 @@ def canonical(name: str) -> str:
 
 
 def read_lock(path: Path) -> dict[str, tuple[str, str]]:
-    """{canonical name: (the lock's line, pinned version)}; every line must be NAME==VERSION."""
+    """{canonical name: (the lock's entry on one line, pinned version)}; every entry must be
+    NAME==VERSION, followed by its ``--hash=sha256:...`` options (backslash-continued
+    lines are one entry, as pip reads them)."""
     pins = {}
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+    number, entry = 0, ""
+    lines = path.read_text().splitlines()
+    for i, raw in enumerate(lines, 1):
+        text = raw if raw.lstrip().startswith("--hash") else raw.split("#", 1)[0]
+        if not entry:
+            number = i
+        entry += " " + text.strip()
+        if entry.endswith("\\") and i < len(lines):
+            entry = entry[:-1]
+            continue
+        line, entry = " ".join(entry.split()), ""
         if not line:
             continue
-        name, sep, version = line.partition("==")
-        if not sep or not name.strip() or not version.strip():
-            raise SystemExit(f"{path}:{number}: {raw!r} is not an exact pin NAME==VERSION")
+        pin, *options = line.split()
+        name, sep, version = pin.partition("==")
+        if (not sep or not name.strip() or not version.strip()
+                or not all(o.startswith("--hash=sha256:") for o in options)):
+            raise SystemExit(f"{path}:{number}: {line!r} is not an exact pin NAME==VERSION (with its hashes)")
         pins[canonical(name)] = (line, version.strip())
     return pins
 

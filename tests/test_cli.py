@@ -122,7 +122,8 @@ def test_each_command_is_registered_by_the_module_named_for_it():
 
 
 @pytest.mark.parametrize("args", [["figure", "--help"], ["claims", "--help"], ["audit", "--help"],
-                                  ["timing", "--help"], ["plan", "--help"], ["restore", "--help"]])
+                                  ["timing", "--help"], ["plan", "--help"], ["restore", "--help"],
+                                  ["publish", "--help"], ["export-crate", "--help"]])
 def test_commands_that_read_stored_results_do_not_import_torch(args):
     """A figure, the claims, the audit and the rest read stored numbers only: their
     jobs start without torch's import (seconds and hundreds of MB each)."""

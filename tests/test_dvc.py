@@ -24,12 +24,15 @@ TARGETS = [f"results/figures/{f}.png" for f in FIGS]
 STAGES = ["data", "runs", *[f"figure@{f}" for f in FIGS]]
 CONFIG = ["--configfile", ".test/config.yaml"]
 BIN = str(Path(sys.executable).parent)
+# The remote the maintainer pushes to (.dvc/config): a directory beside the repository.
+# The default remote, `public`, is the read-only HTTP(S) copy (tests/test_publish.py).
+PUSH_REMOTE = "maintainer"
 
 
-def sh(cwd, *cmd, check=True):
+def sh(cwd, *cmd, check=True, env=None):
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ.get("PATH", ""),
                DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t", **(env or {}))
     p = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -62,7 +65,12 @@ def cache_object_of(repo: Path, f: Path) -> Path:
 @pytest.fixture(scope="module")
 def pushed(tmp_path_factory):
     """A repository whose tiny pipeline ran, committed to DVC and pushed."""
-    base = tmp_path_factory.mktemp("dvc")
+    return build_pushed(tmp_path_factory.mktemp("dvc"))
+
+
+def build_pushed(base: Path) -> Path:
+    """`base`/repo: the tiny pipeline's figures FIGS made, committed to DVC and git, and
+    pushed to the maintainer's remote `base`/rankbias-dvc-remote; returns `base`."""
     repo = copy_repo(base / "repo")
     assert (repo / "dvc.yaml").exists() and (repo / ".dvc/config").exists()
     use_config(repo, TEST_CONFIG)
@@ -73,8 +81,8 @@ def pushed(tmp_path_factory):
     sh(repo, "dvc", "commit", "-f", *STAGES)
     sh(repo, "git", "add", "dvc.lock")
     sh(repo, "git", "commit", "-qm", "results")
-    sh(repo, "dvc", "push", *STAGES)
-    assert (base / "rankbias-dvc-remote" / "files" / "md5").is_dir()  # the default remote
+    sh(repo, "dvc", "push", "-r", PUSH_REMOTE, *STAGES)
+    assert (base / "rankbias-dvc-remote" / "files" / "md5").is_dir()  # the maintainer's remote
     return base
 
 
@@ -82,7 +90,7 @@ def clone(base: Path, name: str, pull=True) -> Path:
     dest = base / name
     sh(base, "git", "clone", "-q", "repo", name)
     if pull:
-        sh(dest, "dvc", "pull", *STAGES)
+        sh(dest, "dvc", "pull", "-r", PUSH_REMOTE, *STAGES)
     return dest
 
 
@@ -129,7 +137,7 @@ def test_pull_and_restore_plan_no_training(pushed):
 
 def test_corrupt_cache_object_is_an_error_not_used(pushed):
     repo = clone(pushed, "clone_cache", pull=False)
-    sh(repo, "dvc", "fetch", *STAGES)
+    sh(repo, "dvc", "fetch", "-r", PUSH_REMOTE, *STAGES)
     prov = yaml.safe_load((pushed / "repo/results/figures/fig1.provenance.json").read_text())
     run_id = prov["runs"][0]["run_id"]
     obj = cache_object_of(repo, pushed / "repo/results/runs" / run_id / "metrics.parquet")
@@ -146,7 +154,7 @@ def test_corrupt_cache_object_is_an_error_not_used(pushed):
     assert any(j.startswith("train_") for j in jobs), jobs  # retrained, not used
     obj.chmod(0o644)
     obj.unlink()  # as the report says
-    sh(repo, "dvc", "pull", *STAGES)
+    sh(repo, "dvc", "pull", "-r", PUSH_REMOTE, *STAGES)
     assert dvcstate.md5_file(obj) == obj.parent.name + obj.name  # a good copy again
 
 
@@ -160,7 +168,7 @@ def test_corrupt_remote_object_fails_the_pull_clearly(pushed):
         obj.chmod(0o644)
         obj.write_bytes(b"corrupt" + good)
         repo = clone(pushed, "clone_remote", pull=False)
-        pull = sh(repo, "dvc", "pull", *STAGES, check=False)
+        pull = sh(repo, "dvc", "pull", "-r", PUSH_REMOTE, *STAGES, check=False)
         assert pull.returncode != 0 and "results/figures" in pull.stdout + pull.stderr
         p = sh(repo, "rankbias", "restore", "--no-touch", check=False)
         assert p.returncode == 1
@@ -247,8 +255,8 @@ def test_params_are_the_config_and_code_is_a_dependency(committed):
 def test_readme_dvc_section_command_by_command_ends_with_audits_that_pass(tmp_path):
     """README "Provenance, DVC and audit", as a researcher follows it: the pipeline runs,
     params.yaml is set to the config the results came from, `dvc commit -f`, git commit,
-    `dvc push`; `dvc metrics show`, `rankbias claims --table`, `dvc plots show` and
-    `snakemake --report report.html`; then a fresh clone: `dvc pull`, `rankbias restore`,
+    `dvc push -r maintainer`; `dvc metrics show`, `rankbias claims --table`, `dvc plots show` and
+    `snakemake --report report.html`; then a fresh clone: `dvc pull -r maintainer`, `rankbias restore`,
     `snakemake -n` (nothing), the same viewing commands, and `rankbias audit` of every
     figure and the claims passes in both, with no note that asks for another pull."""
     repo = copy_repo(tmp_path / "repo")
@@ -265,7 +273,7 @@ def test_readme_dvc_section_command_by_command_ends_with_audits_that_pass(tmp_pa
     sh(repo, "dvc", "commit", "-f")
     sh(repo, "git", "add", "dvc.lock", "params.yaml")
     sh(repo, "git", "commit", "-qm", "results")
-    sh(repo, "dvc", "push")
+    sh(repo, "dvc", "push", "-r", "maintainer")
     outputs = sorted(str(p.relative_to(repo)) for p in (repo / "results/figures").glob("*.png"))
     assert len(outputs) == 12, outputs
     outputs.append("results/claims.md")
@@ -289,7 +297,7 @@ def test_readme_dvc_section_command_by_command_ends_with_audits_that_pass(tmp_pa
     look_and_audit(repo)
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", "repo", "clone")
-    sh(clone, "dvc", "pull")
+    sh(clone, "dvc", "pull", "-r", "maintainer")
     p = sh(clone, "rankbias", "restore", "--", *CONFIG)
     assert "0 problem(s)" in p.stdout, p.stdout
     p = sh(clone, "snakemake", "-n", *CONFIG, "--cores", "1")

@@ -37,6 +37,8 @@ SUBCOMMANDS = {
     "claims": "rankbias.claims",
     "audit": "rankbias.audit",
     "restore": "rankbias.restore",
+    "publish": "rankbias.publish",
+    "export-crate": "rankbias.crate",
     "timing": "rankbias.timing",
 }
 
