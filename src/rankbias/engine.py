@@ -234,15 +234,15 @@ class Pack:
             neg_lr = s.neg_lr.view(-1).tolist()
             for k, spec in enumerate(self.specs):
                 wd, mom = spec.weight_decay, spec.momentum
-                for p, g, b in self._members[k]:
-                    d = g.add_(p, alpha=wd) if wd != 0 else g
+                for param, grad, buf in self._members[k]:
+                    d = grad.add_(param, alpha=wd) if wd != 0 else grad
                     if mom != 0:
                         if self._bufs_started:
-                            b.mul_(mom).add_(d)
+                            buf.mul_(mom).add_(d)
                         else:
-                            b.copy_(d)
-                        d = b
-                    p.add_(d, alpha=neg_lr[k])
+                            buf.copy_(d)
+                        d = buf
+                    param.add_(d, alpha=neg_lr[k])
             self._bufs_started = True
             return
         if self._fused:
