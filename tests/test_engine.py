@@ -132,6 +132,18 @@ def test_update_torch_follows_torch_sgd_bit_for_bit_float32(synthetic, model, lr
         assert _first_unequal_step(spec, synthetic, "fused") is not None
 
 
+def test_train_pack_with_update_torch_records_it(synthetic, tmp_path):
+    """`rankbias train --update torch` reaches the pack, and run.json says which update ran."""
+    from rankbias.cli import main
+    spec = RunSpec.from_dict(dict(dataset="synthetic", model="MLP-2-8", epochs=1, batch_size=100, seed=3))
+    (tmp_path / "pack.json").write_text(json.dumps([spec.to_dict()]))
+    assert main(["train", str(tmp_path / "pack.json"), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                 "--update", "torch", "--quiet"]) == 0
+    assert json.loads((tmp_path / "runs" / spec.run_id / "run.json").read_text())["update"] == "torch"
+    (path,) = train_pack([spec], tmp_path / "fused", device="cpu", dataset=synthetic, progress=False)
+    assert json.loads((path / "run.json").read_text())["update"] == "fused"
+
+
 def test_update_modes_are_checked_by_name(synthetic):
     spec = RunSpec.from_dict(dict(dataset="synthetic", model="MLP-2-16", epochs=1))
     with pytest.raises(ValueError, match="update: 'exact' is not one of fused, torch"):
