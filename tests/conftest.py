@@ -26,13 +26,13 @@ def synthetic64(synthetic):
                                x_test=synthetic.x_test.double())
 
 
-def sgd_references(specs, ds):
-    """Each member's plain reference in float64: (nn.Module, torch.optim.SGD, its epoch-0
-    data order, its batch size), for stepping beside a pack."""
+def sgd_references(specs, ds, dtype=torch.float64):
+    """Each member's plain reference in `dtype` (float64 unless told): (nn.Module,
+    torch.optim.SGD, its epoch-0 data order, its batch size), for stepping beside a pack."""
     from rankbias.models import build_net, epoch_order
     refs = []
     for spec in specs:
-        net = build_net(spec, ds.input_dim, ds.num_classes).double()
+        net = build_net(spec, ds.input_dim, ds.num_classes).to(dtype)
         opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
                               weight_decay=spec.weight_decay)
         refs.append((net, opt, epoch_order(spec, 0, ds.x_train.shape[0]), spec.batch_size))

@@ -44,34 +44,54 @@ def test_nothing_is_insufficient(tmp_path):
     assert [c["id"] for c in res["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2"]
 
 
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2)
 
 
-def test_bootstrap_interval_of_two_values_is_their_range_and_reproducible():
-    # Resampled means of [a, b] are a (p 1/4), (a+b)/2 (p 1/2) and b (p 1/4): the 95%
-    # percentile interval is exactly [a, b].
-    assert C.bootstrap_interval([0.2, 0.8], 0.95, 4000, 0) == pytest.approx((0.2, 0.8))
-    v = np.random.default_rng(3).normal(1.0, 2.0, 40)
-    lo, hi = C.bootstrap_interval(v, 0.95, 20000, 7)
-    assert (lo, hi) == C.bootstrap_interval(v, 0.95, 20000, 7)
-    # Against the normal approximation mean +- 1.96 s / sqrt(n) (independent of the bootstrap).
-    half = 1.96 * v.std(ddof=1) / np.sqrt(len(v))
-    assert lo == pytest.approx(v.mean() - half, abs=0.1 * half)
-    assert hi == pytest.approx(v.mean() + half, abs=0.1 * half)
+@pytest.mark.parametrize("level, df, expected", [
+    # two-sided critical values of Student's t, from printed tables
+    (0.95, 1, 12.7062), (0.95, 2, 4.3027), (0.95, 3, 3.1824), (0.95, 4, 2.7764),
+    (0.95, 9, 2.2622), (0.95, 30, 2.0423), (0.90, 2, 2.9200), (0.99, 5, 4.0321),
+    (0.99, 1, 63.6567), (0.95, 5000, 1.9604)])
+def test_t_quantile_matches_the_tables(level, df, expected):
+    assert C.t_quantile(level, df) == pytest.approx(expected, abs=1e-4)
 
 
-def test_across_seeds_averages_per_seed_and_resamples_seeds_or_groups():
+def test_t_quantile_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="df must be an integer >= 1, got 0"):
+        C.t_quantile(0.95, 0)
+    with pytest.raises(ValueError, match="level must lie in"):
+        C.t_quantile(1.0, 3)
+
+
+def test_t_interval_by_hand_and_its_coverage_at_three_seeds():
+    # [1, 0.5, 0.5]: mean 2/3, s = 0.2887, half width 4.3027 * 0.2887 / sqrt(3) = 0.7172
+    lo, hi = C.t_interval([1.0, 0.5, 0.5], 0.95)
+    assert (lo, hi) == pytest.approx((2 / 3 - 0.71716, 2 / 3 + 0.71716), abs=1e-4)
+    assert C.t_interval([0.3, 0.3, 0.3], 0.95) == (pytest.approx(0.3), pytest.approx(0.3))
+    # The interval means what it says at n = 3: 95% of normal samples' intervals cover the mean
+    # (the percentile bootstrap of three values covers about 75%).
+    x = np.random.default_rng(0).normal(1.0, 2.0, (20000, 3))
+    half = C.t_quantile(0.95, 2) * x.std(axis=1, ddof=1) / np.sqrt(3)
+    assert C.t_interval(x[0], 0.95) == pytest.approx((x[0].mean() - half[0], x[0].mean() + half[0]))
+    covered = np.abs(x.mean(axis=1) - 1.0) <= half
+    assert covered.mean() == pytest.approx(0.95, abs=0.006)
+
+
+def test_across_seeds_averages_per_seed_and_needs_min_seeds():
     t = C.thresholds({})
-    e = C.across_seeds([(0, 1.0), (0, 0.5), (1, 0.0), (1, 0.5)], t)
-    assert e.per_seed == {0: 0.75, 1: 0.25} and e.over == "seeds"
-    assert e.values == [0.75, 0.25] and e.mean == pytest.approx(0.5)
-    assert e.ci == pytest.approx((0.25, 0.75))
-    one = C.across_seeds([(3, 1.0), (3, 0.5), (3, 0.0)], t)
-    assert one.over == "groups" and one.values == [1.0, 0.5, 0.0] and one.ci is not None
-    few = C.across_seeds([(0, 0.9)], t)
-    assert few.ci is None and few.to_dict()["ci"] is None
-    assert "too few values" in C.interval_text(few.to_dict())
-    assert C.across_seeds([(0, 0.9)], C.thresholds({"ci_min_values": 1})).ci == pytest.approx((0.9, 0.9))
+    e = C.across_seeds([(0, 1.0), (0, 0.5), (1, 0.0), (1, 0.5), (2, 0.25)], t)
+    assert e.per_seed == {0: 0.75, 1: 0.25, 2: 0.25} and e.to_dict()["over"] == "seeds"
+    assert e.values == [0.75, 0.25, 0.25] and e.mean == pytest.approx(5 / 12)
+    assert e.ci == pytest.approx(C.t_interval([0.75, 0.25, 0.25], 0.95))
+    # Two seeds, however many groups: no interval, and the text names the seeds there are.
+    two = C.across_seeds([(3, 1.0), (3, 0.5), (3, 0.0), (5, 0.5)], t)
+    assert two.ci is None and two.to_dict()["ci"] is None and two.seeds == [3, 5]
+    assert C.interval_text(two.to_dict()) == "0.5 from 2 seeds (3, 5): fewer than 3 seeds, no interval"
+    assert C.across_seeds([(3, 1.0), (5, 0.5)], C.thresholds({"min_seeds": 2})).ci is not None
+    with pytest.raises(ValueError, match="claims.min_seeds: expected an integer >= 2"):
+        C.thresholds({"min_seeds": 1})
+    with pytest.raises(ValueError, match="unknown threshold.*'bootstrap_resamples'"):
+        C.thresholds({"bootstrap_resamples": 100})
 
 
 def test_c1_holds_across_seeds_fails_when_a_seed_contradicts(tmp_path):
@@ -81,30 +101,48 @@ def test_c1_holds_across_seeds_fails_when_a_seed_contradicts(tmp_path):
     v, _ = verdicts(tmp_path)
     sp = v["C1"]["spearman_in_claimed_direction"]
     assert v["C1"]["verdict"] == "holds"
-    assert sp["per_seed"] == {"0": 1.0, "1": 1.0} and sp["over"] == "seeds"
+    assert sp["per_seed"] == {"0": 1.0, "1": 1.0, "2": 1.0} and sp["over"] == "seeds"
     assert sp["mean"] == pytest.approx(1.0) and sp["ci"] == pytest.approx([1.0, 1.0])
+    assert sp["method"] == "Student t"
     assert v["C1"]["intervals"]["Spearman"] == sp
-    assert v["C1"]["n_runs"] == 6 and v["C1"]["seeds"] == [0, 1]
-    # A third seed with the opposite trend puts no effect inside the interval.
+    assert v["C1"]["n_runs"] == 9 and v["C1"]["seeds"] == [0, 1, 2]
+    # A fourth seed with the opposite trend puts no effect inside the interval.
     for b, r in ((8, 19), (32, 12), (128, 6)):
-        fabricate(tmp_path, spec(batch_size=b, seed=2), final_ranks=[r] * 3)
+        fabricate(tmp_path, spec(batch_size=b, seed=3), final_ranks=[r] * 3)
     v, _ = verdicts(tmp_path)
     assert v["C1"]["verdict"] == "fails" and v["C1"]["n_contradicting"] == 1
     assert v["C1"]["spearman_in_claimed_direction"]["ci"][0] < 0
 
 
-def test_c1_one_seed_resamples_groups_and_one_group_is_too_few(tmp_path):
-    for b, r in ((8, 6), (32, 12), (128, 19)):
-        fabricate(tmp_path, spec(batch_size=b), final_ranks=[r] * 3)
+def test_c1_fewer_than_three_seeds_is_insufficient_naming_them(tmp_path):
+    # Two seeds, two groups each, every group with the claimed trend: still no interval.
+    for seed in (4, 7):
+        for lr in (0.05, 0.1):
+            for b, r in ((8, 6), (32, 12), (128, 19)):
+                fabricate(tmp_path, spec(batch_size=b, lr=lr, seed=seed), final_ranks=[r] * 3)
     v, res = verdicts(tmp_path)
-    assert v["C1"]["verdict"] == "insufficient"
-    assert v["C1"]["spearman_in_claimed_direction"]["n_values"] == 1
-    assert "too few values for an interval" in C.markdown(res)
+    sp = v["C1"]["spearman_in_claimed_direction"]
+    assert v["C1"]["verdict"] == "insufficient" and sp["n_values"] == 2 and sp["ci"] is None
+    assert "Spearman: 1 from 2 seeds (4, 7): fewer than 3 seeds, no interval" in C.markdown(res)
     for b, r in ((8, 5), (32, 9), (128, 18)):
-        fabricate(tmp_path, spec(batch_size=b, lr=0.05), final_ranks=[r] * 3)
+        fabricate(tmp_path, spec(batch_size=b, seed=9), final_ranks=[r] * 3)
+    v, _ = verdicts(tmp_path)
+    assert v["C1"]["verdict"] == "holds" and v["C1"]["seeds"] == [4, 7, 9]
+
+
+def test_c1_fails_when_three_positive_seeds_spread_too_widely(tmp_path):
+    # Per-seed Spearman 1, 0.5, 0.5: every seed shows the trend and the range [0.5, 1] (what a
+    # percentile bootstrap gives) lies above 0, but the t interval 0.667 +- 0.717 does not.
+    for seed, ranks in ((0, (6, 12, 19)), (1, (12, 6, 19)), (2, (12, 6, 19))):
+        for b, r in zip((8, 32, 128), ranks):
+            fabricate(tmp_path, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
     v, _ = verdicts(tmp_path)
     sp = v["C1"]["spearman_in_claimed_direction"]
-    assert v["C1"]["verdict"] == "holds" and sp["over"] == "groups" and sp["n_values"] == 2
+    assert sp["per_seed"] == {"0": 1.0, "1": 0.5, "2": 0.5}
+    assert sp["ci"] == pytest.approx([2 / 3 - 0.7172, 2 / 3 + 0.7172], abs=1e-3)
+    assert v["C1"]["verdict"] == "fails"
+    # With a 75% interval (t = 1.6036 at df 2) the same seeds suffice.
+    assert verdicts(tmp_path, overrides={"ci_level": 0.75})[0]["C1"]["verdict"] == "holds"
 
 
 def test_c1_insufficient_with_two_batch_sizes_or_diverged(tmp_path):
@@ -121,7 +159,7 @@ def test_c1_flat_groups_fail(tmp_path):
         for b in (8, 32, 128):
             fabricate(tmp_path, spec(batch_size=b, seed=seed), final_ranks=[20] * 3)
     v, _ = verdicts(tmp_path)
-    assert v["C1"]["verdict"] == "fails" and v["C1"]["n_flat"] == 2
+    assert v["C1"]["verdict"] == "fails" and v["C1"]["n_flat"] == 3
     assert v["C1"]["spearman_in_claimed_direction"]["ci"] == [0.0, 0.0]
 
 
@@ -130,8 +168,8 @@ def test_c2(tmp_path):
         fabricate(tmp_path, spec(lr=0.01, seed=seed), final_ranks=[18] * 3)
         fabricate(tmp_path, spec(lr=0.1, seed=seed), final_ranks=[8] * 3)
     assert verdicts(tmp_path)[0]["C2"]["verdict"] == "holds"
-    fabricate(tmp_path, spec(lr=0.01, seed=2), final_ranks=[8] * 3)
-    fabricate(tmp_path, spec(lr=0.1, seed=2), final_ranks=[18] * 3)
+    fabricate(tmp_path, spec(lr=0.01, seed=3), final_ranks=[8] * 3)
+    fabricate(tmp_path, spec(lr=0.1, seed=3), final_ranks=[18] * 3)
     assert verdicts(tmp_path)[0]["C2"]["verdict"] == "fails"
 
 
@@ -177,7 +215,7 @@ def test_c4_ratio_and_persistence(tmp_path):
     assert c4["pairs"][0]["d_late_lambda0"] == pytest.approx(late0, rel=1e-3)
     assert c4["median_ratio"] == pytest.approx(0.2 / late0, rel=1e-3)
     assert c4["log10_ratio"]["mean"] == pytest.approx(np.log10(0.2 / late0), abs=1e-3)
-    assert c4["log10_ratio"]["per_seed"].keys() == {"0", "1"}
+    assert c4["log10_ratio"]["per_seed"].keys() == {"0", "1", "2"}
     assert c4["verdict"] == "holds"
 
 
@@ -234,11 +272,11 @@ def test_c6_parts(tmp_path):
         fabricate(tmp_path, spec(arch="res", depth=2, seed=seed), final_ranks=[18, 10, 10, 9, 11])
     v, _ = verdicts(tmp_path)
     assert v["C6"]["resnet"]["fraction_balanced"] == 1.0 and v["C6"]["verdict"] == "holds"
-    for seed in (2, 3, 4, 5):
+    for seed in (3, 4, 5, 6, 7, 8):
         fabricate(tmp_path, spec(depth=5, seed=seed), final_ranks=[18, 14, 10, 6, 2])
     v, _ = verdicts(tmp_path)
     assert v["C6"]["mlp"]["fraction_bottleneck"] == pytest.approx(1 / 3, abs=1e-3)
-    assert v["C6"]["mlp"]["fraction"]["per_seed"]["2"] == 0.0 and v["C6"]["verdict"] == "fails"
+    assert v["C6"]["mlp"]["fraction"]["per_seed"]["3"] == 0.0 and v["C6"]["verdict"] == "fails"
 
 
 def test_c7(tmp_path):
@@ -246,7 +284,7 @@ def test_c7(tmp_path):
         fabricate(tmp_path, spec(batch_size=1000, seed=seed), final_ranks=[20] * 3)
     v, _ = verdicts(tmp_path)
     assert v["C7"]["verdict"] == "holds" and v["C7"]["rank_reduction"]["ci"] == pytest.approx([0, 0])
-    fabricate(tmp_path, spec(batch_size=1000, seed=2), final_ranks=[5] * 3)
+    fabricate(tmp_path, spec(batch_size=1000, seed=3), final_ranks=[5] * 3)
     assert verdicts(tmp_path)[0]["C7"]["verdict"] == "fails"
 
 
@@ -281,8 +319,8 @@ def test_cli_writes_md_and_json(tmp_path):
     assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2"]
     assert doc["claims"][0]["verdict"] == "holds"
     md = (tmp_path / "claims.md").read_text()
-    assert "| C1 |" in md and "**holds**" in md and "Spearman: 1 [1, 1] (2 seeds)" in md
-    assert "2: 0, 1 |" in md
+    assert "| C1 |" in md and "**holds**" in md and "Spearman: 1 [1, 1] (3 seeds)" in md
+    assert "3: 0, 1, 2 |" in md
 
 
 def test_table_prints_a_row_per_claim_and_names_a_bad_file(tmp_path, capsys):
@@ -325,7 +363,7 @@ def test_c4_holds_when_lambda0_run_stops_moving(tmp_path):
     v, _ = verdicts(tmp_path)
     assert v["C4"]["pairs"][0]["d_late_lambda0"] == 0.0
     assert v["C4"]["pairs"][0]["log10_ratio"] == C.C4_MAX_LOG10
-    assert v["C4"]["verdict"] == "holds" and v["C4"]["n_runs"] == 4
+    assert v["C4"]["verdict"] == "holds" and v["C4"]["n_runs"] == 6
 
 
 def test_c4_insufficient_without_lambda0_distance(tmp_path):
@@ -336,9 +374,9 @@ def test_c4_insufficient_without_lambda0_distance(tmp_path):
     assert v["C4"]["verdict"] == "insufficient"
     assert v["C4"]["pairs"] == [] and v["C4"]["n_runs"] == 0 and v["C4"]["n_unusable_pairs"] == 1
     # A usable pair of another seed is judged on its own.
-    _c4_pair(tmp_path, _decaying(E), [0.2] * E, seeds=(1, 2))
+    _c4_pair(tmp_path, _decaying(E), [0.2] * E, seeds=(1, 2, 3))
     v, _ = verdicts(tmp_path)
-    assert v["C4"]["verdict"] == "holds" and v["C4"]["n_runs"] == 4 and v["C4"]["seeds"] == [1, 2]
+    assert v["C4"]["verdict"] == "holds" and v["C4"]["n_runs"] == 6 and v["C4"]["seeds"] == [1, 2, 3]
 
 
 def test_claims_refuse_a_run_that_fails_verification_and_record_provenance(tmp_path):
@@ -364,7 +402,7 @@ def test_claims_refuse_a_run_that_fails_verification_and_record_provenance(tmp_p
 
 @pytest.fixture(scope="module")
 def mixed_runs(tmp_path_factory):
-    """Runs for C1, C3 (weight decay 0) and C7 (full batch), two seeds."""
+    """Runs for C1, C3 (weight decay 0) and C7 (full batch), three seeds."""
     d = tmp_path_factory.mktemp("mixed")
     for seed in SEEDS:
         for b, r in ((8, 6), (32, 12), (128, 19)):
@@ -382,7 +420,7 @@ def mixed_runs(tmp_path_factory):
 @example(tol=1.0, normalise="max")
 @example(tol=1.7976931348623157e308, normalise="fro")
 def test_every_accepted_rank_setting_gives_verdicts_not_a_crash(mixed_runs, tol, normalise):
-    res = C.judge(mixed_runs, normalise, tol, overrides={"bootstrap_resamples": 200})
+    res = C.judge(mixed_runs, normalise, tol)
     C.markdown(res), C.html(res), C.metrics(res)
     json.dumps(res, allow_nan=False)
     for c in res["claims"]:
@@ -399,7 +437,7 @@ def test_a_tolerance_above_every_singular_value_is_insufficient(mixed_runs):
     res = C.judge(mixed_runs, "fro", 0.5)
     assert res["runs"]["unmeasured"] == len(mixed_runs) and res["runs"]["judged"] == 0
     assert {c["verdict"] for c in res["claims"] if c["id"].startswith("C")} == {"insufficient"}
-    assert "10 with no singular value above tol 0.5 at epoch 0" in C.markdown(res)
+    assert "15 with no singular value above tol 0.5 at epoch 0" in C.markdown(res)
 
 
 def _claims_files(stem):

@@ -91,6 +91,67 @@ def test_momentum_buffers_equal_torch_sgd_state_float64(stepper, batch, syntheti
                                        rtol=1e-11, atol=1e-13, err_msg=f"member {k} {name} momentum")
 
 
+def _first_unequal_step(spec, ds, update):
+    """A K=1 pack in float32 with `update`, stepped through epoch 0 (the synthetic set: ten
+    batches of 100 and a last one of 24) beside nn.Module + torch.optim.SGD in float32 on the
+    same batches: the first step after which a parameter, momentum buffer or BatchNorm
+    statistic is not bitwise equal (torch.equal), or None when every step is."""
+    pack = Pack([spec], ds.x_train, ds.y_train, ds.num_classes, "cpu", update=update)
+    plan = pack.epoch_plan(0)
+    assert pack.dtype == torch.float32 and (plan.steps, plan.full_steps) == (11, 10)
+    refs = sgd_references([spec], ds, dtype=torch.float32)
+    (net, opt, _, _), = refs
+    names = list(pack.params)
+    for t in range(plan.steps):
+        pack.step(plan.inputs(t))
+        step_references(refs, [spec], ds, t)
+        for name, p in net.named_parameters():
+            buf = opt.state[p].get("momentum_buffer")
+            if not torch.equal(pack.params[name][0], p) or (
+                    buf is not None and not torch.equal(pack.bufs[names.index(name)][0], buf)):
+                return t + 1
+        for name, b in net.named_buffers():
+            if name in pack.running and not torch.equal(pack.running[name][0], b):
+                return t + 1
+    return None
+
+
+@pytest.mark.parametrize("model, lr, wd, momentum", [
+    ("MLP-BN-2-16", 0.1, 5e-4, 0.9), ("MLP-2-16", 0.1, 5e-4, 0.9), ("RES-BN-2-16", 0.1, 5e-4, 0.9),
+    ("RES-2-16", 0.1, 5e-4, 0.9), ("MLP-BN-2-16", 0.05, 0.0, 0.9), ("MLP-BN-2-16", 0.02, 1e-3, 0.0)])
+def test_update_torch_follows_torch_sgd_bit_for_bit_float32(synthetic, model, lr, wd, momentum):
+    """Exact mode: with update "torch" a K=1 pack on the CPU in float32 equals nn.Module +
+    torch.optim.SGD bit for bit after every step of an epoch, its partial last batch
+    included (weight decay 0 and momentum 0 skip their operations, as torch does). The
+    default fused update, on the same batches, does not: the same comparison catches it
+    within the epoch."""
+    spec = RunSpec.from_dict(dict(dataset="synthetic", model=model, batch_size=100, lr=lr, weight_decay=wd,
+                                  momentum=momentum, epochs=1, seed=1))
+    assert _first_unequal_step(spec, synthetic, "torch") is None
+    if momentum and wd:
+        assert _first_unequal_step(spec, synthetic, "fused") is not None
+
+
+def test_train_pack_with_update_torch_records_it(synthetic, tmp_path):
+    """`rankbias train --update torch` reaches the pack, and run.json says which update ran."""
+    from rankbias.cli import main
+    spec = RunSpec.from_dict(dict(dataset="synthetic", model="MLP-2-8", epochs=1, batch_size=100, seed=3))
+    (tmp_path / "pack.json").write_text(json.dumps([spec.to_dict()]))
+    assert main(["train", str(tmp_path / "pack.json"), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                 "--update", "torch", "--quiet"]) == 0
+    assert json.loads((tmp_path / "runs" / spec.run_id / "run.json").read_text())["update"] == "torch"
+    (path,) = train_pack([spec], tmp_path / "fused", device="cpu", dataset=synthetic, progress=False)
+    assert json.loads((path / "run.json").read_text())["update"] == "fused"
+
+
+def test_update_modes_are_checked_by_name(synthetic):
+    spec = RunSpec.from_dict(dict(dataset="synthetic", model="MLP-2-16", epochs=1))
+    with pytest.raises(ValueError, match="update: 'exact' is not one of fused, torch"):
+        Pack([spec], synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu", update="exact")
+    with pytest.raises(ValueError, match="update 'torch'.*CPU only; this pack is on meta"):
+        Pack([spec], synthetic.x_train, synthetic.y_train, synthetic.num_classes, "meta", update="torch")
+
+
 @pytest.mark.parametrize("model", ["MLP-BN-2-16", "RES-BN-2-16", "RES-2-16"])
 def test_pack_matches_reference_float64(model, synthetic64, tmp_path):
     """Same seeds and data order: over three epochs (with an lr drop, and each epoch's

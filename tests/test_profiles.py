@@ -26,6 +26,28 @@ def test_profile_satisfies_the_schema(name):
     validate(_load(name), str(ROOT / "workflow/schemas/config.schema.yaml"))
 
 
+SHIPPED = sorted(p.name for p in (ROOT / "config").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_profile_plans(name, capsys):
+    """`rankbias plan --config config/NAME` succeeds as shipped: the config loads, plans, and
+    every pack fits the profile's device_memory_mb (sweep.check_device_memory)."""
+    from rankbias.cli import main
+    assert main(["plan", "--config", str(ROOT / "config" / name)]) == 0
+    assert "unique run(s)" in capsys.readouterr().out
+
+
+def test_a_profile_whose_packs_exceed_its_device_does_not_plan():
+    """The check the test above relies on: the authors' profile on a 40 GB device is refused,
+    naming the pack and the key."""
+    assert {"authors.yaml", "c6.yaml", "config.yaml", "paper.yaml"} <= set(SHIPPED)
+    cfg = {**_load("authors.yaml"), "device_memory_mb": 40960}
+    with pytest.raises(sweep.ConfigError, match=r"pack 1e1f002a2f6b \(6 x MLP-5-10000 on cifar10\): "
+                                                r"needs about 62625 MiB.*device_memory_mb = 40960"):
+        sweep.check_device_memory(sweep.plan(cfg))
+
+
 def test_authors_profile_plans_their_logged_settings():
     p = sweep.plan(_load("authors.yaml"))
     specs = list(p.specs.values())

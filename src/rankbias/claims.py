@@ -15,10 +15,12 @@ final ranks differ by less than ``flat`` (relative range) shows no effect: it co
 as an effect of 0.
 
 Every claim's effect is measured per group (or run) and seed, averaged per seed, and
-given a bootstrap interval of the mean: over the per-seed effects when there are two
-or more seeds, else over the one seed's groups. A claimed effect holds only when its
-interval excludes no effect; a claimed absence holds only when its interval lies within
-the threshold. Too few values for an interval make the verdict ``insufficient``.
+given a two-sided Student t interval of the mean over the per-seed effects: groups
+trained from one seed share its initialisations and data orders, so only seeds are
+independent replicates. A claimed effect holds only when its interval excludes no
+effect; a claimed absence holds only when its interval lies within the threshold. With
+fewer than ``min_seeds`` seeds (default 3) there is no interval and the verdict is
+``insufficient``, naming the seeds there are.
 """
 from __future__ import annotations
 
@@ -61,10 +63,8 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "r2_flat": 0.5,            # R2: ... or flattened: late d >= this x d a tenth of the epochs before,
     "r2_max_shrink": 0.5,      # R2: ... and <= this x the weight decay's own shrink per epoch
     "r2_min_reduction": 0.1,   # R2: rank reduction 1 - final/initial rank at least this
-    "ci_level": 0.95,          # all: coverage of the bootstrap interval of each effect
-    "ci_min_values": 2,        # all: fewer values (seeds, or one seed's groups) give no interval
-    "bootstrap_resamples": 10000,  # all: resamples of the percentile bootstrap
-    "bootstrap_seed": 0,       # all: RNG seed of the bootstrap (reproducible intervals)
+    "ci_level": 0.95,          # all: coverage of the Student t interval of each effect
+    "min_seeds": 3,            # all: fewer seeds give no interval and the verdict 'insufficient'
 }
 
 STATEMENTS = {
@@ -183,56 +183,101 @@ def _r(x: float, nd: int = 3):
 
 # -- statistics across seeds -----------------------------------------------------------
 
-def bootstrap_interval(values: Sequence[float], level: float, resamples: int,
-                       seed: int) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values`; a fixed RNG seed makes it
-    reproducible."""
+def _t_two_sided(x: float, df: int) -> float:
+    """P(|T| <= x) for Student's t with `df` (integer >= 1) degrees of freedom, in closed
+    form (Abramowitz and Stegun 26.7.3-4): with c = cos(atan(x / sqrt(df))), a finite
+    series in c^2."""
+    theta = math.atan(x / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2 == 0:
+        term = total = 1.0
+        for k in range(2, df, 2):             # (1.3...(k-1)) / (2.4...k) c^k
+            term *= (k - 1) / k * c2
+            total += term
+        return s * total
+    if df == 1:
+        return 2.0 * theta / math.pi
+    term = total = math.cos(theta)
+    for k in range(3, df, 2):                 # (2.4...(k-1)) / (1.3...k) c^k
+        term *= (k - 1) / k * c2
+        total += term
+    return 2.0 / math.pi * (theta + s * total)
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The two-sided Student t critical value: x with P(|T| <= x) = `level` for `df`
+    (integer >= 1) degrees of freedom (e.g. 4.303 for level 0.95 at df 2). Bisection on
+    the closed-form distribution function, to double precision."""
+    if not 0 < level < 1:
+        raise ValueError(f"t_quantile: level must lie in (0, 1), got {level!r}")
+    if df < 1 or df != int(df):
+        raise ValueError(f"t_quantile: df must be an integer >= 1, got {df!r}")
+    df = int(df)
+    lo, hi = 0.0, 1.0
+    while _t_two_sided(hi, df) < level:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if _t_two_sided(mid, df) < level:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def t_interval(values: Sequence[float], level: float) -> tuple[float, float]:
+    """Student t interval of the mean of `values` (n >= 2): mean +- t(level, n-1) s / sqrt(n),
+    s the sample standard deviation. Exact coverage when the values are independent and
+    normal; no resampling, so it means what it says at n = 3."""
     v = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
+    if len(v) < 2:
+        raise ValueError(f"t_interval: needs >= 2 values, got {len(v)}")
+    mean = float(v.mean())
+    half = t_quantile(level, len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return mean - half, mean + half
 
 
 @dataclass
 class Effect:
-    """One claim's effect aggregated across seeds, with its interval (None: too few values)."""
+    """One claim's effect aggregated across seeds, with its interval (None: fewer seeds
+    than min_seeds)."""
     per_seed: dict[int, float]
-    over: str                   # what the interval resamples: "seeds", or the unit of one seed
     values: list[float]
     mean: float
     ci: tuple[float, float] | None
     level: float
+    min_seeds: int
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.per_seed)
 
     def to_dict(self) -> dict:
         return {"per_seed": {str(s): _r(v, 4) for s, v in self.per_seed.items()},
-                "over": self.over, "n_values": len(self.values), "mean": _r(self.mean, 4),
+                "over": "seeds", "n_values": len(self.values), "mean": _r(self.mean, 4),
                 "ci": None if self.ci is None else [_r(self.ci[0], 4), _r(self.ci[1], 4)],
-                "ci_level": self.level}
+                "ci_level": self.level, "method": "Student t", "min_seeds": self.min_seeds}
 
 
-def across_seeds(values: Sequence[tuple[int, float]], t: dict, unit: str = "groups") -> Effect:
+def across_seeds(values: Sequence[tuple[int, float]], t: dict) -> Effect:
     """Aggregate (seed, effect) pairs, one per group (or run) and seed.
 
-    A seed's effect is the mean over its groups. With two or more seeds the interval is
-    bootstrapped over the seeds' effects: groups trained from one seed share its
-    initialisations and data orders, so only seeds sample the seed-to-seed variation.
-    With one seed it is bootstrapped over that seed's groups."""
+    A seed's effect is the mean over its groups; the interval is the Student t interval
+    over the seeds' effects, and there is none with fewer than t['min_seeds'] seeds:
+    groups trained from one seed share its initialisations and data orders, so only
+    seeds sample the seed-to-seed variation."""
     by_seed: dict[int, list[float]] = {}
     for seed, v in values:
         by_seed.setdefault(int(seed), []).append(float(v))
     per_seed = {s: float(np.mean(v)) for s, v in sorted(by_seed.items())}
-    if len(per_seed) >= 2:
-        units, over = list(per_seed.values()), "seeds"
-    else:
-        units, over = [v for vs in by_seed.values() for v in vs], unit
+    units = list(per_seed.values())
     mean = float(np.mean(units)) if units else float("nan")
     ci = None
-    if len(units) >= t["ci_min_values"]:
-        ci = bootstrap_interval(units, t["ci_level"], int(t["bootstrap_resamples"]),
-                                int(t["bootstrap_seed"]))
-    return Effect(per_seed, over, units, mean, ci, t["ci_level"])
+    if len(units) >= t["min_seeds"] and all(np.isfinite(units)):
+        ci = t_interval(units, t["ci_level"])
+    return Effect(per_seed, units, mean, ci, t["ci_level"], int(t["min_seeds"]))
 
 
 def _shows_effect(eff: Effect, minimum: float) -> str:
@@ -250,11 +295,11 @@ def _within(eff: Effect, lo: float, hi: float) -> str:
 
 
 def _interval_rule(t: dict) -> str:
-    return (f"Intervals: {100 * t['ci_level']:g}% percentile bootstrap of the mean "
-            f"({int(t['bootstrap_resamples'])} resamples, RNG seed {int(t['bootstrap_seed'])}) over the "
-            f"per-seed effects when there are >= 2 seeds, else over the one seed's groups (runs); "
-            f"fewer than {int(t['ci_min_values'])} values give no interval and the verdict "
-            f"'insufficient'.")
+    return (f"Intervals: two-sided {100 * t['ci_level']:g}% Student t interval of the mean over the "
+            f"per-seed effects (mean +- t(n-1) s / sqrt(n), n seeds; a seed's effect is the mean "
+            f"over its groups or runs). Only seeds are independent replicates: a seed's groups "
+            f"share its initialisations and data orders. Fewer than {int(t['min_seeds'])} seeds "
+            f"give no interval and the verdict 'insufficient', naming the seeds there are.")
 
 
 # -- the claims ------------------------------------------------------------------------
@@ -331,7 +376,7 @@ def claim_c2(runs: list[RunSummary], t: dict) -> dict:
 
 def _rank_reduction(runs: Sequence[RunSummary], t: dict) -> Effect:
     """Per run, 1 - final/initial rank: 0 when the rank did not fall."""
-    return across_seeds([(r.spec["seed"], 1.0 - r.relative_rank) for r in runs], t, "runs")
+    return across_seeds([(r.spec["seed"], 1.0 - r.relative_rank) for r in runs], t)
 
 
 def claim_c3(runs: list[RunSummary], t: dict) -> dict:
@@ -407,10 +452,10 @@ def claim_c4(runs: list[RunSummary], t: dict) -> dict:
     known = [x for x in ratios if not np.isnan(x)]
     med = float(np.median(known)) if known else float("nan")
     if any(np.isnan(v) for _, v in effects):
-        eff = across_seeds([], t, "pairs")
+        eff = across_seeds([], t)
         verdict = FAILS if pairs else INSUFFICIENT  # a ratio of 0/0 or with a NaN late d
     else:
-        eff = across_seeds(effects, t, "pairs")
+        eff = across_seeds(effects, t)
         verdict = _shows_effect(eff, math.log10(t["c4_min_ratio"])) if pairs else INSUFFICIENT
         if verdict == HOLDS and not all(np.isfinite(q) and q >= t["c4_min_persist"] for q in persist):
             verdict = FAILS
@@ -504,7 +549,7 @@ def claim_c6(runs: list[RunSummary], t: dict) -> dict:
                         "balance": _r(bal), "balanced": bool(np.isfinite(bal) and bal >= t["c6_balance"])})
 
     def part(items, flag):
-        eff = across_seeds([(i["seed"], float(i[flag])) for i in items], t, "runs")
+        eff = across_seeds([(i["seed"], float(i[flag])) for i in items], t)
         verdict = INSUFFICIENT if not items else _shows_effect(eff, t["c6_min_fraction"])
         return verdict, (round(eff.mean, 3) if items else None), eff
 
@@ -694,11 +739,9 @@ def thresholds(overrides: dict | None) -> dict:
     t = {**DEFAULT_THRESHOLDS, **overrides}
     if not 0 < t["ci_level"] < 1:
         raise ValueError(f"claims.ci_level: expected a number in (0, 1), got {t['ci_level']!r}")
-    for k in ("ci_min_values", "bootstrap_resamples"):
-        if t[k] < 1 or t[k] != int(t[k]):
-            raise ValueError(f"claims.{k}: expected an integer >= 1, got {t[k]!r}")
-    if t["bootstrap_seed"] < 0 or t["bootstrap_seed"] != int(t["bootstrap_seed"]):
-        raise ValueError(f"claims.bootstrap_seed: expected an integer >= 0, got {t['bootstrap_seed']!r}")
+    if t["min_seeds"] < 2 or t["min_seeds"] != int(t["min_seeds"]):
+        raise ValueError(f"claims.min_seeds: expected an integer >= 2 (a t interval needs two "
+                         f"seeds), got {t['min_seeds']!r}")
     return t
 
 
@@ -755,13 +798,18 @@ def _effect(c: dict) -> str:
 
 
 def interval_text(e: dict) -> str:
-    """'mean [lo, hi] (n seeds)', or says why there is no interval."""
+    """'mean [lo, hi] (n seeds)', or says why there is no interval, naming the seeds."""
     n = e["n_values"]
     if n == 0:
         return "no values"
+    mean = "n/a" if e["mean"] is None else f"{e['mean']:.3g}"
     if e["ci"] is None:
-        return f"{e['mean']:.3g}, {n} {e['over']}: too few values for an interval"
-    return f"{e['mean']:.3g} [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}] ({n} {e['over']})"
+        seeds = ", ".join(e["per_seed"])
+        if n < e["min_seeds"]:
+            return (f"{mean} from {n} seed{'s' if n > 1 else ''} ({seeds}): fewer than "
+                    f"{e['min_seeds']} seeds, no interval")
+        return f"{mean} from {n} seeds ({seeds}): a non-finite effect, no interval"
+    return f"{mean} [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}] ({n} seeds)"
 
 
 def _intervals(c: dict) -> str:
@@ -775,8 +823,8 @@ def markdown(result: dict) -> str:
              f"{r.get('unmeasured', 0)} with no singular value above tol {result['rank']['tol']:g} at "
              f"epoch 0 and excluded, {r['missing']} not available). Rank: {_rank_text(result['rank'])}.",
              "", "Rows R1 and R2 are checks beyond the paper, from the later work each one cites.", "",
-             f"| id | claim | verdict | effect: mean [{100 * result['thresholds']['ci_level']:g}% interval] "
-             "(values) | effect measured | runs | seeds |",
+             f"| id | claim | verdict | effect: mean [{100 * result['thresholds']['ci_level']:g}% Student t "
+             "interval] (seeds) | effect measured | runs | seeds |",
              "|---|---|---|---|---|---|---|"]
     for c in result["claims"]:
         statement = c["statement"]

@@ -27,6 +27,11 @@ BN_MOMENTUM = 0.1
 # Elements of a stacked [K, ...] tensor from which it has a storage block of its own;
 # the smaller ones share one block (storage_blocks).
 LARGE_TENSOR = 1 << 15
+# How a step updates the parameters (Pack's `update`): "fused", one pass a member on the
+# CPU (the default, fast); "torch", torch.optim.SGD's own operations in its own order,
+# parameter by parameter, so that a pack on the CPU follows nn.Module + torch.optim.SGD
+# bit for bit in float32 (peer checks; README, "Exact mode").
+UPDATE_MODES = ("fused", "torch")
 
 
 def storage_blocks(shapes: list[tuple[int, ...]], K: int, dtype, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -88,11 +93,18 @@ class Pack:
     """K networks of one architecture, their optimiser state and their data."""
 
     def __init__(self, specs: list[RunSpec], x_train, y_train, num_classes: int, device,
-                 graph: str = "auto", memory_mb: int | None = None):
+                 graph: str = "auto", memory_mb: int | None = None, update: str = "fused"):
         """`memory_mb`: the memory the pack must fit (default: the device's own;
-        check_pack_memory), checked before anything is allocated."""
+        check_pack_memory), checked before anything is allocated. `update`: one of
+        UPDATE_MODES (_sgd_update)."""
         if graph not in GRAPH_MODES:
             raise ValueError(f"graph: {graph!r} is not one of {', '.join(GRAPH_MODES)}")
+        if update not in UPDATE_MODES:
+            raise ValueError(f"update: {update!r} is not one of {', '.join(UPDATE_MODES)}")
+        if update == "torch" and torch.device(device).type != "cpu":
+            raise ValueError(f"update 'torch' (torch.optim.SGD's operation order, for peer checks) "
+                             f"runs on the CPU only; this pack is on {device}")
+        self.update = update
         self.graph, self._stepper, self.step_mode = graph, None, None
         s0 = specs[0]
         check_pack(specs, "Pack")
@@ -122,7 +134,12 @@ class Pack:
         # a member without momentum keeps no buffer (torch's kernel asks for none)
         self._fused = [([p[k] for p in self._pblocks], [g[k] for g in self._gblocks],
                         [b[k] for b in self._bblocks] if s.momentum else [], s.weight_decay, s.momentum)
-                       for k, s in enumerate(specs)] if self.device.type == "cpu" else []
+                       for k, s in enumerate(specs)] if self.device.type == "cpu" and update == "fused" else []
+        # update "torch": each member's (parameter, gradient, buffer) views, parameter by
+        # parameter as torch.optim.SGD sees them, and whether the buffers hold a step yet
+        self._members = [[(p[k], g[k], b[k]) for p, g, b in zip(pviews, self.grads, self.bufs)]
+                         for k in range(self.K)] if update == "torch" else []
+        self._bufs_started = False
         buffers = [dict(net.named_buffers()) for net in nets]
         self.running = {name: torch.stack([b[name] for b in buffers]).to(self.device, x_train.dtype)
                         for name in buffers[0] if not name.endswith("num_batches_tracked")}
@@ -206,7 +223,28 @@ class Pack:
         entry (a tensor: nothing is read back). A frozen member has zero weights and
         gradients and lr 0, so it stays as it is.
         Elsewhere it is three ops a block with [K, 1] columns: g += wd p; buf = g + mom
-        buf (one multiply-add into its own storage); p -= lr buf (9 streams)."""
+        buf (one multiply-add into its own storage); p -= lr buf (9 streams).
+
+        With update "torch" (CPU) it is torch.optim.SGD's for-loop (_single_tensor_sgd),
+        parameter by parameter and member by member, with the same Python numbers:
+        d = g + wd p (skipped at wd 0); buf = d at the first step, else buf = mom buf,
+        then buf += d (two roundings); p += -lr buf. The fused kernel rounds differently
+        (README, "Exact mode")."""
+        if self._members:
+            neg_lr = s.neg_lr.view(-1).tolist()
+            for k, spec in enumerate(self.specs):
+                wd, mom = spec.weight_decay, spec.momentum
+                for param, grad, buf in self._members[k]:
+                    d = grad.add_(param, alpha=wd) if wd != 0 else grad
+                    if mom != 0:
+                        if self._bufs_started:
+                            buf.mul_(mom).add_(d)
+                        else:
+                            buf.copy_(d)
+                        d = buf
+                    param.add_(d, alpha=neg_lr[k])
+            self._bufs_started = True
+            return
         if self._fused:
             lr = torch.neg(s.neg_lr)
             for k, (p, g, b, wd, mom) in enumerate(self._fused):
@@ -303,6 +341,7 @@ class Pack:
             p.copy_(st["params"][n])
         for b, v in zip(self.bufs, st["bufs"]):
             b.copy_(v)
+        self._bufs_started = True      # a checkpoint holds at least one epoch's steps
         self.alive.copy_(st["alive"])
         for k, v in st["running"].items():
             self.running[k].copy_(v)

@@ -39,7 +39,7 @@ import torch
 from . import data as data_mod
 from . import metrics as M
 from . import numerics, timing
-from .engine import GRAPH_MODES, Pack, check_pack_memory
+from .engine import GRAPH_MODES, UPDATE_MODES, Pack, check_pack_memory
 from .theory import TheoryRecorder
 from .progress import MAX_SILENCE, PackProgress, duration, finished_line, open_fd, plan_from_environment
 from .results import atomic_write_bytes, write_run
@@ -324,7 +324,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 5,
                data_dir: str | Path | None = None, dataset=None, progress: bool = True,
                on_epoch=None, graph: str = "auto", device_memory_mb: int | None = None,
-               deterministic: bool = True, terminal=None) -> list[Path]:
+               deterministic: bool = True, terminal=None, update: str = "fused") -> list[Path]:
     """Train one pack and write `out_dir/<run_id>/` for each member.
 
     First, before anything is allocated or locked, the pack's memory estimate must fit
@@ -337,7 +337,8 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     deterministic policy; the pack's `precision` sets fp32 or TF32. `terminal` (a text
     stream) gets the rate-limited progress lines of rankbias.progress besides the full
     ones on stderr, and, in a workflow run, the whole run's estimate when the pack is
-    done. Raises PackLocked when
+    done. `update` (fused|torch) is the parameter update (engine.UPDATE_MODES; torch:
+    torch.optim.SGD's operation order, bit for bit on the CPU). Raises PackLocked when
     another process trains the pack (`lock_path`), NondeterministicOp naming an op with no
     deterministic kernel, and Preempted after SIGTERM (with a checkpoint written).
     """
@@ -354,7 +355,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
         try:
             return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, dev,
                                  data_dir, dataset, progress, on_epoch, graph, device_memory_mb, stop,
-                                 deterministic, terminal)
+                                 deterministic, terminal, update)
         except RuntimeError as e:
             err = numerics.explain(e, f"pack {pid}")
             if err is e:
@@ -365,7 +366,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
 def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
                   dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
                   device_memory_mb: int | None, stop: threading.Event,
-                  deterministic: bool = True, terminal=None) -> list[Path]:
+                  deterministic: bool = True, terminal=None, update: str = "fused") -> list[Path]:
     shown = None
     if terminal is not None:
         shown = PackProgress(terminal, pid, specs[0].epochs)
@@ -373,7 +374,7 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
     try:
         return _train_epochs(specs, out_dir, pid, checkpoint_dir, checkpoint_every, dev, data_dir,
                              dataset, progress, on_epoch, graph, device_memory_mb, stop,
-                             deterministic, shown)
+                             deterministic, shown, update)
     finally:
         if shown is not None:
             shown.stop()
@@ -382,14 +383,15 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
 def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
                   dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
                   device_memory_mb: int | None, stop: threading.Event, deterministic: bool,
-                  shown: PackProgress | None) -> list[Path]:
+                  shown: PackProgress | None, update: str = "fused") -> list[Path]:
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)   # graphs, streams and events use the current device
     s0 = specs[0]
     # A given data_dir is the copy the workflow declared as the job's input: read only it.
     ds = dataset or data_mod.load(s0.dataset, dev, data_dir, s0.train_subset, s0.test_subset,
                                   strict=data_dir is not None)
-    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph, memory_mb=device_memory_mb)
+    pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph, memory_mb=device_memory_mb,
+                update=update)
     rec = Recorder(pack, ds)
     thy = TheoryRecorder(specs, ds.x_train, ds.y_train, ds.num_classes)
     run_ids = [s.run_id for s in specs]
@@ -441,7 +443,7 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         t_record = time.perf_counter()
         timing.add("train_steps", t_record - t_epoch)
         if epoch == start:
-            _log(progress, f"[pack {pid}] step: {pack.step_mode}, differentiated {pack.differentiation}")
+            _log(progress, f"[pack {pid}] step: {pack.step_mode}, differentiated {pack.differentiation}, update {pack.update}")
         info = rec.record(epoch + 1, prev, final=epoch + 1 == s0.epochs)
         timing.add("spectra_eval", time.perf_counter() - t_record)
         t_theory = time.perf_counter()
@@ -489,6 +491,7 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
             # the whole pack's time measuring the theory (part of wall_time_s after epoch 0)
             "theory_time_s": {part: round(t, 3) for part, t in thy.seconds.items()},
             "device": device_name(dev), "step": pack.step_mode, "differentiation": pack.differentiation,
+            "update": pack.update,
             "numerics": policy, "seeds": {"init": f"torch.manual_seed({spec.seed})",
                       "data_order": f"torch.randperm, Generator seed {spec.seed} * 1000003 + epoch + 1"},
             "dataset": {"name": ds.name, "checksums": ds.checksums, "source": ds.source,
@@ -563,6 +566,10 @@ def register(subparsers) -> None:
                    help="memory of the training device in MiB: a pack whose estimate "
                         "(rankbias.cluster.estimate_mem_mb) exceeds it is refused before anything "
                         "trains (default: the CUDA device's memory, or the host's)")
+    p.add_argument("--update", default="fused", choices=list(UPDATE_MODES),
+                   help="parameter update: fused (default: one pass a member, fast) or torch "
+                        "(torch.optim.SGD's operations in its order, so a pack on the CPU follows "
+                        "nn.Module + torch.optim.SGD bit for bit in float32: for peer checks)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--progress-fd", type=int, default=None, metavar="FD",
                    help="also write progress lines, one per pack at least every "
@@ -612,7 +619,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 train_pack(specs, args.out, args.device, args.checkpoint_dir, args.checkpoint_every,
                            args.data_dir, progress=not args.quiet, graph=graph,
                            device_memory_mb=args.device_memory_mb, deterministic=deterministic,
-                           terminal=terminal)
+                           terminal=terminal, update=args.update)
             except Preempted as e:
                 _warn(str(e))
                 return PREEMPTED_EXIT
