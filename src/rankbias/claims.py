@@ -607,7 +607,7 @@ def claim_r1(runs: list[RunSummary], t: dict) -> dict:
     lowest = [min(x for _, x in r.final_layers) for r in judged]
     # how far a run's lowest hidden rank falls short of the floor (0 when it keeps it)
     shortfalls = [(r.spec["seed"], min(x - floor, 0.0)) for r, x in zip(judged, lowest)]
-    eff = across_seeds(shortfalls, t, "runs")
+    eff = across_seeds(shortfalls, t)
     verdict = _within(eff, 0.0, math.inf) if judged else INSUFFICIENT
     return {"verdict": verdict, "floor": floor, "n_runs": len(judged), "seeds": _seeds(judged),
             "n_below_floor": sum(x < floor for x in lowest),
