@@ -335,9 +335,9 @@ def test_table_prints_a_row_per_claim_and_names_a_bad_file(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["id", "verdict", "runs", "seeds"]
     rows = {line.split()[0]: line for line in lines[1:-1]}
-    assert list(rows) == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3"]
-    assert rows["C1"].split()[1] == "holds" and "Spearman: 1 [1, 1] (2 seeds)" in rows["C1"]
-    assert lines[-1].startswith("runs: available 6")
+    assert list(rows) == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2"]
+    assert rows["C1"].split()[1] == "holds" and "Spearman: 1 [1, 1] (3 seeds)" in rows["C1"]
+    assert lines[-1].startswith("runs: available 9")
     assert max(len(line) for line in lines) < 240      # dvc metrics show: one row of ~1,900
     bad = tmp_path / "bad.json"
     bad.write_text('{"claims": 3}')
