@@ -525,14 +525,14 @@ def test_coincident_lines_are_marked_and_said_in_the_legend(shipped):
     p, runs = shipped
     fig = _draw_any("fig8", p, runs)
     labels = [t.get_text() for t in F.figure_legend(fig).get_texts()]
-    assert "B=32 (2 seeds) — coincides with B=128" in labels
-    assert "B=128 (2 seeds) — coincides with B=32" in labels
-    assert "B=8 (2 seeds)" in labels
+    assert "B=32 (3 seeds) — coincides with B=128" in labels
+    assert "B=128 (3 seeds) — coincides with B=32" in labels
+    assert "B=8 (3 seeds)" in labels
     drawn = {ln.get_label(): ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")}
-    a, b = drawn["B=32 (2 seeds) — coincides with B=128"], drawn["B=128 (2 seeds) — coincides with B=32"]
+    a, b = drawn["B=32 (3 seeds) — coincides with B=128"], drawn["B=128 (3 seeds) — coincides with B=32"]
     assert list(a.get_ydata()) == list(b.get_ydata())
     assert a.get_marker() != b.get_marker() and a.get_markersize() != b.get_markersize()
-    assert a.get_markerfacecolor() == "none" and drawn["B=8 (2 seeds)"].get_marker() in ("None", "", None)
+    assert a.get_markerfacecolor() == "none" and drawn["B=8 (3 seeds)"].get_marker() in ("None", "", None)
 
 
 def test_fig_t2_tells_the_weight_decays_apart(shipped):
@@ -540,7 +540,7 @@ def test_fig_t2_tells_the_weight_decays_apart(shipped):
     fig = _draw_any("figT2", p, runs)
     handles = {t.get_text(): h for t, h in zip(F.figure_legend(fig).get_texts(),
                                                 F.figure_legend(fig).legend_handles)}
-    by = {(b, lam): handles[f"B={b}, λ={lam} (2 seeds)"] for b in (8, 32) for lam in ("0.0005", "0.001")}
+    by = {(b, lam): handles[f"B={b}, λ={lam} (3 seeds)"] for b in (8, 32) for lam in ("0.0005", "0.001")}
     for b in (8, 32):      # one B: one colour, a marker per lambda
         assert by[b, "0.0005"].get_color() == by[b, "0.001"].get_color()
         assert by[b, "0.0005"].get_marker() != by[b, "0.001"].get_marker()

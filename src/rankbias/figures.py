@@ -307,6 +307,9 @@ def draw(name: str, data: Sequence[RunData], missing: Sequence[str] = ()):
                              positive=logy, **kws.get(ln.label, {}))
             if logy:
                 ax.set_yscale("log")
+                lo, hi = ax.get_ylim()
+                if hi <= lo * (1 + 1e-9):       # one value throughout: a decade around it,
+                    ax.set_ylim(lo / 3, hi * 3)  # not a range of 1e-16 with runaway ticks
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)
             ax.set_title(f"({letter}) {ylabel}")
