@@ -596,3 +596,19 @@ def test_stable_and_effective_ranks_read_off_stored_spectra(tmp_path):
         assert mean.iloc[0] == pytest.approx(20.0)
     with pytest.raises(ValueError, match="measure"):
         run.hidden_ranks(measure="entropy")
+
+
+def test_each_verdict_records_the_setting_it_rests_on(tmp_path):
+    """claims.json has, per claim, the models, data, sizes, epochs and seeds of the runs it
+    judged, and claims.md a 'Setting:' line under each claim's rule."""
+    for seed in SEEDS:
+        for b, r in ((8, 6), (32, 12), (128, 19)):
+            fabricate(tmp_path, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
+    v, res = verdicts(tmp_path)
+    assert v["C1"]["setting"] == {"models": ["MLP-BN-3-20"], "datasets": ["mnist"], "train_sizes": [1000],
+                                  "epochs": [8], "seeds": [0, 1, 2]}
+    assert all("setting" in c for c in res["claims"])
+    assert v["C7"]["setting"]["models"] == []                # no full-batch run: rests on nothing
+    md = C.markdown(res)
+    assert "Setting: MLP-BN-3-20 on mnist (1000 training examples), 8 epochs, seeds 0, 1, 2." in md
+    assert "### C7: insufficient\n\nSetting: no runs." in md

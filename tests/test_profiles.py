@@ -20,7 +20,7 @@ def _load(name: str) -> dict:
     return yaml.safe_load((ROOT / "config" / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["authors.yaml", "c6.yaml"])
+@pytest.mark.parametrize("name", ["authors.yaml", "c6.yaml", "paperlite.yaml"])
 def test_profile_satisfies_the_schema(name):
     from snakemake.utils import validate
     validate(_load(name), str(ROOT / "workflow/schemas/config.schema.yaml"))
@@ -100,6 +100,35 @@ def test_c6_profile_is_the_papers_fig6_setting():
     assert {s.batch_size for s in specs} == {16, 32, 64, 128}
     assert {s.lr for s in specs} == {0.0125, 0.025, 0.05, 0.1}
     assert {(s.weight_decay, s.momentum) for s in specs} == {(5e-4, 0.9)}
+
+
+def test_paperlite_profile_has_100_epochs_3_seeds_everywhere_and_no_cifar10():
+    """config/paperlite.yaml: every section's runs train >= 100 epochs with three seeds, on
+    MNIST and Fashion-MNIST only (CIFAR-10 is switched on by editing the file), and the
+    paper's claims each have a section that feeds them."""
+    p = sweep.plan(_load("paperlite.yaml"))
+    assert set(p.figures) == {"fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "figT1", "figT2"}
+    assert set(p.groups) - set(p.figures) == {"full_batch_gd", "gd_stationary"}
+    for name, ids in p.groups.items():
+        specs = [p.specs[r] for r in ids]
+        assert specs and all(s.epochs >= 100 for s in specs), name
+        assert {s.seed for s in specs} == {0, 1, 2}, name
+        assert {s.dataset for s in specs} <= {"mnist", "fashion_mnist"}, name
+    assert {s.dataset for s in p.specs.values()} == {"mnist", "fashion_mnist"}
+    # the paper's architectures
+    models = {s.model for s in p.specs.values()}
+    assert {"MLP-5-2000", "MLP-BN-10-100", "MLP-10-100", "RES-BN-5-500", "MLP-5-500", "RES-5-500"} <= models
+    # C7's full batch is the whole training subset, of at least the 1000 examples C7 judges
+    fb = [p.specs[r] for r in p.groups["full_batch_gd"]]
+    assert all(s.batch_size == s.sizes()[0] >= 1000 for s in fb)
+
+
+def test_paperlite_cifar10_switches_on_by_a_dataset_list():
+    """Adding cifar10 to a section's dataset list (as the file's comments say) plans."""
+    cfg = _load("paperlite.yaml")
+    cfg["figures"]["fig2"]["grid"]["dataset"] = ["mnist", "fashion_mnist", "cifar10"]
+    p = sweep.plan(cfg)
+    assert {p.specs[r].dataset for r in p.figures["fig2"]} == {"mnist", "fashion_mnist", "cifar10"}
 
 
 @pytest.mark.slow

@@ -169,6 +169,11 @@ def _seeds(runs: Sequence[RunSummary]) -> list[int]:
     return sorted({r.spec["seed"] for r in runs})
 
 
+def _setting(runs: Sequence[RunSummary]) -> dict:
+    """The setting (models, datasets, training sizes, epochs, seeds) of the runs a verdict rests on."""
+    return theory_verdicts.setting(RunSpec.from_dict(r.spec) for r in runs)
+
+
 def _combine(parts: Sequence[str]) -> str:
     if FAILS in parts:
         return FAILS
@@ -342,7 +347,7 @@ def _trend(runs: Sequence[RunSummary], key: str, sign: int, min_points: int, t: 
     return {"verdict": verdict, "groups": details, "n_groups": len(details), "n_flat": len(flat),
             "spearman_in_claimed_direction": eff.to_dict(), "_effect": eff,
             "n_contradicting": len(contradicting), "n_runs": len(used),
-            "run_ids": [r.run_id for r in used], "seeds": _seeds(used)}
+            "run_ids": [r.run_id for r in used], "seeds": _seeds(used), "setting": _setting(used)}
 
 
 def _trend_rule(label: str, sign: int, min_points: int, t: dict) -> str:
@@ -393,8 +398,10 @@ def claim_c3(runs: list[RunSummary], t: dict) -> dict:
                       "min_final_over_initial": _r(min(ratios)) if ratios else None,
                       "rank_reduction": reduction.to_dict()}
     res["intervals"] = {"Spearman": res.pop("_effect"), "lambda=0 rank reduction": reduction}
-    res["n_runs"] = len(set(trend.pop("run_ids")) | {r.run_id for r in zero})
+    ids = set(trend.pop("run_ids")) | {r.run_id for r in zero}
+    res["n_runs"] = len(ids)
     res["seeds"] = sorted(set(trend["seeds"]) | set(_seeds(zero)))
+    res["setting"] = _setting([r for r in runs if r.run_id in ids])
     res["rule"] = (f"(a) {_trend_rule('weight decay', -1, 3, t)} (b) Runs with weight decay 0: "
                    f"rank reduction 1 - final/initial rank; holds when its interval lies below "
                    f"{1.0 - t['c3_lambda0_ratio']:g}. Holds when both hold.")
@@ -462,6 +469,7 @@ def claim_c4(runs: list[RunSummary], t: dict) -> dict:
     return {"verdict": verdict, "pairs": pairs, "median_ratio": _r(med),
             "log10_ratio": eff.to_dict(), "intervals": {"log10 d ratio": eff},
             "n_unusable_pairs": n_unusable, "n_runs": len(used), "seeds": _seeds(used),
+            "setting": _setting(used),
             "rule": (f"d = mean relative change of every weight matrix between consecutive epochs, "
                      f"averaged over the last quarter of epochs ('late') and the second quarter "
                      f"('early'). Each run with weight decay > 0 is paired with the run equal but "
@@ -507,6 +515,7 @@ def claim_c5(runs: list[RunSummary], t: dict) -> dict:
     marginal = _within(gap, -t["c5_gap_margin"], t["c5_gap_margin"])
     verdict = INSUFFICIENT if not details else _combine([hurts, marginal])
     return {"verdict": verdict, "groups": details, "n_runs": len(used), "seeds": _seeds(used),
+            "setting": _setting(used),
             "train_acc_drop": drop.to_dict(), "gap_difference": gap.to_dict(),
             "hurts_training": hurts, "marginal_generalisation": marginal,
             "intervals": {"train acc drop": drop, "gap difference": gap},
@@ -563,6 +572,7 @@ def claim_c6(runs: list[RunSummary], t: dict) -> dict:
                        "runs": res},
             "intervals": {"MLP bottleneck fraction": e_mlp, "ResNet balanced fraction": e_res},
             "n_runs": len(ids), "seeds": _seeds([r for r in runs if r.run_id in ids]),
+            "setting": _setting([r for r in runs if r.run_id in ids]),
             "rule": (f"Runs with weight decay > 0 whose rank fell below {t['c6_min_reduction']} x "
                      f"its initial value, at their last logged epoch. MLPs (>= 3 hidden matrices): "
                      f"bottleneck when the lowest middle-layer rank is <= {t['c6_bottleneck']} x the "
@@ -579,7 +589,7 @@ def claim_c7(runs: list[RunSummary], t: dict) -> dict:
     ratios = [r.relative_rank for r in judged]
     reduction = _rank_reduction(judged, t)
     verdict = _within(reduction, -math.inf, 1.0 - t["c7_ratio"])
-    return {"verdict": verdict, "n_runs": len(judged), "seeds": _seeds(judged),
+    return {"verdict": verdict, "n_runs": len(judged), "seeds": _seeds(judged), "setting": _setting(judged),
             "n_tiny_data_runs": len(full) - len(judged),
             "runs": [{"run_id": r.run_id, "model": _model(r.spec), "train_size": r.train_size(),
                       "epochs": r.spec["epochs"], "weight_decay": r.spec["weight_decay"],
@@ -610,6 +620,7 @@ def claim_r1(runs: list[RunSummary], t: dict) -> dict:
     eff = across_seeds(shortfalls, t)
     verdict = _within(eff, 0.0, math.inf) if judged else INSUFFICIENT
     return {"verdict": verdict, "floor": floor, "n_runs": len(judged), "seeds": _seeds(judged),
+            "setting": _setting(judged),
             "n_below_floor": sum(x < floor for x in lowest),
             "runs": [{"run_id": r.run_id, "model": _model(r.spec), "batch_size": r.spec["batch_size"],
                       "lr": r.spec["lr"], "weight_decay": r.spec["weight_decay"], "seed": r.spec["seed"],
@@ -656,7 +667,7 @@ def claim_r2(runs: list[RunSummary], t: dict) -> dict:
     reduction = _rank_reduction(judged, t)
     verdict = _shows_effect(reduction, t["r2_min_reduction"]) if judged else INSUFFICIENT
     ratios = [r.relative_rank for r in judged]
-    return {"verdict": verdict, "n_runs": len(judged), "seeds": _seeds(judged),
+    return {"verdict": verdict, "n_runs": len(judged), "seeds": _seeds(judged), "setting": _setting(judged),
             "n_not_stationary": len(full) - len(judged), "runs": rows,
             "max_final_over_initial": _r(max(ratios)) if ratios else None,
             "rank_reduction": reduction.to_dict(), "intervals": {"rank reduction": reduction},
@@ -839,7 +850,8 @@ def markdown(result: dict) -> str:
               f"{result['thresholds']['flat']:g} (relative range).",
               "", _interval_rule(result["thresholds"]), ""]
     for c in result["claims"]:
-        lines += [f"### {c['id']}: {c['verdict']}", "", c["rule"], ""]
+        lines += [f"### {c['id']}: {c['verdict']}", "",
+                  f"Setting: {theory_verdicts.setting_text(c.get('setting'))}.", "", c["rule"], ""]
         if c.get("n_violations"):
             lines += [f"{c['n_violations']} violation(s), the first {len(c['violations'])}:", ""]
             lines += [f"- {json.dumps(v, sort_keys=True)}" for v in c["violations"]] + [""]

@@ -60,6 +60,25 @@ def verdicts(runs) -> list[dict]:
     return [_t1(lm[lm["lemma"] == 1], by_id), _t2(lm[lm["lemma"] == 2], th, by_id), _t3(th, by_id, skipped)]
 
 
+def setting(specs) -> dict:
+    """The setting a verdict rests on, from the specs (RunSpec) of the runs it judged:
+    models, datasets, training-set sizes, epochs and seeds, each sorted and distinct."""
+    specs = list(specs)
+    return {"models": sorted({s.model for s in specs}), "datasets": sorted({s.dataset for s in specs}),
+            "train_sizes": sorted({s.sizes()[0] for s in specs}), "epochs": sorted({s.epochs for s in specs}),
+            "seeds": sorted({s.seed for s in specs})}
+
+
+def setting_text(st: dict | None) -> str:
+    """One line: 'MLP-BN-10-100 on mnist (10000 training examples), 100 epochs, seeds 0, 1, 2'."""
+    if not st or not st["models"]:
+        return "no runs"
+    def j(xs):
+        return ", ".join(map(str, xs))
+    return (f"{j(st['models'])} on {j(st['datasets'])} ({j(st['train_sizes'])} training examples), "
+            f"{j(st['epochs'])} epochs, seeds {j(st['seeds'])}")
+
+
 def _rank_violations(df: pd.DataFrame) -> list[dict]:
     bad = df[df["rank"] > df["bound"]]
     return [{"run_id": v.run_id, "matrix": v.layer, "epoch": int(v.epoch), "stage": v.stage,
@@ -70,6 +89,7 @@ def _rank_violations(df: pd.DataFrame) -> list[dict]:
 def _result(cid, n_checked, violations, ids, by_id, effect, rule, **counts) -> dict:
     return {"id": cid, "statement": STATEMENTS[cid], "verdict": _verdict(n_checked, violations),
             "effect": effect, "rule": rule, "n_runs": len(ids), "seeds": _seeds(by_id[i] for i in ids),
+            "setting": setting(by_id[i].spec for i in ids),
             "n_violations": len(violations), "violations": violations[:SHOWN_VIOLATIONS], **counts}
 
 
