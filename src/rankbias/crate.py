@@ -156,7 +156,18 @@ def _data_dataset(crate: _Crate, name: str, info: dict) -> dict:
                                for f, md5 in sorted(sums.items())]})
 
 
+def _finished(crate: _Crate, action: dict, env: dict) -> dict:
+    """An action with its end time and container image from the record's environment, added."""
+    if env.get("created"):
+        action["endTime"] = env["created"]
+    image = crate.image(env)
+    if image:
+        action["containerImage"] = _ref(image["@id"])
+    return crate.add(action)
+
+
 def _training(crate: _Crate, run: dict, dataset: dict | None) -> dict:
+    """The run's training as an action; returns the run's dataset entity (its result)."""
     prov = run.get("provenance") or {}
     run_ds = _run_dataset(crate, run)
     action = {"@id": f"#train-{run.get('run_id')}", "@type": "CreateAction",
@@ -166,12 +177,8 @@ def _training(crate: _Crate, run: dict, dataset: dict | None) -> dict:
               + crate.parameters(f"run-{run.get('run_id')}", {"spec": run.get("spec") or {},
                                                              "seeds": run.get("seeds")}),
               "result": [_ref(run_ds["@id"])], "actionStatus": COMPLETED}
-    if prov.get("created"):
-        action["endTime"] = prov["created"]
-    image = crate.image(prov)
-    if image:
-        action["containerImage"] = _ref(image["@id"])
-    return crate.add(action)
+    _finished(crate, action, prov)
+    return run_ds
 
 
 def _output_action(crate: _Crate, name: str, record: dict, outputs: list[str]) -> dict:
@@ -180,8 +187,7 @@ def _output_action(crate: _Crate, name: str, record: dict, outputs: list[str]) -
     datasets = {n: _data_dataset(crate, n, info) for n, info in sorted((record.get("datasets") or {}).items())}
     for run in record.get("runs") or []:
         ds = run.get("dataset") if isinstance(run.get("dataset"), dict) else {}
-        _training(crate, run, datasets.get((ds or {}).get("name")))
-        runs.append(_ref(_run_dataset(crate, run)["@id"]))
+        runs.append(_ref(_training(crate, run, datasets.get((ds or {}).get("name")))["@id"]))
     params = crate.parameters(name, {"rank": record.get("rank") or {}, "config": record.get("config") or {}})
     sums = record.get("outputs") or {}
     result = [_ref(crate.file(o, sums.get(Path(o).name))["@id"]) for o in outputs]
@@ -190,12 +196,7 @@ def _output_action(crate: _Crate, name: str, record: dict, outputs: list[str]) -
               "instrument": _ref(crate.software(env)["@id"]),
               "object": runs + [_ref(d["@id"]) for d in datasets.values()] + params,
               "result": result, "actionStatus": COMPLETED}
-    if env.get("created"):
-        action["endTime"] = env["created"]
-    image = crate.image(env)
-    if image:
-        action["containerImage"] = _ref(image["@id"])
-    return crate.add(action)
+    return _finished(crate, action, env)
 
 
 def _records(root: Path, results: Path) -> list[tuple[str, dict, list[str]]]:
