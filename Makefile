@@ -44,9 +44,11 @@ test-fast: $(STAMP)
 	$(WITH_VENV) "$(BIN)/python" -m pytest -q -m "not slow" $(TESTS)
 
 # Static checks (CI runs them before the tests): ruff and mypy (both configured in
-# pyproject.toml) on the package, snakefmt and Snakemake's own linter on the workflow.
+# pyproject.toml) on the package, the package's layers (scripts/check_layers.py: no upward
+# import, no cycle, core and plan torch-free), snakefmt and Snakemake's own linter on the workflow.
 lint: $(STAMP)
-	"$(BIN)/ruff" check src containers
+	"$(BIN)/ruff" check src containers scripts
+	"$(BIN)/python" scripts/check_layers.py src/rankbias
 	"$(BIN)/mypy"
 	"$(BIN)/snakefmt" --check Snakefile workflow
 	$(WITH_VENV) "$(BIN)/snakemake" --lint --cores 1

@@ -24,7 +24,7 @@ envvars:
 # otherwise merge the two, and a paper or test config would inherit quick-profile runs).
 # The library's loader reads it first, so a bad file is named before Snakemake's loader
 # reports it without the file's name (--configfile files Snakemake reads before this).
-from rankbias import sweep
+from rankbias.plan import sweep
 
 if not workflow.overwrite_configfiles:
     try:
@@ -37,7 +37,7 @@ if not workflow.overwrite_configfiles:
 
 # With --sdm apptainer every job runs in the project image, pinned by digest (env
 # RANKBIAS_CONTAINER=docker://<registry>/rankbias@sha256:<digest>) or the local rankbias.sif.
-from rankbias.cluster import container_image
+from rankbias.plan.image import container_image
 
 
 container: container_image()

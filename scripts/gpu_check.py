@@ -4,14 +4,14 @@ Parts (each says whether it passed; the exit status is 1 if any failed):
   * tests: the CUDA tests, among them a conv pack and a ResNet-18 pack trained twice and
     killed-and-resumed under the deterministic policy, all bit-identical;
   * bench: the engine against the reference loop (MLP-BN-10-100, K 16, 64, 256);
-  * timings: every distinct pack shape of the profile(s) (`rankbias.cluster.shape_key`:
+  * timings: every distinct pack shape of the profile(s) (`rankbias.plan.cluster.shape_key`:
     model, input, data size, B, K, loss, precision, Theorem 1's sampling) trained once on
     random data of the dataset's shape and size: the pack built and its step chosen as
     training does (set-up), at least 200 steady steps with that stepper (or, for steps
     so slow that 200 would take over `--step-seconds`, as many as fit, at least 20), and
     one logged epoch (evaluation of the whole train and test sets, every spectrum,
     Theorem 1's measurement). It prints a table per pack shape and each profile's total
-    GPU-hours, and writes the timings (`--timings-out`) that `rankbias.cluster` then
+    GPU-hours, and writes the timings (`--timings-out`) that `rankbias.plan.cluster` then
     uses for the workflow's job time limits.
 Shapes are timed largest first, within `--budget` seconds from the start; a shape the
 budget left untimed is estimated by the cost model, and its row says so.
@@ -40,7 +40,7 @@ WARM_STEPS = 3       # untimed steps before the timed ones (on CUDA the stepper'
 
 def shapes_of(plans: dict) -> dict[str, list]:
     """shape key -> [(config, pack specs), ...] over every pack of every plan."""
-    from rankbias.cluster import shape_key
+    from rankbias.plan.cluster import shape_key
     out: dict[str, list] = {}
     for name, plan in plans.items():
         for pid in plan.packs:
@@ -52,7 +52,7 @@ def shapes_of(plans: dict) -> dict[str, list]:
 def profile_hours(plans: dict, timings: dict, device: str = "cuda") -> dict[str, float]:
     """Each plan's GPU-hours: every pack's `cluster.estimate_seconds` from `timings` (the
     cost model for a shape they lack)."""
-    from rankbias.cluster import estimate_seconds
+    from rankbias.plan.cluster import estimate_seconds
     return {name: sum(estimate_seconds(plan.pack_specs(pid), device, timings) for pid in plan.packs) / 3600
             for name, plan in plans.items()}
 
@@ -62,8 +62,8 @@ def random_dataset(specs, dev, cache: dict):
     on the device once per shape and size."""
     import torch
 
-    from rankbias.data import Dataset
-    from rankbias.spec import DATASET_DIMS, NUM_CLASSES
+    from rankbias.train.data import Dataset
+    from rankbias.core.spec import DATASET_DIMS, NUM_CLASSES
     s0 = specs[0]
     train, test = s0.sizes()
     key = (s0.dataset, train, test)
@@ -90,9 +90,9 @@ def time_steps(specs, ds, dev, min_steps: int = MIN_STEPS, step_seconds: float =
                graph: str = "auto") -> dict:
     """Set-up (the pack built, its step chosen: on CUDA captured, checked and timed, as in
     training) and steady steps with that stepper, as an epoch runs them."""
-    from rankbias import numerics
-    from rankbias.engine import GraphedStep, Pack
-    from rankbias.spec import pack_steps
+    from rankbias.train import numerics
+    from rankbias.train.engine import GraphedStep, Pack
+    from rankbias.core.spec import pack_steps
     sync = _sync(dev)
     with numerics.policy(True, specs[0].precision, dev.type):
         sync()
@@ -132,10 +132,10 @@ def time_steps(specs, ds, dev, min_steps: int = MIN_STEPS, step_seconds: float =
 def time_logged_epoch(specs, ds, dev) -> dict:
     """One logged epoch as training records it (evaluation of the whole train and test
     sets, every spectrum, Theorem 1), with the parts that can dominate timed apart."""
-    from rankbias import numerics
-    from rankbias.engine import Pack
-    from rankbias.theory import TheoryRecorder
-    from rankbias.train import Recorder, _theory
+    from rankbias.train import numerics
+    from rankbias.train.engine import Pack
+    from rankbias.train.theory import TheoryRecorder
+    from rankbias.train.loop import Recorder, _theory
     sync = _sync(dev)
     parts = {"evaluation": 0.0, "operator_spectra": 0.0}
     with numerics.policy(True, specs[0].precision, dev.type):
@@ -195,11 +195,11 @@ def timings_part(args, start: float) -> tuple[dict, bool]:
     the shapes after it). Prints the table and totals; writes the file."""
     import torch
 
-    from rankbias import sweep
-    from rankbias.cluster import (TIMINGS_FORMAT, ShapeTiming, estimate_seconds, model_logged_epoch_seconds,
+    from rankbias.plan import sweep
+    from rankbias.plan.cluster import (TIMINGS_FORMAT, ShapeTiming, estimate_seconds, model_logged_epoch_seconds,
                                   model_seconds)
-    from rankbias.spec import pack_steps
-    from rankbias.train import device_name, resolve_device
+    from rankbias.core.spec import pack_steps
+    from rankbias.train.loop import device_name, resolve_device
     dev = resolve_device(args.device)
     device = "cuda" if dev.type == "cuda" else "cpu"
     plans = {c: sweep.plan_from_file(c) for c in args.config}
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "bench", "timings"])
     args = ap.parse_args(argv)
     args.config = args.config or [str(ROOT / "config" / "paper.yaml")]
-    from rankbias import numerics
+    from rankbias.train import numerics
     numerics.prepare_environment(True)        # before anything starts CUDA
     start = time.monotonic()
     failed = []

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from rankbias import data
+from rankbias.train import data
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def synthetic64(synthetic):
 def sgd_references(specs, ds, dtype=torch.float64):
     """Each member's plain reference in `dtype` (float64 unless told): (nn.Module,
     torch.optim.SGD, its epoch-0 data order, its batch size), for stepping beside a pack."""
-    from rankbias.models import build_net, epoch_order
+    from rankbias.train.models import build_net, epoch_order
     refs = []
     for spec in specs:
         net = build_net(spec, ds.input_dim, ds.num_classes).to(dtype)
@@ -42,7 +42,7 @@ def sgd_references(specs, ds, dtype=torch.float64):
 def step_references(refs, specs, ds, t: int) -> None:
     """Step t of every member's reference (`sgd_references`): its own mini-batch of its
     own data order, zero_grad, the loss, backward, torch.optim.SGD's step."""
-    from rankbias.models import loss_fn
+    from rankbias.train.models import loss_fn
 
     for net, opt, order, B in refs:
         idx = order[t * B:(t + 1) * B]
@@ -54,8 +54,8 @@ def step_references(refs, specs, ds, t: int) -> None:
 def steps_equal_reference(specs, ds, steps, rtol=1e-10, atol=1e-11):
     """`steps` engine steps of a pack against each member's nn.Module + torch.optim.SGD on the
     same mini-batches: every parameter, BatchNorm statistic and stored matrix equal."""
-    from rankbias import models
-    from rankbias.engine import Pack
+    from rankbias.train import models
+    from rankbias.train.engine import Pack
 
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
     plan = pack.epoch_plan(0)
@@ -83,7 +83,7 @@ def killed_and_resumed(specs, ds, root: Path, kill_at: int, every: int, after_ki
     exception from the epoch hook) at epoch `kill_at` with checkpoints every `every`
     epochs, then resumed; `after_kill(out)` looks at root/b between. Returns both run
     directories."""
-    from rankbias.train import train_pack
+    from rankbias.train.loop import train_pack
 
     class Killed(Exception):
         pass

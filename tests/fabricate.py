@@ -9,8 +9,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from rankbias.results import write_run
-from rankbias.spec import RunSpec
+from rankbias.store.results import write_run
+from rankbias.core.spec import RunSpec
 
 
 def fabricate(runs_dir: str | Path, spec: RunSpec, layer_ranks: Sequence[Sequence[int]] | None = None,
@@ -21,7 +21,7 @@ def fabricate(runs_dir: str | Path, spec: RunSpec, layer_ranks: Sequence[Sequenc
     """Write one run. `layer_ranks[e][l]`: rank of hidden matrix l at epoch e; or give
     `final_ranks` (per hidden matrix: every one but the output layer) and ranks go
     linearly from full to those. `tables` (file name -> frame) and `theory` (run.json's
-    theory record) as rankbias.theory writes them. `tail`: the singular values beyond
+    theory record) as rankbias.train.theory writes them. `tail`: the singular values beyond
     each matrix's rank (unit ones up to it)."""
     E = spec.epochs
     # the stored matrices, named and shaped as the model defines them

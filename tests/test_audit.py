@@ -17,13 +17,13 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from fabricate import fabricate  # noqa: E402
-from rankbias import audit as A  # noqa: E402
-from rankbias import provenance as P  # noqa: E402
-from rankbias import dvcstate  # noqa: E402
-from rankbias import restore as R  # noqa: E402
+from rankbias.verify import audit as A  # noqa: E402
+from rankbias.store import provenance as P  # noqa: E402
+from rankbias.verify import dvcstate  # noqa: E402
+from rankbias.verify import restore as R  # noqa: E402
 from rankbias.cli import main  # noqa: E402
-from rankbias.results import RECORD_HASH, load_runs, record_hash  # noqa: E402
-from rankbias.spec import RunSpec  # noqa: E402
+from rankbias.store.results import RECORD_HASH, load_runs, record_hash  # noqa: E402
+from rankbias.core.spec import RunSpec  # noqa: E402
 
 FIG = "results/figures/fig2.png"
 
@@ -152,16 +152,20 @@ def test_other_format_ignores_the_suffix_case():
 
 def _count_hashing(monkeypatch) -> Counter:
     """Count sha256 computations per file, wherever they happen (Run.verify or the audit)."""
-    import rankbias.results as results
+    import rankbias.core.io as io
+    import rankbias.store.provenance as provenance
+    import rankbias.store.results as results
+    import rankbias.verify.audit as audit
 
     counts: Counter = Counter()
-    real = results.sha256_file
+    real = io.sha256_file
 
     def counting(path):
         counts[Path(path).resolve()] += 1
         return real(path)
 
-    monkeypatch.setattr(results, "sha256_file", counting)
+    for module in (io, results, audit, provenance):
+        monkeypatch.setattr(module, "sha256_file", counting)
     return counts
 
 
@@ -463,7 +467,7 @@ def test_untracked_code_is_a_code_change(tree, capsys):
 # -- the claims table has provenance and an audit ---------------------------------------
 
 def test_claims_are_audited_like_a_figure(tree, capsys):
-    from rankbias import claims
+    from rankbias.analysis import claims
 
     claims.run_claims(None, tree / "results/runs", tree / "results/claims")
     record = json.loads((tree / "results/claims.provenance.json").read_text())
@@ -492,8 +496,8 @@ def test_claims_are_audited_like_a_figure(tree, capsys):
 def test_audit_and_restore_import_in_one_direction():
     """DVC state lives in dvcstate and the per-run check in results: the audit needs
     nothing of restore, which builds on the audit."""
-    code = ("import sys, rankbias.audit; assert 'rankbias.restore' not in sys.modules, 'audit imports restore'; "
-            "import rankbias.restore")
+    code = ("import sys, rankbias.verify.audit; assert 'rankbias.verify.restore' not in sys.modules, 'audit imports restore'; "
+            "import rankbias.verify.restore")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(Path(A.__file__).parents[1])})
     assert proc.returncode == 0, proc.stderr
@@ -676,7 +680,7 @@ def test_a_figure_member_out_of_step_fails_restore(tree, capsys):
 
 @pytest.mark.parametrize("member", ["claims.md", "claims.json", "claims.provenance.json"])
 def test_the_claims_missing_one_of_their_files_fail_restore_naming_it(tree, capsys, member):
-    from rankbias import claims
+    from rankbias.analysis import claims
 
     claims.run_claims(None, tree / "results/runs", tree / "results/claims")
     (tree / "results" / member).unlink()
@@ -718,7 +722,7 @@ def test_a_forged_run_is_not_redrawn_from(tree, capsys):
     assert f"results/runs/{run.name}/run.json: not the run.json a training job wrote" in err, err
     assert ".rankbias/trained" in err and run.name in err
     assert (tree / FIG).read_bytes() == before                     # nothing redrawn
-    from rankbias import claims
+    from rankbias.analysis import claims
     with pytest.raises(RuntimeError, match=f"claims: refusing 1 run.*{run.name}"):
         claims.run_claims(None, tree / "results/runs", tree / "results/claims")
     rc, out = audit(tree, capsys)

@@ -1,14 +1,14 @@
-"""The hand-differentiated step (rankbias.chain) against autograd's, and the storage
+"""The hand-differentiated step (rankbias.train.chain) against autograd's, and the storage
 blocks the SGD update runs on. (Both steps are held to torch.optim.SGD on the plain
 modules in test_engine.py and test_models.py.)"""
 import pytest
 import torch
 from torch import nn
 
-from rankbias.batched import BatchContext, batched
-from rankbias.chain import Chain
-from rankbias.engine import LARGE_TENSOR, Pack
-from rankbias.spec import RunSpec
+from rankbias.train.batched import BatchContext, batched
+from rankbias.train.chain import Chain
+from rankbias.train.engine import LARGE_TENSOR, Pack
+from rankbias.core.spec import RunSpec
 
 
 def _specs(model, batch=100, loss="ce", activation="relu", k=3):

@@ -10,9 +10,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fabricate import fabricate
-from rankbias import claims as C
-from rankbias.results import load_runs
-from rankbias.spec import NORMALISATIONS, RunSpec
+from rankbias.analysis import claims as C
+from rankbias.store.results import load_runs
+from rankbias.core.spec import NORMALISATIONS, RunSpec
 
 
 def spec(**kw):
@@ -446,7 +446,7 @@ def _claims_files(stem):
 
 @pytest.mark.parametrize("breaks", ["html", "figure_provenance"])
 def test_the_claims_outputs_are_replaced_all_or_none(tmp_path, monkeypatch, breaks):
-    from rankbias import provenance
+    from rankbias.store import provenance
     runs = tmp_path / "runs"
     for b, r in ((8, 6), (32, 12), (128, 19)):
         fabricate(runs, spec(batch_size=b), final_ranks=[r] * 3)

@@ -1,13 +1,13 @@
-"""Job time limits from a pack's work (rankbias.cluster)."""
+"""Job time limits from a pack's work (rankbias.plan.cluster)."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from rankbias.cluster import (MIN_MINUTES, SAFETY_FACTOR, estimate_runtime_minutes,
+from rankbias.plan.cluster import (MIN_MINUTES, SAFETY_FACTOR, estimate_runtime_minutes,
                               estimate_seconds)
-from rankbias.spec import RunSpec, SpecError
+from rankbias.core.spec import RunSpec, SpecError
 
 
 def pack(k=4, **kw):
@@ -51,7 +51,7 @@ def test_more_work_never_takes_less_time():
 
 def test_the_partial_batch_costs_one_step_and_its_samples():
     # 50,000 / 32: 1562 full batches and a last one of 16 samples, kept by default
-    from rankbias.cluster import COST_MODELS, OPS_PER_LAYER_STEP, _matrices, step_flops
+    from rankbias.plan.cluster import COST_MODELS, OPS_PER_LAYER_STEP, _matrices, step_flops
     keep = pack(epochs=1000, log_every=1000)
     drop = pack(epochs=1000, log_every=1000, drop_last=True)
     shapes = _matrices(keep[0])
@@ -79,15 +79,15 @@ def test_errors_name_the_problem():
 
 
 def test_estimates_use_the_input_size_the_data_layer_delivers(synthetic):
-    from rankbias.cluster import _matrices
+    from rankbias.plan.cluster import _matrices
     spec = RunSpec(dataset="synthetic", arch="mlp", depth=2, width=16)
     assert _matrices(spec)[0] == (16, synthetic.x_train.shape[1])
-    # MNIST-family images are padded to 32x32 (rankbias.data), so 1024 inputs, not 784
+    # MNIST-family images are padded to 32x32 (rankbias.train.data), so 1024 inputs, not 784
     assert _matrices(RunSpec(dataset="mnist", arch="mlp", depth=2, width=16))[0] == (16, 1024)
 
 
 def test_memory_estimate_counts_data_and_pack():
-    from rankbias.cluster import estimate_mem_mb
+    from rankbias.plan.cluster import estimate_mem_mb
     one = RunSpec(dataset="cifar10", arch="mlp", depth=2, width=2000)
     # 2 GiB base + twice (CIFAR-10 as float32: 60,000 x 3072 x 4 B = 703 MiB, and
     # weights, grads and momentum: 3 x 4 B x 10.2M = 117 MiB)
@@ -99,8 +99,8 @@ def test_memory_estimate_counts_data_and_pack():
 def test_step_cost_by_hand_for_a_small_mlp():
     """MLP-BN-2-16 on synthetic inputs (D), K=3 members, batches 8/16/32 (a step is 32
     wide): matrices (16, D), (16, 16), (10, 16)."""
-    from rankbias.cluster import step_bytes, step_flops
-    from rankbias.spec import DATASET_DIMS
+    from rankbias.plan.cluster import step_bytes, step_flops
+    from rankbias.core.spec import DATASET_DIMS
     D = DATASET_DIMS["synthetic"]
     specs = [RunSpec(dataset="synthetic", arch="mlp_bn", depth=2, width=16, batch_size=b, seed=i)
              for i, b in enumerate((8, 16, 32))]
@@ -122,8 +122,8 @@ def test_step_cost_matches_the_engine(model, synthetic):
     FLOPs torch's own counter sees in one real step of the engine."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rankbias.cluster import step_flops
-    from rankbias.engine import Pack
+    from rankbias.plan.cluster import step_flops
+    from rankbias.train.engine import Pack
     specs = [RunSpec.from_dict({"dataset": "synthetic", "model": model, "batch_size": 32, "seed": i})
              for i in range(3)]
     pack = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
@@ -135,7 +135,7 @@ def test_step_cost_matches_the_engine(model, synthetic):
 
 
 def test_roofline_is_the_slower_of_compute_and_memory():
-    from rankbias.cluster import roofline_seconds
+    from rankbias.plan.cluster import roofline_seconds
     assert roofline_seconds(1e9, 1e6, 1e9, 1e9) == 1.0          # compute-bound
     assert roofline_seconds(1e6, 4e9, 1e9, 2e9) == 2.0          # memory-bound
 
@@ -143,7 +143,7 @@ def test_roofline_is_the_slower_of_compute_and_memory():
 def test_theorem_1s_measurement_is_counted_per_logged_epoch():
     """Each logged epoch measures Theorem 1 on theory_batches batches of each B*: the
     estimate grows by that work, in proportion to the batches and to B*."""
-    from rankbias.cluster import COST_MODELS, OPS_PER_LAYER_STEP, _matrices, step_flops
+    from rankbias.plan.cluster import COST_MODELS, OPS_PER_LAYER_STEP, _matrices, step_flops
     few, many = pack(theory_batches=4, log_every=10), pack(theory_batches=36, log_every=10)
     specs, cost, shapes = few, COST_MODELS["cpu"], _matrices(few[0])
     svd = len(specs) * sum(cost.svd_seconds + 4.0 * max(o, i) * min(o, i) ** 2 / cost.svd_flops_per_second

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from conftest import TEST_CONFIG, copy_repo, slurm_profile_without_apptainer
 
-from rankbias.cluster import container_image
+from rankbias.plan.image import container_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "containers" / "Dockerfile"

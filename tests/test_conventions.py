@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 import rankbias
-from rankbias import sweep
-from rankbias.spec import RunSpec
+from rankbias.plan import sweep
+from rankbias.core.spec import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import copy_repo
 from test_dvc import sh
 
-from rankbias import crate as C
-from rankbias.results import file_digest
+from rankbias.verify import crate as C
+from rankbias.core.io import file_digest
 
 pytestmark = pytest.mark.slow
 rocrate = pytest.importorskip("rocrate.rocrate", reason="the test extra's rocrate (requirements-test.lock)")

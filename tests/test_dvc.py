@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import TEST_CONFIG, copy_repo, planned_jobs
 
-from rankbias import dvcstate
+from rankbias.verify import dvcstate
 
 pytestmark = pytest.mark.slow
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import killed_and_resumed, sgd_references, step_references, steps_equal_reference
 
-from rankbias import metrics as M
-from rankbias.engine import Pack
-from rankbias.reference import epoch_order, train_reference
-from rankbias.results import Run
-from rankbias.spec import RunSpec
-from rankbias.train import train_pack
+from rankbias.store import metrics as M
+from rankbias.train.engine import Pack
+from rankbias.train.reference import epoch_order, train_reference
+from rankbias.store.results import Run
+from rankbias.core.spec import RunSpec
+from rankbias.train.loop import train_pack
 
 
 def _pack(model, loss="ce", epochs=3, schedule=None, batch=100, drop_last=False):
@@ -73,7 +73,7 @@ def test_momentum_buffers_equal_torch_sgd_state_float64(stepper, batch, syntheti
     plain step and the static-buffer replay a CUDA graph uses). An update that
     mutated the buffers wrongly but kept parameters close (as a compiled step once
     did, buffers ~20% off after 3 steps) fails here."""
-    from rankbias.engine import GraphedStep
+    from rankbias.train.engine import GraphedStep
     ds = synthetic64
     specs = _pack("MLP-BN-2-16", batch=batch)
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
@@ -298,7 +298,7 @@ def test_both_forms_of_the_batched_linear_agree_to_rounding(shape, rows):
     """A large wide layer's forward is computed as (w @ x^T)^T, the others as x @ w^T:
     the same products summed in another order, so float64 outputs agree to rounding,
     and the gradients (one backward for both) to rounding too."""
-    from rankbias.batched import WIDE_MATRIX, WIDE_ROWS, BatchedLinearFn
+    from rankbias.train.batched import WIDE_MATRIX, WIDE_ROWS, BatchedLinearFn
 
     out_f, in_f = shape
     g = torch.Generator().manual_seed(0)

@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from fabricate import fabricate
-from rankbias import figures as F
-from rankbias import provenance, sweep
-from rankbias.results import Run
+from rankbias.analysis import figures as F, plotting
+from rankbias.store import provenance
+from rankbias.plan import sweep
+from rankbias.store.results import Run
 
 CFG = {
     "rank": {"normalise": "fro", "tol": 1e-3},
@@ -69,11 +70,11 @@ def test_layouts(world):
     titles = axes_titles(fig)
     assert titles[:4] == ["(a) d(W_t, W_t+1)", "(b) train accuracy", "(c) train loss", "(d) average rank"]
     assert fig.axes[0].get_yscale() == "log" and fig.axes[3].get_yscale() == "linear"
-    labels = F.figure_legend(fig).get_texts()
+    labels = plotting.figure_legend(fig).get_texts()
     assert sorted(t.get_text() for t in labels) == ["λ=0", "λ=0.0005", "λ=0.005"]
     fig = F.draw("fig2", load("fig2"))
     assert axes_titles(fig) == ["η=0.01", "η=0.1"]
-    assert sorted(t.get_text() for t in F.figure_legend(fig).get_texts()) == ["B=32", "B=8"]
+    assert sorted(t.get_text() for t in plotting.figure_legend(fig).get_texts()) == ["B=32", "B=8"]
     fig = F.draw("fig3", load("fig3"))
     assert axes_titles(fig) == ["B=8", "B=32"]
     fig = F.draw("fig5", load("fig5"))
@@ -83,7 +84,7 @@ def test_layouts(world):
     assert ticks == ["fc1", "fc2", "fc3"]
     fig = F.draw("fig7", load("fig7"))
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()][:2] == ["stem", "block1.w1"]
-    assert any("2 seeds" in t.get_text() for t in F.figure_legend(fig).get_texts())
+    assert any("2 seeds" in t.get_text() for t in plotting.figure_legend(fig).get_texts())
 
 
 def test_plotted_ranks_follow_the_tolerance(tmp_path):
@@ -115,7 +116,7 @@ def test_missing_and_diverged_runs_are_shown(world, tmp_path, capsys):
     data, missing = F.collect(runs, ids, "fro", 1e-3)
     fig = F.draw("fig2", data, missing)
     assert "1 of 4 runs not available" in fig._suptitle.get_text()
-    labels = [t.get_text() for t in F.figure_legend(fig).get_texts()]
+    labels = [t.get_text() for t in plotting.figure_legend(fig).get_texts()]
     assert any("diverged at epoch 3" in t for t in labels)
     crosses = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_marker() == "x"]
     assert len(crosses) == 1 and crosses[0].get_xdata()[0] == 2   # last finite epoch
@@ -140,8 +141,8 @@ def test_cli_rejects_an_unconfigured_figure(tmp_path):
 def test_metrics_logged_every_few_epochs_still_draw_lines(tmp_path, synthetic):
     """With log_every > 1, eval metrics exist only at logged epochs: the accuracy and
     loss panels must join those points, not vanish between NaNs."""
-    from rankbias.spec import RunSpec
-    from rankbias.train import train_pack
+    from rankbias.core.spec import RunSpec
+    from rankbias.train.loop import train_pack
     specs = [RunSpec(dataset="synthetic", arch="mlp", depth=2, width=8, batch_size=128, epochs=4,
                      log_every=2, weight_decay=wd) for wd in (0.0, 5e-4)]
     train_pack(specs, tmp_path / "runs", device="cpu", dataset=synthetic, progress=False)
@@ -155,7 +156,7 @@ def test_metrics_logged_every_few_epochs_still_draw_lines(tmp_path, synthetic):
 
 
 def test_summary_figures_are_written_with_provenance_and_audit(world, tmp_path):
-    from rankbias import audit
+    from rankbias.verify import audit
     import shutil
     cfg, runs, p = world
     runs = shutil.copytree(runs, tmp_path / "results" / "runs")   # audit reads runs under results/
@@ -266,7 +267,7 @@ def _final_fraction(spec) -> float:
 
 
 def _theory_tables(spec, layers) -> dict:
-    from rankbias.theory_verdicts import LEMMA_COLUMNS, LEMMAS_FILE, THEORY_COLUMNS, THEORY_FILE
+    from rankbias.store.theory_tables import LEMMA_COLUMNS, LEMMAS_FILE, THEORY_COLUMNS, THEORY_FILE
     bn = "bn" in spec.arch
     lemma, theory = [], []
     for stage, epoch in (("fresh", 0), ("trained", spec.epochs)):
@@ -524,7 +525,7 @@ def test_coincident_lines_are_marked_and_said_in_the_legend(shipped):
     shape and size, and its legend entry names the line it coincides with."""
     p, runs = shipped
     fig = _draw_any("fig8", p, runs)
-    labels = [t.get_text() for t in F.figure_legend(fig).get_texts()]
+    labels = [t.get_text() for t in plotting.figure_legend(fig).get_texts()]
     assert "B=32 (3 seeds) — coincides with B=128" in labels
     assert "B=128 (3 seeds) — coincides with B=32" in labels
     assert "B=8 (3 seeds)" in labels
@@ -538,8 +539,8 @@ def test_coincident_lines_are_marked_and_said_in_the_legend(shipped):
 def test_fig_t2_tells_the_weight_decays_apart(shipped):
     p, runs = shipped
     fig = _draw_any("figT2", p, runs)
-    handles = {t.get_text(): h for t, h in zip(F.figure_legend(fig).get_texts(),
-                                                F.figure_legend(fig).legend_handles)}
+    handles = {t.get_text(): h for t, h in zip(plotting.figure_legend(fig).get_texts(),
+                                                plotting.figure_legend(fig).legend_handles)}
     by = {(b, lam): handles[f"B={b}, λ={lam} (3 seeds)"] for b in (8, 32) for lam in ("0.0005", "0.001")}
     for b in (8, 32):      # one B: one colour, a marker per lambda
         assert by[b, "0.0005"].get_color() == by[b, "0.001"].get_color()

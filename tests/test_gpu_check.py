@@ -1,5 +1,5 @@
 """scripts/gpu_check.py on the CPU: the pack shapes it times, the GPU-hour arithmetic
-from given timings, the timings file `rankbias.cluster` reads back, and a whole run of
+from given timings, the timings file `rankbias.plan.cluster` reads back, and a whole run of
 its timing part (the CUDA parts need a GPU)."""
 import dataclasses
 import importlib.util
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rankbias import cluster, sweep
-from rankbias.spec import SpecError
+from rankbias.plan import cluster, sweep
+from rankbias.core.spec import SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")

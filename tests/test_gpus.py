@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from rankbias.gpus import GpuTimeoutError, acquire_gpu
+from rankbias.train.gpus import GpuTimeoutError, acquire_gpu
 
 # A worker: take a slot, report it, hold it until the file `release` appears.
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from rankbias.gpus import acquire_gpu
+    from rankbias.train.gpus import acquire_gpu
     lock_dir, out, release = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     with acquire_gpu(lock_dir=lock_dir, poll=0.05) as index:
         out.write_text(json.dumps({"index": index,
@@ -168,7 +168,7 @@ def test_several_gpus_given_to_one_slurm_job_are_shared_in_a_job_lock_dir(tmp_pa
 def test_no_nvidia_driver_means_no_devices_without_a_probe(tmp_path, clean_env, monkeypatch):
     """Where NVML is missing and Linux shows no NVIDIA driver, device_count says 0 at
     once instead of starting a Python to ask torch (2 s a training job on a CPU)."""
-    from rankbias import gpus
+    from rankbias.train import gpus
     (tmp_path / "dev").mkdir()
     (tmp_path / "proc/driver").mkdir(parents=True)
     assert not gpus.nvidia_driver_present(str(tmp_path))

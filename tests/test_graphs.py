@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rankbias import engine
-from rankbias.engine import GraphedStep, Pack, choose_stepper
-from rankbias.results import Run
-from rankbias.spec import RunSpec
-from rankbias.train import train_pack
+from rankbias.train import engine
+from rankbias.train.engine import GraphedStep, Pack, choose_stepper
+from rankbias.store.results import Run
+from rankbias.core.spec import RunSpec
+from rankbias.train.loop import train_pack
 
 # Ops that read a device value on the host (a sync that capture forbids), or make a
 # tensor from host data inside the step.
@@ -153,7 +153,7 @@ def test_graph_modes_on_the_cpu(synthetic, tmp_path):
 
 
 def test_graph_mode_comes_from_the_flag_then_the_environment(monkeypatch):
-    from rankbias.train import graph_mode
+    from rankbias.train.loop import graph_mode
     monkeypatch.delenv("RANKBIAS_GRAPH", raising=False)
     assert graph_mode(None) == "auto"
     monkeypatch.setenv("RANKBIAS_GRAPH", "off")

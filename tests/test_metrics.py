@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankbias import metrics as M
+from rankbias.store import metrics as M
 
 
 def _low_rank(rng, m, n, r, scale=1.0):

@@ -7,14 +7,15 @@ import pytest
 import torch
 from conftest import killed_and_resumed, steps_equal_reference
 
-from rankbias import metrics as M
-from rankbias import families, models, spec as spec_mod
-from rankbias.engine import Pack
-from rankbias.models import build_net
-from rankbias.reference import train_reference
-from rankbias.results import Run
-from rankbias.spec import RunSpec, SpecError, model_name, parse_model_name
-from rankbias.train import train_pack
+from rankbias.store import metrics as M
+from rankbias.core import families, spec as spec_mod
+from rankbias.train import models
+from rankbias.train.engine import Pack
+from rankbias.train.models import build_net
+from rankbias.train.reference import train_reference
+from rankbias.store.results import Run
+from rankbias.core.spec import RunSpec, SpecError, model_name, parse_model_name
+from rankbias.train.loop import train_pack
 
 
 def _members(model, batch=(4, 4, 4), **extra):
@@ -246,7 +247,7 @@ def test_the_hand_loss_gradient_is_autograds_bit_for_bit(loss, dtype):
     """weighted_loss_and_grad (the chain step's) against autograd through
     weighted_loss (the autograd step's) and through loss_fn with the weighting written
     out, a zero weight (a frozen member) included."""
-    from rankbias.models import loss_fn, weighted_loss, weighted_loss_and_grad
+    from rankbias.train.models import loss_fn, weighted_loss, weighted_loss_and_grad
     g = torch.Generator().manual_seed(3)
     K, B, C = 3, 7, 10
     logits = torch.randn(K, B, C, dtype=dtype, generator=g) * 3

@@ -1,4 +1,4 @@
-"""The numerical policy (rankbias.numerics): deterministic kernels and fp32 by default,
+"""The numerical policy (rankbias.train.numerics): deterministic kernels and fp32 by default,
 set before training and put back after, recorded in run.json and the provenance; the
 `precision` spec key and the `deterministic` config key. On a CUDA device: a conv pack
 and a ResNet-18 pack trained twice, and killed and resumed, are bit-identical."""
@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import killed_and_resumed
-from rankbias import numerics, sweep
-from rankbias.spec import RunSpec, SpecError
-from rankbias.train import train_pack
+from rankbias.train import numerics
+from rankbias.plan import sweep
+from rankbias.core.spec import RunSpec, SpecError
+from rankbias.train.loop import train_pack
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

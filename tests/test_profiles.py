@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from rankbias import sweep
-from rankbias.train import train_pack
+from rankbias.plan import sweep
+from rankbias.train.loop import train_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 

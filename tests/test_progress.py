@@ -11,7 +11,7 @@ import re
 import pytest
 from conftest import TEST_CONFIG, copy_repo, snakemake
 
-from rankbias import progress as G
+from rankbias.plan import progress as G
 from rankbias.cli import main
 
 LINE = re.compile(r"^\[pack abc\] epoch (\d+)/20 loss (\d\.\d{4}|-) mean rank (\d+\.\d|-) ETA (\S+)")
@@ -130,7 +130,7 @@ def test_train_names_a_progress_fd_that_is_not_open(tmp_path, capsys):
 
 
 def test_plan_reads_its_config_from_the_environment_and_checks_it(tmp_path, monkeypatch, capsys):
-    from rankbias import sweep
+    from rankbias.plan import sweep
     cfg = sweep.load_config(TEST_CONFIG)
     p = sweep.plan(cfg)
     digest = sweep.config_digest(sweep.job_configs(p)[None])
@@ -167,7 +167,7 @@ def test_train_sends_rate_limited_lines_and_the_run_estimate_to_the_progress_fd(
     import subprocess
     import sys
 
-    from rankbias.spec import load_pack, pack_id
+    from rankbias.core.spec import load_pack, pack_id
     specs = [{"dataset": "synthetic", "model": "MLP-2-8", "epochs": 3, "batch_size": 64, "seed": s}
              for s in (0, 1)]
     pack = tmp_path / "pack.json"

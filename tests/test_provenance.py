@@ -17,9 +17,9 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fabricate import fabricate  # noqa: E402
-from rankbias import provenance as P  # noqa: E402
-from rankbias.results import Run, load_runs  # noqa: E402
-from rankbias.spec import RunSpec  # noqa: E402
+from rankbias.store import provenance as P  # noqa: E402
+from rankbias.store.results import Run, load_runs  # noqa: E402
+from rankbias.core.spec import RunSpec  # noqa: E402
 
 
 def git(cwd, *args):
@@ -111,7 +111,7 @@ def test_figure_provenance_names_runs_files_and_data(tmp_path):
 
 
 def _png_chunks_raw(data: bytes) -> dict:
-    """PNG text chunks parsed here, independently of rankbias.provenance."""
+    """PNG text chunks parsed here, independently of rankbias.store.provenance."""
     out, pos = {}, 8
     while pos < len(data):
         n = int.from_bytes(data[pos:pos + 4], "big")
@@ -202,7 +202,7 @@ def test_rel_path_is_posix_inside_the_root_and_absolute_outside(tmp_path, monkey
 
 # -- the code that ran ---------------------------------------------------------------
 
-SRC = Path(P.__file__).resolve().parent
+SRC = Path(P.__file__).resolve().parents[1]
 
 
 def _cli(cwd: Path, pythonpath: Path, *args: str) -> subprocess.CompletedProcess:
@@ -288,7 +288,7 @@ def test_a_modified_package_first_on_pythonpath_is_caught(tmp_path):
 def test_a_record_without_the_package_is_a_note(tmp_path):
     """Records written before the package was recorded stay readable: audit names the
     missing field in a note and checks the rest."""
-    from rankbias import audit as A
+    from rankbias.verify import audit as A
     root = tmp_path
     fabricate(root / "results/runs", RunSpec(dataset="synthetic", arch="mlp", depth=2, width=8, epochs=2))
     record = P.figure_provenance(load_runs(root / "results/runs"), {}, "fig2", root=root)

@@ -14,7 +14,7 @@ import time
 import pytest
 from test_dvc import FIGS, STAGES, build_pushed, clone, dry_run, restore, sh
 
-from rankbias import dvcstate, publish
+from rankbias.verify import dvcstate, publish
 
 pytestmark = pytest.mark.slow
 

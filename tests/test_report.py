@@ -10,7 +10,8 @@ import re
 import pytest
 from conftest import TEST_CONFIG, snakemake
 
-from rankbias import claims, sweep
+from rankbias.analysis import claims
+from rankbias.plan import sweep
 
 pytestmark = pytest.mark.slow
 

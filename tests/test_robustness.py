@@ -21,10 +21,11 @@ import pytest
 import torch
 import yaml
 
-from rankbias import claims, figures
-from rankbias import train as T
-from rankbias.results import Run, RunError, atomic_write_bytes, write_run
-from rankbias.spec import RunSpec, pack_id
+from rankbias.analysis import claims, figures
+from rankbias.train import loop as T
+from rankbias.store.results import Run, RunError, write_run
+from rankbias.core.io import atomic_write_bytes
+from rankbias.core.spec import RunSpec, pack_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,7 +272,7 @@ def test_a_pack_file_listing_a_run_twice_trains_nothing(tmp_path):
 def test_a_pack_larger_than_the_host_is_refused_before_allocating(tmp_path):
     """The issue's case: `rankbias train` on a hand-made 3000-member pack. The direct path
     checks the memory as `rankbias plan` does, naming the file, the pack and the numbers."""
-    from rankbias.cluster import estimate_mem_mb
+    from rankbias.plan.cluster import estimate_mem_mb
     specs = [RunSpec(dataset="synthetic", arch="mlp", depth=5, width=4000, seed=i) for i in range(3000)]
     pack = tmp_path / "big.json"
     pack.write_text(json.dumps([s.to_dict() for s in specs]))
@@ -280,7 +281,7 @@ def test_a_pack_larger_than_the_host_is_refused_before_allocating(tmp_path):
     assert r.returncode == 1, r.stderr[-3000:]
     need = estimate_mem_mb(specs)
     assert (f"pack file {pack}: pack {pack_id(specs)} (3000 x MLP-5-4000 on synthetic): needs about "
-            f"{need} MiB (rankbias.cluster.estimate_mem_mb), more than the host's memory (") in r.stderr, r.stderr
+            f"{need} MiB (rankbias.plan.cluster.estimate_mem_mb), more than the host's memory (") in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "results").exists()
     # a limit given by hand: a pack that fits the host but not it
     small = tmp_path / "small.json"
@@ -288,16 +289,16 @@ def test_a_pack_larger_than_the_host_is_refused_before_allocating(tmp_path):
     r = train_cli(str(small), "--out", str(out), "--device-memory-mb", "100")
     assert r.returncode == 1, r.stderr
     assert (f"pack file {small}: pack {pack_id([spec(epochs=2)])} (1 x MLP-2-16 on synthetic): needs about "
-            f"{estimate_mem_mb([spec(epochs=2)])} MiB (rankbias.cluster.estimate_mem_mb), more than "
+            f"{estimate_mem_mb([spec(epochs=2)])} MiB (rankbias.plan.cluster.estimate_mem_mb), more than "
             "device_memory_mb = 100") in r.stderr, r.stderr
     assert not (tmp_path / "results").exists()
 
 
 def test_every_path_that_builds_a_pack_checks_its_memory_first(synthetic):
     """`Pack` itself (what `rankbias bench` and scripts/gpu_check.py build) checks it."""
-    from rankbias.cluster import estimate_mem_mb
-    from rankbias.engine import Pack
-    from rankbias.spec import SpecError
+    from rankbias.plan.cluster import estimate_mem_mb
+    from rankbias.train.engine import Pack
+    from rankbias.core.spec import SpecError
     specs = [spec(seed=i) for i in range(2)]
     with pytest.raises(SpecError, match=rf"pack {pack_id(specs)} \(2 x MLP-2-16 on synthetic\): needs about "
                                         rf"{estimate_mem_mb(specs)} MiB .*more than device_memory_mb = 100;"):

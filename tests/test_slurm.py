@@ -122,7 +122,7 @@ def test_pipeline_on_slurm_equals_local_run(slurm_cluster, tiny_pipeline, tmp_pa
 
 
 def _verdicts(claims: dict) -> list[tuple[str, str]]:
-    """(id, verdict) of each claim, in order, from claims.json as rankbias.claims writes it:
+    """(id, verdict) of each claim, in order, from claims.json as rankbias.analysis.claims writes it:
     {"claims": [{"id": "C1", "verdict": ..., ...}, ...], ...}."""
     out = [(c["id"], c["verdict"]) for c in claims["claims"]]
     assert out and all(v in ("holds", "fails", "insufficient") for _, v in out), out

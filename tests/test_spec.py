@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankbias.spec import (RunSpec, SpecError, check_pack, load_pack, make_packs, model_name, pack_id,
+from rankbias.core.spec import (RunSpec, SpecError, check_pack, load_pack, make_packs, model_name, pack_id,
                            pack_steps, parse_model_name)
 
 specs = st.builds(

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rankbias import sweep
-from rankbias.spec import RunSpec, load_pack
+from rankbias.plan import sweep
+from rankbias.core.spec import RunSpec, load_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["config/config.yaml", "config/paper.yaml", ".test/config.yaml"]
@@ -98,7 +98,7 @@ def test_schema_defaults_agree_with_the_library():
     stated = {k: v["default"] for k, v in props.items() if "default" in v}
     assert stated and all(sweep.TOP_DEFAULTS[k] == v for k, v in stated.items()), stated
     assert set(props["figures"]["properties"]) == set(sweep.FIGURES)
-    from rankbias.claims import DEFAULT_THRESHOLDS
+    from rankbias.analysis.claims import DEFAULT_THRESHOLDS
     assert set(props["claims"]["properties"]) == set(DEFAULT_THRESHOLDS)
     grid_keys = set(schema["definitions"]["grid"]["properties"]) - {"seed"}
     assert grid_keys == set(sweep.SPEC_KEYS) - {"seed"}
@@ -154,7 +154,7 @@ def test_plan_cli(tmp_path, capsys):
 
 
 def test_batch_larger_than_the_subset_fails_at_plan_time():
-    from rankbias import sweep
+    from rankbias.plan import sweep
     cfg = {"defaults": {"dataset": "synthetic", "train_subset": 16, "batch_size": 32},
            "figures": {"fig1": {"model": "MLP-BN-2-8"}}}
     with pytest.raises(sweep.ConfigError, match="batch_size"):
@@ -166,7 +166,7 @@ def test_the_planner_imports_no_torch():
     torch comes in only when a model's layer table is first needed."""
     import subprocess
     import sys
-    code = ("import sys; import rankbias.sweep, rankbias.cluster, rankbias.data, rankbias.spec; "
+    code = ("import sys; import rankbias.plan.sweep, rankbias.plan.cluster, rankbias.train.data, rankbias.core.spec; "
             "heavy = sorted({'torch', 'torchvision', 'pandas', 'matplotlib'} & set(sys.modules)); "
             "print(heavy); sys.exit(1 if heavy else 0)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -194,7 +194,7 @@ def test_a_value_listed_twice_is_an_error_naming_the_key(section, key):
 
 
 def test_a_pack_larger_than_the_device_is_refused_naming_it():
-    from rankbias.cluster import estimate_mem_mb
+    from rankbias.plan.cluster import estimate_mem_mb
     p = sweep.plan(small(fig1={"model": "MLP-100000-100000"}))
     (pid,) = p.packs
     with pytest.raises(sweep.ConfigError, match=f"pack {pid} .*MLP-100000-100000.*device_memory_mb = 40960"):

@@ -11,13 +11,16 @@ import yaml
 
 from conftest import killed_and_resumed
 from fabricate import fabricate
-from rankbias import audit, claims as C, figures as F, metrics as M, sweep
-from rankbias import theory as T
-from rankbias.models import build_net, loss_fn, matrices
-from rankbias.reference import train_reference
-from rankbias.results import Run, load_runs
-from rankbias.spec import RunSpec, SpecError
-from rankbias.train import train_pack
+from rankbias.verify import audit
+from rankbias.analysis import claims as C, figures as F, plotting
+from rankbias.store import metrics as M
+from rankbias.plan import sweep
+from rankbias.train import theory as T
+from rankbias.train.models import build_net, loss_fn, matrices
+from rankbias.train.reference import train_reference
+from rankbias.store.results import Run, load_runs
+from rankbias.core.spec import RunSpec, SpecError
+from rankbias.train.loop import train_pack
 
 
 def np_rank(g) -> int:
@@ -315,5 +318,5 @@ def test_theory_figures_from_trained_runs_pass_the_audit(synthetic, tmp_path, mo
     assert any(ln.get_label() == "bound: rank ≤ B" for ln in ax2.get_lines())
     fig = F.draw("figT2", F.collect(runs, p.figures["figT2"], "fro", 1e-3)[0])
     assert [ax.get_yscale() for ax in fig.axes] == ["log", "log"]
-    labels = {t.get_text() for t in F.figure_legend(fig).get_texts()}
+    labels = {t.get_text() for t in plotting.figure_legend(fig).get_texts()}
     assert {"B=8, λ=0.0005", "B=32, λ=0.001"} <= labels

@@ -1,9 +1,9 @@
-"""Per-job timing records (rankbias.timing) and their summary."""
+"""Per-job timing records (rankbias.core.timing) and their summary."""
 import json
 import subprocess
 import sys
 
-from rankbias import timing
+from rankbias.core import timing
 
 
 def test_a_command_appends_its_timing_line(tmp_path):

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import BIN, TEST_CONFIG, copy_repo, needs_mnist, planned_jobs, snakemake
 
-from rankbias import sweep
+from rankbias.core import datasets
+from rankbias.plan import sweep
 
 pytestmark = pytest.mark.slow
 
@@ -326,7 +327,6 @@ def _two_datasets(wd) -> str:
 
 @needs_mnist
 def test_dataset_files_are_fetched_again_and_training_reads_only_data(tmp_path):
-    from rankbias import data
     wd = copy_repo(tmp_path)
     two = _two_datasets(wd)
     snakemake(wd, "--configfile", two)
@@ -342,7 +342,7 @@ def test_dataset_files_are_fetched_again_and_training_reads_only_data(tmp_path):
     assert jobs.get("data_mnist") == 1 and "data_synthetic" not in jobs, jobs
     assert {j for j in jobs if j.startswith("train_")} == mnist_trains, jobs
     snakemake(wd, "--configfile", two)
-    assert hashlib.md5(gone.read_bytes()).hexdigest() == data.MNIST_MD5[gone.name]
+    assert hashlib.md5(gone.read_bytes()).hexdigest() == datasets.MNIST_MD5[gone.name]
 
     # A bad manifest (what restore moves aside, then asks Snakemake what derives from
     # it): the dataset is fetched again and nothing retrains or redraws.

@@ -7,7 +7,7 @@ import importlib
 import sys
 import time
 
-from . import timing
+from rankbias.core import timing
 
 from rankbias import __version__
 
@@ -29,17 +29,17 @@ Then `rankbias audit results/figures/fig2.png` shows what made a figure.
 # other commands that read stored results never import torch (`tests/test_cli.py` checks
 # that every module registers the command named here).
 SUBCOMMANDS = {
-    "train": "rankbias.train",
-    "bench": "rankbias.bench",
-    "data": "rankbias.data",
-    "plan": "rankbias.sweep",
-    "figure": "rankbias.figures",
-    "claims": "rankbias.claims",
-    "audit": "rankbias.audit",
-    "restore": "rankbias.restore",
-    "publish": "rankbias.publish",
-    "export-crate": "rankbias.crate",
-    "timing": "rankbias.timing",
+    "train": "rankbias.train.loop",
+    "bench": "rankbias.train.bench",
+    "data": "rankbias.train.data",
+    "plan": "rankbias.plan.sweep",
+    "figure": "rankbias.analysis.figures",
+    "claims": "rankbias.analysis.claims",
+    "audit": "rankbias.verify.audit",
+    "restore": "rankbias.verify.restore",
+    "publish": "rankbias.verify.publish",
+    "export-crate": "rankbias.verify.crate",
+    "timing": "rankbias.core.timing",
 }
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from rankbias import sweep
-from rankbias.cluster import estimate_mem_mb, estimate_runtime_minutes, load_timings
-from rankbias.data import dataset_files
+from rankbias.plan import sweep
+from rankbias.plan.cluster import estimate_mem_mb, estimate_runtime_minutes, load_timings
+from rankbias.core.datasets import dataset_files
 
 # A job run by an executor plugin (each SLURM job) parses this file again, in
 # Snakemake's remote mode, with the config files as they are by then; it takes the
@@ -56,7 +56,7 @@ PACKS = list(PLAN.packs)
 DATASETS = sorted({s.dataset for s in PLAN.specs.values()})
 ON_GPU = PLAN.config["device"] == "cuda"
 # Per-shape GPU timings `make gpu-check` measured, where present: they set the training
-# jobs' time limits and priorities in place of the cost model (rankbias.cluster).
+# jobs' time limits and priorities in place of the cost model (rankbias.plan.cluster).
 TIMINGS = load_timings() if ON_GPU else {}
 # Every job appends its start-up and run time here (`rankbias timing` sums them).
 os.environ.setdefault("RANKBIAS_TIMING", "results/logs/timing.jsonl")
@@ -87,14 +87,14 @@ def dataset_inputs(name):
 
 
 def pack_runtime(pid):
-    """Job time limit in minutes (rankbias.cluster's conservative estimate)."""
+    """Job time limit in minutes (rankbias.plan.cluster's conservative estimate)."""
     return estimate_runtime_minutes(
         PLAN.pack_specs(pid), "cuda" if ON_GPU else "cpu", TIMINGS
     )
 
 
 def pack_mem_mb(pid):
-    """Host memory in MiB (rankbias.cluster's estimate)."""
+    """Host memory in MiB (rankbias.plan.cluster's estimate)."""
     return estimate_mem_mb(PLAN.pack_specs(pid))
 
 
@@ -106,7 +106,7 @@ def figure_labels(wildcards):
     """Report labels, evaluated by `snakemake --report` only: the figure's name and this
     run's verdict and effect for each claim the figure shows (from results/claims.json).
     """
-    from rankbias.claims import measured
+    from rankbias.analysis.claims import measured
 
     try:
         result = json.loads(Path("results/claims.json").read_text())

@@ -9,8 +9,8 @@
 # retrain. The dataset's manifest is no input: it records the files, training does not
 # read it, so a rewritten manifest retrains nothing.
 
-from rankbias import progress
-from rankbias.cluster import estimate_seconds
+from rankbias.plan import progress
+from rankbias.plan.cluster import estimate_seconds
 
 # The log holds every line of a pack's training; the terminal gets a line per pack at least
 # every 25 s (pack, epoch, loss, mean rank, ETA) through file descriptor 3, the terminal's
