@@ -264,8 +264,9 @@ def sidecar_path(figure_path: str | Path) -> Path:
 
 def save_figure(fig, png_path: str | Path, pdf_path: str | Path | None, provenance: dict,
                 dpi: int = 150) -> None:
-    """Write the figure as PNG (and PDF) with `provenance` embedded, and the sidecar
-    ``<stem>.provenance.json`` beside the PNG. Each file is written atomically."""
+    """Write the figure as PNG (and PDF) with `provenance` embedded, the sidecar
+    ``<stem>.provenance.json`` beside the PNG and the page rendered from it
+    (``provenance_page``). Each file is written atomically."""
     from PIL.PngImagePlugin import PngInfo
     import matplotlib
 
@@ -292,6 +293,8 @@ def save_figure(fig, png_path: str | Path, pdf_path: str | Path | None, provenan
             fig.savefig(buf, format="pdf", metadata=meta)
         atomic_write_bytes(pdf_path, buf.getvalue())
     atomic_write_json(sidecar_path(png_path), record)
+    from .provenance_page import page_bytes, page_path
+    atomic_write_bytes(page_path(png_path), page_bytes(record))
 
 
 def record_bytes(outputs: Mapping[str, bytes], provenance: dict) -> bytes:
