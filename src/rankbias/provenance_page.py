@@ -77,7 +77,8 @@ def _specs(runs: list[dict]) -> list[tuple[str, str]]:
     """What the runs' specs share and what they vary."""
     specs = [r.get("spec") or {} for r in runs]
     keys = sorted({k for s in specs for k in s})
-    shared, varying = [], []
+    shared: list[tuple[str, list[str]]] = []
+    varying: list[tuple[str, list[str]]] = []
     for k in keys:
         values = sorted({json.dumps(s.get(k), sort_keys=True) for s in specs}, key=_order)
         (shared if len(values) == 1 else varying).append((k, values))
@@ -116,7 +117,7 @@ def render(record: Mapping[str, Any]) -> str:
     missing = config.get("missing_runs") or []
     diverged = [r for r in runs if isinstance(r.get("diverged"), Mapping)]
     host, dev, cont = env.get("host") or {}, env.get("device") or {}, env.get("container") or {}
-    pkg = env.get("package") if isinstance(env.get("package"), Mapping) else {}
+    pkg: Mapping[str, Any] = env["package"] if isinstance(env.get("package"), Mapping) else {}
     provs = [r.get("provenance") or {} for r in runs]
     numerics = [p.get("numerics") or {} for p in provs]
     walls = [r["wall_time_s"] for r in runs if isinstance(r.get("wall_time_s"), (int, float))]
