@@ -334,7 +334,7 @@ def test_restore_moves_a_tampered_run_and_the_figures_drawn_from_it(tree, capsys
     moved = sorted(p.relative_to(tree / "results/quarantine").as_posix()
                    for p in (tree / "results/quarantine").rglob("*") if p.is_file())
     stamp = moved[0].split("/")[0]
-    assert moved == sorted([f"{stamp}/figures/fig2.{x}" for x in ("pdf", "png", "provenance.json")]
+    assert moved == sorted([f"{stamp}/figures/fig2.{x}" for x in ("pdf", "png", "provenance.json", "provenance.html")]
                            + [f"{stamp}/runs/{run.name}/{x}" for x in
                               ("layers.parquet", "metrics.parquet", "run.json", "spectra.npz")])
     assert not run.exists() and not (tree / FIG).exists()
@@ -649,7 +649,7 @@ def test_links_into_a_shared_cache_are_refused_and_the_cache_is_untouched(tree, 
 
 # -- a figure's PNG, PDF and provenance are one set --------------------------------------
 
-@pytest.mark.parametrize("member", ["pdf", "png", "provenance.json"])
+@pytest.mark.parametrize("member", ["pdf", "png", "provenance.json", "provenance.html"])
 def test_a_figure_missing_one_of_its_files_fails_audit_and_restore(tree, capsys, member):
     gone = tree / FIG.replace(".png", "." + member)
     gone.unlink()
@@ -665,6 +665,29 @@ def test_a_figure_missing_one_of_its_files_fails_audit_and_restore(tree, capsys,
     assert main(["restore", "--root", str(tree)]) == 1
     capsys.readouterr()
     assert not any((tree / "results/figures").iterdir())   # the rest moved aside, redrawn next
+
+
+def test_the_readable_page_shows_the_record_and_is_checked_against_it(tree, capsys):
+    from rankbias.store.provenance_page import page_bytes, page_path
+
+    page = page_path(tree / FIG)
+    record = P.read_sidecar(tree / FIG)
+    assert page.read_bytes() == page_bytes(record)
+    text = page.read_text()
+    for r in record["runs"]:
+        assert r["run_id"] in text and r["run_json_sha256"] in text
+    assert "<h1>Provenance of fig2</h1>" in text and "Runs (2)" in text
+    assert record["environment"]["package"]["sources_sha256"] in text
+    assert record["environment"]["code"]["commit"] in text
+    # An edited (or stale) page is named by the audit, and restore moves the figure aside.
+    page.write_text(text.replace("Runs (2)", "Runs (3)"))
+    rc, out = audit(tree, capsys)
+    assert rc == 1 and mismatches(out) == [
+        "MISMATCH results/figures/fig2.provenance.html: differs from the page the provenance of "
+        "results/figures/fig2.png renders (stale or edited)"], out
+    assert main(["restore", "--root", str(tree)]) == 1
+    assert "FAILED results/figures/fig2.provenance.html: differs" in capsys.readouterr().out
+    assert not any((tree / "results/figures").iterdir())
 
 
 def test_a_figure_member_out_of_step_fails_restore(tree, capsys):

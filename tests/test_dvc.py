@@ -99,7 +99,7 @@ def test_dvc_lock_records_each_figure_and_our_hashes_agree_with_dvc(pushed):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     for fig in FIGS:
         outs = {o["path"]: o["md5"] for o in lock[f"figure@{fig}"]["outs"]}
-        for suffix in (".png", ".pdf", ".provenance.json"):
+        for suffix in (".png", ".pdf", ".provenance.json", ".provenance.html"):
             path = f"results/figures/{fig}{suffix}"
             assert outs[path] == dvcstate.md5_file(repo / path)
         deps = {d["path"]: d["md5"] for d in lock[f"figure@{fig}"]["deps"]}

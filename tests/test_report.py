@@ -1,8 +1,10 @@
 """Snakemake's report of the tiny pipeline, made by the real `snakemake --report`: the
-claims table as a page of its own, the figures under their names with what this run
-measured for the claims each shows, and captions that state no conclusion."""
+claims table as a page of its own, the figures in their groups under their names with
+what this run measured for the claims each shows and their readable provenance beside
+them, and captions that state no conclusion."""
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
@@ -12,6 +14,8 @@ from conftest import TEST_CONFIG, snakemake
 
 from rankbias.analysis import claims
 from rankbias.plan import sweep
+from rankbias.store import provenance
+from rankbias.store.provenance_page import page_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +26,46 @@ def report(tiny_pipeline, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.html"
     snakemake(wd, "--configfile", TEST_CONFIG, "--report", str(out))
     return wd, out.read_text()
+
+
+def report_data(text: str, name: str) -> dict:
+    """The report's `var <name> = {...};` (its categories or results) as JSON."""
+    m = re.search(r"var " + name + r" = (\{.*?\});\s*</script>", text, re.S)
+    assert m, f"no `var {name}` in the report"
+    return json.loads(m.group(1))
+
+
+def test_figures_are_grouped_in_subcategories_from_the_registry(report):
+    wd, text = report
+    categories = report_data(text, "categories")
+    names = sweep.figure_names(sweep.plan_from_file(wd / TEST_CONFIG))
+    want: dict[str, list[str]] = {}
+    for name in names:
+        want.setdefault(sweep.figure_group(name), []).extend(
+            [f"results/figures/{name}.png", f"results/figures/{name}.provenance.html"])
+    assert {k: sorted(v) for k, v in categories["Figures"].items()} == {k: sorted(v) for k, v in want.items()}
+    assert set(want) == {"Paper figures", "Theory", "Summaries"}   # the tiny config draws all three
+    assert categories["Claims"] == {"Other": ["results/claims.html"]}
+    entry = report_data(text, "results")["results/claims.html"]
+    assert entry["labels"] == {"table": "Measured verdicts on the paper's claims"}
+
+
+def test_each_figure_has_its_readable_provenance_beside_it(report):
+    wd, text = report
+    results = report_data(text, "results")
+    for name in sweep.figure_names(sweep.plan_from_file(wd / TEST_CONFIG)):
+        figure = results[f"results/figures/{name}.png"]
+        page = results[f"results/figures/{name}.provenance.html"]
+        # One row per figure: the same labels but `view`, which the report shows as a switch.
+        assert figure["labels"] == {**page["labels"], "view": "figure"} and page["labels"]["view"] == "provenance"
+        # The figure's caption links its page.
+        assert f"app.showResultInfo('results/figures/{name}.provenance.html')" in figure["caption"]
+        # The page in the report is the one rendered from the figure's record, and names its runs.
+        content = base64.b64decode(page["data_uri"].split("base64,", 1)[1])
+        record = provenance.read_sidecar(wd / "results/figures" / f"{name}.png")
+        assert content == page_bytes(record) == (wd / "results/figures" / f"{name}.provenance.html").read_bytes()
+        assert record["runs"] and all(r["run_id"] in content.decode() for r in record["runs"])
+        assert set(record["runs"][0]["files"].values()) <= set(re.findall(r"[0-9a-f]{64}", content.decode()))
 
 
 def test_claims_table_is_a_page_of_the_report(report):

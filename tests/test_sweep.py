@@ -294,3 +294,12 @@ def test_a_json_config_indented_with_tabs_loads(tmp_path):
 def test_unknown_top_level_keys_are_refused_by_one_check(tmp_path):
     with pytest.raises(sweep.ConfigError, match=r"config: unknown key\(s\) 'figurse'; allowed keys: device"):
         sweep.check_top_level({"figurse": {}})
+
+
+def test_every_figure_has_one_group_the_report_shows_it_under():
+    groups = {name: sweep.figure_group(name) for name in sweep.NAMES}
+    assert groups == {**{f"fig{i}": "Paper figures" for i in range(1, 9)},
+                      "figT1": "Theory", "figT2": "Theory", "figR": "Summaries", "figS": "Summaries"}
+    assert set(groups.values()) == set(sweep.GROUPS.values())
+    with pytest.raises(ValueError, match="fig9"):
+        sweep.figure_group("fig9")

@@ -121,7 +121,7 @@ def test_report_holds_every_figure(done):
     names = zipfile.ZipFile(wd / "report.zip").namelist()
     for name in sweep.FIGURES:
         assert any(n.endswith(f"{name}.png") for n in names), names
-        assert any(n.endswith(f"{name}.provenance.json") for n in names), names
+        assert any(n.endswith(f"{name}.provenance.html") for n in names), names
 
 
 @pytest.mark.parametrize("edit, key", [

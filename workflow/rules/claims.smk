@@ -13,7 +13,7 @@ rule claims:
             "results/claims.html",
             caption="../report/claims.rst",
             category="Claims",
-            labels={"table": "verdicts on claims C1-C7"},
+            labels={"table": "Measured verdicts on the paper's claims"},
         ),
         metrics="results/claims.metrics.json",
     log:

@@ -102,9 +102,16 @@ def figure_runs(wildcards):
     return run_json(sweep.figure_runs(PLAN, wildcards.fig))
 
 
-def figure_labels(wildcards):
-    """Report labels, evaluated by `snakemake --report` only: the figure's name and this
-    run's verdict and effect for each claim the figure shows (from results/claims.json).
+def figure_subcategory(wildcards):
+    """The report's subcategory of a figure: its group (Paper figures, Theory, Summaries)."""
+    return sweep.figure_group(wildcards.fig)
+
+
+def figure_labels(wildcards, view="figure"):
+    """Report labels, evaluated by `snakemake --report` only: the figure's name, this
+    run's verdict and effect for each claim the figure shows (from results/claims.json),
+    and which of the figure's two entries this is (`view`: the figure or its provenance
+    page; the report shows a label with two values as a switch).
     """
     from rankbias.analysis.claims import measured
 
@@ -115,6 +122,7 @@ def figure_labels(wildcards):
     return {
         "figure": f"Figure {wildcards.fig[3:]}",
         "measured": measured(result, wildcards.fig) if result else "claims not judged",
+        "view": view,
     }
 
 

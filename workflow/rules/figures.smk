@@ -2,6 +2,8 @@
 # off the stored spectra with the config's `rank` settings. Each figure reads its own
 # config file (rank settings, defaults, its section), so changing the rank settings
 # redraws every figure and never retrains, and changing one figure redraws that one.
+# In the report each figure sits in its group's subcategory (rankbias.plan.sweep.GROUPS) with
+# its provenance page beside it: one row per figure, the label `view` switches between them.
 
 
 rule figure:
@@ -13,15 +15,17 @@ rule figure:
             "results/figures/{fig}.png",
             caption="../report/figure.rst",
             category="Figures",
+            subcategory=figure_subcategory,
             labels=figure_labels,
         ),
         pdf="results/figures/{fig}.pdf",
-        provenance=report(
-            "results/figures/{fig}.provenance.json",
+        provenance="results/figures/{fig}.provenance.json",
+        page=report(
+            "results/figures/{fig}.provenance.html",
             caption="../report/provenance.rst",
             category="Figures",
-            subcategory="Provenance",
-            labels=lambda wildcards: {"figure": f"Figure {wildcards.fig[3:]}"},
+            subcategory=figure_subcategory,
+            labels=lambda wildcards: figure_labels(wildcards, view="provenance"),
         ),
     log:
         "results/logs/figures/{fig}.log",

@@ -48,25 +48,28 @@ from rankbias.core.spec import (
 if TYPE_CHECKING:
     import yaml
 
-# Which spec key makes the panels and which the lines of each figure.
+# Which spec key makes the panels and which the lines of each figure, and the group
+# (GROUPS) it is shown under in the report.
 LAYOUTS: dict[str, dict[str, Any]] = {
-    "fig1": {"kind": "dynamics", "panel": None, "line": "weight_decay"},
-    "fig2": {"kind": "rank", "panel": "lr", "line": "batch_size"},
-    "fig3": {"kind": "rank", "panel": "batch_size", "line": "weight_decay"},
-    "fig4": {"kind": "rank", "panel": "lr", "line": "batch_size"},
-    "fig5": {"kind": "rank_acc", "panel": "lr", "line": "batch_size"},
-    "fig6": {"kind": "layers", "panel": "lr", "line": "batch_size"},
-    "fig7": {"kind": "layers", "panel": "lr", "line": "batch_size"},
-    "fig8": {"kind": "rank", "panel": "lr", "line": "batch_size"},
+    "fig1": {"kind": "dynamics", "panel": None, "line": "weight_decay", "group": "paper"},
+    "fig2": {"kind": "rank", "panel": "lr", "line": "batch_size", "group": "paper"},
+    "fig3": {"kind": "rank", "panel": "batch_size", "line": "weight_decay", "group": "paper"},
+    "fig4": {"kind": "rank", "panel": "lr", "line": "batch_size", "group": "paper"},
+    "fig5": {"kind": "rank_acc", "panel": "lr", "line": "batch_size", "group": "paper"},
+    "fig6": {"kind": "layers", "panel": "lr", "line": "batch_size", "group": "paper"},
+    "fig7": {"kind": "layers", "panel": "lr", "line": "batch_size", "group": "paper"},
+    "fig8": {"kind": "rank", "panel": "lr", "line": "batch_size", "group": "paper"},
     # the theory (rankbias.analysis.theory_figures): Lemmas 1-2 and Theorem 1
-    "figT1": {"kind": "lemmas", "panel": None, "line": "model"},
-    "figT2": {"kind": "theorem1", "panel": None, "line": "batch_size"},
+    "figT1": {"kind": "lemmas", "panel": None, "line": "model", "group": "theory"},
+    "figT2": {"kind": "theorem1", "panel": None, "line": "batch_size", "group": "theory"},
 }
 # Summary figures, drawn whenever the config has a figure section.
 SUMMARY: dict[str, str] = {
     "figR": "final rank vs the rank tolerance",
     "figS": "final rank vs B/(eta*lambda)",
 }
+# The figures' groups, in the order shown, with their titles (the report's subcategories).
+GROUPS: dict[str, str] = {"paper": "Paper figures", "theory": "Theory", "summary": "Summaries"}
 # Every figure name the pipeline knows (the workflow's `fig` wildcard derives from this).
 NAMES: tuple[str, ...] = tuple(LAYOUTS) + tuple(SUMMARY)
 # The paper figures a config may have a section for.
@@ -454,6 +457,15 @@ def write_packs(p: Plan, pack_dir: str | Path) -> list[str]:
 def figure_names(p: Plan) -> list[str]:
     """The figures a plan draws: its configured paper figures, then the summary figures."""
     return list(p.figures) + (list(SUMMARY) if p.figures else [])
+
+
+def figure_group(name: str) -> str:
+    """The title of the group figure `name` belongs to (GROUPS): the report's subcategory."""
+    if name in SUMMARY:
+        return GROUPS["summary"]
+    if name not in LAYOUTS:
+        raise ValueError(f"figure: {name!r} is not one of {', '.join(NAMES)}")
+    return GROUPS[LAYOUTS[name]["group"]]
 
 
 def figure_runs(p: Plan, name: str) -> list[str]:

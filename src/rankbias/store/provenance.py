@@ -29,6 +29,7 @@ from typing import Iterable, Mapping
 
 from rankbias.core.io import atomic_write_bytes, atomic_write_json, json_bytes, sha256_file, utc_now
 from rankbias.store import metrics as M
+from rankbias.store.provenance_page import page_bytes, page_path
 
 SCHEMA = 1
 # Key of the embedded record: a PNG text chunk keyword and a PDF info dictionary key.
@@ -260,8 +261,9 @@ def sidecar_path(figure_path: str | Path) -> Path:
 
 def save_figure(fig, png_path: str | Path, pdf_path: str | Path | None, provenance: dict,
                 dpi: int = 150) -> None:
-    """Write the figure as PNG (and PDF) with `provenance` embedded, and the sidecar
-    ``<stem>.provenance.json`` beside the PNG. Each file is written atomically."""
+    """Write the figure as PNG (and PDF) with `provenance` embedded, the sidecar
+    ``<stem>.provenance.json`` beside the PNG and the page rendered from it
+    (``provenance_page``). Each file is written atomically."""
     from PIL.PngImagePlugin import PngInfo
     import matplotlib
 
@@ -287,6 +289,7 @@ def save_figure(fig, png_path: str | Path, pdf_path: str | Path | None, provenan
             fig.savefig(buf, format="pdf", metadata=meta)
         atomic_write_bytes(pdf_path, buf.getvalue())
     atomic_write_json(sidecar_path(png_path), record)
+    atomic_write_bytes(page_path(png_path), page_bytes(record))
 
 
 def record_bytes(outputs: Mapping[str, bytes], provenance: dict) -> bytes:

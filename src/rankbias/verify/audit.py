@@ -6,8 +6,9 @@ The figure's provenance (embedded in the PNG/PDF, and in the sidecar
 the run's files, the code commit, the datasets' checksums and the environment. The
 audit prints that record as a tree and then checks, against the tree as it is now:
 
-  * the figure's three files (PNG, PDF, sidecar) are all there, and the sidecar
-    equals what is embedded in the PNG and the PDF (for the claims table
+  * the figure's four files (PNG, PDF, sidecar, readable page) are all there, the
+    sidecar equals what is embedded in the PNG and the PDF, and the page
+    ``<stem>.provenance.html`` is what that record renders (for the claims table
     ``results/claims.md``: the sidecar records the sha256 of claims.md and
     claims.json, and both still have it);
   * every run directory exists, passes ``Run.verify()`` (files match run.json, run_id
@@ -38,6 +39,7 @@ from rankbias.store import provenance as P
 from rankbias.store.results import CheckedRun, check_run
 from rankbias.core.io import sha256_file
 from rankbias.core.datasets import expected_md5
+from rankbias.store.provenance_page import page_bytes, page_path
 
 # Paths whose changes cannot change a figure: DVC bookkeeping, training records and prose.
 # params.yaml is DVC bookkeeping too: it names the config file DVC's stages pass to
@@ -59,10 +61,11 @@ def is_table(output: Path) -> bool:
 
 
 def own_files(output: Path) -> list[Path]:
-    """The files one provenance record covers: a figure's PNG, PDF and sidecar, or the
-    claims' Markdown, JSON and sidecar."""
-    other = output.with_suffix(".json") if is_table(output) else other_format(output)
-    return [output, other, P.sidecar_path(output)]
+    """The files one provenance record covers: a figure's PNG, PDF, sidecar and the page
+    rendered from it, or the claims' Markdown, JSON and sidecar."""
+    if is_table(output):
+        return [output, output.with_suffix(".json"), P.sidecar_path(output)]
+    return [output, other_format(output), P.sidecar_path(output), page_path(output)]
 
 
 class Audit:
@@ -152,7 +155,22 @@ class Audit:
                     self.ok()
             except P.ProvenanceError as e:
                 self.fail(self.rel(other), f"embedded provenance unreadable ({e})")
+        if record is not None:
+            self.page(record)
         return record
+
+    def page(self, record: dict) -> None:
+        """The readable page beside the figure: byte for byte what its record renders, so
+        it cannot say something the record does not."""
+        page = page_path(self.figure)
+        if not page.is_file():
+            self.fail(self.rel(page), "missing: `rankbias figure` writes it with the figure's PNG, "
+                                      "PDF and provenance sidecar")
+        elif page.read_bytes() != page_bytes(record):
+            self.fail(self.rel(page), f"differs from the page the provenance of "
+                                      f"{self.rel(self.figure)} renders (stale or edited)")
+        else:
+            self.ok()
 
     def run_dir(self, rec: dict) -> Path:
         """The run directory a record names, which must lie inside the repository's

@@ -209,7 +209,7 @@ def _records(root: Path, results: Path) -> list[tuple[str, dict, list[str]]]:
     out = []
     for sidecar in sorted((results / "figures").glob("*.provenance.json")):
         stem = sidecar.name.removesuffix(".provenance.json")
-        files = [sidecar.with_name(stem + s) for s in (".png", ".pdf")]
+        files = [sidecar.with_name(stem + s) for s in (".png", ".pdf", ".provenance.html")]
         outputs = [rel_path(f, root) for f in files if f.exists()] + [rel_path(sidecar, root)]
         out.append((stem, json.loads(sidecar.read_text()), outputs))
     claims = results / "claims.provenance.json"

@@ -14,9 +14,10 @@ tampered file. So restore
   2. verifies every run under ``results/runs``: run.json readable and unedited (its
      ``record_sha256``), its run_id the hash of its spec and its directory name, every
      file's sha256 as recorded;
-  3. verifies every figure and the claims table, each as one set of three files (PNG,
-     PDF and provenance sidecar; claims.md, claims.json and sidecar): all present, the
-     sidecar equal to what the PNG and PDF embed (the claims' sidecar: the sha256 of
+  3. verifies every figure and the claims table, each as one set of files (PNG, PDF,
+     provenance sidecar and the page rendered from it; claims.md, claims.json and
+     sidecar): all present, the sidecar equal to what the PNG and PDF embed and the page
+     to what it renders (the claims' sidecar: the sha256 of
      claims.md and claims.json), every run it records present with the same hashes, and
      the sources of the package that made it equal to the checkout's ``src/rankbias``
      (its recorded sha256);
@@ -54,6 +55,7 @@ from rankbias.verify.audit import Audit, is_table, own_files
 from rankbias.verify.dvcstate import DvcStateError, cache_dir, cache_object, dir_manifest, first_link, md5_file, repo_path
 from rankbias.store.provenance import rel_path
 from rankbias.store.results import NOT_TRAINED, RunError, check_run, ledger_path, record_trained, trained_sha256
+from rankbias.store.provenance_page import PAGE_SUFFIX
 
 RUNS_DIR = Path("results/runs")
 FIGURES_DIR = Path("results/figures")
@@ -234,13 +236,13 @@ def _there(p: Path) -> bool:
 
 
 def output_sets(rep: Report) -> list[list[Path]]:
-    """The files of every figure (PNG, PDF, sidecar) and of the claims (claims.md,
+    """The files of every figure (PNG, PDF, sidecar, page) and of the claims (claims.md,
     claims.json, sidecar) of which any one is present: each set is checked as one, so a
     member missing is found from the others."""
     sets = []
     fig_dir = rep.root / FIGURES_DIR
     if not rep.linked(fig_dir) and fig_dir.is_dir():
-        stems = {p.name[: -len(suffix)] for suffix in (".png", ".pdf", ".provenance.json")
+        stems = {p.name[: -len(suffix)] for suffix in (".png", ".pdf", ".provenance.json", PAGE_SUFFIX)
                  for p in fig_dir.glob("*" + suffix)}
         sets += [own_files(fig_dir / (stem + ".png")) for stem in sorted(stems)]
     claims = own_files(rep.root / CLAIMS_MD)
@@ -262,7 +264,8 @@ def check_figures(rep: Report, failed_runs: set[str]) -> None:
         output = files[0] if is_table(files[0]) else next((x for x in files[:2] if x.exists()), None)
         if output is None:
             rep.fail(files[0], f"missing, and so is {rep.rel(files[1])}: expected the PNG and the "
-                               f"PDF beside {rep.rel(files[2])}", bad=files[2])
+                               f"PDF beside {', '.join(rep.rel(x) for x in trio)}")
+            rep.bad.update(trio)
             continue
         a = Audit(output, rep.root, runs=rep.runs)
         record = a.record()
