@@ -28,14 +28,17 @@ def synthetic64(synthetic):
 
 def sgd_references(specs, ds, dtype=torch.float64):
     """Each member's plain reference in `dtype` (float64 unless told): (nn.Module,
-    torch.optim.SGD, its epoch-0 data order, its batch size), for stepping beside a pack."""
-    from rankbias.train.models import build_net, epoch_order
+    torch.optim.SGD, its epoch-0 data order, its batch size, its epoch-0 training labels
+    in that order), for stepping beside a pack."""
+    from rankbias.train.models import build_net, epoch_labels, epoch_order
     refs = []
     for spec in specs:
         net = build_net(spec, ds.input_dim, ds.num_classes).to(dtype)
         opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
                               weight_decay=spec.weight_decay)
-        refs.append((net, opt, epoch_order(spec, 0, ds.x_train.shape[0]), spec.batch_size))
+        order = epoch_order(spec, 0, ds.x_train.shape[0])
+        refs.append((net, opt, order, spec.batch_size,
+                     epoch_labels(spec, 0, ds.y_train[order], ds.num_classes)))
     return refs
 
 
@@ -44,10 +47,10 @@ def step_references(refs, specs, ds, t: int) -> None:
     own data order, zero_grad, the loss, backward, torch.optim.SGD's step."""
     from rankbias.train.models import loss_fn
 
-    for net, opt, order, B in refs:
+    for net, opt, order, B, labels in refs:
         idx = order[t * B:(t + 1) * B]
         opt.zero_grad()
-        loss_fn(specs[0].loss, net(ds.x_train[idx]), ds.y_train[idx]).backward()
+        loss_fn(specs[0].loss, net(ds.x_train[idx]), labels[t * B:(t + 1) * B]).backward()
         opt.step()
 
 
@@ -63,7 +66,7 @@ def steps_equal_reference(specs, ds, steps, rtol=1e-10, atol=1e-11):
     for t in range(steps):
         pack.step(plan.inputs(t))
         step_references(refs, specs, ds, t)
-    for k, (net, _, _, _) in enumerate(refs):
+    for k, (net, *_) in enumerate(refs):
         for name, p in net.named_parameters():
             np.testing.assert_allclose(pack.params[name][k].detach().numpy(), p.detach().numpy(),
                                        rtol=rtol, atol=atol, err_msg=f"member {k} {name}")

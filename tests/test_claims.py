@@ -41,7 +41,7 @@ def test_spearman_matches_pearson_of_ranks_and_handles_ties():
 def test_nothing_is_insufficient(tmp_path):
     v, res = verdicts(tmp_path)
     assert {c["verdict"] for c in v.values()} == {"insufficient"}
-    assert [c["id"] for c in res["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2"]
+    assert [c["id"] for c in res["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2", "R3"]
 
 
 SEEDS = (0, 1, 2)
@@ -316,7 +316,7 @@ def test_cli_writes_md_and_json(tmp_path):
             fabricate(runs, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
     assert main(["claims", "--runs", str(runs), "--out", str(tmp_path / "claims")]) == 0
     doc = json.loads((tmp_path / "claims.json").read_text())
-    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2"]
+    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2", "R3"]
     assert doc["claims"][0]["verdict"] == "holds"
     md = (tmp_path / "claims.md").read_text()
     assert "| C1 |" in md and "**holds**" in md and "Spearman: 1 [1, 1] (3 seeds)" in md
@@ -335,7 +335,7 @@ def test_table_prints_a_row_per_claim_and_names_a_bad_file(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["id", "verdict", "runs", "seeds"]
     rows = {line.split()[0]: line for line in lines[1:-1]}
-    assert list(rows) == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2"]
+    assert list(rows) == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2", "R3"]
     assert rows["C1"].split()[1] == "holds" and "Spearman: 1 [1, 1] (3 seeds)" in rows["C1"]
     assert lines[-1].startswith("runs: available 9")
     assert max(len(line) for line in lines) < 240      # dvc metrics show: one row of ~1,900
@@ -545,6 +545,55 @@ def test_r2_without_a_stationary_run_is_insufficient(tmp_path):
     r2 = verdicts(tmp_path)[0]["R2"]
     assert r2["verdict"] == "insufficient" and r2["n_not_stationary"] == 4
     assert [x["decay_shrink"] for x in r2["runs"]] == pytest.approx([0.05] * 4)
+
+
+# -- R3: label noise lowers the rank at weight decay 0
+
+def _r3_runs(tmp_path, seeds, noisy_rank, clean_rank=20, noise=(0.3,)):
+    for seed in seeds:
+        fabricate(tmp_path, spec(seed=seed, weight_decay=0.0), final_ranks=[clean_rank] * 3)
+        for p in noise:
+            fabricate(tmp_path, spec(seed=seed, weight_decay=0.0, label_noise=p),
+                      final_ranks=[noisy_rank(seed)] * 3)
+
+
+def test_r3_holds_when_label_noise_lowers_the_rank_at_weight_decay_0(tmp_path):
+    _r3_runs(tmp_path, SEEDS, lambda seed: 12 + seed, noise=(0.1, 0.3))
+    v, res = verdicts(tmp_path)
+    r3 = v["R3"]
+    assert r3["verdict"] == "holds" and r3["n_runs"] == 9 and r3["seeds"] == [0, 1, 2]
+    assert r3["label_noise"] == [0.1, 0.3] and len(r3["pairs"]) == 6
+    # per seed: 1 - (12 + seed) / 20
+    assert r3["rank_reduction_vs_clean"]["per_seed"] == {"0": 0.4, "1": 0.35, "2": 0.3}
+    lo, hi = r3["rank_reduction_vs_clean"]["ci"]
+    assert 0 < lo < 0.35 < hi
+    assert r3["beyond_paper"] is True and "Varre" in r3["source"] and "NeurIPS 2024" in r3["source"]
+    assert r3["setting"]["seeds"] == [0, 1, 2]
+    md = C.markdown(res)
+    assert "Check beyond the paper: Varre, Sagitova & Flammarion" in md and "### R3: holds" in md
+    # the paper's claims judge the runs on the true labels only: C3's lambda = 0 part
+    # sees the three clean runs (no rank reduction), not the noisy ones
+    assert v["C3"]["lambda0"]["n_runs"] == 3 and v["C3"]["lambda0"]["verdict"] == "holds"
+
+
+def test_r3_fails_when_label_noise_leaves_the_rank(tmp_path):
+    _r3_runs(tmp_path, SEEDS, lambda seed: 20 - (seed == 1))
+    r3 = verdicts(tmp_path)[0]["R3"]
+    assert r3["verdict"] == "fails" and len(r3["pairs"]) == 3
+    assert r3["rank_reduction_vs_clean"]["mean"] == pytest.approx(0.05 / 3, abs=1e-4)
+
+
+def test_r3_with_two_seeds_or_weight_decay_is_insufficient(tmp_path):
+    _r3_runs(tmp_path, (0, 2), lambda seed: 10)
+    for seed in SEEDS:   # label noise with weight decay > 0: not R3's
+        fabricate(tmp_path, spec(seed=seed), final_ranks=[20] * 3)
+        fabricate(tmp_path, spec(seed=seed, label_noise=0.3), final_ranks=[10] * 3)
+    v, res = verdicts(tmp_path)
+    r3 = v["R3"]
+    assert r3["verdict"] == "insufficient" and r3["seeds"] == [0, 2] and r3["n_runs"] == 4
+    text = C.interval_text(r3["intervals"]["rank reduction vs p=0"])
+    assert "from 2 seeds (0, 2): fewer than 3 seeds, no interval" in text
+    assert C.claim_r3([], C.thresholds(None))["verdict"] == "insufficient"
 
 
 # -- robustness to the rank convention

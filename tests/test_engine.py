@@ -8,6 +8,7 @@ from conftest import killed_and_resumed, sgd_references, step_references, steps_
 
 from rankbias.store import metrics as M
 from rankbias.train.engine import Pack
+from rankbias.train.models import epoch_labels
 from rankbias.train.reference import epoch_order, train_reference
 from rankbias.store.results import Run
 from rankbias.core.spec import RunSpec
@@ -84,7 +85,7 @@ def test_momentum_buffers_equal_torch_sgd_state_float64(stepper, batch, syntheti
         step(plan.inputs(t))
         step_references(refs, specs, ds, t)
     names = list(pack.params)
-    for k, (net, opt, _, _) in enumerate(refs):
+    for k, (net, opt, *_) in enumerate(refs):
         for (name, p) in net.named_parameters():
             buf = pack.bufs[names.index(name)][k]
             np.testing.assert_allclose(buf.numpy(), opt.state[p]["momentum_buffer"].numpy(),
@@ -100,7 +101,7 @@ def _first_unequal_step(spec, ds, update):
     plan = pack.epoch_plan(0)
     assert pack.dtype == torch.float32 and (plan.steps, plan.full_steps) == (11, 10)
     refs = sgd_references([spec], ds, dtype=torch.float32)
-    (net, opt, _, _), = refs
+    (net, opt, *_), = refs
     names = list(pack.params)
     for t in range(plan.steps):
         pack.step(plan.inputs(t))
@@ -237,7 +238,9 @@ def _read_all(path):
 
 
 def test_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):
-    specs = _pack("MLP-BN-2-16", epochs=4)
+    """Byte-identical outputs after a kill and a resume, for a member with label noise too:
+    its draws depend on seed and epoch alone, so the checkpoint needs no generator state."""
+    specs = _noisy(_pack("MLP-BN-2-16", epochs=4), (0.0, 0.3, 0.0))
     ckpt = tmp_path / "b" / "packs"
 
     def after_kill(out):
@@ -254,6 +257,7 @@ def test_resume_after_kill_equals_uninterrupted(synthetic, tmp_path):
         for k in a[2]:
             np.testing.assert_array_equal(a[2][k], b[2][k])
         assert a[3] == b[3]
+        assert ("label_noise" in a[3]["seeds"]) == (spec.label_noise > 0)
 
 
 def test_diverged_member_is_recorded_and_does_not_disturb_others(synthetic, tmp_path):
@@ -316,3 +320,55 @@ def test_both_forms_of_the_batched_linear_agree_to_rounding(shape, rows):
     ref = torch.autograd.grad(want, (x, w, b), up)
     for a, r in zip(grads, ref):
         torch.testing.assert_close(a, r, rtol=1e-13, atol=1e-12)
+
+
+# -- label noise (check R3) ----------------------------------------------------------------
+
+def _noisy(specs, noise):
+    """`specs` with each member's label_noise from `noise` (0: the run as it was)."""
+    return [RunSpec.from_dict({**s.to_dict(), "label_noise": p}) for s, p in zip(specs, noise)]
+
+
+def test_epoch_labels_redraw_a_fraction_per_run_and_epoch():
+    y = torch.arange(20000) % 10
+    spec = RunSpec(dataset="synthetic", label_noise=0.3, seed=4)
+    drawn = epoch_labels(spec, 2, y, 10)
+    assert drawn.dtype == y.dtype and int(drawn.min()) >= 0 and int(drawn.max()) < 10
+    assert torch.equal(drawn, epoch_labels(spec, 2, y, 10))                    # deterministic
+    assert not torch.equal(drawn, epoch_labels(spec, 3, y, 10))                # fresh each epoch
+    assert not torch.equal(drawn, epoch_labels(RunSpec.from_dict({**spec.to_dict(), "seed": 5}), 2, y, 10))
+    # redrawn with probability p from all 10 classes, its own included: changed with p * 9/10
+    assert abs(float((drawn != y).double().mean()) - 0.3 * 0.9) < 0.015
+    assert epoch_labels(RunSpec(dataset="synthetic"), 2, y, 10) is y           # p = 0: nothing drawn
+
+
+def test_epoch_plan_carries_each_members_labels(synthetic):
+    specs = _noisy(_pack("MLP-BN-2-16"), (0.0, 0.5, 0.0))
+    pack = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
+    plan = pack.epoch_plan(1)
+    for t in (0, plan.steps - 1):                      # a full batch and the partial last one
+        s = plan.inputs(t)
+        true = synthetic.y_train[s.idx]
+        assert torch.equal(s.y[0], true[0]) and torch.equal(s.y[2], true[2])
+        assert not torch.equal(s.y[1], true[1])
+    order = epoch_order(specs[1], 1, synthetic.x_train.shape[0])
+    labels = epoch_labels(specs[1], 1, synthetic.y_train[order], synthetic.num_classes)
+    assert torch.equal(plan.inputs(0).y[1], labels[:100])
+
+
+@pytest.mark.parametrize("model", ["MLP-BN-2-16", "RES-2-16"])
+def test_label_noise_steps_equal_torch_sgd_float64(model, synthetic64):
+    """Members with different label noise, 0 among them, step by step through an epoch:
+    each equals its nn.Module + torch.optim.SGD fed the same noisy labels."""
+    specs = _noisy(_pack(model), (0.3, 0.0, 0.6))
+    steps = specs[0].steps_per_epoch(synthetic64.x_train.shape[0])
+    steps_equal_reference(specs, synthetic64, steps, rtol=1e-11, atol=1e-13)
+
+
+def test_pack_with_label_noise_matches_reference_float64(synthetic64, tmp_path):
+    """Over three epochs (fresh draws each, an lr drop, partial last batches), a pack whose
+    members' label noise differs (0 among them) equals the plain reference loop run by
+    run; losses and accuracies are the true labels' in both."""
+    _compare(_noisy(_pack("MLP-BN-2-16", schedule=True), (0.2, 0.0, 0.5)), synthetic64, tmp_path,
+             rtol=1e-8, atol=1e-11)
+

@@ -108,7 +108,7 @@ def test_paperlite_profile_has_100_epochs_3_seeds_everywhere_and_no_cifar10():
     paper's claims each have a section that feeds them."""
     p = sweep.plan(_load("paperlite.yaml"))
     assert set(p.figures) == {"fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "figT1", "figT2"}
-    assert set(p.groups) - set(p.figures) == {"full_batch_gd", "gd_stationary"}
+    assert set(p.groups) - set(p.figures) == {"full_batch_gd", "gd_stationary", "r3_label_noise"}
     for name, ids in p.groups.items():
         specs = [p.specs[r] for r in ids]
         assert specs and all(s.epochs >= 100 for s in specs), name
@@ -121,6 +121,10 @@ def test_paperlite_profile_has_100_epochs_3_seeds_everywhere_and_no_cifar10():
     # C7's full batch is the whole training subset, of at least the 1000 examples C7 judges
     fb = [p.specs[r] for r in p.groups["full_batch_gd"]]
     assert all(s.batch_size == s.sizes()[0] >= 1000 for s in fb)
+    # R3's runs with label noise have twins without it (fig3's), weight decay 0 both
+    r3 = [p.specs[r] for r in p.groups["r3_label_noise"]]
+    assert {(s.weight_decay, s.label_noise) for s in r3} == {(0.0, 0.0), (0.0, 0.2), (0.0, 0.5)}
+    assert {r for r in p.groups["r3_label_noise"] if not p.specs[r].label_noise} <= set(p.figures["fig3"])
 
 
 def test_paperlite_cifar10_switches_on_by_a_dataset_list():

@@ -80,6 +80,8 @@ def test_int_and_float_spellings_are_one_run():
     ({"schedule": "multistep", "milestones": [30], "epochs": 20}, "milestones"),
     # lr * weight_decay >= 1: the decay factor 1 - lr * weight_decay is no longer positive
     ({"weight_decay": 1e9}, "weight_decay"), ({"lr": 2.0, "weight_decay": 0.5}, "weight_decay"),
+    ({"label_noise": -0.1}, "label_noise"), ({"label_noise": 1.0}, "label_noise"),
+    ({"label_noise": "some"}, "label_noise"), ({"label_noise": float("nan")}, "label_noise"),
 ])
 def test_bad_values_name_the_key(raw, key):
     with pytest.raises(SpecError, match=key):
@@ -216,3 +218,17 @@ def test_sizes_are_checked_before_training(raw, key):
 def test_the_last_useful_milestone_and_the_largest_decay_below_the_bound_are_accepted():
     assert RunSpec(schedule="multistep", milestones=(19,), epochs=20).lr_at(19) < RunSpec().lr
     RunSpec(lr=1.0, weight_decay=0.999)
+
+
+def test_label_noise_is_left_out_at_zero_and_is_a_member_setting():
+    """label_noise 0 (the default) leaves every earlier run_id as it was; any other value
+    is a run of its own, in the same pack as its noiseless twin."""
+    plain = RunSpec()
+    assert RunSpec(label_noise=0.0).run_id == RunSpec.from_dict({"label_noise": 0}).run_id == plain.run_id
+    assert "label_noise" not in plain.canonical_json() and "label_noise" not in plain.to_dict()
+    noisy = RunSpec.from_dict({"label_noise": 0.2})
+    assert noisy.run_id != plain.run_id and noisy.to_dict()["label_noise"] == 0.2
+    assert RunSpec.from_dict(noisy.to_dict()) == noisy
+    assert noisy.pack_key() == plain.pack_key() and len(make_packs([plain, noisy])) == 1
+    with pytest.raises(SpecError, match=r"label_noise: must be in \[0, 1\).*got 1\.5"):
+        RunSpec(label_noise=1.5)

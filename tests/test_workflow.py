@@ -40,7 +40,7 @@ def test_end_to_end_builds_every_figure_and_the_claims(done):
             f = wd / "results" / "figures" / f"{name}.{ext}"
             assert f.stat().st_size > 1000, f
     doc = json.loads((wd / "results" / "claims.json").read_text())
-    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2"]
+    assert [c["id"] for c in doc["claims"]] == [f"C{i}" for i in range(1, 8)] + ["T1", "T2", "T3", "R1", "R2", "R3"]
     assert all(c["verdict"] in ("holds", "fails", "insufficient") for c in doc["claims"])
     theory = {c["id"]: c for c in doc["claims"] if c["id"].startswith("T")}
     assert {c["verdict"] for c in theory.values()} == {"holds"}, theory

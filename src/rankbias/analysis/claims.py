@@ -1,5 +1,5 @@
 """Measured verdicts on the paper's claims C1-C7, its theory T1-T3 (rankbias.train.theory) and
-checks beyond the paper that later work asks for (R1, R2), from whatever runs exist.
+checks beyond the paper that later work asks for (R1-R3), from whatever runs exist.
 
 Each claim gets a verdict -- ``holds``, ``fails`` or ``insufficient`` (not enough
 runs of the right kind to judge) -- with the effect measured, the runs and seeds it
@@ -67,6 +67,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "r2_flat": 0.5,            # R2: ... or flattened: late d >= this x d a tenth of the epochs before,
     "r2_max_shrink": 0.5,      # R2: ... and <= this x the weight decay's own shrink per epoch
     "r2_min_reduction": 0.1,   # R2: rank reduction 1 - final/initial rank at least this
+    "r3_min_reduction": 0.05,  # R3: label noise lowers the final rank by at least this fraction of its twin's
     "ci_level": 0.95,          # all: coverage of the Student t interval of each effect
     "min_seeds": 3,            # all: fewer seeds give no interval and the verdict 'insufficient'
 }
@@ -86,6 +87,8 @@ STATEMENTS = {
           "at or above the number of classes minus one.",
     "R2": "Full-batch gradient descent with weight decay, run until d(W_t, W_t+1) has flattened "
           "(a stationary point), does reduce rank, contrary to C7's reading.",
+    "R3": "Label noise lowers the rank without weight decay: with weight decay 0, SGD on labels "
+          "redrawn at random with probability p > 0 ends at a lower rank than on the true labels.",
 }
 
 # Checks beyond the paper: the later work each one comes from.
@@ -94,7 +97,12 @@ BEYOND_PAPER = {
           "variability yield low-rank bias, arXiv 2402.03991",
     "R2": "Kuzborskij & Abbasi-Yadkori, Low-rank bias, weight decay, and model merging in "
           "neural networks, arXiv 2502.17340",
+    "R3": "Varre, Sagitova & Flammarion, SGD vs GD: rank deficiency in linear networks, "
+          "NeurIPS 2024 (label-noise SGD lowers rank with no weight decay)",
 }
+# The claims that judge runs trained with label noise; every other claim is about SGD on
+# the true labels and judges only those (label_noise 0).
+LABEL_NOISE_CLAIMS = ("R3",)
 
 # The claims each of the paper's figures shows (the paper's own attribution).
 FIGURE_CLAIMS = {
@@ -690,9 +698,71 @@ def claim_r2(runs: list[RunSummary], t: dict) -> dict:
                      f"is >= {t['r2_min_reduction']:g}.")}
 
 
+def _label_noise(r: RunSummary) -> float:
+    return float(r.spec.get("label_noise", 0.0))
+
+
+def claim_r3(runs: list[RunSummary], t: dict) -> dict:
+    """Label noise lowers the rank at weight decay 0 (Varre, Sagitova & Flammarion)."""
+    groups: dict[str, list[RunSummary]] = {}
+    for r in runs:
+        if r.spec["weight_decay"] == 0:
+            groups.setdefault(_key_without(r.spec, "label_noise"), []).append(r)
+    pairs, used, effects = [], [], []
+    for members in groups.values():
+        clean = [r for r in members if _label_noise(r) == 0]
+        noisy = sorted((r for r in members if _label_noise(r) > 0), key=_label_noise)
+        if not clean or not noisy or not clean[0].final_rank > 0:
+            continue
+        twin = clean[0]
+        used += [twin, *noisy]
+        for r in noisy:
+            # twins share seed, so initialisation: the same initial rank
+            reduction = 1.0 - r.final_rank / twin.final_rank
+            effects.append((r.spec["seed"], reduction))
+            pairs.append({"model": _model(r.spec), "dataset": r.spec["dataset"], "loss": r.spec["loss"],
+                          "batch_size": r.spec["batch_size"], "lr": r.spec["lr"], "seed": r.spec["seed"],
+                          "label_noise": _label_noise(r), "final_rank": _r(r.final_rank, 2),
+                          "final_rank_clean": _r(twin.final_rank, 2),
+                          "final_over_initial_rank": _r(r.relative_rank),
+                          "final_over_initial_rank_clean": _r(twin.relative_rank),
+                          "rank_reduction_vs_clean": _r(reduction, 4),
+                          "train_acc": _r(r.final("train_acc")), "train_acc_clean": _r(twin.final("train_acc")),
+                          "test_acc": _r(r.final("test_acc")), "test_acc_clean": _r(twin.final("test_acc"))})
+    eff = across_seeds(effects, t)
+    verdict = _shows_effect(eff, t["r3_min_reduction"]) if pairs else INSUFFICIENT
+    noise = sorted({p["label_noise"] for p in pairs})
+    return {"verdict": verdict, "n_runs": len(used), "seeds": _seeds(used), "setting": _setting(used),
+            "pairs": pairs, "label_noise": noise,
+            "rank_reduction_vs_clean": eff.to_dict(), "intervals": {"rank reduction vs p=0": eff},
+            "effect": (f"final rank with label noise p = {', '.join(f'{p:g}' for p in noise) or '-'} "
+                       f"against the same run at p = 0 (weight decay 0): "
+                       + ("; ".join(f"seed {p['seed']} p={p['label_noise']:g}: {p['final_rank']} vs "
+                                    f"{p['final_rank_clean']}" for p in pairs[:6])
+                          + (f"; ... ({len(pairs)} pairs)" if len(pairs) > 6 else "")
+                          if pairs else "no pair of runs at weight decay 0 with and without label noise")),
+            "rule": (f"Runs with weight decay 0. Each run with label noise p > 0 (at every step, each "
+                     f"sample's label replaced with probability p by a class drawn uniformly from all "
+                     f"classes; accuracies measured on the true labels) is paired with the run equal "
+                     f"but for p = 0 (same seed, so the same initialisation and data order). The "
+                     f"effect is 1 - final rank (p > 0) / final rank (p = 0); holds when its interval "
+                     f"lies above 0 and its mean is >= {t['r3_min_reduction']:g}. The cited work "
+                     f"proves it for two-layer linear networks with square loss and Gaussian label "
+                     f"noise; this checks its discrete analogue on classification. Runs with label "
+                     f"noise are judged here only: every other claim judges runs on the true labels.")}
+
+
 CLAIMS: dict[str, Callable[[list[RunSummary], dict], dict]] = {
     "C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": claim_c5, "C6": claim_c6,
-    "C7": claim_c7, "R1": claim_r1, "R2": claim_r2}
+    "C7": claim_c7, "R1": claim_r1, "R2": claim_r2, "R3": claim_r3}
+
+
+def claim_runs(cid: str, runs: Sequence[RunSummary]) -> list[RunSummary]:
+    """The runs claim `cid` judges: all for LABEL_NOISE_CLAIMS, else those trained on the
+    true labels (label_noise 0): the paper's claims are about plain SGD."""
+    if cid in LABEL_NOISE_CLAIMS:
+        return list(runs)
+    return [r for r in runs if _label_noise(r) == 0]
 
 # The rank conventions the robustness table judges under ((measure, normalise); the
 # threshold ones at the config's tol), and the claims it judges.
@@ -734,7 +804,7 @@ def robustness(runs: Sequence[Run], t: dict, tol: float, conv: str = M.DEFAULT_C
                             "tol": tol if measure == "threshold" else None,
                             "judged": len(summaries), "unmeasured": len(unmeasured)})
         for cid in CONVENTION_CLAIMS:
-            res = CLAIMS[cid](summaries, t)
+            res = CLAIMS[cid](claim_runs(cid, summaries), t)
             verdicts[cid][name] = {"verdict": res["verdict"],
                                    "intervals": {k: e.to_dict() for k, e in res["intervals"].items()}}
     claims = [{"id": cid, "verdicts": v, "agree": len({x["verdict"] for x in v.values()}) == 1}
@@ -770,7 +840,7 @@ def judge(runs: Sequence[Run], normalise: str = M.DEFAULT_NORMALISE, tol: float 
     summaries, unmeasured = _summaries(runs, normalise, tol, conv, measure)
     claims, beyond = [], []
     for cid, fn in CLAIMS.items():
-        res = fn(summaries, t)
+        res = fn(claim_runs(cid, summaries), t)
         res["intervals"] = {k: e.to_dict() for k, e in res["intervals"].items()}
         row = {"id": cid, "statement": STATEMENTS[cid], **res}
         if cid in BEYOND_PAPER:
@@ -837,7 +907,7 @@ def markdown(result: dict) -> str:
              f"Judged on {r['judged']} run(s) ({r['diverged']} diverged and excluded, "
              f"{r.get('unmeasured', 0)} with no singular value above tol {result['rank']['tol']:g} at "
              f"epoch 0 and excluded, {r['missing']} not available). Rank: {_rank_text(result['rank'])}.",
-             "", "Rows R1 and R2 are checks beyond the paper, from the later work each one cites.", "",
+             "", "Rows R1-R3 are checks beyond the paper, from the later work each one cites.", "",
              f"| id | claim | verdict | effect: mean [{100 * result['thresholds']['ci_level']:g}% Student t "
              "interval] (seeds) | effect measured | runs | seeds |",
              "|---|---|---|---|---|---|---|"]
@@ -987,9 +1057,9 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7, its theory T1-T3 and checks R1-R2 on the stored runs",
+    p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7, its theory T1-T3 and checks R1-R3 on the stored runs",
                               description="Judge claims C1-C7, theory T1-T3 and the checks beyond the paper "
-                                          "R1-R2 on whatever runs exist, with a table of C1-C3 and R1 "
+                                          "R1-R3 on whatever runs exist, with a table of C1-C3 and R1 "
                                           "under four rank conventions; writes "
                                           "OUT.md, OUT.json and their provenance "
                                           "OUT.provenance.json (`rankbias audit OUT.md` checks "

@@ -109,6 +109,11 @@ class RunSpec:
     # PRECISIONS; it changes results, so a tf32 run has a run_id of its own (fp32 is
     # left out of the spec, so every earlier run keeps its run_id).
     precision: str = "fp32"
+    # Label noise (check R3): at every step each sample of the batch keeps its label with
+    # probability 1 - label_noise, else gets a class drawn uniformly from all classes (its
+    # own included). Per member, so a pack may mix values; 0 (no noise) is left out of the
+    # spec, so every earlier run keeps its run_id.
+    label_noise: float = 0.0
 
     def __post_init__(self) -> None:
         # RunSpec(lr=1) and RunSpec.from_dict({"lr": 1}) must be one run with one run_id.
@@ -196,7 +201,7 @@ class RunSpec:
     def pack_key(self) -> tuple:
         """Runs with equal pack keys can train together as one batched model.
 
-        Learning rate, momentum, weight decay and seed are per member. Batch size is
+        Learning rate, momentum, weight decay, label noise and seed are per member. Batch size is
         shared: in a mixed pack the smallest batch would set the step count and the
         largest the width of every step, so B=8 beside B=128 would cost 16x the compute
         of training them apart; with one B every member's last partial batch has
@@ -244,8 +249,9 @@ _INT_KEYS = {"depth", "width", "batch_size", "epochs", "seed", "log_every",
              "train_subset", "test_subset", "theory_batches"}
 # Keys added after results were first stored: absent from a spec at their default, so
 # every earlier run keeps its run_id.
-OMITTED_AT_DEFAULT: dict[str, Any] = {"theory_batches": 32, "theory_sizes": [], "precision": "fp32"}
-_FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma"}
+OMITTED_AT_DEFAULT: dict[str, Any] = {"theory_batches": 32, "theory_sizes": [], "precision": "fp32",
+                                       "label_noise": 0.0}
+_FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "label_noise"}
 _BOOL_KEYS = {"drop_last", "bias"}
 
 
@@ -316,6 +322,9 @@ def _validate(s: RunSpec) -> None:
         raise SpecError(f"weight_decay: {s.weight_decay!r} with lr {s.lr!r} gives lr * weight_decay = "
                         f"{s.lr * s.weight_decay:g}; it must be below {MAX_LR_TIMES_WEIGHT_DECAY:g} "
                         "(the per-step decay factor 1 - lr * weight_decay must stay positive)")
+    if not 0 <= s.label_noise < 1:
+        raise SpecError(f"label_noise: must be in [0, 1) (the probability that a sample's label "
+                        f"is redrawn at a step), got {s.label_noise!r}")
     if not 0 < s.gamma <= 1:
         raise SpecError(f"gamma: must be in (0, 1], got {s.gamma!r}")
     if not isinstance(s.milestones, tuple):

@@ -32,11 +32,14 @@ LAYOUT_FREE = (nn.Identity, nn.ReLU, nn.LeakyReLU, nn.MaxPool2d, nn.AdaptiveAvgP
 
 
 class StepInputs:
-    """What one step needs besides the pack: the [K, B] sample indices, [K, 1] columns
-    (loss weight, -lr, weight decay, momentum) and the BN momentum. Here, below the
-    engine that fills it, because the batched layers read the BN momentum from it."""
-    __slots__ = ("idx", "weight", "neg_lr", "wd", "mom", "bn_momentum")
+    """What one step needs besides the pack: the [K, B] sample indices and their [K, B]
+    training labels (`models.epoch_labels`: the true ones unless the member has label
+    noise), [K, 1] columns (loss weight, -lr, weight decay, momentum) and the BN
+    momentum. Here, below the engine that fills it, because the batched layers read
+    the BN momentum from it."""
+    __slots__ = ("idx", "y", "weight", "neg_lr", "wd", "mom", "bn_momentum")
     idx: torch.Tensor
+    y: torch.Tensor
     weight: torch.Tensor
     neg_lr: torch.Tensor
     wd: torch.Tensor

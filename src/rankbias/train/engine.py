@@ -20,7 +20,7 @@ from rankbias.train import models
 from rankbias.train.batched import BatchContext, Conv2d, StepInputs, batched, matrix_layer
 from rankbias.train.chain import Chain
 from rankbias.plan.cluster import check_mem_mb, host_memory_mb
-from rankbias.train.models import build_net, epoch_order, loss_fn, weighted_loss, weighted_loss_and_grad
+from rankbias.train.models import build_net, epoch_labels, epoch_order, loss_fn, weighted_loss, weighted_loss_and_grad
 from rankbias.core.spec import GRAPH_MODES, RunSpec, check_pack
 
 BN_MOMENTUM = 0.1
@@ -193,7 +193,7 @@ class Pack:
     def step(self, s: "StepInputs") -> None:
         rows = s.idx.reshape(-1)
         xb = torch.index_select(self.X, 0, rows).view(*s.idx.shape, -1)  # [K, B, D]
-        yb = torch.index_select(self.Y, 0, rows).view(s.idx.shape)        # [K, B]
+        yb = s.y                                                          # [K, B]
         self.ctx.train, self.ctx.step = True, s
         if self.chain is not None:
             logits, saved = self.chain.forward(xb)
@@ -352,7 +352,8 @@ class EpochPlan:
     [K, full_steps, B], then, unless drop_last, the n mod B samples left over as one
     last step, [K, n mod B]: the batches of a DataLoader(batch_size=B, drop_last=...)
     over each member's own permutation (`epoch_order`). All members share n and B, so
-    their last batches are equally long.
+    their last batches are equally long. The labels of those batches come with them
+    (`epoch_labels`): the true ones, or with label noise, each member's own draws.
     """
 
     def __init__(self, pack: Pack, epoch: int):
@@ -364,12 +365,19 @@ class EpochPlan:
         cut = self.full_steps * B
         self.idx = order[:, :cut].reshape(K, self.full_steps, B).to(dev)
         self.last_idx = order[:, cut:].contiguous().to(dev) if self.steps > self.full_steps else None
+        true = pack.Y[order.to(pack.Y.device)]                                   # [K, n]
+        labels = torch.stack([epoch_labels(s, epoch, true[k], pack.num_classes)
+                              for k, s in enumerate(pack.specs)])
+        self.y = labels[:, :cut].reshape(K, self.full_steps, B).to(dev)
+        self.last_y = labels[:, cut:].contiguous().to(dev) if self.steps > self.full_steps else None
         self.common = dict(weight=pack.alive, neg_lr=-lr, wd=pack.wd * pack.alive, mom=pack.mom,
                            bn_momentum=BN_MOMENTUM)
-        self.per_step = ("idx",)           # the rest holds for the whole epoch
+        self.per_step = ("idx", "y")       # the rest holds for the whole epoch
 
     def inputs(self, t: int) -> StepInputs:
-        return StepInputs(idx=self.idx[:, t] if t < self.full_steps else self.last_idx, **self.common)
+        full = t < self.full_steps
+        return StepInputs(idx=self.idx[:, t] if full else self.last_idx,
+                          y=self.y[:, t] if full else self.last_y, **self.common)
 
 
 # -- CUDA graphs ---------------------------------------------------------------------

@@ -41,6 +41,7 @@ from rankbias.store import metrics as M
 from rankbias.train import numerics
 from rankbias.core import timing
 from rankbias.train.engine import GRAPH_MODES, UPDATE_MODES, Pack, check_pack_memory
+from rankbias.train.models import LABEL_NOISE_SEED_OFFSET
 from rankbias.train.theory import TheoryRecorder
 from rankbias.plan.progress import MAX_SILENCE, PackProgress, duration, finished_line, open_fd, plan_from_environment
 from rankbias.core.io import atomic_write_bytes
@@ -496,7 +497,8 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
             "device": device_name(dev), "step": pack.step_mode, "differentiation": pack.differentiation,
             "update": pack.update,
             "numerics": policy, "seeds": {"init": f"torch.manual_seed({spec.seed})",
-                      "data_order": f"torch.randperm, Generator seed {spec.seed} * 1000003 + epoch + 1"},
+                      "data_order": f"torch.randperm, Generator seed {spec.seed} * 1000003 + epoch + 1",
+                      **_label_noise_seed(spec)},
             "dataset": {"name": ds.name, "checksums": ds.checksums, "source": ds.source,
                         "train_size": int(ds.x_train.shape[0]), "test_size": int(ds.x_test.shape[0])},
             "provenance": env, "theory": thy.summary(k),
@@ -520,6 +522,14 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
             shown.say(line)
             _log(progress, line)
     return paths
+
+
+def _label_noise_seed(spec: RunSpec) -> dict[str, str]:
+    """How a run with label noise draws its labels (models.epoch_labels); nothing without."""
+    if not spec.label_noise:
+        return {}
+    return {"label_noise": f"p = {spec.label_noise:g}: torch.rand < p, then torch.randint(classes), "
+                           f"Generator seed {LABEL_NOISE_SEED_OFFSET} + {spec.seed} * 1000003 + epoch + 1"}
 
 
 def _theory(thy: TheoryRecorder, pack: Pack, rec: Recorder, epoch: int, lemma_stage: str | None) -> None:

@@ -256,6 +256,33 @@ def epoch_order(spec, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+# Added to epoch_order's seed for the label noise's Generator, so that its draws never
+# share a seed with any run's data order (seeds below about 10^6).
+LABEL_NOISE_SEED_OFFSET = 1 << 40
+
+
+def epoch_labels(spec, epoch: int, y_ordered: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The labels the run trains on in 0-based `epoch`, given its samples' true labels
+    in its epoch order (`y[epoch_order(spec, epoch, n)]`), on y's device.
+
+    With label_noise p > 0 (check R3), each label is kept with probability 1 - p and
+    otherwise replaced by a class drawn uniformly from all `num_classes`, its own
+    included (so a label changes with probability p (C-1)/C). A sample appears once an
+    epoch, so it is drawn afresh at every step it is in. The draws come from a CPU
+    Generator seeded by the run's seed and the epoch (epoch_order's seed plus
+    LABEL_NOISE_SEED_OFFSET): no generator state carries from one epoch to the next, so
+    a run resumed from a checkpoint draws exactly what an uninterrupted one did, and
+    the engine and the reference loop draw alike. At p = 0 the labels are returned as
+    they are, and nothing is drawn."""
+    if spec.label_noise == 0:
+        return y_ordered
+    g = torch.Generator().manual_seed(LABEL_NOISE_SEED_OFFSET + spec.seed * 1_000_003 + epoch + 1)
+    n = y_ordered.shape[0]
+    redraw = torch.rand(n, generator=g, dtype=torch.float64) < spec.label_noise
+    drawn = torch.randint(num_classes, (n,), generator=g)
+    return torch.where(redraw.to(y_ordered.device), drawn.to(y_ordered.device, y_ordered.dtype), y_ordered)
+
+
 def loss_fn(loss: str, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """CE on logits, or MSE against one-hot labels averaged over batch and classes."""
     if loss == "ce":

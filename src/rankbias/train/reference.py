@@ -3,14 +3,15 @@
 The batched engine is the only trainer the pipeline uses; this loop exists so that
 tests can prove the engine computes the same thing, and so `rankbias bench` has an
 honest baseline. It is fed exactly the engine's data order (`epoch_order`) and
-trains the same model definition (`rankbias.train.models`) as an ordinary nn.Module.
+training labels (`epoch_labels`: with label noise, the same draws) and trains the
+same model definition (`rankbias.train.models`) as an ordinary nn.Module.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from rankbias.train.models import build_net, epoch_order, loss_fn, matrices
+from rankbias.train.models import build_net, epoch_labels, epoch_order, loss_fn, matrices
 from rankbias.core.spec import RunSpec
 
 
@@ -27,10 +28,11 @@ def train_reference(spec: RunSpec, x_train, y_train, x_test, y_test, num_classes
             group["lr"] = spec.lr_at(epoch)
         net.train()
         order = epoch_order(spec, epoch, n).to(x_train.device)
+        labels = epoch_labels(spec, epoch, y_train[order], num_classes)   # clean unless label_noise
         for t in range(spec.steps_per_epoch(n)):    # the last batch may be partial
             idx = order[t * B:(t + 1) * B]
             opt.zero_grad(set_to_none=True)
-            loss_fn(spec.loss, net(x_train[idx]), y_train[idx]).backward()
+            loss_fn(spec.loss, net(x_train[idx]), labels[t * B:(t + 1) * B]).backward()
             opt.step()
         history.append(evaluate_reference(net, spec, x_train, y_train, x_test, y_test))
     return net, history
