@@ -242,7 +242,7 @@ def test_params_are_the_config_and_code_is_a_dependency(committed):
     finally:
         config.write_text(text)
     # A code change shows in `dvc status` for every stage that runs the code.
-    src = repo / "src" / "rankbias" / "claims.py"
+    src = repo / "src" / "rankbias" / "analysis" / "claims.py"
     code = src.read_text()
     try:
         src.write_text(code + "\n# changed\n")

@@ -260,7 +260,7 @@ def test_a_modified_package_first_on_pythonpath_is_caught(tmp_path):
                                                         "grid": {"seed": [0, 1]}}}}))
     other = tmp_path / "other"
     shutil.copytree(SRC, other / "rankbias", ignore=shutil.ignore_patterns("__pycache__"))
-    with open(other / "rankbias" / "figures.py", "a") as f:
+    with open(other / "rankbias" / "analysis" / "figures.py", "a") as f:
         f.write("\n# a change the checkout does not have\n")
     fig = "results/figures/fig2.png"
 
