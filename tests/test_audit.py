@@ -280,7 +280,7 @@ def test_a_file_list_missing_from_the_cache_is_noted_only_for_results(tree, caps
 
 
 def test_params_yaml_is_bookkeeping_not_code(tree, capsys):
-    """README: set params.yaml to the config the results came from before `dvc commit`,
+    """docs/provenance.md: set params.yaml to the config the results came from before `dvc commit`,
     after the figures were made, and commit it with dvc.lock."""
     (tree / "params.yaml").write_text("configfile: config/config.yaml\n")
     git(tree, "add", "-A")

@@ -253,7 +253,8 @@ def test_params_are_the_config_and_code_is_a_dependency(committed):
 
 
 def test_readme_dvc_section_command_by_command_ends_with_audits_that_pass(tmp_path):
-    """README "Provenance, DVC and audit", as a researcher follows it: the pipeline runs,
+    """docs/provenance.md "DVC: commit, push and view the results" and "Restore without
+    retraining" (linked from the README), as a researcher follows it: the pipeline runs,
     params.yaml is set to the config the results came from, `dvc commit -f`, git commit,
     `dvc push -r maintainer`; `dvc metrics show`, `rankbias claims --table`, `dvc plots show` and
     `snakemake --report report.html`; then a fresh clone: `dvc pull -r maintainer`, `rankbias restore`,
