@@ -97,7 +97,7 @@ lock:
 
 # The committed results' DVC cache as static files (dist/results-cache: objects, manifest,
 # SHA256SUMS) for a read-only HTTP(S) remote; PUBLISH_ARGS="--archive dist/results-cache.tar.gz"
-# also writes the archive to deposit for a DOI. See README "Sharing the results".
+# also writes the archive to deposit for a DOI. See docs/provenance.md, "Sharing the results".
 PUBLISH_ARGS ?=
 publish: $(STAMP)
 	"$(BIN)/rankbias" publish $(PUBLISH_ARGS)
@@ -106,7 +106,7 @@ publish: $(STAMP)
 crate: $(STAMP)
 	"$(BIN)/rankbias" export-crate
 
-# Container images (need Docker / Apptainer; see README "Containers and SLURM").
+# Container images (need Docker / Apptainer; see docs/running.md, "Containers and SLURM").
 docker:
 	docker build -f containers/Dockerfile -t rankbias:$$(git rev-parse --short HEAD) \
 	  --build-arg REVISION=$$(git rev-parse HEAD) \

@@ -12,8 +12,8 @@ Two layouts carry the K members through a network:
   each member its own statistics, and pooling and activations act per channel as
   they would for one member. `nn.Unflatten` and `nn.Flatten` mark where the image
   part begins and ends, and switch layouts.
-Measured against functorch's vmap over `functional_call` (README, "Convolutional
-networks"), the grouped convolution was the faster on the CPU.
+Measured against functorch's vmap over `functional_call` (docs/engine.md, "Batched
+convolutions"), the grouped convolution was the faster on the CPU.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ LARGE_TENSOR = 1 << 15
 # How a step updates the parameters (Pack's `update`): "fused", one pass a member on the
 # CPU (the default, fast); "torch", torch.optim.SGD's own operations in its own order,
 # parameter by parameter, so that a pack on the CPU follows nn.Module + torch.optim.SGD
-# bit for bit in float32 (peer checks; README, "Exact mode").
+# bit for bit in float32 (peer checks; docs/engine.md, "Storage and update").
 UPDATE_MODES = ("fused", "torch")
 
 
@@ -218,7 +218,7 @@ class Pack:
 
         On the CPU it is torch's fused SGD kernel, one call a member over its slices of
         the blocks: a single pass that reads p, g and buf and writes p and buf (5
-        streams), 2x faster than three ops at K=16 (README, "Performance"). Its weight
+        streams), 2x faster than three ops at K=16 (docs/engine.md, "Storage and update"). Its weight
         decay and momentum are the member's own numbers, its lr the step's column
         entry (a tensor: nothing is read back). A frozen member has zero weights and
         gradients and lr 0, so it stays as it is.
@@ -229,7 +229,7 @@ class Pack:
         parameter by parameter and member by member, with the same Python numbers:
         d = g + wd p (skipped at wd 0); buf = d at the first step, else buf = mom buf,
         then buf += d (two roundings); p += -lr buf. The fused kernel rounds differently
-        (README, "Exact mode")."""
+        (docs/engine.md, "Storage and update")."""
         if self._members:
             neg_lr = s.neg_lr.view(-1).tolist()
             for k, spec in enumerate(self.specs):
