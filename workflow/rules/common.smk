@@ -16,7 +16,11 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from rankbias.plan import sweep
-from rankbias.plan.cluster import estimate_mem_mb, estimate_runtime_minutes, load_timings
+from rankbias.plan.cluster import (
+    estimate_mem_mb,
+    estimate_runtime_minutes,
+    load_timings,
+)
 from rankbias.core.datasets import dataset_files
 
 # A job run by an executor plugin (each SLURM job) parses this file again, in
