@@ -74,12 +74,12 @@ def test_momentum_buffers_equal_torch_sgd_state_float64(stepper, batch, syntheti
     plain step and the static-buffer replay a CUDA graph uses). An update that
     mutated the buffers wrongly but kept parameters close (as a compiled step once
     did, buffers ~20% off after 3 steps) fails here."""
-    from rankbias.train.engine import GraphedStep
+    from rankbias.train.engine import StaticStep
     ds = synthetic64
     specs = _pack("MLP-BN-2-16", batch=batch)
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
     plan = pack.epoch_plan(0)
-    step = pack.step if stepper == "eager" else GraphedStep(pack, plan.inputs(0), capture=False)
+    step = pack.step if stepper == "eager" else StaticStep(pack, plan.inputs(0))
     refs = sgd_references(specs, ds)
     for t in range(3):
         step(plan.inputs(t))

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rankbias.train import engine
-from rankbias.train.engine import GraphedStep, Pack, choose_stepper
+from rankbias.train.engine import GraphedStep, Pack, StaticStep, choose_stepper
 from rankbias.store.results import Run
 from rankbias.core.spec import RunSpec
 from rankbias.train.loop import train_pack
@@ -76,9 +76,9 @@ def test_static_buffer_step_equals_plain_step_bitwise(batch, synthetic):
     specs = _specs("RES-BN-2-16", batch)
     a = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
     b = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
-    b._stepper, b.step_mode = choose_stepper(b, b.epoch_plan(0), "auto", capture=False)
-    assert b.step_mode == "static-buffers" and isinstance(b._stepper, GraphedStep)
-    for epoch in range(2):       # b's epochs go through GraphedStep.run, a's step by step
+    b._stepper, b.step_mode = choose_stepper(b, b.epoch_plan(0), "auto", stepper=StaticStep)
+    assert b.step_mode == "static-buffers" and isinstance(b._stepper, StaticStep)
+    for epoch in range(2):       # b's epochs go through StaticStep.run, a's step by step
         plan_a = a.epoch_plan(epoch)
         a.loss_sum.zero_()
         for t in range(plan_a.steps):
@@ -88,7 +88,7 @@ def test_static_buffer_step_equals_plain_step_bitwise(batch, synthetic):
         assert torch.equal(x, y)
 
 
-class _StaleIndices(GraphedStep):
+class _StaleIndices(StaticStep):
     """A broken replay: it never refreshes the sample indices."""
 
     def __call__(self, s):
@@ -97,7 +97,7 @@ class _StaleIndices(GraphedStep):
         super().__call__(s)
 
 
-class _StaleLr(GraphedStep):
+class _StaleLr(StaticStep):
     """A broken replay: the learning rate it captured stays, whatever the schedule says."""
 
     def __call__(self, s):
@@ -106,7 +106,7 @@ class _StaleLr(GraphedStep):
         super().__call__(s)
 
 
-class _OneMemberStands(GraphedStep):
+class _OneMemberStands(StaticStep):
     """A broken replay: member 1, the slow one, never moves."""
 
     def __call__(self, s):
@@ -123,7 +123,6 @@ def test_the_check_rejects_a_replay_with_stale_inputs(broken, synthetic, monkeyp
              for s, lr in zip(_specs("MLP-BN-2-16", 32), (0.5, 1e-4, 0.1))]
     pack = Pack(specs, synthetic.x_train, synthetic.y_train, synthetic.num_classes, "cpu")
     before = _state(pack)
-    monkeypatch.setattr(engine, "GraphedStep", broken)
     plan = pack.epoch_plan(0)
     if broken is _StaleLr:   # an lr that differs between the captured step and the next
         orig = plan.inputs
@@ -133,10 +132,10 @@ def test_the_check_rejects_a_replay_with_stale_inputs(broken, synthetic, monkeyp
             s.neg_lr = s.neg_lr * (1 + t)
             return s
         plan.inputs = inputs
-    step, mode = choose_stepper(pack, plan, "auto", capture=False)
+    step, mode = choose_stepper(pack, plan, "auto", stepper=broken)
     assert step == pack.step and "did not reproduce" in mode
     with pytest.raises(RuntimeError, match="does not reproduce"):
-        choose_stepper(pack, plan, "on", capture=False)
+        choose_stepper(pack, plan, "on", stepper=broken)
     for x, y in zip(before, _state(pack)):
         assert torch.equal(x, y), "checking must leave the pack as it found it"
 

@@ -3,6 +3,8 @@ autograd loops and numpy's SVD, the pack's theory columns against the reference 
 the T1-T3 verdicts on fabricated runs, bad settings, and figures T1/T2 with audit."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -137,7 +139,7 @@ def test_pack_theory_columns_equal_the_reference_loop(synthetic64, tmp_path):
         net, _ = train_reference(spec, ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.num_classes)
         fresh = build_net(spec, ds.x_train.shape[1], ds.num_classes).double()
         for epoch, ref_net in ((0, fresh), (spec.epochs, net)):
-            ref = pd.DataFrame(T.reference_theory_rows(ref_net, spec, ds.x_train, ds.y_train, epoch))
+            ref = pd.DataFrame(reference_theory_rows(ref_net, spec, ds.x_train, ds.y_train, epoch))
             got = th[th["epoch"] == epoch].reset_index(drop=True)
             assert list(got.columns) == T.THEORY_COLUMNS
             for col in ("layer", "index", "kind", "batch_size", "n_batches", "grad_rank_min", "grad_rank_max"):
@@ -320,3 +322,38 @@ def test_theory_figures_from_trained_runs_pass_the_audit(synthetic, tmp_path, mo
     assert [ax.get_yscale() for ax in fig.axes] == ["log", "log"]
     labels = {t.get_text() for t in plotting.figure_legend(fig).get_texts()}
     assert {"B=8, λ=0.0005", "B=32, λ=0.001"} <= labels
+
+
+# -- the plain computation Theorem 1's recorder is held to -------------------------------
+
+def reference_theory_rows(net: torch.nn.Module, spec: RunSpec, X, Y, epoch: int) -> list[dict]:
+    """Theorem 1's rows for one plain nn.Module, the plain way: a backward per sampled
+    batch (on a copy, in training mode) and numpy's SVD. The engine is held to it."""
+    net = copy.deepcopy(net).train()
+    full = {id(p) for p in net.parameters()}
+    mats = [(s, k, w) for s, k, w in matrices(net) if k != "conv" and id(w) in full]
+    rows = []
+    for b in spec.theory_batch_sizes:
+        idx = T.theory_batch_indices(spec, epoch, X.shape[0], b, spec.theory_batches)
+        norms: dict[str, list[np.floating]] = {s: [] for s, _, _ in mats}
+        ranks: dict[str, list[int]] = {s: [] for s, _, _ in mats}
+        for batch in idx:
+            net.zero_grad(set_to_none=True)
+            loss_fn(spec.loss, net(X[batch.to(X.device)]), Y[batch.to(X.device)]).backward()
+            for s, _, w in mats:
+                if w.grad is None:
+                    raise RuntimeError(f"{s}: no gradient from the batch loss's backward pass")
+                g = w.grad.detach().double().cpu().numpy()
+                norms[s].append(np.linalg.norm(g + spec.weight_decay * w.detach().double().cpu().numpy()))
+                ranks[s].append(int(M.rank(np.linalg.svd(g, compute_uv=False))))
+        for i, (s, kind, w) in enumerate(mats):
+            sv = np.linalg.svd(w.detach().double().cpu().numpy(), compute_uv=False)
+            gn, r = np.array(norms[s]), np.array(ranks[s])
+            left, right = float(T.left_distance(sv, b)), float(gn.min() / spec.weight_decay)
+            rows.append({"epoch": epoch, "layer": s, "index": i, "kind": kind, "batch_size": b,
+                         "n_batches": spec.theory_batches, "weight_decay": spec.weight_decay,
+                         "grad_rank_min": int(r.min()), "grad_rank_max": int(r.max()),
+                         "gnorm_min": float(gn.min()), "gnorm_median": float(np.median(gn)),
+                         "gnorm_max": float(gn.max()), "left": left, "right": right,
+                         "ratio": left / right if right > 0 else float("nan")})
+    return rows

@@ -264,7 +264,7 @@ class Pack:
         self.loss_sum.zero_()
         plan = self.epoch_plan(epoch)
         step = self.stepper(plan)
-        if isinstance(step, GraphedStep):
+        if isinstance(step, StaticStep):
             step.run(plan)
         else:
             for t in range(plan.steps):
@@ -388,25 +388,56 @@ class EpochPlan:
 # and never reads a value back to the host (tests/test_graphs.py checks the last on
 # the CPU, op by op).
 
-class GraphedStep:
-    """`Pack.step` captured in a CUDA graph over static input buffers.
+class StaticStep:
+    """`Pack.step` over static input buffers: calling it copies a step's inputs into
+    those buffers and steps the pack on them. This is the buffer handling a CUDA graph
+    relies on (a graph reads the same addresses every replay); on its own it runs
+    eagerly, so the CPU tests can check that handling where no graph can be captured."""
 
-    Calling it copies a step's inputs into those buffers and replays the graph. With
-    `capture=False` it runs `Pack.step` eagerly on the same buffers: the CPU tests use
-    that to check the buffer handling that the graph relies on.
-    """
+    captures = False
 
-    def __init__(self, pack: Pack, example: StepInputs, capture: bool = True, warmup: int = 3):
+    def __init__(self, pack: Pack, example: StepInputs):
         self.pack = pack
         self.tensors = [f for f in StepInputs.__slots__ if torch.is_tensor(getattr(example, f))]
-        # Python numbers (the BN momentum) are baked into the graph; they are constants
+        # Python numbers (the BN momentum) are baked into a graph; they are constants
         # of a pack, and __call__ checks that they stay so.
         self.constants = {f: getattr(example, f) for f in StepInputs.__slots__ if f not in self.tensors}
         self.static = StepInputs(**self.constants,
                                  **{f: getattr(example, f).clone() for f in self.tensors})
-        self.graph = None
-        if not capture:
-            return
+
+    def __call__(self, s: StepInputs) -> None:
+        for f, v in self.constants.items():
+            if getattr(s, f) != v:
+                raise ValueError(f"graphed step: input {f!r} changed from {v!r} to {getattr(s, f)!r}; "
+                                 "it was captured as a constant")
+        self._refresh(s, self.tensors)
+
+    def run(self, plan: "EpochPlan") -> None:
+        """A whole epoch: every input is copied for its first step, then only those
+        that change from step to step (`plan.per_step`). The buffers hold B-row steps;
+        the partial last batch, narrower, runs eagerly as `Pack.step`."""
+        self(plan.inputs(0))
+        for t in range(1, plan.full_steps):
+            self._refresh(plan.inputs(t), plan.per_step)
+        if plan.steps > plan.full_steps:
+            self.pack.step(plan.inputs(plan.full_steps))
+
+    def _refresh(self, s: StepInputs, fields) -> None:
+        for f in fields:
+            getattr(self.static, f).copy_(getattr(s, f))
+        self._launch()
+
+    def _launch(self) -> None:
+        self.pack.step(self.static)
+
+
+class GraphedStep(StaticStep):
+    """`Pack.step` captured in a CUDA graph over the static buffers: each call replays it."""
+
+    captures = True
+
+    def __init__(self, pack: Pack, example: StepInputs, warmup: int = 3):
+        super().__init__(pack, example)
         dev = pack.device
         snap = pack.snapshot()
         # Warm-up on a side stream, as torch.cuda.graphs asks: it initialises autograd's
@@ -423,30 +454,8 @@ class GraphedStep:
         with torch.cuda.graph(self.graph):      # records the kernels, runs none of them
             pack.step(self.static)
 
-    def __call__(self, s: StepInputs) -> None:
-        for f, v in self.constants.items():
-            if getattr(s, f) != v:
-                raise ValueError(f"graphed step: input {f!r} changed from {v!r} to {getattr(s, f)!r}; "
-                                 "it was captured as a constant")
-        self._refresh(s, self.tensors)
-
-    def run(self, plan: "EpochPlan") -> None:
-        """A whole epoch: every input is copied for its first step, then only those
-        that change from step to step (`plan.per_step`). The graph holds B-row steps;
-        the partial last batch, narrower, runs eagerly as `Pack.step`."""
-        self(plan.inputs(0))
-        for t in range(1, plan.full_steps):
-            self._refresh(plan.inputs(t), plan.per_step)
-        if plan.steps > plan.full_steps:
-            self.pack.step(plan.inputs(plan.full_steps))
-
-    def _refresh(self, s: StepInputs, fields) -> None:
-        for f in fields:
-            getattr(self.static, f).copy_(getattr(s, f))
-        if self.graph is None:
-            self.pack.step(self.static)
-        else:
-            self.graph.replay()
+    def _launch(self) -> None:
+        self.graph.replay()
 
 
 def _steps_agree(pack: Pack, step_a, step_b, plan: "EpochPlan", steps: int, rtol: float = 1e-3) -> bool:
@@ -494,17 +503,19 @@ def _ms_per_step(pack: Pack, fn, plan: "EpochPlan", steps: int) -> float:
 
 
 def choose_stepper(pack: Pack, plan: "EpochPlan", mode: str, check_steps: int = 2,
-                   time_steps: int = 20, capture: bool = True):
+                   time_steps: int = 20, stepper: type[StaticStep] = GraphedStep):
     """(step function, description) for `pack` under graph mode auto|on|off.
 
     "auto" on CUDA captures the step, checks that replaying it moves the pack exactly
     as `Pack.step` does, times both, and keeps the faster; any failure falls back to
     `Pack.step` and says why. "on" insists on the graph (an error if it cannot be
     had); "off" and the CPU use `Pack.step`. The pack's state is left as it was found.
-    `capture=False` (tests only) checks the static-buffer replay without a graph.
+    `stepper=StaticStep` goes through the same choice with the static buffers and no
+    graph (where no CUDA device is, as in the CPU tests).
     """
     if mode == "off":
         return pack.step, "eager"
+    capture = stepper.captures
     if capture and pack.device.type != "cuda":
         if mode == "on":
             raise RuntimeError(f"--graph on: CUDA graphs need a CUDA device; this pack is on {pack.device}")
@@ -518,7 +529,7 @@ def choose_stepper(pack: Pack, plan: "EpochPlan", mode: str, check_steps: int = 
     with device:     # capture and timing use the current device's streams: the pack's
         stream = torch.cuda.current_stream() if capture else None
         try:
-            graphed = GraphedStep(pack, plan.inputs(0), capture=capture)
+            graphed = stepper(pack, plan.inputs(0))
             agree = _steps_agree(pack, pack.step, graphed, plan, check_steps)
             if agree and mode == "auto" and capture:
                 eager_ms = _ms_per_step(pack, pack.step, plan, time_steps)

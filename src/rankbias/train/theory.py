@@ -292,37 +292,3 @@ class TheoryRecorder:
         return {"theorem1": self.skipped(spec) or "measured",
                 "theory_sizes": list(spec.theory_batch_sizes), "theory_batches": spec.theory_batches,
                 "rank": {"normalise": M.DEFAULT_NORMALISE, "tol": M.DEFAULT_TOL}}
-
-
-def reference_theory_rows(net: torch.nn.Module, spec: RunSpec, X, Y, epoch: int) -> list[dict]:
-    """Theorem 1's rows for one plain nn.Module, the plain way: a backward per sampled
-    batch (on a copy, in training mode) and numpy's SVD. Tests hold the engine to it."""
-    import copy
-    net = copy.deepcopy(net).train()
-    full = {id(p) for p in net.parameters()}
-    mats = [(s, k, w) for s, k, w in models.matrices(net) if k != "conv" and id(w) in full]
-    rows = []
-    for b in spec.theory_batch_sizes:
-        idx = theory_batch_indices(spec, epoch, X.shape[0], b, spec.theory_batches)
-        norms: dict[str, list[np.floating]] = {s: [] for s, _, _ in mats}
-        ranks: dict[str, list[int]] = {s: [] for s, _, _ in mats}
-        for batch in idx:
-            net.zero_grad(set_to_none=True)
-            loss_fn(spec.loss, net(X[batch.to(X.device)]), Y[batch.to(X.device)]).backward()
-            for s, _, w in mats:
-                if w.grad is None:
-                    raise RuntimeError(f"{s}: no gradient from the batch loss's backward pass")
-                g = w.grad.detach().double().cpu().numpy()
-                norms[s].append(np.linalg.norm(g + spec.weight_decay * w.detach().double().cpu().numpy()))
-                ranks[s].append(int(M.rank(np.linalg.svd(g, compute_uv=False))))
-        for i, (s, kind, w) in enumerate(mats):
-            sv = np.linalg.svd(w.detach().double().cpu().numpy(), compute_uv=False)
-            gn, r = np.array(norms[s]), np.array(ranks[s])
-            left, right = float(left_distance(sv, b)), float(gn.min() / spec.weight_decay)
-            rows.append({"epoch": epoch, "layer": s, "index": i, "kind": kind, "batch_size": b,
-                         "n_batches": spec.theory_batches, "weight_decay": spec.weight_decay,
-                         "grad_rank_min": int(r.min()), "grad_rank_max": int(r.max()),
-                         "gnorm_min": float(gn.min()), "gnorm_median": float(np.median(gn)),
-                         "gnorm_max": float(gn.max()), "left": left, "right": right,
-                         "ratio": left / right if right > 0 else float("nan")})
-    return rows
