@@ -7,6 +7,7 @@ import torch
 from conftest import killed_and_resumed, sgd_references, step_references, steps_equal_reference
 
 from rankbias.store import metrics as M
+from rankbias.train.batched import BN_MOMENTUM
 from rankbias.train.engine import Pack
 from rankbias.train.models import epoch_labels
 from rankbias.train.reference import epoch_order, train_reference
@@ -219,14 +220,17 @@ def test_pack_rejects_mixed_batch_sizes_and_a_last_batch_of_one(synthetic):
          synthetic.y_train, 10, "cpu")
 
 
-def test_training_forward_without_step_inputs_is_refused(synthetic):
-    """Batched BatchNorm takes its momentum from the step's inputs: a training forward
-    without them is named, not an AttributeError on None."""
+def test_batchnorm_momentum_is_a_constant_of_the_pack(synthetic):
+    """BatchNorm's momentum is the pack's (torch's nn.BatchNorm default), not a step
+    input: a training forward moves the running statistics, an evaluation forward not."""
     pack = Pack(_pack("MLP-BN-2-16"), synthetic.x_train, synthetic.y_train, 10, "cpu")
+    assert pack.ctx.bn_momentum == BN_MOMENTUM == torch.nn.BatchNorm1d(4).momentum
     xb = synthetic.x_train[:8].unsqueeze(0).expand(pack.K, -1, -1)     # [K, B, D]
-    with pytest.raises(RuntimeError, match="training forward needs the step's inputs"):
-        pack.forward(xb, train=True)
-    assert pack.forward(xb).shape == (pack.K, 8, 10)                   # evaluation needs none
+    before = [b.clone() for b in pack.running.values()]
+    assert pack.forward(xb).shape == (pack.K, 8, 10)
+    assert all(torch.equal(a, b) for a, b in zip(before, pack.running.values()))
+    pack.forward(xb, train=True)
+    assert not all(torch.equal(a, b) for a, b in zip(before, pack.running.values()))
 
 
 def _read_all(path):

@@ -31,20 +31,24 @@ from rankbias.train.models import ModelError
 LAYOUT_FREE = (nn.Identity, nn.ReLU, nn.LeakyReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Sequential)
 
 
+# BatchNorm's running-statistics momentum: torch's nn.BatchNorm default, which the
+# authors' models use. A constant of every pack, so a captured CUDA graph may bake it in.
+BN_MOMENTUM = 0.1
+
+
 class StepInputs:
-    """What one step needs besides the pack: the [K, B] sample indices and their [K, B]
-    training labels (`models.epoch_labels`: the true ones unless the member has label
-    noise), [K, 1] columns (loss weight, -lr, weight decay, momentum) and the BN
-    momentum. Here, below the engine that fills it, because the batched layers read
-    the BN momentum from it."""
-    __slots__ = ("idx", "y", "weight", "neg_lr", "wd", "mom", "bn_momentum")
+    """What one step needs besides the pack, all tensors (a CUDA graph replays them from
+    static buffers): the [K, B] sample indices and their [K, B] training labels
+    (`models.epoch_labels`: the true ones unless the member has label noise), and [K, 1]
+    columns (loss weight, -lr, weight decay, momentum). Here, below the engine that
+    fills it, because the hand-written chain step reads it too."""
+    __slots__ = ("idx", "y", "weight", "neg_lr", "wd", "mom")
     idx: torch.Tensor
     y: torch.Tensor
     weight: torch.Tensor
     neg_lr: torch.Tensor
     wd: torch.Tensor
     mom: torch.Tensor
-    bn_momentum: float
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -53,11 +57,10 @@ class StepInputs:
 
 class BatchContext:
     """What the batched layers read besides their parameters: the number of members,
-    training or evaluation, and the current step's inputs (BN momentum)."""
+    training or evaluation, and BatchNorm's momentum (a constant of the pack)."""
 
-    def __init__(self, K: int):
-        self.K, self.train = K, False
-        self.step: StepInputs | None = None
+    def __init__(self, K: int, bn_momentum: float = BN_MOMENTUM):
+        self.K, self.train, self.bn_momentum = K, False, bn_momentum
 
 
 # Elements of one member's matrix, and rows of its batch, from which a wide layer's
@@ -181,13 +184,8 @@ class BatchNorm(nn.Module):
         self.rm, self.rv = running[f"{path}.running_mean"], running[f"{path}.running_var"]
 
     def forward(self, x):
-        ctx, step = self.ctx, self.ctx.step
-        momentum = 0.0
-        if ctx.train:
-            if step is None:
-                raise RuntimeError("batched BatchNorm: a training forward needs the step's inputs "
-                                   "(its BN momentum)")
-            momentum = step.bn_momentum
+        ctx = self.ctx
+        momentum = ctx.bn_momentum if ctx.train else 0.0
         if self.image:
             # rm, rv are [K, C], contiguous: their flat views share storage, so the
             # fused kernel updates every member's running statistics in place

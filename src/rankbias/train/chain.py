@@ -130,9 +130,6 @@ class Chain:
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         """The training forward (BatchNorm on batch statistics, running statistics
         updated): (logits, what the backward needs)."""
-        step = self.ctx.step
-        if step is None:
-            raise RuntimeError("chain step: a training forward needs the step's inputs")
         values: list[torch.Tensor] = []
         saved: list[Any] = []
         for node in self.nodes:
@@ -148,7 +145,7 @@ class Chain:
                 xt = ins[0].transpose(0, 1).reshape(B, K * H)
                 w = m.w.reshape(-1)
                 yt, mean, invstd = torch.native_batch_norm(xt, w, m.b.reshape(-1), m.rm.view(-1),
-                                                           m.rv.view(-1), True, step.bn_momentum, m.eps)
+                                                           m.rv.view(-1), True, self.ctx.bn_momentum, m.eps)
                 y, keep = yt.view(B, K, H).transpose(0, 1), (xt, w, mean, invstd)
             elif node.kind == "relu":
                 y = torch.relu(ins[0])

@@ -23,7 +23,6 @@ from rankbias.plan.cluster import check_mem_mb, host_memory_mb
 from rankbias.train.models import build_net, epoch_labels, epoch_order, loss_fn, weighted_loss, weighted_loss_and_grad
 from rankbias.core.spec import GRAPH_MODES, RunSpec, check_pack
 
-BN_MOMENTUM = 0.1
 # Elements of a stacked [K, ...] tensor from which it has a storage block of its own;
 # the smaller ones share one block (storage_blocks).
 LARGE_TENSOR = 1 << 15
@@ -185,8 +184,8 @@ class Pack:
         return {name: M.conv_operator_singular_values(conv.w, hw, conv.stride[0])
                 for name, conv, hw in self.operators}
 
-    def forward(self, x, train: bool = False, step: "StepInputs | None" = None):
-        self.ctx.train, self.ctx.step = train, step
+    def forward(self, x, train: bool = False):
+        self.ctx.train = train
         return self.model(x)
 
     # -- one SGD step, the whole of it -------------------------------------------
@@ -194,7 +193,7 @@ class Pack:
         rows = s.idx.reshape(-1)
         xb = torch.index_select(self.X, 0, rows).view(*s.idx.shape, -1)  # [K, B, D]
         yb = s.y                                                          # [K, B]
-        self.ctx.train, self.ctx.step = True, s
+        self.ctx.train = True
         if self.chain is not None:
             logits, saved = self.chain.forward(xb)
             weighted, g = weighted_loss_and_grad(self.loss, logits, yb, s.weight.view(-1))
@@ -370,8 +369,7 @@ class EpochPlan:
                               for k, s in enumerate(pack.specs)])
         self.y = labels[:, :cut].reshape(K, self.full_steps, B).to(dev)
         self.last_y = labels[:, cut:].contiguous().to(dev) if self.steps > self.full_steps else None
-        self.common = dict(weight=pack.alive, neg_lr=-lr, wd=pack.wd * pack.alive, mom=pack.mom,
-                           bn_momentum=BN_MOMENTUM)
+        self.common = dict(weight=pack.alive, neg_lr=-lr, wd=pack.wd * pack.alive, mom=pack.mom)
         self.per_step = ("idx", "y")       # the rest holds for the whole epoch
 
     def inputs(self, t: int) -> StepInputs:
@@ -398,19 +396,10 @@ class StaticStep:
 
     def __init__(self, pack: Pack, example: StepInputs):
         self.pack = pack
-        self.tensors = [f for f in StepInputs.__slots__ if torch.is_tensor(getattr(example, f))]
-        # Python numbers (the BN momentum) are baked into a graph; they are constants
-        # of a pack, and __call__ checks that they stay so.
-        self.constants = {f: getattr(example, f) for f in StepInputs.__slots__ if f not in self.tensors}
-        self.static = StepInputs(**self.constants,
-                                 **{f: getattr(example, f).clone() for f in self.tensors})
+        self.static = StepInputs(**{f: getattr(example, f).clone() for f in StepInputs.__slots__})
 
     def __call__(self, s: StepInputs) -> None:
-        for f, v in self.constants.items():
-            if getattr(s, f) != v:
-                raise ValueError(f"graphed step: input {f!r} changed from {v!r} to {getattr(s, f)!r}; "
-                                 "it was captured as a constant")
-        self._refresh(s, self.tensors)
+        self._refresh(s, StepInputs.__slots__)
 
     def run(self, plan: "EpochPlan") -> None:
         """A whole epoch: every input is copied for its first step, then only those
