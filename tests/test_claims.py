@@ -94,6 +94,21 @@ def test_across_seeds_averages_per_seed_and_needs_min_seeds():
         C.thresholds({"bootstrap_resamples": 100})
 
 
+
+def test_a_correlations_interval_stays_within_minus_one_and_one():
+    """Per-seed Spearman 0.9, 0.95, 0.99: the plain t interval reaches past 1; cut to the
+    values a correlation can take it ends at 1, its lower end unchanged."""
+    t = C.thresholds({})
+    plain = C.t_interval([0.9, 0.95, 0.99], 0.95)
+    assert plain[1] > 1
+    e = C.across_seeds([(0, 0.9), (1, 0.95), (2, 0.99)], t, bounds=(-1.0, 1.0))
+    assert e.ci == pytest.approx((plain[0], 1.0))
+    low = C.across_seeds([(0, -0.9), (1, -0.95), (2, -0.99)], t, bounds=(-1.0, 1.0))
+    assert low.ci == pytest.approx((-1.0, -plain[0]))
+    # unbounded effects keep the whole interval
+    assert C.across_seeds([(0, 0.9), (1, 0.95), (2, 0.99)], t).ci == pytest.approx(plain)
+
+
 def test_c1_holds_across_seeds_fails_when_a_seed_contradicts(tmp_path):
     for seed in SEEDS:
         for b, r in ((8, 6), (32, 12), (128, 19)):
@@ -132,14 +147,15 @@ def test_c1_fewer_than_three_seeds_is_insufficient_naming_them(tmp_path):
 
 def test_c1_fails_when_three_positive_seeds_spread_too_widely(tmp_path):
     # Per-seed Spearman 1, 0.5, 0.5: every seed shows the trend and the range [0.5, 1] (what a
-    # percentile bootstrap gives) lies above 0, but the t interval 0.667 +- 0.717 does not.
+    # percentile bootstrap gives) lies above 0, but the t interval 0.667 +- 0.717 does not
+    # (cut at 1, the largest value a correlation takes).
     for seed, ranks in ((0, (6, 12, 19)), (1, (12, 6, 19)), (2, (12, 6, 19))):
         for b, r in zip((8, 32, 128), ranks):
             fabricate(tmp_path, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
     v, _ = verdicts(tmp_path)
     sp = v["C1"]["spearman_in_claimed_direction"]
     assert sp["per_seed"] == {"0": 1.0, "1": 0.5, "2": 0.5}
-    assert sp["ci"] == pytest.approx([2 / 3 - 0.7172, 2 / 3 + 0.7172], abs=1e-3)
+    assert sp["ci"] == pytest.approx([2 / 3 - 0.7172, 1.0], abs=1e-3)
     assert v["C1"]["verdict"] == "fails"
     # With a 75% interval (t = 1.6036 at df 2) the same seeds suffice.
     assert verdicts(tmp_path, overrides={"ci_level": 0.75})[0]["C1"]["verdict"] == "holds"

@@ -278,13 +278,16 @@ class Effect:
                 "ci_level": self.level, "method": "Student t", "min_seeds": self.min_seeds}
 
 
-def across_seeds(values: Sequence[tuple[int, float]], t: dict) -> Effect:
+def across_seeds(values: Sequence[tuple[int, float]], t: dict,
+                 bounds: tuple[float, float] | None = None) -> Effect:
     """Aggregate (seed, effect) pairs, one per group (or run) and seed.
 
     A seed's effect is the mean over its groups; the interval is the Student t interval
     over the seeds' effects, and there is none with fewer than t['min_seeds'] seeds:
     groups trained from one seed share its initialisations and data orders, so only
-    seeds sample the seed-to-seed variation."""
+    seeds sample the seed-to-seed variation. An effect that can only lie within
+    `bounds` (a correlation, in [-1, 1]) has its interval cut to them: the part cut off
+    holds no possible value, so the interval covers the mean as often as before."""
     by_seed: dict[int, list[float]] = {}
     for seed, v in values:
         by_seed.setdefault(int(seed), []).append(float(v))
@@ -294,6 +297,8 @@ def across_seeds(values: Sequence[tuple[int, float]], t: dict) -> Effect:
     ci = None
     if len(units) >= t["min_seeds"] and all(np.isfinite(units)):
         ci = t_interval(units, t["ci_level"])
+        if bounds is not None:
+            ci = (max(ci[0], bounds[0]), min(ci[1], bounds[1]))
     return Effect(per_seed, units, mean, ci, t["ci_level"], int(t["min_seeds"]))
 
 
@@ -316,7 +321,8 @@ def _interval_rule(t: dict) -> str:
             f"per-seed effects (mean +- t(n-1) s / sqrt(n), n seeds; a seed's effect is the mean "
             f"over its groups or runs). Only seeds are independent replicates: a seed's groups "
             f"share its initialisations and data orders. Fewer than {int(t['min_seeds'])} seeds "
-            f"give no interval and the verdict 'insufficient', naming the seeds there are.")
+            f"give no interval and the verdict 'insufficient', naming the seeds there are. A "
+            f"correlation's interval is cut to [-1, 1], the values it can take.")
 
 
 # -- the claims ------------------------------------------------------------------------
@@ -354,7 +360,7 @@ def _trend(runs: Sequence[RunSummary], key: str, sign: int, min_points: int, t: 
         effects.append((first["seed"], sign * rho))
         if sign * rho <= -t["min_spearman"]:
             contradicting.append(d)
-    eff = across_seeds(effects, t)
+    eff = across_seeds(effects, t, bounds=(-1.0, 1.0))
     verdict = INSUFFICIENT if not details else _shows_effect(eff, t["min_spearman"])
     return {"verdict": verdict, "groups": details, "n_groups": len(details), "n_flat": len(flat),
             "spearman_in_claimed_direction": eff.to_dict(), "_effect": eff,
