@@ -105,6 +105,9 @@ def test_a_correlations_interval_stays_within_minus_one_and_one():
     assert e.ci == pytest.approx((plain[0], 1.0))
     low = C.across_seeds([(0, -0.9), (1, -0.95), (2, -0.99)], t, bounds=(-1.0, 1.0))
     assert low.ci == pytest.approx((-1.0, -plain[0]))
+    # a fraction (C6) is cut to [0, 1]
+    frac = C.across_seeds([(0, 1.0), (1, 1.0), (2, 0.5)], t, bounds=(0.0, 1.0))
+    assert frac.ci[1] == 1.0 and frac.ci[0] == pytest.approx(C.t_interval([1.0, 1.0, 0.5], 0.95)[0])
     # unbounded effects keep the whole interval
     assert C.across_seeds([(0, 0.9), (1, 0.95), (2, 0.99)], t).ci == pytest.approx(plain)
 

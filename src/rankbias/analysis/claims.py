@@ -322,7 +322,7 @@ def _interval_rule(t: dict) -> str:
             f"over its groups or runs). Only seeds are independent replicates: a seed's groups "
             f"share its initialisations and data orders. Fewer than {int(t['min_seeds'])} seeds "
             f"give no interval and the verdict 'insufficient', naming the seeds there are. A "
-            f"correlation's interval is cut to [-1, 1], the values it can take.")
+            f"correlation's interval is cut to [-1, 1], a fraction's to [0, 1]: the values each can take.")
 
 
 # -- the claims ------------------------------------------------------------------------
@@ -576,7 +576,7 @@ def claim_c6(runs: list[RunSummary], t: dict) -> dict:
                         "balance": _r(bal), "balanced": bool(np.isfinite(bal) and bal >= t["c6_balance"])})
 
     def part(items, flag):
-        eff = across_seeds([(i["seed"], float(i[flag])) for i in items], t)
+        eff = across_seeds([(i["seed"], float(i[flag])) for i in items], t, bounds=(0.0, 1.0))
         verdict = INSUFFICIENT if not items else _shows_effect(eff, t["c6_min_fraction"])
         return verdict, (round(eff.mean, 3) if items else None), eff
 
