@@ -66,6 +66,16 @@ def name_forms() -> str:
     return ", ".join(f.name if f.fixed else f"{f.name}-L-W" for f in FAMILIES.values())
 
 
+def name_pattern() -> str:
+    """A regular expression of the names parse_model_name accepts (in any case, spaces
+    around allowed), in the dialect JSON schemas share with Python: the config schema's."""
+    def anycase(name: str) -> str:
+        return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in name)
+    sized = "|".join(anycase(f.name) for f in FAMILIES.values() if not f.fixed)
+    fixed = "|".join(anycase(f.name) for f in FAMILIES.values() if f.fixed)
+    return rf"^\s*(({sized})-[0-9]+-[0-9]+|{fixed})\s*$"
+
+
 def parse_model_name(name: str) -> tuple[str, int, int]:
     """'MLP-BN-10-100' -> ('mlp_bn', 10, 100); 'VGG-16' -> ('vgg16', 16, 64)."""
     text = str(name).strip().upper()

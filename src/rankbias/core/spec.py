@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from rankbias.core import families
+from rankbias.core import config, families
+from rankbias.core.config import SpecError, SpecKeys
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
+# The config model (rankbias.core.config) defines every spec key: its type, default and
+# what it allows. The names below are its choices and defaults, for the modules that use them.
+DATASETS: tuple[str, ...] = config.SPEC["dataset"].choices
 # (train, test) examples of each dataset, for checks and estimates made before any data loads.
 DATASET_SIZES = {"mnist": (60000, 10000), "fashion_mnist": (60000, 10000),
                  "cifar10": (50000, 10000), "synthetic": (1024, 256)}
@@ -26,28 +29,21 @@ DATASET_SHAPES = {"mnist": (1, 32, 32), "fashion_mnist": (1, 32, 32), "cifar10":
                   "synthetic": (3, 32, 32)}
 DATASET_DIMS = {name: math.prod(shape) for name, shape in DATASET_SHAPES.items()}
 NUM_CLASSES = 10
-LOSSES = ("ce", "mse")
-SCHEDULES = ("constant", "multistep")
-# Keys added after runs were first stored: at their default they are left out of a
-# spec's canonical form, so every earlier run keeps its run_id.
-LATER_KEYS = {"activation": "relu", "bias": True}
-# Config choices the planner checks. They live here, beside the specs, because the
+# Config choices the planner checks. They live in core, beside the specs, because the
 # planner must not import torch (Snakemake imports it on every parse); rankbias.store.metrics
 # and rankbias.train.engine use the same tuples.
-NORMALISATIONS = ("fro", "max", "none")
-# The authors' code divides W by its Frobenius norm and counts sigma > 1e-3; the
-# measured trends in NOTES.md use the same, so it is the default.
-DEFAULT_NORMALISE = "fro"
-DEFAULT_TOL = 1e-3
+NORMALISATIONS: tuple[str, ...] = config.RANK["normalise"].choices
+DEFAULT_NORMALISE: str = config.RANK["normalise"].default
+DEFAULT_TOL: float = config.RANK["tol"].default
 # What a rank is: the count of normalised singular values above tol (the paper's), or a
 # threshold-free one read off the same spectrum: the effective rank exp H(sigma/sum sigma)
 # (Roy & Vetterli 2007) or the stable rank ||W||_F^2 / ||W||_2^2.
-MEASURES = ("threshold", "effective", "stable")
-DEFAULT_MEASURE = "threshold"
-GRAPH_MODES = ("auto", "on", "off")
+MEASURES: tuple[str, ...] = config.RANK["measure"].choices
+DEFAULT_MEASURE: str = config.RANK["measure"].default
+GRAPH_MODES: tuple[str, ...] = config.TOP["graph"].choices
 # Floating-point policy of training (rankbias.train.numerics): fp32, or TF32 matmuls and
 # convolutions on GPUs that have them (faster for compute-bound packs; changes results).
-PRECISIONS = ("fp32", "tf32")
+PRECISIONS: tuple[str, ...] = config.SPEC["precision"].choices
 # Coupled weight decay scales every weight by (1 - lr * weight_decay) each step, before
 # the gradient. At lr * weight_decay >= 1 that factor is zero or negative: the "decay"
 # overshoots zero and flips every weight's sign each step (and diverges at >= 2), so such
@@ -55,12 +51,8 @@ PRECISIONS = ("fp32", "tf32")
 MAX_LR_TIMES_WEIGHT_DECAY = 1.0
 # Which spectrum stands for a convolution's rank: its kernel reshaped [out, in*kh*kw]
 # (the authors' default) or its linear operator on its input (layer kind 'conv_operator').
-CONV_SPECTRA = ("kernel", "operator")
-DEFAULT_CONV = "kernel"
-
-
-class SpecError(ValueError):
-    """A run specification is invalid; the message names the key and what is allowed."""
+CONV_SPECTRA: tuple[str, ...] = config.RANK["conv"].choices
+DEFAULT_CONV: str = config.RANK["conv"].default
 
 
 def parse_model_name(name: str) -> tuple[str, int, int]:
@@ -80,50 +72,14 @@ def model_name(arch: str, depth: int, width: int) -> str:
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    dataset: str = "mnist"
-    arch: str = "mlp_bn"
-    depth: int = 5
-    width: int = 100
-    activation: str = "relu"
-    bias: bool = True
-    loss: str = "ce"
-    batch_size: int = 32
-    drop_last: bool = False
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "constant"
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.2
-    epochs: int = 20
-    seed: int = 0
-    log_every: int = 1
-    train_subset: int = 0
-    test_subset: int = 0
-    # Theorem 1 measured during training (rankbias.train.theory): batches sampled per B* and
-    # the B* values; () means the run's own batch size. They change no training, only
-    # what is measured, so they leave the run_id alone at their defaults (OMITTED_AT_DEFAULT).
-    theory_batches: int = 32
-    theory_sizes: tuple[int, ...] = ()
-    # PRECISIONS; it changes results, so a tf32 run has a run_id of its own (fp32 is
-    # left out of the spec, so every earlier run keeps its run_id).
-    precision: str = "fp32"
-    # Label noise (check R3): at every step each sample of the batch keeps its label with
-    # probability 1 - label_noise, else gets a class drawn uniformly from all classes (its
-    # own included). Per member, so a pack may mix values; 0 (no noise) is left out of the
-    # spec, so every earlier run keeps its run_id.
-    label_noise: float = 0.0
+class RunSpec(SpecKeys):
+    """One run: the keys of rankbias.core.config.SpecKeys, each checked and in its canonical
+    type (RunSpec(lr=1) and RunSpec.from_dict({"lr": 1.0}) are one run with one run_id)."""
 
     def __post_init__(self) -> None:
-        # RunSpec(lr=1) and RunSpec.from_dict({"lr": 1}) must be one run with one run_id.
-        for key in _FLOAT_KEYS:
-            v = getattr(self, key)
-            if isinstance(v, int) and not isinstance(v, bool):
-                object.__setattr__(self, key, float(v))
-        for key in ("milestones", "theory_sizes"):
-            if isinstance(getattr(self, key), list):
-                object.__setattr__(self, key, tuple(getattr(self, key)))
+        for name, k in config.SPEC.items():
+            config.check(k, getattr(self, name), name)
+            object.__setattr__(self, name, config.coerce(k, getattr(self, name)))
         _validate(self)
 
     def sizes(self) -> tuple[int, int]:
@@ -178,16 +134,20 @@ class RunSpec:
 
     # -- identity -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The spec's keys and values; keys added after runs were first stored
+        (`omitted="spec"` in the config model) are left out at their default."""
         d = dataclasses.asdict(self)
-        d["milestones"] = list(self.milestones)
-        d["theory_sizes"] = list(self.theory_sizes)
-        for key, default in OMITTED_AT_DEFAULT.items():
-            if d[key] == default:
-                del d[key]
+        for name, k in config.SPEC.items():
+            if k.omitted == "spec" and getattr(self, name) == k.default:
+                del d[name]
+            elif k.kind is tuple:
+                d[name] = list(d[name])
         return d
 
     def canonical_json(self) -> str:
-        d = {k: v for k, v in self.to_dict().items() if not (k in LATER_KEYS and v == LATER_KEYS[k])}
+        """What run_id hashes: to_dict less the keys `omitted="run_id"` at their default."""
+        d = {name: v for name, v in self.to_dict().items()
+             if not (config.SPEC[name].omitted == "run_id" and v == config.SPEC[name].default)}
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @property
@@ -237,102 +197,22 @@ class RunSpec:
                 if key in d and d[key] != val:
                     raise SpecError(f"{key}: {d[key]!r} contradicts model name ({key}={val!r})")
                 d[key] = val
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - set(config.SPEC))
         if unknown:
             raise SpecError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed keys: "
-                            f"model, {', '.join(sorted(known))}")
-        return cls(**{k: _coerce(k, v) for k, v in d.items()})
-
-
-_INT_KEYS = {"depth", "width", "batch_size", "epochs", "seed", "log_every",
-             "train_subset", "test_subset", "theory_batches"}
-# Keys added after results were first stored: absent from a spec at their default, so
-# every earlier run keeps its run_id.
-OMITTED_AT_DEFAULT: dict[str, Any] = {"theory_batches": 32, "theory_sizes": [], "precision": "fp32",
-                                       "label_noise": 0.0}
-_FLOAT_KEYS = {"lr", "momentum", "weight_decay", "gamma", "label_noise"}
-_BOOL_KEYS = {"drop_last", "bias"}
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """Normalise types so that equal runs hash equally (lr=1 and lr=1.0 are one run)."""
-    if key in _INT_KEYS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise SpecError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if key in _BOOL_KEYS:
-        if not isinstance(value, bool):
-            raise SpecError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if key in _FLOAT_KEYS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if key in ("milestones", "theory_sizes"):
-        what = "epochs" if key == "milestones" else "batch sizes"
-        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise SpecError(f"{key}: expected a list of {what}, got {value!r}")
-        out = []
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise SpecError(f"{key}: expected integer {what}, got {v!r}")
-            out.append(v)
-        return tuple(sorted(set(out))) if key == "theory_sizes" else tuple(sorted(out))
-    return value
+                            f"model, {', '.join(sorted(config.SPEC))}")
+        return cls(**d)
 
 
 def _validate(s: RunSpec) -> None:
-    def choice(key, allowed):
-        if getattr(s, key) not in allowed:
-            raise SpecError(f"{key}: {getattr(s, key)!r} is not one of {', '.join(allowed)}")
-
-    choice("dataset", DATASETS)
-    choice("arch", families.ARCHS)
-    choice("activation", families.ACTIVATIONS)
-    choice("loss", LOSSES)
-    choice("schedule", SCHEDULES)
-    choice("precision", PRECISIONS)
-    for key in _INT_KEYS:
-        v = getattr(s, key)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise SpecError(f"{key}: expected an integer, got {v!r}")
-    for key in _BOOL_KEYS:
-        if not isinstance(getattr(s, key), bool):
-            raise SpecError(f"{key}: expected true or false, got {getattr(s, key)!r}")
-    for key in ("width", "batch_size", "epochs", "log_every", "theory_batches"):
-        if getattr(s, key) < 1:
-            raise SpecError(f"{key}: must be >= 1, got {getattr(s, key)!r}")
-    for key in ("depth", "seed", "train_subset", "test_subset"):
-        if getattr(s, key) < 0:
-            raise SpecError(f"{key}: must be >= 0, got {getattr(s, key)!r}")
-    for key in _FLOAT_KEYS:
-        v = getattr(s, key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
-            raise SpecError(f"{key}: expected a finite number, got {v!r}")
-    if not s.lr > 0:
-        raise SpecError(f"lr: must be > 0, got {s.lr!r}")
-    if not 0 <= s.momentum < 1:
-        raise SpecError(f"momentum: must be in [0, 1), got {s.momentum!r}")
-    if s.weight_decay < 0:
-        raise SpecError(f"weight_decay: must be >= 0, got {s.weight_decay!r}")
+    """What the keys allow together (each key's own values are checked by config.check)."""
+    for name, k in config.SPEC.items():
+        if k.order and list(getattr(s, name)) != sorted(set(getattr(s, name))):
+            raise SpecError(f"{name}: must be strictly increasing, got {list(getattr(s, name))!r}")
     if s.lr * s.weight_decay >= MAX_LR_TIMES_WEIGHT_DECAY:
         raise SpecError(f"weight_decay: {s.weight_decay!r} with lr {s.lr!r} gives lr * weight_decay = "
                         f"{s.lr * s.weight_decay:g}; it must be below {MAX_LR_TIMES_WEIGHT_DECAY:g} "
                         "(the per-step decay factor 1 - lr * weight_decay must stay positive)")
-    if not 0 <= s.label_noise < 1:
-        raise SpecError(f"label_noise: must be in [0, 1) (the probability that a sample's label "
-                        f"is redrawn at a step), got {s.label_noise!r}")
-    if not 0 < s.gamma <= 1:
-        raise SpecError(f"gamma: must be in (0, 1], got {s.gamma!r}")
-    if not isinstance(s.milestones, tuple):
-        raise SpecError(f"milestones: expected a tuple of epochs, got {s.milestones!r}")
-    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in s.milestones):
-        raise SpecError(f"milestones: expected positive integer epochs, got {list(s.milestones)!r}")
-    if list(s.milestones) != sorted(set(s.milestones)):
-        raise SpecError(f"milestones: must be strictly increasing, got {list(s.milestones)!r}")
     if s.schedule == "constant" and s.milestones:
         raise SpecError("milestones: only allowed with schedule 'multistep'")
     if s.schedule == "multistep" and not s.milestones:
@@ -347,11 +227,6 @@ def _validate(s: RunSpec) -> None:
         families.check_sizes(s.arch, s.depth, s.width)
     except families.ModelError as e:
         raise SpecError(str(e)) from None
-    if not isinstance(s.theory_sizes, tuple) or any(
-            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in s.theory_sizes):
-        raise SpecError(f"theory_sizes: expected positive integer batch sizes B*, got {s.theory_sizes!r}")
-    if list(s.theory_sizes) != sorted(set(s.theory_sizes)):
-        raise SpecError(f"theory_sizes: must be strictly increasing, got {list(s.theory_sizes)!r}")
     if families.family(s.arch).batchnorm and any(b < 2 for b in s.theory_sizes):
         raise SpecError("theory_sizes: BatchNorm architectures need B* >= 2")
 

@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -29,21 +28,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 # too), so nothing it imports may pull in torch; tests/test_sweep.py checks.
 from rankbias.plan.cluster import check_mem_mb
 from rankbias.core.io import atomic_write_bytes
-from rankbias.core.spec import (
-    CONV_SPECTRA,
-    DEFAULT_CONV,
-    DEFAULT_MEASURE,
-    DEFAULT_NORMALISE,
-    DEFAULT_TOL,
-    GRAPH_MODES,
-    MEASURES,
-    NORMALISATIONS,
-    RunSpec,
-    SpecError,
-    make_packs,
-    pack_id,
-    pack_steps,
-)
+from rankbias.core import config
+from rankbias.core.spec import RunSpec, SpecError, make_packs, pack_id, pack_steps
 
 if TYPE_CHECKING:
     import yaml
@@ -74,29 +60,10 @@ GROUPS: dict[str, str] = {"paper": "Paper figures", "theory": "Theory", "summary
 NAMES: tuple[str, ...] = tuple(LAYOUTS) + tuple(SUMMARY)
 # The paper figures a config may have a section for.
 FIGURES = tuple(LAYOUTS)
-DEVICES = ("auto", "cpu", "cuda")
-
-SPEC_KEYS = tuple(RunSpec.__dataclass_fields__) + ("model",)
-SECTION_KEYS = tuple(k for k in SPEC_KEYS if k != "seed") + ("seeds",)
-
-# Defaults of the top-level keys (workflow/schemas/config.schema.yaml states the same).
-TOP_DEFAULTS: dict[str, Any] = {
-    "device": "auto",
-    "graph": "auto",
-    "deterministic": True,
-    "max_pack": 64,
-    "train_threads": 1,
-    "checkpoint_every": 5,
-    # One 40 GB A100, the smallest data-centre GPU the paper profile is meant for.
-    "device_memory_mb": 40960,
-    "rank": {"measure": DEFAULT_MEASURE, "normalise": DEFAULT_NORMALISE, "tol": DEFAULT_TOL,
-             "conv": DEFAULT_CONV},
-    "defaults": {},
-    "figures": {},
-    "extra": {},
-    "claims": {},
-}
-TOP_KEYS = tuple(TOP_DEFAULTS)
+# The keys of a run, a section's and the top level's (rankbias.core.config defines each).
+SPEC_KEYS = tuple(config.SPEC) + ("model",)
+SECTION_KEYS = tuple(k for k in config.SPEC if k != "seed") + tuple(config.SECTION)
+TOP_KEYS = tuple(config.TOP)
 # Keys that say how jobs run, not what they compute: the config files jobs read leave
 # them out, so switching one redraws nothing, and the train rule takes them as its
 # resources and threads, not its params, so it retrains nothing either.
@@ -239,30 +206,23 @@ def _strict_loader() -> type[yaml.SafeLoader]:
 
 
 def resolve_config(raw: Mapping[str, Any]) -> dict:
-    """Check the top-level structure and fill in defaults; errors name the key."""
+    """Check the top-level keys (rankbias.core.config.TopKeys) and fill in their defaults;
+    errors name the key."""
     check_top_level(raw)
-    cfg = json.loads(json.dumps(TOP_DEFAULTS))
+    cfg = config.defaults(config.TopKeys)
     for k, v in raw.items():
         if isinstance(v, Mapping) and isinstance(cfg.get(k), dict):
             cfg[k] = {**cfg[k], **v}
         else:
             cfg[k] = v
-    if cfg["device"] not in DEVICES:
-        raise ConfigError(f"device: {cfg['device']!r} is not one of {', '.join(DEVICES)}")
-    if isinstance(cfg["graph"], bool):   # YAML 1.1 (and --config graph=off) read on/off as booleans
-        cfg["graph"] = "on" if cfg["graph"] else "off"
-    if cfg["graph"] not in GRAPH_MODES:
-        raise ConfigError(f"graph: {cfg['graph']!r} is not one of {', '.join(GRAPH_MODES)}")
-    if not isinstance(cfg["deterministic"], bool):
-        raise ConfigError(f"deterministic: expected true or false, got {cfg['deterministic']!r}")
-    for key in ("max_pack", "train_threads", "checkpoint_every", "device_memory_mb"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{key}: expected an integer >= 1, got {v!r}")
-    _check_rank("rank", cfg["rank"])
-    for key in ("defaults", "figures", "extra", "claims"):
-        if not isinstance(cfg[key], Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {cfg[key]!r}")
+    try:
+        for name, k in config.TOP.items():
+            if k.booleans and isinstance(cfg[name], bool):  # YAML 1.1 (and --config graph=off) read on/off so
+                cfg[name] = k.booleans[cfg[name]]
+            config.check(k, cfg[name], name)
+            cfg[name] = config.coerce(k, cfg[name])
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
     bad = sorted(set(cfg["figures"]) - set(FIGURES))
     if bad:
         raise ConfigError(f"figures: unknown figure(s) {', '.join(map(repr, bad))}; "
@@ -285,28 +245,14 @@ def check_top_level(raw: Any) -> None:
                           f"allowed keys: {', '.join(TOP_KEYS)}")
 
 
-def _check_rank(where: str, rank: Any) -> None:
-    if not isinstance(rank, Mapping) or set(rank) - set(TOP_DEFAULTS["rank"]):
-        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(TOP_DEFAULTS['rank'])}")
-    if "measure" in rank and rank["measure"] not in MEASURES:
-        raise ConfigError(f"{where}.measure: {rank['measure']!r} is not one of {', '.join(MEASURES)}")
-    if "normalise" in rank and rank["normalise"] not in NORMALISATIONS:
-        raise ConfigError(f"{where}.normalise: {rank['normalise']!r} is not one of "
-                          f"{', '.join(NORMALISATIONS)}")
-    if "tol" in rank:
-        tol = rank["tol"]
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
-            raise ConfigError(f"{where}.tol: expected a finite number > 0, got {tol!r}")
-    if "conv" in rank and rank["conv"] not in CONV_SPECTRA:
-        raise ConfigError(f"{where}.conv: {rank['conv']!r} is not one of {', '.join(CONV_SPECTRA)}")
-
-
 def figure_rank(cfg: Mapping[str, Any], name: str) -> dict:
     """A figure's rank settings: the config's `rank`, then the figure's own `rank`."""
     return {**cfg["rank"], **(cfg["figures"].get(name) or {}).get("rank", {})}
 
 
 def _check_section(where: str, section: Any, allow_grid: bool = True) -> None:
+    """A section's keys, its seeds and its grid's shape (its runs' values are checked by
+    RunSpec, grid point by grid point)."""
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where}: expected a mapping of spec keys, got {section!r}")
     allowed = set(SECTION_KEYS) | ({"grid"} if allow_grid else set())
@@ -315,11 +261,11 @@ def _check_section(where: str, section: Any, allow_grid: bool = True) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
                           f"allowed keys: {', '.join(sorted(allowed))}")
     if "seeds" in section:
-        seeds = section["seeds"]
-        if not isinstance(seeds, list) or not seeds or any(
-                isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-            raise ConfigError(f"{where}.seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
-        _check_distinct(f"{where}.seeds", seeds)
+        try:
+            config.check(config.SECTION["seeds"], section["seeds"], f"{where}.seeds")
+        except SpecError as e:
+            raise ConfigError(str(e)) from None
+        _check_distinct(f"{where}.seeds", section["seeds"])
     if "grid" in section:
         grid = section["grid"]
         if not isinstance(grid, Mapping):
@@ -386,7 +332,10 @@ def plan(raw_config: Mapping[str, Any]) -> Plan:
     for where, name, section in sections:
         section = dict(section or {})
         if name in FIGURES and "rank" in section:      # how the figure reads ranks, no spec key
-            _check_rank(f"{where}.rank", section.pop("rank"))
+            try:
+                config.check(config.TOP["rank"], section.pop("rank"), f"{where}.rank")
+            except SpecError as e:
+                raise ConfigError(str(e)) from None
         ids = []
         for s in section_specs(where, cfg["defaults"], section):
             specs.setdefault(s.run_id, s)
