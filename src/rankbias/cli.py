@@ -33,6 +33,7 @@ SUBCOMMANDS = {
     "bench": "rankbias.train.bench",
     "data": "rankbias.train.data",
     "plan": "rankbias.plan.sweep",
+    "schema": "rankbias.plan.schema",
     "figure": "rankbias.analysis.figures",
     "claims": "rankbias.analysis.claims",
     "audit": "rankbias.verify.audit",

@@ -39,6 +39,7 @@ from rankbias.store import metrics as M
 from rankbias.analysis import theory_verdicts
 from rankbias.store.results import Run
 from rankbias.core.io import atomic_write_set, json_bytes
+from rankbias.core import config
 from rankbias.core.spec import NUM_CLASSES, RunSpec
 from rankbias.store import provenance
 from rankbias.plan import sweep
@@ -46,31 +47,8 @@ from rankbias.store.results import load_runs, refuse_unverified
 
 HOLDS, FAILS, INSUFFICIENT = "holds", "fails", "insufficient"
 
-DEFAULT_THRESHOLDS: dict[str, float] = {
-    "min_spearman": 0.5,       # C1-C3: mean Spearman correlation (right sign) over non-flat groups
-    "flat": 0.02,              # C1-C3: relative range of final ranks below which a group is flat
-    "c3_lambda0_ratio": 0.9,   # C3: with lambda = 0, final rank >= this x initial rank
-    "c4_min_ratio": 2.0,       # C4: late d(W_t, W_t+1) with lambda > 0 >= this x the lambda = 0 one
-    "c4_min_persist": 0.5,     # C4: with lambda > 0, late d >= this x d in the second quarter
-    "c5_low_rank": 0.5,        # C5: relative rank below this counts as very low
-    "c5_high_rank": 0.9,       # C5: relative rank at least this counts as high
-    "c5_acc_drop": 0.01,       # C5: low-rank runs' train accuracy lower by at least this
-    "c5_gap_margin": 0.02,     # C5: generalisation gaps of very low and high rank differ by at most this
-    "c6_min_reduction": 0.9,   # C6: only runs whose relative rank fell below this are judged
-    "c6_bottleneck": 0.9,      # C6: MLP middle-layer minimum <= this x min(first, last hidden)
-    "c6_balance": 0.5,         # C6: ResNet min/max of per-block ranks >= this
-    "c6_min_fraction": 0.5,    # C6: fraction of judged runs that must show the pattern
-    "c7_ratio": 0.9,           # C7: full-batch GD final rank >= this x initial rank
-    "c7_tiny_data": 1000,      # C7: training sets smaller than this are 'tiny' (exempt)
-    "r1_strongest": 0.25,      # R1: each seed's fraction of weight-decay runs with the lowest relative rank
-    "r2_max_distance": 1.0e-4,  # R2: late d(W_t, W_t+1) at most this: at rest (stationary)
-    "r2_flat": 0.5,            # R2: ... or flattened: late d >= this x d a tenth of the epochs before,
-    "r2_max_shrink": 0.5,      # R2: ... and <= this x the weight decay's own shrink per epoch
-    "r2_min_reduction": 0.1,   # R2: rank reduction 1 - final/initial rank at least this
-    "r3_min_reduction": 0.05,  # R3: label noise lowers the final rank by at least this fraction of its twin's
-    "ci_level": 0.95,          # all: coverage of the Student t interval of each effect
-    "min_seeds": 3,            # all: fewer seeds give no interval and the verdict 'insufficient'
-}
+# What each threshold means, its default and bounds: rankbias.core.config.ClaimKeys.
+DEFAULT_THRESHOLDS: dict[str, float] = config.defaults(config.ClaimKeys)
 
 STATEMENTS = {
     "C1": "Smaller batch size gives lower rank (weight decay and learning rate fixed).",

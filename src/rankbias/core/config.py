@@ -128,7 +128,8 @@ def check(k: Key, value: Any, where: str) -> None:
     elif k.kind is tuple:
         if (isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple))
                 or len(value) < k.min_items
-                or any(isinstance(v, bool) or not isinstance(v, int) or not k.within(v) for v in value)):
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer()
+                       or not k.within(v) for v in value)):
             what = f"a{' non-empty' if k.min_items else ''} list of integers{' ' + k.bounds if k.bounds else ''}"
             raise SpecError(f"{where}: expected {what} ({k.items}), got {value!r}")
         return
@@ -163,7 +164,8 @@ def coerce(k: Key, value: Any) -> Any:
     if k.kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if k.kind is tuple:
-        return tuple(sorted(set(value)) if k.order == "set" else sorted(value) if k.order else value)
+        items = [int(v) for v in value]
+        return tuple(sorted(set(items)) if k.order == "set" else sorted(items) if k.order else items)
     return value
 
 
