@@ -103,7 +103,7 @@ def keys(cls: type) -> dict[str, Key]:
             t = dict
         elif origin is not None:            # Optional[str] (model): the type it holds
             t = next(a for a in typing.get_args(t) if a is not type(None))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         out[f.name] = Key(f.name, t, default, **f.metadata)
     return out
 

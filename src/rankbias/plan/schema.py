@@ -95,7 +95,7 @@ def json_schema(figures: tuple[str, ...] = FIGURES) -> dict[str, Any]:
                       "propertyNames": {"not": {"pattern": f"^({'|'.join(figures)})$"}},
                       "additionalProperties": {"$ref": "#/definitions/section"}}
     props = {n: props[n] for n in top}
-    nested = {n: k for n, k in top.items() if k.keys is not None}
+    nested = {n: k.keys for n, k in top.items() if k.keys is not None}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "rankbias workflow config",
@@ -121,7 +121,7 @@ def json_schema(figures: tuple[str, ...] = FIGURES) -> dict[str, Any]:
                        "unevaluatedProperties": False},
             # A mapping whose default holds its keys' defaults states them (Snakemake fills
             # them in); `claims` holds overrides only.
-            **{n: _mapping(k.keys, defaults=bool(k.default)) for n, k in nested.items()},
+            **{n: _mapping(cls, defaults=bool(top[n].default)) for n, cls in nested.items()},
         },
         "properties": props,
     }
@@ -181,7 +181,7 @@ def readme_text(text: str) -> str:
         if len(pattern.findall(text)) != 1:
             raise ValueError(f"{README_FILE}: expected one '{begin.strip()}' ... '{end.strip()}' block "
                              f"for the table of {name}")
-        text = pattern.sub(lambda _, new=begin + body + end: new, text)
+        text = pattern.sub((begin + body + end).replace("\\", "\\\\"), text)
     return text
 
 

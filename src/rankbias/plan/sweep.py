@@ -210,11 +210,11 @@ def resolve_config(raw: Mapping[str, Any]) -> dict:
     errors name the key."""
     check_top_level(raw)
     cfg = config.defaults(config.TopKeys)
-    for k, v in raw.items():
-        if isinstance(v, Mapping) and isinstance(cfg.get(k), dict):
-            cfg[k] = {**cfg[k], **v}
+    for name, v in raw.items():
+        if isinstance(v, Mapping) and isinstance(cfg.get(name), dict):
+            cfg[name] = {**cfg[name], **v}
         else:
-            cfg[k] = v
+            cfg[name] = v
     try:
         for name, k in config.TOP.items():
             if k.booleans and isinstance(cfg[name], bool):  # YAML 1.1 (and --config graph=off) read on/off so
