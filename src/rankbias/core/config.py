@@ -115,21 +115,21 @@ def defaults(cls: type) -> dict[str, Any]:
 
 def check(k: Key, value: Any, where: str) -> None:
     """`value` is a value key `k` allows, or SpecError naming `where` (the key's place in
-    the config) and what was expected. Types first, then choices, pattern and bounds."""
+    the config) and what was expected. Types first, then choices and bounds (a model
+    name's form is checked by parsing it, rankbias.core.families.parse_model_name)."""
     if k.kind is bool:
         if not isinstance(value, bool):
             raise SpecError(f"{where}: expected true or false, got {value!r}")
     elif k.kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        if not _integral(value):
             raise SpecError(f"{where}: expected an integer, got {value!r}")
     elif k.kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and math.isfinite(value)):
             raise SpecError(f"{where}: expected a finite number, got {value!r}")
     elif k.kind is tuple:
         if (isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple))
                 or len(value) < k.min_items
-                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer()
-                       or not k.within(v) for v in value)):
+                or any(not _integral(v) or not k.within(v) for v in value)):
             what = f"a{' non-empty' if k.min_items else ''} list of integers{' ' + k.bounds if k.bounds else ''}"
             raise SpecError(f"{where}: expected {what} ({k.items}), got {value!r}")
         return
@@ -145,6 +145,11 @@ def check(k: Key, value: Any, where: str) -> None:
         raise SpecError(f"{where}: expected a string, got {value!r}")
     if (k.low is not None or k.high is not None) and not k.within(value):
         raise SpecError(f"{where}: must be {k.bounds}, got {value!r}")
+
+
+def _integral(v: Any) -> bool:
+    """An integer, or a float with an integer's value (JSON schema's integers; YAML's 1.0)."""
+    return not isinstance(v, bool) and (isinstance(v, int) or isinstance(v, float) and v.is_integer())
 
 
 def check_mapping(cls: type, value: Any, where: str) -> None:

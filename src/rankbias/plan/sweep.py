@@ -297,7 +297,7 @@ def section_specs(where: str, defaults: Mapping, section: Mapping) -> list[RunSp
         for k in ("arch", "depth", "width"):
             if k not in section:
                 base.pop(k, None)
-    seeds = base.pop("seeds", [0])
+    seeds = base.pop("seeds", list(config.SECTION["seeds"].default))
     grid = dict(section.get("grid") or {})
     if "seed" in grid:
         seeds = [None]
