@@ -34,9 +34,9 @@ def test_the_chain_step_equals_autograds_bitwise(model, activation, loss, synthe
     ds = synthetic64
     specs = _specs(model, loss=loss, activation=activation)
     hand = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
-    auto = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
+    auto = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu", differentiation="autograd")
     assert hand.chain is not None and hand.differentiation == "by hand (chain)"
-    auto.chain = None
+    assert auto.chain is None and auto.differentiation == "autograd (asked for)"
     for epoch in range(2):
         plan = hand.epoch_plan(epoch)
         for t in range(plan.steps if epoch == 0 else 3):
@@ -132,9 +132,8 @@ def test_the_fused_cpu_update_equals_the_three_op_update(synthetic64):
     specs = _specs("MLP-BN-2-100", batch=100)
     specs[1] = RunSpec.from_dict({**specs[1].to_dict(), "momentum": 0.0})
     fused = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
-    ops = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu")
+    ops = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, "cpu", update="columns")
     assert len(fused._fused) == 3
-    ops._fused = []
     plan = fused.epoch_plan(0)
     for t in range(plan.steps):
         fused.step(plan.inputs(t))

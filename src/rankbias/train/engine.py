@@ -29,8 +29,10 @@ LARGE_TENSOR = 1 << 15
 # How a step updates the parameters (Pack's `update`): "fused", one pass a member on the
 # CPU (the default, fast); "torch", torch.optim.SGD's own operations in its own order,
 # parameter by parameter, so that a pack on the CPU follows nn.Module + torch.optim.SGD
-# bit for bit in float32 (peer checks; docs/engine.md, "Storage and update").
-UPDATE_MODES = ("fused", "torch")
+# bit for bit in float32 (peer checks; docs/engine.md, "Storage and update"); "columns",
+# three ops a storage block with [K, 1] columns, what "fused" runs off the CPU (on the CPU:
+# what the fused kernel is checked against).
+UPDATE_MODES = ("fused", "torch", "columns")
 
 
 def storage_blocks(shapes: list[tuple[int, ...]], K: int, dtype, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -92,10 +94,15 @@ class Pack:
     """K networks of one architecture, their optimiser state and their data."""
 
     def __init__(self, specs: list[RunSpec], x_train, y_train, num_classes: int, device,
-                 graph: str = "auto", memory_mb: int | None = None, update: str = "fused"):
+                 graph: str = "auto", memory_mb: int | None = None, update: str = "fused",
+                 differentiation: str = "auto"):
         """`memory_mb`: the memory the pack must fit (default: the device's own;
         check_pack_memory), checked before anything is allocated. `update`: one of
-        UPDATE_MODES (_sgd_update)."""
+        UPDATE_MODES (the update methods below step). `differentiation`: "auto" (by hand
+        where the network is a chain, rankbias.train.chain; autograd elsewhere) or
+        "autograd" (always; what the chain is checked against)."""
+        if differentiation not in ("auto", "autograd"):
+            raise ValueError(f"differentiation: {differentiation!r} is not one of auto, autograd")
         if graph not in GRAPH_MODES:
             raise ValueError(f"graph: {graph!r} is not one of {', '.join(GRAPH_MODES)}")
         if update not in UPDATE_MODES:
@@ -129,7 +136,7 @@ class Pack:
                 v.copy_(torch.stack([dict(net.named_parameters())[name].detach() for net in nets]))
         self.params: dict[str, torch.Tensor] = {name: v.requires_grad_(True) for name, v in zip(names, pviews)}
         self.plist = list(self.params.values())
-        # each member's slices of the blocks for the CPU's fused update (_sgd_update);
+        # each member's slices of the blocks for the CPU's fused update (_fused_update);
         # a member without momentum keeps no buffer (torch's kernel asks for none)
         self._fused = [([p[k] for p in self._pblocks], [g[k] for g in self._gblocks],
                         [b[k] for b in self._bblocks] if s.momentum else [], s.weight_decay, s.momentum)
@@ -150,7 +157,13 @@ class Pack:
                                for name, _, path in models.matrix_paths(nets[0])}
         # the hand-differentiated step where the network is a chain (rankbias.train.chain)
         self.chain, why = Chain.of(self.model, self.ctx, {id(p): g for p, g in zip(self.plist, self.grads)})
+        if differentiation == "autograd":
+            self.chain, why = None, "asked for"
         self.differentiation = "by hand (chain)" if self.chain is not None else f"autograd ({why})"
+        # the step's two choices, made here once (step)
+        self._forward_backward = self._chain_grads if self.chain is not None else self._autograd_grads
+        self._update = {"torch": self._torch_update, "columns": self._block_update,
+                        "fused": self._fused_update if self.device.type == "cpu" else self._block_update}[update]
         self.activation_size = s0.layer_table().largest
         # Every convolution also as the linear operator it is on its input (rank.conv:
         # operator): (stored name, its batched layer, input size).
@@ -190,70 +203,78 @@ class Pack:
 
     # -- one SGD step, the whole of it -------------------------------------------
     def step(self, s: "StepInputs") -> None:
+        """Gather the members' batches, forward and gradients (into self.grads), update.
+        Which differentiation and which update is chosen once, when the pack is built."""
         rows = s.idx.reshape(-1)
         xb = torch.index_select(self.X, 0, rows).view(*s.idx.shape, -1)  # [K, B, D]
-        yb = s.y                                                          # [K, B]
         self.ctx.train = True
-        if self.chain is not None:
-            logits, saved = self.chain.forward(xb)
-            weighted, g = weighted_loss_and_grad(self.loss, logits, yb, s.weight.view(-1))
-            self.chain.backward(g, saved)
-        else:
-            weighted = weighted_loss(self.loss, self.model(xb), yb, s.weight.view(-1))
-            weighted.sum().backward()
-            grads = [p.grad for p in self.plist if p.grad is not None]
-            if len(grads) != len(self.plist):
-                raise RuntimeError("SGD step: a parameter got no gradient from the backward pass")
-            torch._foreach_copy_(self.grads, grads)
-            for p in self.plist:
-                p.grad = None
+        weighted = self._forward_backward(xb, s)
         with torch.no_grad():
-            self._sgd_update(s)
+            self._update(s)
             self.loss_sum.add_(weighted.detach())
 
-    def _sgd_update(self, s: "StepInputs") -> None:
-        """torch.optim.SGD's update (momentum, coupled weight decay) on the storage
-        blocks, which keep their storage (a captured CUDA graph relies on that).
+    # the differentiations: each writes every gradient into self.grads and returns the
+    # members' weighted losses [K]
+    def _chain_grads(self, xb: torch.Tensor, s: "StepInputs") -> torch.Tensor:
+        """By hand, where the network is a chain (rankbias.train.chain)."""
+        assert self.chain is not None
+        logits, saved = self.chain.forward(xb)
+        weighted, g = weighted_loss_and_grad(self.loss, logits, s.y, s.weight.view(-1))
+        self.chain.backward(g, saved)
+        return weighted
 
-        On the CPU it is torch's fused SGD kernel, one call a member over its slices of
-        the blocks: a single pass that reads p, g and buf and writes p and buf (5
-        streams), 2x faster than three ops at K=16 (docs/engine.md, "Storage and update"). Its weight
-        decay and momentum are the member's own numbers, its lr the step's column
-        entry (a tensor: nothing is read back). A frozen member has zero weights and
-        gradients and lr 0, so it stays as it is.
-        Elsewhere it is three ops a block with [K, 1] columns: g += wd p; buf = g + mom
-        buf (one multiply-add into its own storage); p -= lr buf (9 streams).
+    def _autograd_grads(self, xb: torch.Tensor, s: "StepInputs") -> torch.Tensor:
+        weighted = weighted_loss(self.loss, self.model(xb), s.y, s.weight.view(-1))
+        weighted.sum().backward()
+        grads = [p.grad for p in self.plist if p.grad is not None]
+        if len(grads) != len(self.plist):
+            raise RuntimeError("SGD step: a parameter got no gradient from the backward pass")
+        torch._foreach_copy_(self.grads, grads)
+        for p in self.plist:
+            p.grad = None
+        return weighted
 
-        With update "torch" (CPU) it is torch.optim.SGD's for-loop (_single_tensor_sgd),
-        parameter by parameter and member by member, with the same Python numbers:
-        d = g + wd p (skipped at wd 0); buf = d at the first step, else buf = mom buf,
-        then buf += d (two roundings); p += -lr buf. The fused kernel rounds differently
-        (docs/engine.md, "Storage and update")."""
-        if self._members:
-            neg_lr = s.neg_lr.view(-1).tolist()
-            for k, spec in enumerate(self.specs):
-                wd, mom = spec.weight_decay, spec.momentum
-                for param, grad, buf in self._members[k]:
-                    d = grad.add_(param, alpha=wd) if wd != 0 else grad
-                    if mom != 0:
-                        if self._bufs_started:
-                            buf.mul_(mom).add_(d)
-                        else:
-                            buf.copy_(d)
-                        d = buf
-                    param.add_(d, alpha=neg_lr[k])
-            self._bufs_started = True
-            return
-        if self._fused:
-            lr = torch.neg(s.neg_lr)
-            for k, (p, g, b, wd, mom) in enumerate(self._fused):
-                torch._fused_sgd_(p, g, b, weight_decay=wd, momentum=mom, lr=lr[k], dampening=0.0,
-                                  nesterov=False, maximize=False, is_first_step=False)
-            return
+    # the updates (UPDATE_MODES): torch.optim.SGD's (momentum, coupled weight decay) on
+    # the storage blocks, which keep their storage (a captured CUDA graph relies on that).
+    # A frozen member has zero weights and gradients and lr 0, so it stays as it is.
+    def _fused_update(self, s: "StepInputs") -> None:
+        """On the CPU: torch's fused SGD kernel, one call a member over its slices of the
+        blocks: a single pass that reads p, g and buf and writes p and buf (5 streams), 2x
+        faster than three ops at K=16 (docs/engine.md, "Storage and update"). Its weight
+        decay and momentum are the member's own numbers, its lr the step's column entry (a
+        tensor: nothing is read back)."""
+        lr = torch.neg(s.neg_lr)
+        for k, (p, g, b, wd, mom) in enumerate(self._fused):
+            torch._fused_sgd_(p, g, b, weight_decay=wd, momentum=mom, lr=lr[k], dampening=0.0,
+                              nesterov=False, maximize=False, is_first_step=False)
+
+    def _block_update(self, s: "StepInputs") -> None:
+        """Off the CPU, and update "columns": three ops a block with [K, 1] columns: g += wd p; buf = g + mom
+        buf (one multiply-add into its own storage); p -= lr buf (9 streams)."""
         for pb, gb, bb in zip(self._pblocks, self._gblocks, self._bblocks):
             gb.addcmul_(pb, s.wd)
             torch.addcmul(gb, bb, s.mom, out=bb)
             pb.addcmul_(bb, s.neg_lr)
+
+    def _torch_update(self, s: "StepInputs") -> None:
+        """Update "torch" (CPU): torch.optim.SGD's for-loop (_single_tensor_sgd), parameter
+        by parameter and member by member, with the same Python numbers: d = g + wd p
+        (skipped at wd 0); buf = d at the first step, else buf = mom buf, then buf += d
+        (two roundings); p += -lr buf. The fused kernel rounds differently
+        (docs/engine.md, "Storage and update")."""
+        neg_lr = s.neg_lr.view(-1).tolist()
+        for k, spec in enumerate(self.specs):
+            wd, mom = spec.weight_decay, spec.momentum
+            for param, grad, buf in self._members[k]:
+                d = grad.add_(param, alpha=wd) if wd != 0 else grad
+                if mom != 0:
+                    if self._bufs_started:
+                        buf.mul_(mom).add_(d)
+                    else:
+                        buf.copy_(d)
+                    d = buf
+                param.add_(d, alpha=neg_lr[k])
+        self._bufs_started = True
 
     # -- an epoch --------------------------------------------------------------
     def epoch_plan(self, epoch: int) -> "EpochPlan":

@@ -342,7 +342,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     deterministic policy; the pack's `precision` sets fp32 or TF32. `terminal` (a text
     stream) gets the rate-limited progress lines of rankbias.plan.progress besides the full
     ones on stderr, and, in a workflow run, the whole run's estimate when the pack is
-    done. `update` (fused|torch) is the parameter update (engine.UPDATE_MODES; torch:
+    done. `update` (fused|torch|columns) is the parameter update (engine.UPDATE_MODES; torch:
     torch.optim.SGD's operation order, bit for bit on the CPU). Raises PackLocked when
     another process trains the pack (`lock_path`), NondeterministicOp naming an op with no
     deterministic kernel, and Preempted after SIGTERM (with a checkpoint written).
@@ -582,7 +582,8 @@ def register(subparsers) -> None:
     p.add_argument("--update", default="fused", choices=list(UPDATE_MODES),
                    help="parameter update: fused (default: one pass a member, fast) or torch "
                         "(torch.optim.SGD's operations in its order, so a pack on the CPU follows "
-                        "nn.Module + torch.optim.SGD bit for bit in float32: for peer checks)")
+                        "nn.Module + torch.optim.SGD bit for bit in float32: for peer checks) or columns "
+                        "(three ops on [K, 1] columns, what fused runs off the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--progress-fd", type=int, default=None, metavar="FD",
                    help="also write progress lines, one per pack at least every "
