@@ -629,7 +629,7 @@ def test_conventions_agree_on_clean_spectra(tmp_path):
     rob = {c["id"]: c for c in res["robustness"]["claims"]}
     assert [c["measure"] for c in res["robustness"]["conventions"]] == ["threshold", "threshold",
                                                                          "effective", "stable"]
-    assert set(rob) == {"C1", "C2", "C3", "R1"}
+    assert set(rob) == {"C1", "C2", "C3", "R1", "R3"}
     assert {v["verdict"] for v in rob["C1"]["verdicts"].values()} == {"holds"} and rob["C1"]["agree"]
     md = C.markdown(res)
     assert "## Robustness to the rank convention" in md and "| C1 | **holds**" in md
@@ -653,6 +653,35 @@ def test_conventions_disagree_when_the_tail_sits_between_the_thresholds(tmp_path
     v_eff, res_eff = verdicts(tmp_path, measure="effective")
     assert v_eff["C1"]["verdict"] == "holds" and res_eff["rank"]["measure"] == "effective"
     assert "Rank: measure=effective." in C.markdown(res_eff)
+
+
+def _r3_tail_runs(tmp_path, tail):
+    for seed in SEEDS:
+        fabricate(tmp_path, spec(seed=seed, weight_decay=0.0), final_ranks=[15] * 3, tail=tail)
+        fabricate(tmp_path, spec(seed=seed, weight_decay=0.0, label_noise=0.3),
+                  final_ranks=[5 + seed] * 3, tail=tail)
+
+
+def test_r3_conventions_agree_on_clean_spectra(tmp_path):
+    _r3_tail_runs(tmp_path, 1e-7)
+    v, res = verdicts(tmp_path)
+    r3 = next(c for c in res["robustness"]["claims"] if c["id"] == "R3")
+    assert v["R3"]["verdict"] == "holds"
+    assert {x["verdict"] for x in r3["verdicts"].values()} == {"holds"} and r3["agree"]
+    assert "| R3 | **holds**" in C.markdown(res) and C.metrics(res)["robustness.R3.agree"] == "yes"
+
+
+def test_r3_conventions_disagree_when_the_tail_sits_between_the_thresholds(tmp_path):
+    # As for C1 below: a tail of 2e-3 is full rank under the sigma_max threshold, so the
+    # noisy runs end at the clean runs' rank there (no reduction, R3 fails); the paper's
+    # threshold, the effective and the stable rank see 5-7 against 15.
+    _r3_tail_runs(tmp_path, 2e-3)
+    _, res = verdicts(tmp_path)
+    r3 = next(c for c in res["robustness"]["claims"] if c["id"] == "R3")
+    by = {name: v["verdict"] for name, v in r3["verdicts"].items()}
+    assert by == {"threshold on W/‖W‖_F (the paper's)": "holds", "threshold on W/σ_max": "fails",
+                  "effective rank exp H(σ/Σσ)": "holds", "stable rank ‖W‖_F²/‖W‖₂²": "holds"}
+    assert not r3["agree"] and C.metrics(res)["robustness.R3.agree"] == "no"
 
 
 def test_stable_and_effective_ranks_read_off_stored_spectra(tmp_path):

@@ -9,7 +9,7 @@ config's ``rank`` settings. Diverged runs are counted and excluded.
 "Final rank" is a run's average hidden-matrix rank at its last logged epoch;
 "relative rank" divides it by the same run's average rank at epoch 0. What a rank is
 follows the config's ``rank.measure`` (rankbias.store.metrics.rank_measure); the claims table
-also judges C1-C3 and R1 under each convention (``CONVENTIONS``), from the same stored
+also judges C1-C3, R1 and R3 under each convention (``CONVENTIONS``), from the same stored
 spectra, and says whether the verdicts agree. A group whose
 final ranks differ by less than ``flat`` (relative range) shows no effect: it counts
 as an effect of 0.
@@ -756,7 +756,7 @@ CONVENTIONS: tuple[tuple[str, str, str], ...] = (
     ("effective rank exp H(σ/Σσ)", "effective", "fro"),
     ("stable rank ‖W‖_F²/‖W‖₂²", "stable", "fro"),
 )
-CONVENTION_CLAIMS = ("C1", "C2", "C3", "R1")
+CONVENTION_CLAIMS = ("C1", "C2", "C3", "R1", "R3")
 
 
 def _summaries(runs: Sequence[Run], normalise: str, tol: float, conv: str,
@@ -777,7 +777,7 @@ def _summaries(runs: Sequence[Run], normalise: str, tol: float, conv: str,
 
 
 def robustness(runs: Sequence[Run], t: dict, tol: float, conv: str = M.DEFAULT_CONV) -> dict:
-    """C1-C3 and R1 judged under every rank convention in CONVENTIONS, from the stored
+    """C1-C3, R1 and R3 judged under every rank convention in CONVENTIONS, from the stored
     spectra (nothing retrains), and whether each claim's verdicts agree."""
     conventions: list[dict] = []
     verdicts: dict[str, dict[str, dict]] = {cid: {} for cid in CONVENTION_CLAIMS}
@@ -934,7 +934,7 @@ def _rank_text(rank: dict) -> str:
 
 
 def robustness_markdown(rob: dict) -> list[str]:
-    """The robustness table: C1-C3 and R1 under each rank convention, and whether they agree."""
+    """The robustness table: C1-C3, R1 and R3 under each rank convention, and whether they agree."""
     names = [c["name"] for c in rob["conventions"]]
     lines = ["## Robustness to the rank convention", "",
              "The same stored spectra, ranked four ways (thresholds at the config's tol); every "
@@ -1043,7 +1043,7 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
 def register(subparsers) -> None:
     p = subparsers.add_parser("claims", help="judge the paper's claims C1-C7, its theory T1-T3 and checks R1-R3 on the stored runs",
                               description="Judge claims C1-C7, theory T1-T3 and the checks beyond the paper "
-                                          "R1-R3 on whatever runs exist, with a table of C1-C3 and R1 "
+                                          "R1-R3 on whatever runs exist, with a table of C1-C3, R1 and R3 "
                                           "under four rank conventions; writes "
                                           "OUT.md, OUT.json and their provenance "
                                           "OUT.provenance.json (`rankbias audit OUT.md` checks "
