@@ -16,6 +16,7 @@ where the image part of a network begins and ends.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ def module(part: Part, activation: str) -> nn.Module:
     if k in ("dict", "seq", "block"):
         children = [(name, module(child, activation)) for name, child in part.children]
         if k == "dict":
-            return nn.ModuleDict(children)
+            return nn.ModuleDict(dict(children))
         if k == "seq":
             return nn.Sequential(*(m for _, m in children))
         return Block(part, children)
@@ -72,7 +73,7 @@ def module(part: Part, activation: str) -> nn.Module:
         return nn.BatchNorm2d(a[0])
     if k == "act":
         return nn.LeakyReLU(LEAKY_SLOPE) if activation == "leaky_relu" else nn.ReLU()
-    simple = {"identity": nn.Identity, "maxpool": lambda: nn.MaxPool2d(2, 2), "flatten": nn.Flatten,
+    simple: dict[str, Callable[[], nn.Module]] = {"identity": nn.Identity, "maxpool": lambda: nn.MaxPool2d(2, 2), "flatten": nn.Flatten,
               "avgpool": lambda: nn.AdaptiveAvgPool2d(1), "unflatten": lambda: nn.Unflatten(1, a[0])}
     if k not in simple:
         raise ModelError(f"a part of kind {k!r} has no module; expected one of linear, conv, bn1d, bn2d, "
