@@ -263,3 +263,40 @@ def test_the_hand_loss_gradient_is_autograds_bit_for_bit(loss, dtype):
     (via_grad,) = torch.autograd.grad(via.sum(), leaf2)
     assert torch.equal(got, via.detach()) and torch.equal(grad, via_grad)
     assert not grad[1].any() and grad[0].abs().sum() > 0
+
+
+def _tiny(depth, width, bias, shape, classes):
+    """The docs' example (docs/add-a-model.md): TINY-L-W, L 3x3 conv-BN-activation layers
+    of width W, global pooling, a linear head."""
+    layers, c = [], shape[0]
+    for _ in range(depth):
+        layers += families.conv_bn_act(c, width, bias, bn=True)
+        c = width
+    return families.image_net(shape, families.seq(*layers, families.Part("avgpool")),
+                              families.linear(width, classes, bias))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_family_declared_once_plans_builds_and_steps(monkeypatch):
+    """A family added in one place (its declaration and registry entry) gets a layer
+    table equal to its built module's forward pass, and the built module trains."""
+    monkeypatch.setitem(families.FAMILIES, "tiny", families.Family("tiny", "TINY", _tiny, images=True, batchnorm=True))
+    families.layers.cache_clear()
+    try:
+        assert families.parse_model_name("tiny-3-8") == ("tiny", 3, 8)
+        table = families.layers("tiny", 3, 8, True, (3, 16, 16), 10)
+        assert table == _traced_table("tiny", 3, 8, True, (3, 16, 16))
+        assert [(l.name, l.kind, l.shape) for l in table.layers] == [
+            ("features.0", "conv", (8, 27)), ("features.3", "conv", (8, 72)), ("features.6", "conv", (8, 72)),
+            ("out", "output", (10, 8))]
+        torch.manual_seed(0)
+        net = models.build("tiny", 3, 8, "relu", True, (3, 16, 16), 10)
+        assert sum(p.numel() for p in net.parameters()) == table.params
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        x, y = torch.randn(4, 3 * 16 * 16), torch.tensor([0, 1, 2, 3])
+        before = models.loss_fn("ce", net(x), y)
+        before.backward()
+        opt.step()
+        assert models.loss_fn("ce", net(x), y) < before
+    finally:
+        families.layers.cache_clear()

@@ -1,9 +1,11 @@
-"""The model families rankbias knows: names, sizes and which class builds each.
+"""The model families rankbias knows: names, sizes and each one's architecture, declared once.
 
-The registry of `rankbias.train.models` without torch, so that the planner (which Snakemake
-imports on every parse) can parse and check model names. The modules themselves, and
-everything derived from them (layers, shapes, costs), are in `rankbias.train.models`. Adding
-a model is a class there and an entry in FAMILIES here.
+Every architecture is a torch-free declaration here (`Part`: its modules, their shapes,
+and the order its forward calls them). From it come both the layer table the planner
+reads (`layers`: matrices, shapes, costs; Snakemake imports this module on every parse,
+so no torch) and the `nn.Module` the trainers run (`rankbias.train.models.build` walks
+the same declaration). Adding a model is a declaring function and an entry in FAMILIES,
+both here (docs/add-a-model.md).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 ACTIVATIONS = ("relu", "leaky_relu")
 LEAKY_SLOPE = 0.01          # the authors' LeakyReLU (torch's default slope)
@@ -30,27 +32,14 @@ class Family:
     """
     arch: str
     name: str
-    module: str                         # its nn.Module class in rankbias.train.models
+    declare: Callable[..., Part]        # (depth, width, bias, image_shape, num_classes, **options) -> Part
     images: bool                        # sees images (else flattened inputs)
     batchnorm: bool
     fixed: tuple[int, int] | None = None
     min_depth: int = 1
-    options: tuple[tuple[str, bool], ...] = ()     # keyword arguments of the class
+    options: tuple[tuple[str, bool], ...] = ()     # keyword arguments of `declare`
 
 
-FAMILIES = {f.arch: f for f in (
-    Family("mlp", "MLP", "MLP", images=False, batchnorm=False),
-    Family("mlp_bn", "MLP-BN", "MLP", images=False, batchnorm=True, options=(("bn", True),)),
-    Family("mlp_wn", "MLP-WN", "MLP", images=False, batchnorm=False, options=(("wn", True),)),
-    Family("res", "RES", "ResidualMLP", images=False, batchnorm=False),
-    Family("res_bn", "RES-BN", "ResidualMLP", images=False, batchnorm=True, options=(("bn", True),)),
-    Family("conv", "CONV", "ConvNet", images=True, batchnorm=False, min_depth=0),
-    Family("conv_bn", "CONV-BN", "ConvNet", images=True, batchnorm=True, min_depth=0,
-           options=(("bn", True),)),
-    Family("vgg16", "VGG-16", "VGG16", images=True, batchnorm=True, fixed=(16, 64)),
-    Family("resnet18", "RESNET-18", "ResNet18", images=True, batchnorm=True, fixed=(18, 64)),
-)}
-ARCHS = tuple(FAMILIES)
 
 _SIZED = re.compile(r"^(?P<family>[A-Z][A-Z0-9]*(?:-[A-Z]+)?)-(?P<depth>\d+)-(?P<width>\d+)$")
 
@@ -110,13 +99,182 @@ def check_sizes(arch: str, depth: int, width: int) -> None:
         raise ModelError(f"width: must be >= 1, got {width}")
 
 
+# -- each model, declared once ---------------------------------------------------------
+# A network is a tree of Parts. A leaf is one torch layer; a 'dict' or 'seq' groups
+# parts (nn.ModuleDict, nn.Sequential) and has no forward of its own; a 'block' runs a
+# program over its parts: the parts named in `body` in turn, then (if `shortcut` is not
+# None) a residual sum with the parts named in `shortcut` applied to the block's input
+# (empty: the input itself), then those in `after`. Parts are created in the order
+# declared, which fixes the parameters' names, their order and the seed's draws.
+
+@dataclass(frozen=True)
+class Part:
+    """One module of a declared network.
+
+    kind and args: 'linear' (in, out, bias, weight_norm), 'conv' (in, out, kernel, stride,
+    padding, bias), 'bn1d' / 'bn2d' (channels), 'identity', 'act' (the run's activation),
+    'maxpool' (2x2, stride 2), 'avgpool' (global), 'unflatten' ((C, H, W)), 'flatten';
+    'dict', 'seq' and 'block' have `children` (name, Part); a block runs `body`,
+    `shortcut` and `after` (paths of its parts, '.' between levels); `input_first`: the
+    residual sum is input + body (else body + shortcut(input)).
+    """
+    kind: str
+    args: tuple = ()
+    children: tuple[tuple[str, "Part"], ...] = ()
+    body: tuple[str, ...] = ()
+    shortcut: tuple[str, ...] | None = None
+    after: tuple[str, ...] = ()
+    input_first: bool = True
+
+    def walk(self, prefix: str = ""):
+        """(path, part) of this part and all below it, in the order they are created."""
+        yield prefix, self
+        for name, child in self.children:
+            yield from child.walk(f"{prefix}.{name}" if prefix else name)
+
+    def part(self, path: str) -> "Part":
+        node = self
+        for name in path.split("."):
+            node = dict(node.children)[name]
+        return node
+
+
+ACT = Part("act")
+
+
+def linear(d_in: int, d_out: int, bias: bool, weight_norm: bool = False) -> Part:
+    return Part("linear", (d_in, d_out, bias, weight_norm))
+
+
+def conv(c_in: int, c_out: int, kernel: int, stride: int, padding: int, bias: bool) -> Part:
+    return Part("conv", (c_in, c_out, kernel, stride, padding, bias))
+
+
+def norm(channels: int, on: bool, image: bool = False) -> Part:
+    """BatchNorm where the family has it, else an Identity in its place."""
+    return Part("bn2d" if image else "bn1d", (channels,)) if on else Part("identity")
+
+
+def group(*children: tuple[str, Part]) -> Part:
+    return Part("dict", children=tuple(children))
+
+
+def seq(*parts: Part) -> Part:
+    return Part("seq", children=tuple((str(i), p) for i, p in enumerate(parts)))
+
+
+def image_net(image_shape: tuple[int, ...], features: Part, head: Part) -> Part:
+    """image -> features -> flatten -> out: a network that sees images (its inputs
+    arrive flattened; the engine finds the image part between Unflatten and Flatten)."""
+    return Part("block", children=(("image", Part("unflatten", (tuple(image_shape),))), ("features", features),
+                                   ("flatten", Part("flatten")), ("out", head)),
+                body=("image", "features", "flatten", "out"))
+
+
+def _mlp(depth: int, width: int, bias: bool, shape: tuple[int, int, int], classes: int,
+         bn: bool = False, wn: bool = False) -> Part:
+    """MLP-L-H (and -BN, -WN): L hidden Linear layers of width H, each followed by
+    BatchNorm (-BN) and the activation; -WN normalises each hidden weight
+    (W = g V / ||V||_F, one scalar g per matrix, as the authors' `mlp_wn`)."""
+    hidden: list[tuple[str, Part]] = []
+    for i in range(1, depth + 1):
+        hidden += [(f"fc{i}", linear(math.prod(shape) if i == 1 else width, width, bias, wn)),
+                   (f"bn{i}", norm(width, bn))]
+    calls = [c for i in range(1, depth + 1) for c in (f"hidden.fc{i}", f"hidden.bn{i}", "act")]
+    return Part("block", children=(("hidden", group(*hidden)), ("act", ACT), ("out", linear(width, classes, bias))),
+                body=(*calls, "out"))
+
+
+def _residual(depth: int, width: int, bias: bool, shape: tuple[int, int, int], classes: int,
+              bn: bool = False) -> Part:
+    """RES-L-H (and -BN): a Linear stem (with BN, no activation), L residual blocks
+    x -> x + act(bn2(w2 act(bn1(w1 x)))) (the paper's; BN optional), a linear head."""
+    block = Part("block", children=(("w1", linear(width, width, bias)), ("bn1", norm(width, bn)),
+                                    ("w2", linear(width, width, bias)), ("bn2", norm(width, bn)), ("act", ACT)),
+                 body=("w1", "bn1", "act", "w2", "bn2", "act"), shortcut=())
+    blocks = group(*((f"block{i}", block) for i in range(1, depth + 1)))
+    return Part("block", children=(("stem", linear(math.prod(shape), width, bias)), ("stem_bn", norm(width, bn)),
+                                   ("blocks", blocks), ("out", linear(width, classes, bias))),
+                body=("stem", "stem_bn", *(f"blocks.block{i}" for i in range(1, depth + 1)), "out"))
+
+
+def conv_bn_act(c_in: int, c_out: int, bias: bool, bn: bool, kernel: int = 3, stride: int = 1,
+                padding: int = 1, act: bool = True) -> list[Part]:
+    return [conv(c_in, c_out, kernel, stride, padding, bias)] + [norm(c_out, True, True)] * bn + [ACT] * act
+
+
+def _convnet(depth: int, width: int, bias: bool, shape: tuple[int, int, int], classes: int,
+             bn: bool = False) -> Part:
+    """CONV-L-W (and -BN), the authors' ConvNet: two stride-2 2x2 convolutions to
+    width W (the second followed by the activation), L 3x3 same-padding convolutions
+    with the activation, BatchNorm after every convolution in -BN, a linear head."""
+    layers = (conv_bn_act(shape[0], width, bias, bn, 2, 2, 0, act=False) + conv_bn_act(width, width, bias, bn, 2, 2, 0)
+              + [p for _ in range(depth) for p in conv_bn_act(width, width, bias, bn)])
+    return image_net(shape, seq(*layers), linear(width * (shape[1] // 4) * (shape[2] // 4), classes, bias))
+
+
+VGG16_LAYERS: tuple[int | Literal["M"], ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def _vgg16(depth: int, width: int, bias: bool, shape: tuple[int, int, int], classes: int) -> Part:
+    """VGG-16 with the authors' CIFAR configuration: 3x3 conv-BN-activation layers
+    and 2x2 max-pools (VGG16_LAYERS), then a 512 -> classes linear head."""
+    layers, c = [], shape[0]
+    for v in VGG16_LAYERS:
+        if v == "M":
+            layers.append(Part("maxpool"))
+        else:
+            layers += conv_bn_act(c, v, bias, bn=True)
+            c = v
+    return image_net(shape, seq(*layers), linear(c, classes, bias))
+
+
+def _basic_block(c_in: int, c_out: int, stride: int) -> Part:
+    """ResNet's two 3x3 conv-BN layers plus a shortcut (a 1x1 conv-BN where the shape
+    changes), the activation after the sum. Its convolutions carry no bias: BatchNorm
+    follows each."""
+    shortcut = (seq(conv(c_in, c_out, 1, stride, 0, False), norm(c_out, True, True))
+                if stride != 1 or c_in != c_out else seq())
+    return Part("block", children=(("conv1", conv(c_in, c_out, 3, stride, 1, False)), ("bn1", norm(c_out, True, True)),
+                                   ("conv2", conv(c_out, c_out, 3, 1, 1, False)), ("bn2", norm(c_out, True, True)),
+                                   ("shortcut", shortcut), ("act", ACT)),
+                body=("conv1", "bn1", "act", "conv2", "bn2"), shortcut=("shortcut",), after=("act",),
+                input_first=False)
+
+
+def _resnet18(depth: int, width: int, bias: bool, shape: tuple[int, int, int], classes: int) -> Part:
+    """The CIFAR ResNet-18: 3x3 stem, four stages of two BasicBlocks (64/128/256/512
+    channels, stride 2 from the second stage on), global average pooling, linear head."""
+    layers, c = [conv(shape[0], 64, 3, 1, 1, False), norm(64, True, True), ACT], 64
+    for i, w in enumerate((64, 128, 256, 512)):
+        for j in range(2):
+            layers.append(_basic_block(c, w, 2 if i > 0 and j == 0 else 1))
+            c = w
+    return image_net(shape, seq(*layers, Part("avgpool")), linear(512, classes, bias))
+
+
+FAMILIES = {f.arch: f for f in (
+    Family("mlp", "MLP", _mlp, images=False, batchnorm=False),
+    Family("mlp_bn", "MLP-BN", _mlp, images=False, batchnorm=True, options=(("bn", True),)),
+    Family("mlp_wn", "MLP-WN", _mlp, images=False, batchnorm=False, options=(("wn", True),)),
+    Family("res", "RES", _residual, images=False, batchnorm=False),
+    Family("res_bn", "RES-BN", _residual, images=False, batchnorm=True, options=(("bn", True),)),
+    Family("conv", "CONV", _convnet, images=True, batchnorm=False, min_depth=0),
+    Family("conv_bn", "CONV-BN", _convnet, images=True, batchnorm=True, min_depth=0,
+           options=(("bn", True),)),
+    Family("vgg16", "VGG-16", _vgg16, images=True, batchnorm=True, fixed=(16, 64)),
+    Family("resnet18", "RESNET-18", _resnet18, images=True, batchnorm=True, fixed=(18, 64)),
+)}
+ARCHS = tuple(FAMILIES)
+
+
 # -- each model's layer table, without torch ---------------------------------------------
 # What the planner needs of a model before any job starts: the matrices whose spectra are
 # stored (names, shapes, a convolution's input size), multiply-adds, parameters and the
-# largest activation. Computed from the shapes alone, so that planning (Snakemake parses
-# the workflow on every call and in every cluster job) never imports torch. Each class in
-# rankbias.train.models has its table here; tests/test_models.py checks every family's table
-# against a forward pass of the module itself on torch's meta device.
+# largest activation. Computed by running the declaration's forward on shapes alone, so
+# that planning (Snakemake parses the workflow on every call and in every cluster job)
+# never imports torch. tests/test_models.py checks every family's table against a
+# forward pass of the module built from the same declaration, on torch's meta device.
 
 @dataclass(frozen=True)
 class Layer:
@@ -141,140 +299,98 @@ class LayerTable:
     largest: int                    # the largest activation of one example (elements)
 
 
-class _Table:
-    """Accumulates a model's table while its shapes are walked, in module order."""
+def short_name(path: str) -> str:
+    """'hidden.fc1' -> 'fc1', 'blocks.block1.w1' -> 'block1.w1' (the MLPs' names as first
+    stored); any other path, e.g. 'features.3', as it is."""
+    head, _, rest = path.partition(".")
+    return rest if rest and head in ("hidden", "blocks") else path
 
-    def __init__(self, name: str, in_shape: tuple[int, ...], image_shape: tuple[int, ...]):
+
+def matrix_kind(path: str, kind: str) -> str:
+    """The stored kind of the matrix of a 'linear' or 'conv' part at `path`."""
+    return "conv" if kind == "conv" else "output" if path == "out" else "hidden"
+
+
+class _Shapes:
+    """Runs a declaration's forward on one example's shape, recording each matrix layer."""
+
+    def __init__(self, name: str, image_shape: tuple[int, ...]):
         self.name, self.image_shape = name, image_shape
-        self.layers: list[Layer] = []
-        self.params = 0
-        self.largest = math.prod(in_shape) if len(in_shape) == 3 else 0   # the unflattened image
+        self.found: dict[str, Layer] = {}
+        self.largest = 0
 
     def misfit(self, why: str) -> ModelError:
         return ModelError(f"model: {self.name} does not fit {'x'.join(map(str, self.image_shape))} "
                           f"inputs ({why})")
 
-    def act(self, size: int) -> None:
-        self.largest = max(self.largest, size)
-
-    def linear(self, name: str, d_in: int, d_out: int, bias: bool, kind: str = "hidden",
-               weight_norm: bool = False) -> int:
-        self.layers.append(Layer(name, kind, (d_out, d_in), None, d_out * d_in))
-        self.params += d_out * d_in + (d_out if bias else 0) + (1 if weight_norm else 0)
-        self.act(d_out)
-        return d_out
-
-    def batchnorm(self, channels: int) -> None:
-        self.params += 2 * channels
-
-    def conv(self, name: str, c_in: int, c_out: int, hw: tuple[int, int], kernel: int, stride: int,
-             padding: int, bias: bool) -> tuple[int, int]:
-        out = tuple((s + 2 * padding - kernel) // stride + 1 for s in hw)
-        if min(out) < 1:
-            raise self.misfit(f"{name}, a {kernel}x{kernel} convolution with stride {stride}, "
-                              f"gets a {hw[0]}x{hw[1]} image")
-        positions = out[0] * out[1]
-        self.layers.append(Layer(name, "conv", (c_out, c_in * kernel * kernel), (hw[0], hw[1]),
-                                 c_out * c_in * kernel * kernel * positions))
-        self.params += c_out * c_in * kernel * kernel + (c_out if bias else 0)
-        self.act(c_out * positions)
-        return out[0], out[1]
-
-    def pool(self, channels: int, hw: tuple[int, int]) -> tuple[int, int]:
-        out = (hw[0] // 2, hw[1] // 2)
-        if min(out) < 1:
-            raise self.misfit(f"a 2x2 max-pool gets a {hw[0]}x{hw[1]} image")
-        self.act(channels * out[0] * out[1])
-        return out
-
-    def head(self, features: int, expected: int, num_classes: int, bias: bool) -> None:
-        if features != expected:
-            raise self.misfit(f"its head takes {expected} features, the last layer gives {features}")
-        self.linear("out", features, num_classes, bias, kind="output")
-
-
-def _mlp(t: _Table, f: Family, depth, width, bias, shape, classes) -> None:
-    d = math.prod(shape)
-    bn, wn = dict(f.options).get("bn", False), dict(f.options).get("wn", False)
-    for i in range(1, depth + 1):
-        t.linear(f"fc{i}", d if i == 1 else width, width, bias, weight_norm=wn)
-        if bn:
-            t.batchnorm(width)
-    t.linear("out", width, classes, bias, kind="output")
-
-
-def _residual(t: _Table, f: Family, depth, width, bias, shape, classes) -> None:
-    bn = dict(f.options).get("bn", False)
-    t.linear("stem", math.prod(shape), width, bias)
-    if bn:
-        t.batchnorm(width)
-    for i in range(1, depth + 1):
-        for w in ("w1", "w2"):
-            t.linear(f"block{i}.{w}", width, width, bias)
-            if bn:
-                t.batchnorm(width)
-    t.linear("out", width, classes, bias, kind="output")
+    def run(self, part: Part, path: str, x: tuple[int, ...]) -> tuple[int, ...]:
+        k, a = part.kind, part.args
+        if k == "block":
+            def calls(paths, y):
+                for p in paths:
+                    y = self.run(part.part(p), f"{path}.{p}" if path else p, y)
+                return y
+            y = calls(part.body, x)
+            if part.shortcut is not None:
+                s = calls(part.shortcut, x)
+                if s != y:
+                    raise self.misfit(f"{path or 'the network'}: a residual sum of shapes {s} and {y}")
+            return calls(part.after, y)
+        if k == "seq":
+            for name, child in part.children:
+                x = self.run(child, f"{path}.{name}", x)
+            return x
+        if k == "linear":
+            d_in, d_out = a[0], a[1]
+            if x != (d_in,):
+                raise self.misfit(f"{'its head' if path == 'out' else path} takes {d_in} features, "
+                                  f"the last layer gives {math.prod(x)}")
+            self.found[path] = Layer(short_name(path), matrix_kind(path, k), (d_out, d_in), None, d_out * d_in)
+            self.largest = max(self.largest, d_out)
+            return (d_out,)
+        if k == "conv":
+            c_in, c_out, kernel, stride, padding = a[:5]
+            hw = x[1:]
+            out = tuple((s + 2 * padding - kernel) // stride + 1 for s in hw)
+            if x[0] != c_in:
+                raise self.misfit(f"{path} takes {c_in} channels, the last layer gives {x[0]}")
+            if min(out) < 1:
+                raise self.misfit(f"{path}, a {kernel}x{kernel} convolution with stride {stride}, "
+                                  f"gets a {hw[0]}x{hw[1]} image")
+            positions = out[0] * out[1]
+            self.found[path] = Layer(short_name(path), "conv", (c_out, c_in * kernel * kernel), (hw[0], hw[1]),
+                                     c_out * c_in * kernel * kernel * positions)
+            self.largest = max(self.largest, c_out * positions)
+            return (c_out, *out)
+        if k == "maxpool":
+            out = (x[1] // 2, x[2] // 2)
+            if min(out) < 1:
+                raise self.misfit(f"a 2x2 max-pool gets a {x[1]}x{x[2]} image")
+            self.largest = max(self.largest, x[0] * out[0] * out[1])
+            return (x[0], *out)
+        if k == "avgpool":
+            return (x[0], 1, 1)
+        if k == "unflatten":
+            self.largest = max(self.largest, math.prod(a[0]))
+            return tuple(a[0])
+        if k == "flatten":
+            return (math.prod(x),)
+        if k in ("bn1d", "bn2d", "identity", "act"):
+            return x
+        raise ModelError(f"{path}: a part of kind {k!r} is not one of linear, conv, bn1d, bn2d, identity, "
+                         "act, maxpool, avgpool, unflatten, flatten, seq, block")
 
 
-class _Features:
-    """Numbers the entries of a `features` nn.Sequential as models.py builds them."""
-
-    def __init__(self):
-        self.index = 0
-
-    def take(self, n: int = 1) -> str:
-        name = f"features.{self.index}"
-        self.index += n
-        return name
-
-
-def _convnet(t: _Table, f: Family, depth, width, bias, shape, classes) -> None:
-    bn = dict(f.options).get("bn", False)
-    c, hw = shape[0], (shape[1], shape[2])
-    seq = _Features()
-    for i, (k, s, p, act) in enumerate([(2, 2, 0, False), (2, 2, 0, True)] + [(3, 1, 1, True)] * depth):
-        hw = t.conv(seq.take(1 + bn + act), c if i == 0 else width, width, hw, k, s, p, bias)
-        if bn:
-            t.batchnorm(width)
-    t.head(width * hw[0] * hw[1], width * (shape[1] // 4) * (shape[2] // 4), classes, bias)
-
-
-VGG16_LAYERS: tuple[int | Literal["M"], ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-
-def _vgg16(t: _Table, f: Family, depth, width, bias, shape, classes) -> None:
-    c, hw = shape[0], (shape[1], shape[2])
-    seq = _Features()
-    for v in VGG16_LAYERS:
-        if v == "M":
-            seq.take()
-            hw = t.pool(c, hw)
-        else:
-            hw = t.conv(seq.take(3), c, int(v), hw, 3, 1, 1, bias)
-            t.batchnorm(int(v))
-            c = int(v)
-    t.head(c * hw[0] * hw[1], c, classes, bias)
-
-
-def _resnet18(t: _Table, f: Family, depth, width, bias, shape, classes) -> None:
-    hw = t.conv("features.0", shape[0], 64, (shape[1], shape[2]), 3, 1, 1, False)
-    t.batchnorm(64)
-    c, block = 64, 3
-    for i, w in enumerate((64, 128, 256, 512)):
-        for j in range(2):
-            stride, name = (2 if i > 0 and j == 0 else 1), f"features.{block}"
-            out = t.conv(f"{name}.conv1", c, w, hw, 3, stride, 1, False)
-            t.batchnorm(w)
-            t.conv(f"{name}.conv2", w, w, out, 3, 1, 1, False)
-            t.batchnorm(w)
-            if stride != 1 or c != w:
-                t.conv(f"{name}.shortcut.0", c, w, hw, 1, stride, 0, False)
-                t.batchnorm(w)
-            hw, c, block = out, w, block + 1
-    t.head(c, 512, classes, bias)     # global average pooling
-
-
-_TABLES = {"MLP": _mlp, "ResidualMLP": _residual, "ConvNet": _convnet, "VGG16": _vgg16, "ResNet18": _resnet18}
+def part_params(part: Part) -> int:
+    """The parameters of one part's own module (its children not counted)."""
+    a = part.args
+    if part.kind == "linear":
+        return a[0] * a[1] + (a[1] if a[2] else 0) + (1 if a[3] else 0)   # weight norm: one g per matrix
+    if part.kind == "conv":
+        return a[1] * a[0] * a[2] * a[2] + (a[1] if a[5] else 0)
+    if part.kind in ("bn1d", "bn2d"):
+        return 2 * a[0]
+    return 0
 
 
 def input_shape(arch: str, image_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -283,14 +399,28 @@ def input_shape(arch: str, image_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(image_shape) if family(arch).images else (math.prod(image_shape),)
 
 
+def declaration(arch: str, depth: int, width: int, bias: bool, image_shape: tuple[int, int, int],
+                num_classes: int) -> Part:
+    """The declared network of a family on images of `image_shape` (C, H, W)."""
+    check_sizes(arch, depth, width)
+    f = family(arch)
+    return f.declare(depth, width, bias, tuple(image_shape), num_classes, **dict(f.options))
+
+
+def table(net: Part, name: str, image_shape: tuple[int, ...]) -> LayerTable:
+    """The layer table of a declared network on (flattened) images of `image_shape`."""
+    s = _Shapes(name, tuple(image_shape))
+    s.run(net, "", (math.prod(image_shape),))
+    found = [s.found[path] for path, p in net.walk() if p.kind in ("linear", "conv")]
+    if len(found) != len(s.found):
+        raise ModelError(f"model: {name} calls a matrix layer more than once or declares one it never calls")
+    return LayerTable(tuple(found), sum(part_params(p) for _, p in net.walk()), s.largest)
+
+
 @functools.lru_cache(maxsize=256)
 def layers(arch: str, depth: int, width: int, bias: bool, image_shape: tuple[int, int, int],
            num_classes: int) -> LayerTable:
     """The layer table of a family's model on images of `image_shape` (C, H, W). A model
     that does not fit its input fails here, before any job starts."""
-    check_sizes(arch, depth, width)
-    f = family(arch)
-    shape = input_shape(arch, image_shape)
-    t = _Table(model_name(arch, depth, width), shape, tuple(image_shape))
-    _TABLES[f.module](t, f, depth, width, bias, shape, num_classes)
-    return LayerTable(tuple(t.layers), t.params, t.largest)
+    net = declaration(arch, depth, width, bias, image_shape, num_classes)
+    return table(net, model_name(arch, depth, width), image_shape)

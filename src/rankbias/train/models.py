@@ -1,13 +1,13 @@
-"""Every architecture rankbias trains, defined once, and what both trainers share.
+"""Every architecture rankbias trains, built from its declaration, and what both trainers share.
 
-A model is a plain `nn.Module` built from standard torch layers (Linear, Conv2d,
-BatchNorm, weight norm, pooling). The reference loop trains it as it is; the batched
-engine runs the same module's forward with its layers swapped for batched ones
-(`rankbias.train.batched`); the stored matrices, the cost model, the plan-time shape
-checks and the test fabricator read its layer table, which `rankbias.core.families.layers`
-computes from the shapes alone (no torch at planning time; a test checks each table
-against the module's own forward pass on the meta device). Adding a model is a class
-here, its table and an entry in `rankbias.core.families.FAMILIES`.
+A model is a plain `nn.Module` of standard torch layers (Linear, Conv2d, BatchNorm,
+weight norm, pooling), built by walking its family's torch-free declaration
+(`rankbias.core.families`: the one place an architecture is written; the layer table
+the planner, the cost model and the stored matrices read comes from the same
+declaration, and a test checks each table against the built module's forward pass on
+the meta device). The reference loop trains it as it is; the batched engine runs the
+same module's forward with its layers swapped for batched ones (`rankbias.train.batched`).
+Adding a model touches rankbias.core.families only (docs/add-a-model.md).
 
 Inputs arrive flattened, [N, C*H*W]; a model that sees images unflattens them with
 `nn.Unflatten` and flattens before its head with `nn.Flatten`, so the engine knows
@@ -16,179 +16,69 @@ where the image part of a network begins and ends.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from rankbias.core.families import ACTIVATIONS, LEAKY_SLOPE, VGG16_LAYERS, ModelError, check_sizes, family, input_shape
+from rankbias.core.families import ACTIVATIONS, LEAKY_SLOPE, ModelError, Part, declaration, matrix_kind, short_name
 from rankbias.core.spec import DATASET_SHAPES
 
-@dataclass(frozen=True)
-class Arch:
-    """What a model's constructor needs: family, sizes, options, input and classes."""
-    depth: int
-    width: int
-    activation: str
-    bias: bool
-    in_shape: tuple[int, ...]     # (features,) or (channels, height, width)
-    num_classes: int
+class Block(nn.Module):
+    """A declared block (`families.Part` of kind 'block'): its parts, called as declared."""
 
-    def act(self) -> nn.Module:
-        return nn.LeakyReLU(LEAKY_SLOPE) if self.activation == "leaky_relu" else nn.ReLU()
-
-
-# -- the families -------------------------------------------------------------------
-
-class MLP(nn.Module):
-    """MLP-L-H (and -BN, -WN): L hidden Linear layers of width H, each followed by
-    BatchNorm (-BN) and the activation; -WN normalises each hidden weight
-    (W = g V / ||V||_F, one scalar g per matrix, as the authors' `mlp_wn`)."""
-
-    def __init__(self, a: Arch, bn: bool = False, wn: bool = False):
+    def __init__(self, part: Part, children: list[tuple[str, nn.Module]]):
         super().__init__()
-        self.hidden = nn.ModuleDict()
-        d = math.prod(a.in_shape)
-        for i in range(1, a.depth + 1):
-            fc = nn.Linear(d if i == 1 else a.width, a.width, bias=a.bias)
-            # torch annotates dim as int but documents dim=None: the norm over the whole matrix
-            self.hidden[f"fc{i}"] = weight_norm(fc, dim=None) if wn else fc  # type: ignore[arg-type]
-            self.hidden[f"bn{i}"] = nn.BatchNorm1d(a.width) if bn else nn.Identity()
-        self.act = a.act()
-        self.out = nn.Linear(a.width, a.num_classes, bias=a.bias)
+        for name, child in children:
+            self.add_module(name, child)
+        # one attribute, not a part's name: the parts may be called anything, 'shortcut' included
+        self.program = (part.body, part.shortcut, part.after, part.input_first)
+
+    def _calls(self, paths: tuple[str, ...], x):
+        for path in paths:
+            x = self.get_submodule(path)(x)
+        return x
 
     def forward(self, x):
-        layers = list(self.hidden.values())
-        for fc, bn in zip(layers[::2], layers[1::2]):
-            x = self.act(bn(fc(x)))
-        return self.out(x)
+        body, shortcut, after, input_first = self.program
+        y = self._calls(body, x)
+        if shortcut is not None:
+            s = self._calls(shortcut, x)
+            y = s + y if input_first else y + s
+        return self._calls(after, y)
 
 
-class ResidualBlock(nn.Module):
-    """x -> x + act(bn2(w2 act(bn1(w1 x)))) (the paper's residual block; BN optional)."""
-
-    def __init__(self, a: Arch, bn: bool):
-        super().__init__()
-        self.w1 = nn.Linear(a.width, a.width, bias=a.bias)
-        self.bn1 = nn.BatchNorm1d(a.width) if bn else nn.Identity()
-        self.w2 = nn.Linear(a.width, a.width, bias=a.bias)
-        self.bn2 = nn.BatchNorm1d(a.width) if bn else nn.Identity()
-        self.act = a.act()
-
-    def forward(self, x):
-        return x + self.act(self.bn2(self.w2(self.act(self.bn1(self.w1(x))))))
-
-
-class ResidualMLP(nn.Module):
-    """RES-L-H (and -BN): a Linear stem (with BN, no activation), L residual blocks."""
-
-    def __init__(self, a: Arch, bn: bool = False):
-        super().__init__()
-        self.stem = nn.Linear(math.prod(a.in_shape), a.width, bias=a.bias)
-        self.stem_bn = nn.BatchNorm1d(a.width) if bn else nn.Identity()
-        self.blocks = nn.ModuleDict({f"block{i}": ResidualBlock(a, bn) for i in range(1, a.depth + 1)})
-        self.out = nn.Linear(a.width, a.num_classes, bias=a.bias)
-
-    def forward(self, x):
-        x = self.stem_bn(self.stem(x))
-        for block in self.blocks.values():
-            x = block(x)
-        return self.out(x)
-
-
-def _conv_bn_act(c_in, c_out, a: Arch, bn: bool, kernel=3, stride=1, padding=1, act=True):
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=a.bias)]
-    layers += [nn.BatchNorm2d(c_out)] if bn else []
-    layers += [a.act()] if act else []
-    return layers
-
-
-class ConvNet(nn.Module):
-    """CONV-L-W (and -BN), the authors' ConvNet: two stride-2 2x2 convolutions to
-    width W (the second followed by the activation), L 3x3 same-padding convolutions
-    with the activation, BatchNorm after every convolution in -BN, a linear head."""
-
-    def __init__(self, a: Arch, bn: bool = False):
-        super().__init__()
-        c, h, w = a.in_shape
-        layers = (_conv_bn_act(c, a.width, a, bn, 2, 2, 0, act=False)
-                  + _conv_bn_act(a.width, a.width, a, bn, 2, 2, 0))
-        for _ in range(a.depth):
-            layers += _conv_bn_act(a.width, a.width, a, bn)
-        self.image = nn.Unflatten(1, a.in_shape)
-        self.features = nn.Sequential(*layers)
-        self.flatten = nn.Flatten()
-        self.out = nn.Linear(a.width * (h // 4) * (w // 4), a.num_classes, bias=a.bias)
-
-    def forward(self, x):
-        return self.out(self.flatten(self.features(self.image(x))))
-
-
-class VGG16(nn.Module):
-    """VGG-16 with the authors' CIFAR configuration: 3x3 conv-BN-activation layers
-    and 2x2 max-pools (VGG16_LAYERS), then a 512 -> classes linear head."""
-
-    def __init__(self, a: Arch):
-        super().__init__()
-        layers, c = [], a.in_shape[0]
-        for v in VGG16_LAYERS:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += _conv_bn_act(c, v, a, bn=True)
-                c = v
-        self.image = nn.Unflatten(1, a.in_shape)
-        self.features = nn.Sequential(*layers)
-        self.flatten = nn.Flatten()
-        self.out = nn.Linear(c, a.num_classes, bias=a.bias)
-
-    def forward(self, x):
-        return self.out(self.flatten(self.features(self.image(x))))
-
-
-class BasicBlock(nn.Module):
-    """ResNet's two 3x3 conv-BN layers plus a shortcut (a 1x1 conv-BN where the shape
-    changes), the activation after the sum. Its convolutions carry no bias: BatchNorm
-    follows each."""
-
-    def __init__(self, c_in, c_out, stride, a: Arch):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-        self.act = a.act()
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
-        return self.act(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """The CIFAR ResNet-18: 3x3 stem, four stages of two BasicBlocks (64/128/256/512
-    channels, stride 2 from the second stage on), global average pooling, linear head."""
-
-    def __init__(self, a: Arch):
-        super().__init__()
-        self.image = nn.Unflatten(1, a.in_shape)
-        layers = [nn.Conv2d(a.in_shape[0], 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), a.act()]
-        c = 64
-        for i, width in enumerate((64, 128, 256, 512)):
-            for j in range(2):
-                layers.append(BasicBlock(c, width, 2 if i > 0 and j == 0 else 1, a))
-                c = width
-        layers.append(nn.AdaptiveAvgPool2d(1))
-        self.features = nn.Sequential(*layers)
-        self.flatten = nn.Flatten()
-        self.out = nn.Linear(512, a.num_classes, bias=a.bias)
-
-    def forward(self, x):
-        return self.out(self.flatten(self.features(self.image(x))))
+def module(part: Part, activation: str) -> nn.Module:
+    """The nn.Module of a declared part, its children created in the order declared (which
+    fixes parameter names and order and the seed's draws: torch's default init)."""
+    k, a = part.kind, part.args
+    if k in ("dict", "seq", "block"):
+        children = [(name, module(child, activation)) for name, child in part.children]
+        if k == "dict":
+            return nn.ModuleDict(dict(children))
+        if k == "seq":
+            return nn.Sequential(*(m for _, m in children))
+        return Block(part, children)
+    if k == "linear":
+        fc = nn.Linear(a[0], a[1], bias=a[2])
+        # torch annotates dim as int but documents dim=None: the norm over the whole matrix
+        return weight_norm(fc, dim=None) if a[3] else fc  # type: ignore[arg-type]
+    if k == "conv":
+        return nn.Conv2d(a[0], a[1], a[2], a[3], a[4], bias=a[5])
+    if k == "bn1d":
+        return nn.BatchNorm1d(a[0])
+    if k == "bn2d":
+        return nn.BatchNorm2d(a[0])
+    if k == "act":
+        return nn.LeakyReLU(LEAKY_SLOPE) if activation == "leaky_relu" else nn.ReLU()
+    simple: dict[str, Callable[[], nn.Module]] = {"identity": nn.Identity, "maxpool": lambda: nn.MaxPool2d(2, 2), "flatten": nn.Flatten,
+              "avgpool": lambda: nn.AdaptiveAvgPool2d(1), "unflatten": lambda: nn.Unflatten(1, a[0])}
+    if k not in simple:
+        raise ModelError(f"a part of kind {k!r} has no module; expected one of linear, conv, bn1d, bn2d, "
+                         f"act, {', '.join(simple)}, dict, seq, block")
+    return simple[k]()
 
 
 # -- building a run's network ----------------------------------------------------------
@@ -196,12 +86,10 @@ class ResNet18(nn.Module):
 def build(arch: str, depth: int, width: int, activation: str, bias: bool,
           image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """The network of a family on inputs of `image_shape`, with torch's default init."""
-    check_sizes(arch, depth, width)
+    net = declaration(arch, depth, width, bias, image_shape, num_classes)
     if activation not in ACTIVATIONS:
         raise ModelError(f"activation: {activation!r} is not one of {', '.join(ACTIVATIONS)}")
-    a = Arch(depth, width, activation, bias, input_shape(arch, image_shape), num_classes)
-    f = family(arch)
-    return globals()[f.module](a, **dict(f.options))
+    return module(net, activation)
 
 
 def build_net(spec, in_dim: int, num_classes: int) -> nn.Module:
@@ -217,21 +105,14 @@ def build_net(spec, in_dim: int, num_classes: int) -> nn.Module:
 
 # -- the matrices whose spectra are stored -----------------------------------------------
 
-def short_name(path: str) -> str:
-    """'hidden.fc1' -> 'fc1', 'blocks.block1.w1' -> 'block1.w1' (the MLPs' names as first
-    stored); any other path, e.g. 'features.3', as it is."""
-    head, _, rest = path.partition(".")
-    return rest if rest and head in ("hidden", "blocks") else path
-
-
 def matrix_paths(net: nn.Module) -> list[tuple[str, str, str]]:
     """(name, kind, module path) of every Linear and Conv2d in order; the head is 'out'."""
     out = []
     for path, m in net.named_modules():
         if isinstance(m, nn.Conv2d):
-            out.append((short_name(path), "conv", path))
+            out.append((short_name(path), matrix_kind(path, "conv"), path))
         elif isinstance(m, nn.Linear):
-            out.append((short_name(path), "output" if path == "out" else "hidden", path))
+            out.append((short_name(path), matrix_kind(path, "linear"), path))
     return out
 
 
