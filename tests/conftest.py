@@ -1,9 +1,11 @@
 import dataclasses
+import faulthandler
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,33 @@ import torch
 import yaml
 
 from rankbias.train import data
+
+# A test that hangs fails the run instead of stalling it: past TEST_LIMIT_S seconds the
+# process names the test, prints every thread's stack and exits non-zero. The slowest
+# tests (a real snakemake, SLURM or podman run) take a few minutes on two cores.
+TEST_LIMIT_S = float(os.environ.get("RANKBIAS_TEST_LIMIT_S", "900"))
+
+
+def _overran(item) -> None:
+    nodeid = item.nodeid
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:   # the message goes to the terminal, not to the test's capture
+        capture.suspend_global_capture(in_=False)
+    print(f"\n{nodeid}: still running after {TEST_LIMIT_S:.0f} s (RANKBIAS_TEST_LIMIT_S); every thread's stack:",
+          file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    os._exit(3)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    timer = threading.Timer(TEST_LIMIT_S, _overran, args=(item,))
+    timer.daemon = True
+    timer.start()
+    try:
+        return (yield)
+    finally:
+        timer.cancel()
 
 
 @pytest.fixture(scope="session")

@@ -132,10 +132,15 @@ class Part:
         for name, child in self.children:
             yield from child.walk(f"{prefix}.{name}" if prefix else name)
 
+    @functools.cached_property
+    def named(self) -> dict[str, "Part"]:
+        """The children by name, built once (a deep network looks up each call by name)."""
+        return dict(self.children)
+
     def part(self, path: str) -> "Part":
         node = self
         for name in path.split("."):
-            node = dict(node.children)[name]
+            node = node.named[name]
         return node
 
 
