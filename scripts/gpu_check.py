@@ -64,15 +64,14 @@ def random_dataset(specs, dev, cache: dict):
 
     from rankbias.train.data import Dataset
     from rankbias.core.spec import DATASET_DIMS, NUM_CLASSES
-    s0 = specs[0]
-    train, test = s0.sizes()
-    key = (s0.dataset, train, test)
+    train, test = specs.sizes()
+    key = (specs.dataset, train, test)
     if key not in cache:
         cache.clear()            # one at a time: CIFAR-sized data is 0.7 GB
         g = torch.Generator(device=dev).manual_seed(0)
-        dim = DATASET_DIMS[s0.dataset]
+        dim = DATASET_DIMS[specs.dataset]
         cache[key] = Dataset(
-            name=f"random-{s0.dataset}-shaped",
+            name=f"random-{specs.dataset}-shaped",
             x_train=torch.randn(train, dim, generator=g, device=dev),
             y_train=torch.randint(NUM_CLASSES, (train,), generator=g, device=dev),
             x_test=torch.randn(test, dim, generator=g, device=dev),
@@ -92,9 +91,8 @@ def time_steps(specs, ds, dev, min_steps: int = MIN_STEPS, step_seconds: float =
     training) and steady steps with that stepper, as an epoch runs them."""
     from rankbias.train import numerics
     from rankbias.train.engine import GraphedStep, Pack
-    from rankbias.core.spec import pack_steps
     sync = _sync(dev)
-    with numerics.policy(True, specs[0].precision, dev.type):
+    with numerics.policy(True, specs.precision, dev.type):
         sync()
         t0 = time.perf_counter()
         pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph)
@@ -104,7 +102,7 @@ def time_steps(specs, ds, dev, min_steps: int = MIN_STEPS, step_seconds: float =
         setup_s = time.perf_counter() - t0
         for _ in range(WARM_STEPS):      # untimed: the first calls pay for tracing and caches
             step(plan.inputs(0))
-        want = min(min_steps, pack_steps(specs))
+        want = min(min_steps, specs.steps)
         done, epoch, t = 0, 0, 0
         sync()
         t0 = time.perf_counter()
@@ -138,7 +136,7 @@ def time_logged_epoch(specs, ds, dev) -> dict:
     from rankbias.train.loop import Recorder, _theory
     sync = _sync(dev)
     parts = {"evaluation": 0.0, "operator_spectra": 0.0}
-    with numerics.policy(True, specs[0].precision, dev.type):
+    with numerics.policy(True, specs.precision, dev.type):
         pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph="off")
 
         def timed(name, fn):
@@ -197,8 +195,7 @@ def timings_part(args, start: float) -> tuple[dict, bool]:
 
     from rankbias.plan import sweep
     from rankbias.plan.cluster import (TIMINGS_FORMAT, ShapeTiming, estimate_seconds, model_logged_epoch_seconds,
-                                  model_seconds)
-    from rankbias.core.spec import pack_steps
+                                  model_seconds, logged_epochs)
     from rankbias.train.loop import device_name, resolve_device
     dev = resolve_device(args.device)
     device = "cuda" if dev.type == "cuda" else "cpu"
@@ -247,11 +244,11 @@ def timings_part(args, start: float) -> tuple[dict, bool]:
           f"{'step':<6} {'logged s':>8} {'x':>4} {'hours':>7}  source")
     for key in order:
         packs = shapes[key]
-        s0 = packs[0][1][0]
-        B, K = max(s.batch_size for s in packs[0][1]), len(packs[0][1])
-        steps = sum(pack_steps(s) for _, s in packs)
+        first = packs[0][1]
+        B, K = first.batch_size, len(first)
+        steps = sum(s.steps for _, s in packs)
         hours = sum(estimate_seconds(s, device, timings) for _, s in packs) / 3600
-        logged = s0.epochs // s0.log_every + 1
+        logged = logged_epochs(first)
         r = rows.get(key)
         if r is None:
             ms, mode, source = f"{'-':>8}", "-", "cost model"
@@ -262,7 +259,7 @@ def timings_part(args, start: float) -> tuple[dict, bool]:
         else:
             logged_s = f"{model_logged_epoch_seconds(packs[0][1], device):>7.2f}*"
             source += "; logged epoch: cost model" if r is not None else ""
-        print(f"{s0.model:<14} {s0.dataset:<8} {B:>6} {K:>3} {len(packs):>5} {steps:>9} {ms} "
+        print(f"{first.model:<14} {first.dataset:<8} {B:>6} {K:>3} {len(packs):>5} {steps:>9} {ms} "
               f"{mode:<6} {logged_s} {logged:>4} {hours:>7.2f}  {source}")
     totals = profile_hours(plans, timings, device)
     for name, hours in totals.items():

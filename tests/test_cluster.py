@@ -97,13 +97,13 @@ def test_memory_estimate_counts_data_and_pack():
 
 
 def test_step_cost_by_hand_for_a_small_mlp():
-    """MLP-BN-2-16 on synthetic inputs (D), K=3 members, batches 8/16/32 (a step is 32
-    wide): matrices (16, D), (16, 16), (10, 16)."""
+    """MLP-BN-2-16 on synthetic inputs (D), K=3 members, B=32 (a pack's members share
+    their batch size): matrices (16, D), (16, 16), (10, 16)."""
     from rankbias.plan.cluster import step_bytes, step_flops
     from rankbias.core.spec import DATASET_DIMS
     D = DATASET_DIMS["synthetic"]
-    specs = [RunSpec(dataset="synthetic", arch="mlp_bn", depth=2, width=16, batch_size=b, seed=i)
-             for i, b in enumerate((8, 16, 32))]
+    specs = [RunSpec(dataset="synthetic", arch="mlp_bn", depth=2, width=16, batch_size=32, seed=i)
+             for i in range(3)]
     # forward 2 per weight per example for all three; input gradient 2 for the last
     # two; weight gradient 2 for all three
     per_example = 2 * (16 * D + 256 + 160) + 2 * (256 + 160) + 2 * (16 * D + 256 + 160)

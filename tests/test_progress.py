@@ -167,7 +167,7 @@ def test_train_sends_rate_limited_lines_and_the_run_estimate_to_the_progress_fd(
     import subprocess
     import sys
 
-    from rankbias.core.spec import load_pack, pack_id
+    from rankbias.core.pack import load_pack, pack_id
     specs = [{"dataset": "synthetic", "model": "MLP-2-8", "epochs": 3, "batch_size": 64, "seed": s}
              for s in (0, 1)]
     pack = tmp_path / "pack.json"

@@ -25,7 +25,8 @@ from rankbias.analysis import claims, figures
 from rankbias.train import loop as T
 from rankbias.store.results import Run, RunError, write_run
 from rankbias.core.io import atomic_write_bytes
-from rankbias.core.spec import RunSpec, pack_id
+from rankbias.core.pack import pack_id
+from rankbias.core.spec import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankbias.core.spec import (RunSpec, SpecError, check_pack, load_pack, make_packs, model_name, pack_id,
-                           pack_steps, parse_model_name)
+from rankbias.core.pack import PackSpec, load_pack, make_packs, pack_id
+from rankbias.core.spec import RunSpec, SpecError, model_name, parse_model_name
 
 specs = st.builds(
     RunSpec,
@@ -129,7 +129,7 @@ def test_steps_per_epoch_keep_or_drop_the_partial_batch():
     keep = RunSpec(dataset="mnist", train_subset=10000, batch_size=32, epochs=3)
     drop = RunSpec.from_dict({**keep.to_dict(), "drop_last": True})
     assert (keep.steps_per_epoch(), drop.steps_per_epoch()) == (313, 312)
-    assert (pack_steps([keep]), pack_steps([drop])) == (939, 936)
+    assert (PackSpec([keep]).steps, PackSpec([drop]).steps) == (939, 936)
     assert keep.steps_per_epoch(10) == -(-10 // 32) == 1
     assert RunSpec(batch_size=4).steps_per_epoch(10) == 3
     assert RunSpec(batch_size=5).steps_per_epoch(10) == RunSpec(batch_size=5, drop_last=True).steps_per_epoch(10) == 2
@@ -170,7 +170,7 @@ def test_load_pack_files(tmp_path):
         load_pack(bad)
     mixed = tmp_path / "mixed.json"
     mixed.write_text(json.dumps([{"model": "MLP-2-8"}, {"model": "MLP-3-8"}]))
-    with pytest.raises(SpecError, match="cannot train as one pack"):
+    with pytest.raises(SpecError, match="; depth differs, so they cannot train as one pack"):
         load_pack(mixed)
     two_batch_sizes = tmp_path / "b.json"
     two_batch_sizes.write_text(json.dumps([{"model": "MLP-2-8", "batch_size": 16}, {"model": "MLP-2-8"}]))
@@ -193,7 +193,28 @@ def test_a_pack_that_lists_a_run_twice_is_refused_naming_the_file_and_the_run(tm
     # the one pack check refuses it wherever a pack is built
     s = RunSpec(dataset="synthetic")
     with pytest.raises(SpecError, match=f"Pack: run {s.run_id} is listed twice"):
-        check_pack([s, s], "Pack")
+        PackSpec([s, s], "Pack")
+
+
+def test_a_pack_gives_what_its_members_share_and_refuses_what_they_do_not():
+    a = RunSpec(dataset="synthetic", batch_size=16, lr=0.1, seed=1, theory_sizes=(4,))
+    a_batches = a.theory_batches
+    b = RunSpec(dataset="synthetic", batch_size=16, lr=0.2, seed=2, theory_sizes=(8, 4), theory_batches=a_batches + 8)
+    pack = PackSpec([b, a])
+    assert (pack.batch_size, pack.dataset, pack.model, pack.epochs) == (16, "synthetic", a.model, a.epochs)
+    assert list(pack) == [b, a] and pack[1] is a and len(pack) == 2
+    assert pack.id == pack_id([a, b]) and pack.run_ids == [b.run_id, a.run_id]
+    assert pack.steps == a.epochs * a.steps_per_epoch() and pack.layer_table() == a.layer_table()
+    # Theorem 1's sampling is per member: the pack measures every member's B* and most batches
+    assert (pack.theory_batch_sizes, pack.theory_batches) == ((4, 8), a_batches + 8)
+    with pytest.raises(AttributeError, match="'lr'.*per-member values are read off pack"):
+        pack.lr
+    assert PackSpec.of(pack) is pack and PackSpec.of([a, b]) == PackSpec([a, b])
+    # what differs is named
+    with pytest.raises(SpecError, match="here: .*; batch_size, drop_last differ, so they cannot train"):
+        PackSpec([a, RunSpec(dataset="synthetic", batch_size=8, drop_last=True)], "here")
+    with pytest.raises(SpecError, match="here: the pack has no runs"):
+        PackSpec([], "here")
 
 
 def test_direct_construction_hashes_like_the_config_path():

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from rankbias.plan import sweep
-from rankbias.core.spec import load_pack
+from rankbias.core.pack import load_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["config/config.yaml", "config/paper.yaml", ".test/config.yaml"]

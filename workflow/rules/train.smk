@@ -28,7 +28,7 @@ def _train_rule(pid):
             f"train_{pid}"
         input:
             pack=ancient(f"results/packs/{pid}.json"),
-            data=ancient(dataset_inputs(specs[0].dataset)),
+            data=ancient(dataset_inputs(specs.dataset)),
         output:
             run_json(PLAN.packs[pid]),
         log:

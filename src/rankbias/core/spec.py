@@ -2,17 +2,17 @@
 
 A RunSpec is the unit of identity in rankbias: its canonical JSON form is hashed
 into ``run_id``, which names the run's output directory and deduplicates runs
-across figures. Packs group runs that can train as one batched model.
+across figures. Runs with one `pack_key()` train as one batched model (rankbias.core.pack).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from rankbias.core import config, families
 from rankbias.core.config import SpecError, SpecKeys
@@ -53,6 +53,12 @@ MAX_LR_TIMES_WEIGHT_DECAY = 1.0
 # (the authors' default) or its linear operator on its input (layer kind 'conv_operator').
 CONV_SPECTRA: tuple[str, ...] = config.RANK["conv"].choices
 DEFAULT_CONV: str = config.RANK["conv"].default
+
+
+# The keys the runs of a pack share (RunSpec.pack_key; rankbias.core.pack.PackSpec).
+PACK_KEYS: tuple[str, ...] = ("dataset", "arch", "depth", "width", "activation", "bias", "loss", "epochs",
+                              "batch_size", "drop_last", "schedule", "milestones", "gamma", "log_every",
+                              "train_subset", "test_subset", "precision")
 
 
 def parse_model_name(name: str) -> tuple[str, int, int]:
@@ -150,7 +156,7 @@ class RunSpec(SpecKeys):
              if not (config.SPEC[name].omitted == "run_id" and v == config.SPEC[name].default)}
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
 
@@ -167,9 +173,7 @@ class RunSpec(SpecKeys):
         of training them apart; with one B every member's last partial batch has
         n mod B rows, a plain narrower step.
         """
-        return (self.dataset, self.arch, self.depth, self.width, self.activation, self.bias,
-                self.loss, self.epochs, self.batch_size, self.drop_last, self.schedule,
-                self.milestones, self.gamma, self.log_every, self.train_subset, self.test_subset, self.precision)
+        return tuple(getattr(self, k) for k in PACK_KEYS)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate used during 0-based training epoch `epoch`.
@@ -229,77 +233,3 @@ def _validate(s: RunSpec) -> None:
         raise SpecError(str(e)) from None
     if families.family(s.arch).batchnorm and any(b < 2 for b in s.theory_sizes):
         raise SpecError("theory_sizes: BatchNorm architectures need B* >= 2")
-
-
-# -- packs -----------------------------------------------------------------------
-
-def pack_id(specs: Iterable[RunSpec]) -> str:
-    ids = sorted(s.run_id for s in specs)
-    return hashlib.sha256(",".join(ids).encode()).hexdigest()[:12]
-
-
-def make_packs(specs: Iterable[RunSpec], max_pack: int = 64) -> list[list[RunSpec]]:
-    """Deduplicate runs by run_id and group them into packs.
-
-    Runs in a pack share `RunSpec.pack_key()`; the rest are per-member hyperparameters.
-    """
-    unique = {s.run_id: s for s in specs}
-    groups: dict[tuple, list[RunSpec]] = {}
-    for s in sorted(unique.values(), key=lambda s: s.run_id):
-        groups.setdefault(s.pack_key(), []).append(s)
-    packs = []
-    for key in sorted(groups, key=repr):
-        members = groups[key]
-        for i in range(0, len(members), max_pack):
-            packs.append(members[i:i + max_pack])
-    return packs
-
-
-def load_pack(path: str | Path) -> list[RunSpec]:
-    """Read a pack file: JSON or YAML, either a list of specs or {"runs": [...]}."""
-    path = Path(path)
-    if not path.exists():
-        raise SpecError(f"pack file {path} does not exist")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-        raw = yaml.safe_load(text)
-    else:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"pack file {path}: not valid JSON ({e})") from None
-    if isinstance(raw, Mapping):
-        if "runs" not in raw:
-            raise SpecError(f"pack file {path}: expected a list of run specs or a mapping with key 'runs'")
-        raw = raw["runs"]
-    if not isinstance(raw, list) or not raw:
-        raise SpecError(f"pack file {path}: expected a non-empty list of run specs")
-    specs = []
-    for i, r in enumerate(raw):
-        try:
-            specs.append(RunSpec.from_dict(r))
-        except SpecError as e:
-            raise SpecError(f"pack file {path}, run {i}: {e}") from None
-    check_pack(specs, f"pack file {path}")
-    return specs
-
-
-def check_pack(specs: list[RunSpec], where: str) -> None:
-    """Runs can train as one pack only if each is listed once (a run listed twice would
-    train as two members into one run directory) and they share `RunSpec.pack_key()`."""
-    first: dict[str, int] = {}
-    for i, s in enumerate(specs):
-        if s.run_id in first:
-            raise SpecError(f"{where}: run {s.run_id} is listed twice (runs {first[s.run_id]} and {i}); "
-                            "a pack lists each run once")
-        first[s.run_id] = i
-    if len({s.pack_key() for s in specs}) > 1:
-        raise SpecError(f"{where}: the runs of a pack must share dataset, architecture, activation, "
-                        "bias, loss, epochs, batch_size, drop_last, schedule, log_every and "
-                        "subsets; these differ and cannot train as one pack")
-
-
-def pack_steps(specs: list[RunSpec]) -> int:
-    """Optimiser steps a pack runs: epochs * steps_per_epoch, which its members share."""
-    return specs[0].epochs * specs[0].steps_per_epoch()

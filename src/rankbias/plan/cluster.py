@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from rankbias.core.spec import DATASET_DIMS, RunSpec, SpecError, check_pack, pack_id, pack_steps
+from rankbias.core.pack import PackSpec
+from rankbias.core.spec import DATASET_DIMS, RunSpec, SpecError
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,10 @@ SAFETY_FACTOR = 2.0       # the limit is twice the estimate ...
 MIN_MINUTES = 10          # ... and never below ten minutes (queueing, slow file systems)
 
 
-def _matrices(spec: RunSpec) -> list[tuple[int, int]]:
+def _matrices(pack: PackSpec) -> list[tuple[int, int]]:
     """(out, in) shapes of every stored matrix of the model (a kernel as [out, in*kh*kw]),
     output layer included."""
-    return [layer.shape for layer in spec.layer_table().layers]
+    return [layer.shape for layer in pack.layer_table().layers]
 
 
 def step_flops(specs: Sequence[RunSpec]) -> float:
@@ -67,11 +68,11 @@ def step_flops(specs: Sequence[RunSpec]) -> float:
     multiply-add (a weight; for a convolution, a weight at each output position) costs
     2 FLOPs forward, 2 for the input gradient and 2 for the weight's gradient; the first
     layer's input gradient is never formed (the data needs none). A pack steps every
-    member at its largest batch size."""
-    layers = specs[0].layer_table().layers
-    b_max = max(s.batch_size for s in specs)
+    member at the pack's batch size."""
+    pack = PackSpec.of(specs, "step_flops")
+    layers = pack.layer_table().layers
     per_example = 6 * sum(layer.macs for layer in layers) - 2 * layers[0].macs
-    return float(len(specs) * b_max * per_example)
+    return float(len(pack) * pack.batch_size * per_example)
 
 
 def step_bytes(specs: Sequence[RunSpec], itemsize: int = 4) -> float:
@@ -82,13 +83,12 @@ def step_bytes(specs: Sequence[RunSpec], itemsize: int = 4) -> float:
     reads parameter, gradient and momentum and writes parameter and momentum (5P),
     and the input rows of the batch are read once. Activations (K * B * width per
     layer, under 2% here) are left out: this is a lower bound."""
-    first = specs[0]
-    shapes = _matrices(first)
-    k, b_max = len(specs), max(s.batch_size for s in specs)
-    params = first.layer_table().params
+    pack = PackSpec.of(specs, "step_bytes")
+    shapes = _matrices(pack)
+    params = pack.layer_table().params
     reread = sum(o * i for o, i in shapes[1:])
-    inputs = b_max * DATASET_DIMS[first.dataset]
-    return float(itemsize * k * (7 * params + reread + inputs))
+    inputs = pack.batch_size * DATASET_DIMS[pack.dataset]
+    return float(itemsize * len(pack) * (7 * params + reread + inputs))
 
 
 def roofline_seconds(flops: float, nbytes: float, flops_per_second: float,
@@ -118,11 +118,11 @@ def shape_key(specs: Sequence[RunSpec]) -> str:
     """What a pack's step and logged-epoch times depend on: the model and its input,
     the data's size, B, K, the loss, the precision and Theorem 1's sampling. Packs with
     one key take one time; learning rates, decays and seeds change none."""
-    s = specs[0]
+    s = PackSpec.of(specs, "shape_key")
     train, test = s.sizes()
     sizes = ",".join(map(str, s.theory_batch_sizes))
     return (f"{s.model}|{s.dataset}|{s.activation}|bias={s.bias}|{s.loss}|{s.precision}|n={train}/{test}"
-            f"|B={max(x.batch_size for x in specs)}|K={len(specs)}|theory={s.theory_batches}x{sizes}")
+            f"|B={s.batch_size}|K={len(s)}|theory={s.theory_batches}x{sizes}")
 
 
 def load_timings(path: str | os.PathLike | None = None) -> dict[str, ShapeTiming]:
@@ -153,80 +153,80 @@ def load_timings(path: str | os.PathLike | None = None) -> dict[str, ShapeTiming
         raise SpecError(f"timings file {p}: unreadable ({e}); rerun `make gpu-check` or remove it") from None
 
 
+def logged_epochs(pack: PackSpec) -> int:
+    """The epochs a pack logs (evaluation, spectra, Theorem 1), epoch 0 included."""
+    return pack.epochs // pack.log_every + 1
+
+
 def measured_seconds(specs: Sequence[RunSpec], timing: ShapeTiming, device: str = "cuda") -> float:
     """A pack's wall time from its shape's measured timing: start-up (the cost model's),
     set-up, every step, and every logged epoch (epoch 0 included; the cost model's where
     the logged epoch was not measured)."""
-    first = specs[0]
-    logged = first.epochs // first.log_every + 1
+    pack = PackSpec.of(specs, "measured_seconds")
     logged_s = (timing.logged_epoch_s if timing.logged_epoch_s is not None
-                else model_logged_epoch_seconds(specs, device))
+                else model_logged_epoch_seconds(pack, device))
     return (COST_MODELS[device].startup_seconds + timing.setup_s
-            + pack_steps(list(specs)) * timing.step_s + logged * logged_s)
+            + pack.steps * timing.step_s + logged_epochs(pack) * logged_s)
 
 
 def estimate_seconds(specs: Sequence[RunSpec], device: str = "cuda",
                      timings: Mapping[str, ShapeTiming] | None = None) -> float:
     """Unpadded estimate of a pack's wall time in seconds (no safety factor): from the
     measured `timings` where they have the pack's shape (CUDA only), else the cost model."""
-    if not specs:
-        raise SpecError("estimate_runtime_minutes: the pack has no runs")
     if device not in COST_MODELS:
         raise SpecError(f"device: {device!r} is not one of {', '.join(sorted(COST_MODELS))}")
-    check_pack(list(specs), "estimate_runtime_minutes")
+    pack = PackSpec.of(specs, "estimate_runtime_minutes")
     if device == "cuda" and timings:
-        timing = timings.get(shape_key(specs))
+        timing = timings.get(shape_key(pack))
         if timing is not None:
-            return measured_seconds(specs, timing, device)
-    return model_seconds(specs, device)
+            return measured_seconds(pack, timing, device)
+    return model_seconds(pack, device)
 
 
 def model_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     """The cost model's estimate (the module docstring): exact work, assumed rates."""
-    first = specs[0]
-    logged = first.epochs // first.log_every + 1
-    return (COST_MODELS[device].startup_seconds + model_train_seconds(specs, device)
-            + logged * model_logged_epoch_seconds(specs, device))
+    pack = PackSpec.of(specs, "model_seconds")
+    return (COST_MODELS[device].startup_seconds + model_train_seconds(pack, device)
+            + logged_epochs(pack) * model_logged_epoch_seconds(pack, device))
 
 
 def model_train_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     """The cost model's seconds of every training step of the pack."""
     cost = COST_MODELS[device]
-    first = specs[0]
-    train, _ = first.sizes()
-    n_layers = len(_matrices(first))
+    pack = PackSpec.of(specs, "model_train_seconds")
+    train, _ = pack.sizes()
+    n_layers = len(_matrices(pack))
 
     # Every member sees each sample it trains on once an epoch (all n, or the full
     # batches' with drop_last); each of the steps costs its launches whatever its width.
-    steps = pack_steps(list(specs))
-    samples = first.epochs * (train // first.batch_size * first.batch_size if first.drop_last else train)
+    samples = pack.epochs * (train // pack.batch_size * pack.batch_size if pack.drop_last else train)
     # step_flops is linear in the batch: a step of B samples costs step_flops, so the
     # epoch's samples cost step_flops * samples / B.
-    train_flops = step_flops(specs) * samples / first.batch_size
+    train_flops = step_flops(pack) * samples / pack.batch_size
     return (train_flops / cost.flops_per_second
-            + steps * OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op)
+            + pack.steps * OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op)
 
 
 def model_logged_epoch_seconds(specs: Sequence[RunSpec], device: str = "cuda") -> float:
     """The cost model's seconds of one logged epoch of the pack."""
     cost = COST_MODELS[device]
-    first = specs[0]
-    k = len(specs)
-    train, test = first.sizes()
-    shapes = _matrices(first)
+    pack = PackSpec.of(specs, "model_logged_epoch_seconds")
+    k = len(pack)
+    train, test = pack.sizes()
+    shapes = _matrices(pack)
     n_layers = len(shapes)
     # Each logged epoch (epoch 0 included) evaluates train and test sets and
     # decomposes every matrix of every member.
-    eval_flops = 2.0 * sum(layer.macs for layer in first.layer_table().layers) * (train + test) * k
+    eval_flops = 2.0 * sum(layer.macs for layer in pack.layer_table().layers) * (train + test) * k
     eval_batches = math.ceil((train + test) / 1024)
     eval_seconds = eval_flops / cost.flops_per_second + eval_batches * n_layers * 4 * cost.seconds_per_op
     svd_seconds = k * sum(cost.svd_seconds + 4.0 * max(o, i) * min(o, i) ** 2 / cost.svd_flops_per_second
                           for o, i in shapes)
     # Theorem 1, each logged epoch: theory_batches batches of each B* through a forward
     # and backward for every member, and the rank of every matrix's batch gradient.
-    batches = first.theory_batches * len(first.theory_batch_sizes)
-    theory_flops = first.theory_batches * sum(step_flops(specs) / first.batch_size * b
-                                              for b in first.theory_batch_sizes)
+    batches = pack.theory_batches * len(pack.theory_batch_sizes)
+    theory_flops = pack.theory_batches * sum(step_flops(pack) / pack.batch_size * b
+                                             for b in pack.theory_batch_sizes)
     theory_seconds = (theory_flops / cost.flops_per_second
                       + batches * (OPS_PER_LAYER_STEP * n_layers * cost.seconds_per_op + svd_seconds))
     return eval_seconds + svd_seconds + theory_seconds
@@ -253,10 +253,10 @@ def estimate_runtime_minutes(specs: Sequence[RunSpec], device: str = "cuda",
 def estimate_mem_mb(specs: Sequence[RunSpec]) -> int:
     """Host memory for a pack's job, in MiB: the dataset as float32, the pack's weights
     with gradients and momentum, twice over, plus 2 GiB for the interpreter and torch."""
-    first = specs[0]
-    train, test = first.sizes()
-    data = 4 * (train + test) * DATASET_DIMS[first.dataset]
-    params = 4 * 3 * len(specs) * first.layer_table().params
+    pack = PackSpec.of(specs, "estimate_mem_mb")
+    train, test = pack.sizes()
+    data = 4 * (train + test) * DATASET_DIMS[pack.dataset]
+    params = 4 * 3 * len(pack) * pack.layer_table().params
     return 2048 + (2 * (data + params)) // 2**20
 
 
@@ -265,9 +265,10 @@ def check_mem_mb(specs: Sequence[RunSpec], limit_mb: int, limit: str, advice: st
     `limit_mb` (`limit` says what that limit is, `advice` what to do). The one memory check:
     `rankbias plan` and the workflow (sweep.check_device_memory) and every path that builds
     a pack (engine.check_pack_memory) run it."""
-    need = estimate_mem_mb(specs)
+    pack = PackSpec.of(specs, "check_mem_mb")
+    need = estimate_mem_mb(pack)
     if need > limit_mb:
-        raise SpecError(f"pack {pack_id(specs)} ({len(specs)} x {specs[0].model} on {specs[0].dataset}): "
+        raise SpecError(f"pack {pack.id} ({len(pack)} x {pack.model} on {pack.dataset}): "
                         f"needs about {need} MiB (rankbias.plan.cluster.estimate_mem_mb), more than {limit}; {advice}")
 
 

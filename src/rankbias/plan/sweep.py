@@ -8,7 +8,7 @@ the varied keys; its runs are the cartesian product of the grid and the seeds.
 
 Runs are identified by ``run_id`` (a hash of the canonical spec), so a run drawn by
 two figures is trained once; runs are then grouped into packs by
-``rankbias.core.spec.make_packs``. A pack's id is a hash of its members' run_ids, so a
+``rankbias.core.pack.make_packs``. A pack's id is a hash of its members' run_ids, so a
 pack file's content never changes under its name: changing one run's hyperparameter
 makes a new pack (and only that pack trains again).
 """
@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 from rankbias.plan.cluster import check_mem_mb
 from rankbias.core.io import atomic_write_bytes
 from rankbias.core import config
-from rankbias.core.spec import RunSpec, SpecError, make_packs, pack_id, pack_steps
+from rankbias.core.pack import PackSpec, make_packs
+from rankbias.core.spec import RunSpec, SpecError
 
 if TYPE_CHECKING:
     import yaml
@@ -81,16 +82,19 @@ class Plan:
     specs: dict[str, RunSpec]                 # run_id -> spec (deduplicated)
     groups: dict[str, list[str]]              # figure or extra group -> run_ids (config order)
     packs: dict[str, list[str]] = field(default_factory=dict)   # pack_id -> run_ids
+    _packs: dict[str, PackSpec] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def figures(self) -> dict[str, list[str]]:
         return {g: ids for g, ids in self.groups.items() if g in FIGURES}
 
-    def pack_specs(self, pid: str) -> list[RunSpec]:
-        try:
-            return [self.specs[r] for r in self.packs[pid]]
-        except KeyError:
-            raise ConfigError(f"pack {pid!r} is not in this config's plan") from None
+    def pack_specs(self, pid: str) -> PackSpec:
+        """The pack `pid` (checked once, when first asked for)."""
+        if pid not in self._packs:
+            if pid not in self.packs:
+                raise ConfigError(f"pack {pid!r} is not in this config's plan")
+            self._packs[pid] = PackSpec((self.specs[r] for r in self.packs[pid]), f"pack {pid}")
+        return self._packs[pid]
 
     def pack_of(self) -> dict[str, str]:
         return {r: p for p, ids in self.packs.items() for r in ids}
@@ -99,8 +103,8 @@ class Plan:
         return {"pack_id": pid, "runs": [s.to_dict() for s in self.pack_specs(pid)]}
 
     def steps(self, pid: str) -> int:
-        """Optimiser steps the pack runs (`rankbias.core.spec.pack_steps`)."""
-        return pack_steps(self.pack_specs(pid))
+        """Optimiser steps the pack runs (`PackSpec.steps`)."""
+        return self.pack_specs(pid).steps
 
 
 # -- config ------------------------------------------------------------------------
@@ -342,10 +346,9 @@ def plan(raw_config: Mapping[str, Any]) -> Plan:
             if s.run_id not in ids:
                 ids.append(s.run_id)
         groups[name] = ids
-    packs = {}
-    for members in make_packs(specs.values(), cfg["max_pack"]):
-        packs[pack_id(members)] = [s.run_id for s in members]
-    return Plan(config=cfg, specs=specs, groups=groups, packs=packs)
+    made = {pack.id: pack for pack in make_packs(specs.values(), cfg["max_pack"])}
+    return Plan(config=cfg, specs=specs, groups=groups, packs={pid: pack.run_ids for pid, pack in made.items()},
+                _packs=made)
 
 
 def check_device_memory(p: Plan) -> None:
@@ -470,10 +473,10 @@ def summary(p: Plan) -> dict:
     figures = {g: {"runs": ids, "packs": sorted({pack_of[r] for r in ids})} for g, ids in p.groups.items()}
     packs = {}
     for pid, ids in p.packs.items():
-        first = p.specs[ids[0]]
-        packs[pid] = {"runs": ids, "model": first.model, "dataset": first.dataset,
-                      "batch_size": sorted({p.specs[r].batch_size for r in ids}),
-                      "epochs": first.epochs, "steps": p.steps(pid)}
+        pack = p.pack_specs(pid)
+        packs[pid] = {"runs": ids, "model": pack.model, "dataset": pack.dataset,
+                      "batch_size": [pack.batch_size],     # a list, as the summary has always given it
+                      "epochs": pack.epochs, "steps": pack.steps}
     return {"figures": figures, "packs": packs, "runs": len(p.specs),
             "total_steps": sum(p.steps(pid) for pid in p.packs)}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Sequence
 
 import torch
 
@@ -21,7 +22,8 @@ from rankbias.train.batched import BatchContext, Conv2d, StepInputs, batched, ma
 from rankbias.train.chain import Chain
 from rankbias.plan.cluster import check_mem_mb, host_memory_mb
 from rankbias.train.models import build_net, epoch_labels, epoch_order, loss_fn, weighted_loss, weighted_loss_and_grad
-from rankbias.core.spec import GRAPH_MODES, RunSpec, check_pack
+from rankbias.core.pack import PackSpec
+from rankbias.core.spec import GRAPH_MODES, RunSpec
 
 # Elements of a stacked [K, ...] tensor from which it has a storage block of its own;
 # the smaller ones share one block (storage_blocks).
@@ -77,7 +79,7 @@ def device_memory(device) -> tuple[int, str]:
     return mb, f"the host's memory ({mb} MiB)"
 
 
-def check_pack_memory(specs: list[RunSpec], device, memory_mb: int | None = None) -> None:
+def check_pack_memory(specs: Sequence[RunSpec], device, memory_mb: int | None = None) -> None:
     """The pack fits `memory_mb` (the config's and `rankbias train`'s device_memory_mb),
     else the memory of the device it trains on, by cluster.estimate_mem_mb, as `rankbias
     plan` checks it: SpecError naming the pack and the numbers. Run before anything of
@@ -93,7 +95,7 @@ def check_pack_memory(specs: list[RunSpec], device, memory_mb: int | None = None
 class Pack:
     """K networks of one architecture, their optimiser state and their data."""
 
-    def __init__(self, specs: list[RunSpec], x_train, y_train, num_classes: int, device,
+    def __init__(self, specs: Sequence[RunSpec], x_train, y_train, num_classes: int, device,
                  graph: str = "auto", memory_mb: int | None = None, update: str = "fused",
                  differentiation: str = "auto"):
         """`memory_mb`: the memory the pack must fit (default: the device's own;
@@ -112,19 +114,18 @@ class Pack:
                              f"runs on the CPU only; this pack is on {device}")
         self.update = update
         self.graph, self._stepper, self.step_mode = graph, None, None
-        s0 = specs[0]
-        check_pack(specs, "Pack")
-        check_pack_memory(specs, device, memory_mb)
-        self.specs, self.K, self.device = specs, len(specs), torch.device(device)
-        self.loss = s0.loss
+        self.specs = PackSpec.of(specs, "Pack")
+        check_pack_memory(self.specs, device, memory_mb)
+        self.K, self.device = len(self.specs), torch.device(device)
+        self.loss = self.specs.loss
         self.X, self.Y, self.num_classes = x_train, y_train, num_classes
         self.n = x_train.shape[0]
-        s0.check_batches(self.n)
+        self.specs.check_batches(self.n)
 
         # Stack the members' seed-determined initialisations (the reference's exactly),
         # each parameter a view into the pack's storage blocks (`storage_blocks`), as
         # are its gradient and its momentum buffer.
-        nets = [build_net(s, x_train.shape[1], num_classes) for s in specs]
+        nets = [build_net(s, x_train.shape[1], num_classes) for s in self.specs]
         names = [n for n, _ in nets[0].named_parameters()]
         shapes = [tuple(p.shape) for _, p in nets[0].named_parameters()]
         blocks = [storage_blocks(shapes, self.K, x_train.dtype, self.device) for _ in range(3)]
@@ -140,7 +141,7 @@ class Pack:
         # a member without momentum keeps no buffer (torch's kernel asks for none)
         self._fused = [([p[k] for p in self._pblocks], [g[k] for g in self._gblocks],
                         [b[k] for b in self._bblocks] if s.momentum else [], s.weight_decay, s.momentum)
-                       for k, s in enumerate(specs)] if self.device.type == "cpu" and update == "fused" else []
+                       for k, s in enumerate(self.specs)] if self.device.type == "cpu" and update == "fused" else []
         # update "torch": each member's (parameter, gradient, buffer) views, parameter by
         # parameter as torch.optim.SGD sees them, and whether the buffers hold a step yet
         self._members = [[(p[k], g[k], b[k]) for p, g, b in zip(pviews, self.grads, self.bufs)]
@@ -164,11 +165,11 @@ class Pack:
         self._forward_backward = self._chain_grads if self.chain is not None else self._autograd_grads
         self._update = {"torch": self._torch_update, "columns": self._block_update,
                         "fused": self._fused_update if self.device.type == "cpu" else self._block_update}[update]
-        self.activation_size = s0.layer_table().largest
+        self.activation_size = self.specs.layer_table().largest
         # Every convolution also as the linear operator it is on its input (rank.conv:
         # operator): (stored name, its batched layer, input size).
         self.operators: list[tuple[str, Conv2d, tuple[int, int]]] = []
-        for layer in s0.layer_table().layers:
+        for layer in self.specs.layer_table().layers:
             if layer.kind == "conv":
                 conv = self._matrix_layers[layer.name]
                 # a convolution's batched form is a Conv2d, and its layer records its input size
@@ -180,12 +181,12 @@ class Pack:
         def col(v):
             return torch.tensor(v, dtype=self.dtype, device=self.device).view(self.K, 1)
 
-        self.wd = col([s.weight_decay for s in specs])
-        self.mom = col([s.momentum for s in specs])
-        self.batch = s0.batch_size
+        self.wd = col([s.weight_decay for s in self.specs])
+        self.mom = col([s.momentum for s in self.specs])
+        self.batch = self.specs.batch_size
         self.alive = torch.ones(self.K, 1, dtype=self.dtype, device=self.device)
         self.loss_sum = torch.zeros(self.K, dtype=torch.float64, device=self.device)
-        self.steps_per_epoch = s0.steps_per_epoch(self.n)
+        self.steps_per_epoch = self.specs.steps_per_epoch(self.n)
 
     def weight(self, matrix: str) -> torch.Tensor:
         """[K, out, in]: every member's matrix (a kernel reshaped, a weight-normed weight)."""

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,8 @@ from rankbias.train.theory import TheoryRecorder
 from rankbias.plan.progress import MAX_SILENCE, PackProgress, duration, finished_line, open_fd, plan_from_environment
 from rankbias.core.io import atomic_write_bytes
 from rankbias.store.results import write_run
-from rankbias.core.spec import RunSpec, SpecError, check_pack, load_pack, pack_id
+from rankbias.core.pack import PackSpec, load_pack, pack_id
+from rankbias.core.spec import RunSpec, SpecError
 from rankbias.store import provenance
 from rankbias.train.gpus import acquire_gpu
 
@@ -126,7 +128,6 @@ class Recorder:
     def record(self, epoch: int, prev: dict[str, torch.Tensor] | None, final: bool) -> dict:
         """Metrics of the state after `epoch` epochs (epoch 0 = initialisation)."""
         pack, K = self.pack, self.pack.K
-        spec0 = pack.specs[0]
         step_loss = pack.epoch_loss().cpu().numpy() if epoch > 0 else np.full(K, np.nan)
         # Divergence: a member whose loss or weights went non-finite, or whose loss blew
         # up (BLOWUP_FACTOR), leaves the pack.
@@ -139,7 +140,7 @@ class Recorder:
                         self.diverged[k] = {"epoch": epoch, "reason": reason}
                         pack.freeze(k)
         dead = np.array([d is not None for d in self.diverged])
-        logged = epoch == 0 or final or epoch % spec0.log_every == 0
+        logged = epoch == 0 or final or epoch % pack.specs.log_every == 0
 
         dist, norms, sv = {}, {}, {}
         for m, _ in pack.matrices:
@@ -325,7 +326,7 @@ def sigterm_requested():
         signal.signal(signal.SIGTERM, previous)
 
 
-def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
+def train_pack(specs: Sequence[RunSpec], out_dir: str | Path, device: str = "auto",
                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 5,
                data_dir: str | Path | None = None, dataset=None, progress: bool = True,
                on_epoch=None, graph: str = "auto", device_memory_mb: int | None = None,
@@ -350,15 +351,15 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     if checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every: must be >= 1, got {checkpoint_every}")
     out_dir = Path(out_dir)
-    pid = pack_id(specs)
-    check_pack(specs, f"pack {pid}")
+    members = PackSpec.of(specs, f"pack {pack_id(specs)}")
+    pid = members.id
     dev = resolve_device(device)
-    check_pack_memory(specs, dev, device_memory_mb)
+    check_pack_memory(members, dev, device_memory_mb)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.parent / "packs" / pid
     with pack_lock(lock_path(out_dir, pid), pid), sigterm_requested() as stop, \
-            numerics.policy(deterministic, specs[0].precision, dev.type):
+            numerics.policy(deterministic, members.precision, dev.type):
         try:
-            return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, dev,
+            return _train_locked(members, out_dir, pid, checkpoint_dir, checkpoint_every, dev,
                                  data_dir, dataset, progress, on_epoch, graph, device_memory_mb, stop,
                                  deterministic, terminal, update)
         except RuntimeError as e:
@@ -368,13 +369,13 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
             raise err from e
 
 
-def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
+def _train_locked(specs: PackSpec, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
                   dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
                   device_memory_mb: int | None, stop: threading.Event,
                   deterministic: bool = True, terminal=None, update: str = "fused") -> list[Path]:
     shown = None
     if terminal is not None:
-        shown = PackProgress(terminal, pid, specs[0].epochs)
+        shown = PackProgress(terminal, pid, specs.epochs)
         shown.start()
     try:
         return _train_epochs(specs, out_dir, pid, checkpoint_dir, checkpoint_every, dev, data_dir,
@@ -385,21 +386,20 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
             shown.stop()
 
 
-def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
+def _train_epochs(specs: PackSpec, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
                   dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
                   device_memory_mb: int | None, stop: threading.Event, deterministic: bool,
                   shown: PackProgress | None, update: str = "fused") -> list[Path]:
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)   # graphs, streams and events use the current device
-    s0 = specs[0]
     # A given data_dir is the copy the workflow declared as the job's input: read only it.
-    ds = dataset or data_mod.load(s0.dataset, dev, data_dir, s0.train_subset, s0.test_subset,
+    ds = dataset or data_mod.load(specs.dataset, dev, data_dir, specs.train_subset, specs.test_subset,
                                   strict=data_dir is not None)
     pack = Pack(specs, ds.x_train, ds.y_train, ds.num_classes, dev, graph=graph, memory_mb=device_memory_mb,
                 update=update)
     rec = Recorder(pack, ds)
     thy = TheoryRecorder(specs, ds.x_train, ds.y_train, ds.num_classes)
-    run_ids = [s.run_id for s in specs]
+    run_ids = specs.run_ids
 
     start, elapsed0 = 0, 0.0
     had_checkpoint = any((checkpoint_dir / n).exists() for n in (CHECKPOINT, PREVIOUS_CHECKPOINT))
@@ -410,7 +410,7 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         rec.load_state(st["recorder"])
         thy.load_state(st["theory"])
         start, elapsed0 = st["epoch"], st["elapsed"]
-        msg = f"[pack {pid}] resuming from {ckpt_path} at epoch {start}/{s0.epochs}"
+        msg = f"[pack {pid}] resuming from {ckpt_path} at epoch {start}/{specs.epochs}"
         if ckpt_path.name == PREVIOUS_CHECKPOINT:
             _warn(msg + " (the checkpoint before the unreadable one)")
         else:
@@ -418,14 +418,14 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
     else:
         if had_checkpoint:
             _warn(f"[pack {pid}] no readable checkpoint in {checkpoint_dir}; restarting from epoch 0")
-        info = rec.record(0, None, final=s0.epochs == 0)
+        info = rec.record(0, None, final=specs.epochs == 0)
         _theory(thy, pack, rec, 0, "fresh")
-        _log(progress, f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset} ({pack.n} samples), "
+        _log(progress, f"[pack {pid}] K={pack.K} {specs.model} on {specs.dataset} ({pack.n} samples), "
                        f"{dev.type}: epoch 0 mean rank {info['mean_rank']:.1f}")
     if shown is not None:
         shown.next_epoch = start + 1
-        shown.say(f"[pack {pid}] K={pack.K} {s0.model} on {s0.dataset}, {dev.type}: "
-                  + (f"resuming at epoch {start}/{s0.epochs}" if start else f"{s0.epochs} epochs"))
+        shown.say(f"[pack {pid}] K={pack.K} {specs.model} on {specs.dataset}, {dev.type}: "
+                  + (f"resuming at epoch {start}/{specs.epochs}" if start else f"{specs.epochs} epochs"))
     t0 = time.perf_counter()
     reached = start       # epochs trained so far
 
@@ -434,11 +434,11 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         saved = _save_checkpoint(checkpoint_dir, reached, run_ids, pack, rec,
                                  elapsed0 + time.perf_counter() - t0, thy)
         return Preempted(f"[pack {pid}] SIGTERM{what}: " + (
-            f"checkpoint of epoch {reached}/{s0.epochs} in {checkpoint_dir}; a rerun resumes from it"
+            f"checkpoint of epoch {reached}/{specs.epochs} in {checkpoint_dir}; a rerun resumes from it"
             if saved else f"no checkpoint could be written; a rerun resumes from the last one "
                           f"in {checkpoint_dir}, if any"))
 
-    for epoch in range(start, s0.epochs):
+    for epoch in range(start, specs.epochs):
         if all(d is not None for d in rec.diverged):    # resumed where every member had diverged
             break
         prev = {m: pack.weight(m).detach().clone() for m, _ in pack.matrices}
@@ -448,17 +448,17 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         timing.add("train_steps", t_record - t_epoch)
         if epoch == start:
             _log(progress, f"[pack {pid}] step: {pack.step_mode}, differentiated {pack.differentiation}, update {pack.update}")
-        info = rec.record(epoch + 1, prev, final=epoch + 1 == s0.epochs)
+        info = rec.record(epoch + 1, prev, final=epoch + 1 == specs.epochs)
         timing.add("spectra_eval", time.perf_counter() - t_record)
         t_theory = time.perf_counter()
-        _theory(thy, pack, rec, epoch + 1, "trained" if epoch + 1 == s0.epochs else None)
+        _theory(thy, pack, rec, epoch + 1, "trained" if epoch + 1 == specs.epochs else None)
         timing.add("theory", time.perf_counter() - t_theory)
         done = epoch + 1 - start
         elapsed = time.perf_counter() - t0
-        eta = elapsed / done * (s0.epochs - epoch - 1)
+        eta = elapsed / done * (specs.epochs - epoch - 1)
         rank = f" mean rank {info['mean_rank']:.1f}" if info["mean_rank"] is not None else ""
         div = f" ({info['diverged']} diverged)" if info["diverged"] else ""
-        _log(progress, f"[pack {pid}] epoch {epoch + 1}/{s0.epochs} loss {info['loss']:.4f}{rank}{div} "
+        _log(progress, f"[pack {pid}] epoch {epoch + 1}/{specs.epochs} loss {info['loss']:.4f}{rank}{div} "
                        f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s")
         if shown is not None:
             shown.epoch(epoch + 1, info["loss"], info["mean_rank"], eta)
@@ -467,7 +467,7 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
         # checkpoint of the trained pack is, and the rerun only writes them.
         if stop.is_set():
             raise preempted("")
-        if reached % checkpoint_every == 0 and reached != s0.epochs:
+        if reached % checkpoint_every == 0 and reached != specs.epochs:
             _save_checkpoint(checkpoint_dir, reached, run_ids, pack, rec, elapsed0 + elapsed, thy)
         if on_epoch is not None:
             on_epoch(epoch + 1)
@@ -477,7 +477,7 @@ def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
     wall = elapsed0 + time.perf_counter() - t0
 
     # the numerical policy and the device's stack, in the provenance and beside the step
-    policy = numerics.describe(deterministic, s0.precision, dev.type, dev)
+    policy = numerics.describe(deterministic, specs.precision, dev.type, dev)
     env = {**provenance.collect(device=dev.type), "numerics": policy}
     paths = []
     for k, spec in enumerate(specs):
