@@ -157,18 +157,16 @@ class _ReferenceTimer:
 
     def __init__(self, specs, ds, device):
         self.device, self.n = device, ds.x_train.shape[0]
-        self.runs = []
-        for spec in specs:
-            run = ReferenceRun(spec, ds.x_train, ds.y_train, ds.num_classes)
+        self.runs = [ReferenceRun(spec, ds.x_train, ds.y_train, ds.num_classes) for spec in specs]
+        for run in self.runs:
             run.start_epoch(0)
-            self.runs.append([run, 0])
+        self.t = [0] * len(self.runs)                   # each run's steps so far
         self(3)                                         # warm-up
 
     def __call__(self, steps: int) -> float:
         elapsed = 0.0
-        for entry in self.runs:
-            run, t = entry
-            B = run.spec.batch_size
+        for j, run in enumerate(self.runs):
+            t, B = self.t[j], run.spec.batch_size
             for i in range(t, t + ROUND_WARMUP + steps):
                 if i == t + ROUND_WARMUP:
                     _sync(self.device)
@@ -178,7 +176,7 @@ class _ReferenceTimer:
                 run.step(run.x[idx], run.y[idx])
             _sync(self.device)
             elapsed += time.perf_counter() - t0
-            entry[1] = t + ROUND_WARMUP + steps
+            self.t[j] = t + ROUND_WARMUP + steps
         return len(self.runs) * steps / elapsed
 
 
