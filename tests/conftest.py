@@ -55,32 +55,23 @@ def synthetic64(synthetic):
                                x_test=synthetic.x_test.double())
 
 
-def sgd_references(specs, ds, dtype=torch.float64):
-    """Each member's plain reference in `dtype` (float64 unless told): (nn.Module,
-    torch.optim.SGD, its epoch-0 data order, its batch size, its epoch-0 training labels
-    in that order), for stepping beside a pack."""
-    from rankbias.train.models import build_net, epoch_labels, epoch_order
-    refs = []
-    for spec in specs:
-        net = build_net(spec, ds.input_dim, ds.num_classes).to(dtype)
-        opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
-                              weight_decay=spec.weight_decay)
-        order = epoch_order(spec, 0, ds.x_train.shape[0])
-        refs.append((net, opt, order, spec.batch_size,
-                     epoch_labels(spec, 0, ds.y_train[order], ds.num_classes)))
+def sgd_references(specs, ds):
+    """Each member's plain reference (`rankbias.train.reference.ReferenceRun`: nn.Module
+    and torch.optim.SGD in the dataset's dtype) at the start of epoch 0, for stepping
+    beside a pack."""
+    from rankbias.train.reference import ReferenceRun
+
+    refs = [ReferenceRun(spec, ds.x_train, ds.y_train, ds.num_classes) for spec in specs]
+    for ref in refs:
+        ref.start_epoch(0)
     return refs
 
 
-def step_references(refs, specs, ds, t: int) -> None:
+def step_references(refs, t: int) -> None:
     """Step t of every member's reference (`sgd_references`): its own mini-batch of its
-    own data order, zero_grad, the loss, backward, torch.optim.SGD's step."""
-    from rankbias.train.models import loss_fn
-
-    for net, opt, order, B, labels in refs:
-        idx = order[t * B:(t + 1) * B]
-        opt.zero_grad()
-        loss_fn(specs[0].loss, net(ds.x_train[idx]), labels[t * B:(t + 1) * B]).backward()
-        opt.step()
+    own data order and labels, and torch.optim.SGD's step."""
+    for ref in refs:
+        ref.step(*ref.batch(t))
 
 
 def steps_equal_reference(specs, ds, steps, rtol=1e-10, atol=1e-11):
@@ -94,8 +85,8 @@ def steps_equal_reference(specs, ds, steps, rtol=1e-10, atol=1e-11):
     refs = sgd_references(specs, ds)
     for t in range(steps):
         pack.step(plan.inputs(t))
-        step_references(refs, specs, ds, t)
-    for k, (net, *_) in enumerate(refs):
+        step_references(refs, t)
+    for k, net in enumerate(ref.net for ref in refs):
         for name, p in net.named_parameters():
             np.testing.assert_allclose(pack.params[name][k].detach().numpy(), p.detach().numpy(),
                                        rtol=rtol, atol=atol, err_msg=f"member {k} {name}")

@@ -84,12 +84,12 @@ def test_momentum_buffers_equal_torch_sgd_state_float64(stepper, batch, syntheti
     refs = sgd_references(specs, ds)
     for t in range(3):
         step(plan.inputs(t))
-        step_references(refs, specs, ds, t)
+        step_references(refs, t)
     names = list(pack.params)
-    for k, (net, opt, *_) in enumerate(refs):
-        for (name, p) in net.named_parameters():
+    for k, ref in enumerate(refs):
+        for (name, p) in ref.net.named_parameters():
             buf = pack.bufs[names.index(name)][k]
-            np.testing.assert_allclose(buf.numpy(), opt.state[p]["momentum_buffer"].numpy(),
+            np.testing.assert_allclose(buf.numpy(), ref.opt.state[p]["momentum_buffer"].numpy(),
                                        rtol=1e-11, atol=1e-13, err_msg=f"member {k} {name} momentum")
 
 
@@ -101,12 +101,13 @@ def _first_unequal_step(spec, ds, update):
     pack = Pack([spec], ds.x_train, ds.y_train, ds.num_classes, "cpu", update=update)
     plan = pack.epoch_plan(0)
     assert pack.dtype == torch.float32 and (plan.steps, plan.full_steps) == (11, 10)
-    refs = sgd_references([spec], ds, dtype=torch.float32)
-    (net, opt, *_), = refs
+    refs = sgd_references([spec], ds)
+    (ref,) = refs
+    net, opt = ref.net, ref.opt
     names = list(pack.params)
     for t in range(plan.steps):
         pack.step(plan.inputs(t))
-        step_references(refs, [spec], ds, t)
+        step_references(refs, t)
         for name, p in net.named_parameters():
             buf = opt.state[p].get("momentum_buffer")
             if not torch.equal(pack.params[name][0], p) or (

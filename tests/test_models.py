@@ -292,6 +292,8 @@ def test_a_family_declared_once_plans_builds_and_steps(monkeypatch):
         torch.manual_seed(0)
         net = models.build("tiny", 3, 8, "relu", True, (3, 16, 16), 10)
         assert sum(p.numel() for p in net.parameters()) == table.params
+        # one plain SGD step on the module built from the declaration, not from a RunSpec
+        # (the family is no RunSpec's), so not the reference loop (rankbias.train.reference)
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
         x, y = torch.randn(4, 3 * 16 * 16), torch.tensor([0, 1, 2, 3])
         before = models.loss_fn("ce", net(x), y)

@@ -4,7 +4,8 @@ Workloads (fixed, so numbers compare across machines), each at batch 16 with CE 
 synthetic data: MLP-BN-10-100 on CIFAR-shaped inputs (3072 features), CONV-BN-5-64
 on MNIST-shaped ones (1x32x32) and RESNET-18 on CIFAR-shaped ones (3x32x32). The
 engine trains K members as one pack; the reference trains the same K configurations
-one after another with nn.Module + torch.optim.SGD. Both are reported in
+one after another with nn.Module + torch.optim.SGD (`rankbias.train.reference`, the loop
+the tests hold the engine to). Both are reported in
 configuration-steps per second.
 
 Each row also places the engine on the machine's roofline: the step's matmul FLOPs
@@ -28,7 +29,7 @@ from rankbias.store import metrics as M
 from rankbias.train import numerics
 from rankbias.plan.cluster import roofline_seconds, step_bytes, step_flops
 from rankbias.train.engine import GRAPH_MODES, GraphedStep, Pack
-from rankbias.train.models import build_net, epoch_order, loss_fn
+from rankbias.train.reference import ReferenceRun
 from rankbias.core.spec import DATASET_DIMS, RunSpec
 from rankbias.train.loop import resolve_device
 from rankbias.train.loop import device_name
@@ -150,36 +151,32 @@ class _EngineTimer:
 
 
 class _ReferenceTimer:
-    """The plain loop (nn.Module + torch.optim.SGD) training the configurations in turn."""
+    """The reference loop (`rankbias.train.reference.ReferenceRun`: nn.Module +
+    torch.optim.SGD) training the configurations in turn; each call times `steps` of
+    its steps per configuration (config-steps/s)."""
 
     def __init__(self, specs, ds, device):
-        self.device, self.ds, self.n = device, ds, ds.x_train.shape[0]
-        self.runs = []
-        for spec in specs:
-            net = build_net(spec, ds.input_dim, ds.num_classes).to(device)
-            opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
-                                  weight_decay=spec.weight_decay)
-            order = epoch_order(spec, 0, self.n).to(device)
-            self.runs.append([spec, net, opt, order, 0])
+        self.device, self.n = device, ds.x_train.shape[0]
+        self.runs = [ReferenceRun(spec, ds.x_train, ds.y_train, ds.num_classes) for spec in specs]
+        for run in self.runs:
+            run.start_epoch(0)
+        self.t = [0] * len(self.runs)                   # each run's steps so far
         self(3)                                         # warm-up
 
     def __call__(self, steps: int) -> float:
         elapsed = 0.0
-        for run in self.runs:
-            spec, net, opt, order, t = run
-            B = spec.batch_size
+        for j, run in enumerate(self.runs):
+            t, B = self.t[j], run.spec.batch_size
             for i in range(t, t + ROUND_WARMUP + steps):
                 if i == t + ROUND_WARMUP:
                     _sync(self.device)
                     t0 = time.perf_counter()
-                lo = (i * B) % (self.n - B)
-                idx = order[lo:lo + B]
-                opt.zero_grad(set_to_none=True)
-                loss_fn(spec.loss, net(self.ds.x_train[idx]), self.ds.y_train[idx]).backward()
-                opt.step()
+                lo = (i * B) % (self.n - B)             # B-row batches of epoch 0's order, round and round
+                idx = run.order[lo:lo + B]
+                run.step(run.x[idx], run.y[idx])
             _sync(self.device)
             elapsed += time.perf_counter() - t0
-            run[4] = t + ROUND_WARMUP + steps
+            self.t[j] = t + ROUND_WARMUP + steps
         return len(self.runs) * steps / elapsed
 
 

@@ -106,7 +106,13 @@ class FunctionalNet:
 
     ``matrices`` are the fully connected weight matrices, as (short name, kind,
     parameter name) in ``models.matrices`` order: the 2-D weights that are parameters of
-    their own (a weight-normed matrix is computed from two, a kernel is no matrix)."""
+    their own (a weight-normed matrix is computed from two, a kernel is no matrix).
+
+    It is not the pack's batched network (`rankbias.train.engine.Pack.model`): that one's
+    layers are bound to the pack's own [K, ...] parameters, one copy a member, while these
+    measurements stack other copies (members x sampled batches for Theorem 1, samples x
+    outputs of one member for Lemma 1), and its BatchNorm in training mode updates the
+    pack's running statistics in place."""
 
     def __init__(self, spec: RunSpec, in_dim: int, num_classes: int):
         net = build_net(spec, in_dim, num_classes)
