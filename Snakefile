@@ -22,7 +22,11 @@ min_version("9.0")
 # (rankbias.core.timing; `rankbias timing` reads it), unless the user set another.
 _path = ""
 if DeploymentMethod.APPTAINER not in workflow.deployment_settings.deployment_method:
-    _bin = shlex.quote(os.path.dirname(sys.executable)).replace("{", "{{").replace("}", "}}")
+    _bin = (
+        shlex.quote(os.path.dirname(sys.executable))
+        .replace("{", "{{")
+        .replace("}", "}}")
+    )
     _path = f'PATH={_bin}:"$PATH" '
 shell.prefix(
     f"set -euo pipefail; export {_path}"

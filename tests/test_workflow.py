@@ -248,6 +248,21 @@ def test_a_job_parsed_again_reads_the_config_it_was_planned_with(done, tmp_path)
     assert sorted(r["run_id"] for r in prov["runs"]) == sorted(planned.groups["fig2"])
 
 
+def test_the_catalogs_test_convention_plans_every_job(tmp_path):
+    """`snakemake -n --directory .test` (the Snakemake workflow catalog's test run) finds
+    .test/config/config.yaml, the tiny config, and plans every job of its pipeline: the
+    plan, the dataset, each pack's training, every figure, the claims and `all`."""
+    wd = copy_repo(tmp_path)
+    assert (wd / ".test/config/config.yaml").resolve() == (wd / TEST_CONFIG).resolve()
+    p = snakemake(wd, "-n", "--directory", ".test")
+    plan = sweep.plan_from_file(wd / TEST_CONFIG)
+    assert plan.packs and sweep.figure_names(plan)
+    expected = {"plan": 1, "data_synthetic": 1, **{f"train_{pid}": 1 for pid in plan.packs},
+                "figure": len(sweep.figure_names(plan)), "claims": 1, "all": 1}
+    assert planned_jobs(p.stdout + p.stderr) == expected, (p.stdout + p.stderr)[-3000:]
+    assert not (wd / ".test" / "results").exists() and not (wd / "results").exists()
+
+
 def test_bare_snakemake_uses_the_workstation_profile(done):
     wd, _ = done
     p = subprocess.run([str(BIN / "snakemake"), "-n", "--configfile", TEST_CONFIG], cwd=wd,

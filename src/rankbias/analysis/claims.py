@@ -1007,13 +1007,14 @@ def output_paths(out_stem: str | Path, given: dict[str, str | Path | None] | Non
     (provenance.sidecar_path of the .md) and names the JSON beside it, so a provenance
     path other than that, or a JSON in another folder than the .md, is a ValueError
     naming the option and what was expected."""
-    out, given = Path(out_stem), {k: v for k, v in (given or {}).items() if v}
-    unknown = set(given) - set(SUFFIXES)
+    out = Path(out_stem)
+    chosen: dict[str, str | Path] = {k: v for k, v in (given or {}).items() if v}
+    unknown = set(chosen) - set(SUFFIXES)
     if unknown:
         raise ValueError(f"unknown claims output(s) {sorted(unknown)}; expected some of {list(SUFFIXES)}")
-    paths = {k: Path(given[k]) if k in given else out.with_name(out.name + suf) for k, suf in SUFFIXES.items()}
+    paths = {k: Path(chosen[k]) if k in chosen else out.with_name(out.name + suf) for k, suf in SUFFIXES.items()}
     sidecar = provenance.sidecar_path(paths["md"])
-    if "provenance" not in given:
+    if "provenance" not in chosen:
         paths["provenance"] = sidecar
     elif paths["provenance"] != sidecar:
         raise ValueError(f"--provenance {paths['provenance']}: expected {sidecar}, the sidecar of "

@@ -342,8 +342,8 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
     `deterministic` (the config key of that name) runs CUDA under rankbias.train.numerics'
     deterministic policy; the pack's `precision` sets fp32 or TF32. `terminal` (a text
     stream) gets the rate-limited progress lines of rankbias.plan.progress besides the full
-    ones on stderr, and, in a workflow run, the whole run's estimate when the pack is
-    done. `update` (fused|torch|columns) is the parameter update (engine.UPDATE_MODES; torch:
+    ones on stderr, and, given the whole run's plan (`run_plan`, rankbias.plan.progress.read_plan),
+    the whole run's estimate when the pack is done. `update` (fused|torch|columns) is the parameter update (engine.UPDATE_MODES; torch:
     torch.optim.SGD's operation order, bit for bit on the CPU). Raises PackLocked when
     another process trains the pack (`lock_path`), NondeterministicOp naming an op with no
     deterministic kernel, and Preempted after SIGTERM (with a checkpoint written).
@@ -361,7 +361,7 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
         try:
             return _train_locked(specs, out_dir, pid, checkpoint_dir, checkpoint_every, dev,
                                  data_dir, dataset, progress, on_epoch, graph, device_memory_mb, stop,
-                                 deterministic, terminal, update)
+                                 deterministic, terminal, update, run_plan)
         except RuntimeError as e:
             err = numerics.explain(e, f"pack {pid}")
             if err is e:
@@ -372,7 +372,8 @@ def train_pack(specs: list[RunSpec], out_dir: str | Path, device: str = "auto",
 def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
                   dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
                   device_memory_mb: int | None, stop: threading.Event,
-                  deterministic: bool = True, terminal=None, update: str = "fused") -> list[Path]:
+                  deterministic: bool = True, terminal=None, update: str = "fused",
+                  run_plan: dict | None = None) -> list[Path]:
     shown = None
     if terminal is not None:
         shown = PackProgress(terminal, pid, specs[0].epochs)
@@ -380,7 +381,7 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
     try:
         return _train_epochs(specs, out_dir, pid, checkpoint_dir, checkpoint_every, dev, data_dir,
                              dataset, progress, on_epoch, graph, device_memory_mb, stop,
-                             deterministic, shown, update)
+                             deterministic, shown, update, run_plan)
     finally:
         if shown is not None:
             shown.stop()
@@ -389,7 +390,8 @@ def _train_locked(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoi
 def _train_epochs(specs, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
                   dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
                   device_memory_mb: int | None, stop: threading.Event, deterministic: bool,
-                  shown: PackProgress | None, update: str = "fused") -> list[Path]:
+                  shown: PackProgress | None, update: str = "fused",
+                  run_plan: dict | None = None) -> list[Path]:
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)   # graphs, streams and events use the current device
     s0 = specs[0]
