@@ -1092,7 +1092,7 @@ def register(subparsers) -> None:
                             + ("; it must be the sidecar of --md, <md stem>.provenance.json"
                                if kind == "provenance" else ""))
     p.add_argument("--table", nargs="?", const="", metavar="CLAIMS_JSON",
-                   help="judge nothing: print the verdicts of CLAIMS_JSON (default: OUT.json) as a "
+                   help="judge nothing: print the verdicts of CLAIMS_JSON (default: --json, else OUT.json) as a "
                         "short table, a row per claim (what `dvc metrics show` prints in one row)")
     p.set_defaults(func=_cmd_claims)
 
