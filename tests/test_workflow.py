@@ -52,6 +52,44 @@ def test_end_to_end_builds_every_figure_and_the_claims(done):
         assert info["run_id"] == rid and info["spec"] == p.specs[rid].to_dict()
 
 
+def test_each_job_carries_the_timing_log_and_the_run_plan_in_its_command(done):
+    """The pipeline ran with the venv off PATH and no $RANKBIAS_TIMING (conftest.snakemake):
+    every job's command found `rankbias`, appended its line to the timing log, and each
+    training job read the run's plan file (--run-plan) for the whole run's line."""
+    wd, _ = done
+    assert "RANKBIAS_TIMING" not in os.environ
+    p = sweep.plan_from_file(wd / TEST_CONFIG)
+    rows = [json.loads(line) for line in (wd / "results" / "logs" / "timing.jsonl").read_text().splitlines()]
+    trained = {pid for pid in p.packs for r in rows if r["command"] == "train" and f"{pid}.json" in r["target"]}
+    drawn = {name for name in sweep.figure_names(p) for r in rows
+             if r["command"] == "figure" and r["target"].split()[:2] == ["figure", name]}
+    assert trained == set(p.packs) and drawn == set(sweep.figure_names(p)), rows
+    assert {r["command"] for r in rows} >= {"plan", "data", "claims"} and all(r["rc"] == 0 for r in rows)
+    assert set(json.loads((wd / "results" / "logs" / "run-plan.json").read_text())["packs"]) == set(p.packs)
+    for pid in p.packs:
+        log = (wd / "results" / "logs" / "train" / f"{pid}.log").read_text()
+        assert re.search(r"^\[run\] \d+/\d+ pack\(s\) trained, ", log, re.M), log[-2000:]
+
+
+def test_parsing_sets_nothing_in_the_environment_but_the_planned_config(tmp_path):
+    """What a job needs travels in its own command (a SLURM node or a container sees the
+    same): a parse, in Snakemake's own process, changes no environment variable but the
+    documented hand-off RANKBIAS_PLANNED_CONFIG."""
+    wd = copy_repo(tmp_path)
+    code = ("import atexit, json, os, sys\n"
+            "before = dict(os.environ)\n"
+            "atexit.register(lambda: print('CHANGED', json.dumps(sorted(\n"
+            "    k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k)))))\n"
+            "from snakemake.cli import main\n"
+            f"sys.argv = ['snakemake', '-n', '--cores', '1', '--configfile', {TEST_CONFIG!r}]\n"
+            "main()\n")
+    p = subprocess.run([str(BIN / "python"), "-c", code], cwd=wd, capture_output=True, text=True, timeout=600,
+                       check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "rule train_" in out, out[-3000:]
+    assert 'CHANGED ["RANKBIAS_PLANNED_CONFIG"]' in out, out[-3000:]
+
+
 def test_a_run_shared_by_two_figures_trains_once(done):
     wd, log = done
     p = sweep.plan_from_file(wd / TEST_CONFIG)
