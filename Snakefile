@@ -3,21 +3,35 @@
 # Quick profile: `snakemake` (config/config.yaml). Paper: --configfile config/paper.yaml.
 
 import os
+import shlex
 import sys
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version
+
+from rankbias.core import timing
 
 min_version("9.0")
 
-# Rules call the `rankbias` command; find it beside the Python running Snakemake, so
-# `.venv/bin/snakemake` works without activating the virtual environment.
-os.environ["PATH"] = (
-    os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+# What every job's shell command carries itself (so a job on a SLURM node or in a container
+# sees the same as a local one; parsing sets nothing in the environment): bash's strict
+# mode (Snakemake's own prefix, which this one replaces); `rankbias` found beside the
+# Python running Snakemake, so `.venv/bin/snakemake` works without activating the virtual
+# environment (not in the project image, which has its own `rankbias` on its PATH); and
+# $RANKBIAS_TIMING, the file each `rankbias` command appends its timing line to
+# (rankbias.core.timing; `rankbias timing` reads it), unless the user set another.
+_path = ""
+if DeploymentMethod.APPTAINER not in workflow.deployment_settings.deployment_method:
+    _bin = (
+        shlex.quote(os.path.dirname(sys.executable))
+        .replace("{", "{{")
+        .replace("}", "}}")
+    )
+    _path = f'PATH={_bin}:"$PATH" '
+shell.prefix(
+    f"set -euo pipefail; export {_path}"
+    f'{timing.ENV}="${{{{{timing.ENV}:-{timing.DEFAULT_LOG}}}}}"; '
 )
-
-
-envvars:
-    "PATH",
 
 
 # The quick profile is the default; a --configfile replaces it entirely (Snakemake would

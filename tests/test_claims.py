@@ -342,6 +342,46 @@ def test_cli_writes_md_and_json(tmp_path):
     assert "3: 0, 1, 2 |" in md
 
 
+def test_cli_writes_each_output_at_the_path_given(tmp_path, capsys):
+    """The workflow names every declared output (--md, --json, --html, --metrics,
+    --provenance); the stem --out then names nothing, and the set is what --out writes."""
+    from rankbias.cli import main
+    runs = tmp_path / "runs"
+    for seed in SEEDS:
+        for b, r in ((8, 6), (32, 12), (128, 19)):
+            fabricate(runs, spec(batch_size=b, seed=seed), final_ranks=[r] * 3)
+    assert main(["claims", "--runs", str(runs), "--out", str(tmp_path / "stem")]) == 0
+    given = {"md": tmp_path / "t" / "verdicts.md", "json": tmp_path / "t" / "verdicts.json",
+             "html": tmp_path / "h" / "table.html", "metrics": tmp_path / "m.json",
+             "provenance": tmp_path / "t" / "verdicts.provenance.json"}
+    args = [a for k, v in given.items() for a in (f"--{k}", str(v))]
+    assert main(["claims", "--runs", str(runs), "--out", str(tmp_path / "unused"), *args]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("unused")) == []
+    for kind, path in given.items():
+        suffix = C.SUFFIXES[kind]
+        stem = (tmp_path / f"stem{suffix}").read_bytes()
+        if kind == "provenance":     # it names its table and JSON, by their own names
+            assert json.loads(path.read_text())["outputs"].keys() == {"verdicts.md", "verdicts.json"}
+        else:
+            assert path.read_bytes() == stem, kind
+    assert str(given["md"]) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (["--provenance", "elsewhere/claims.provenance.json"], "expected {md_dir}/claims.provenance.json"),
+    (["--json", "other/claims.json"], "--json other/claims.json: expected in the folder of --md"),
+])
+def test_cli_refuses_outputs_the_provenance_record_cannot_name(tmp_path, capsys, bad, expected):
+    from rankbias.cli import main
+    runs = tmp_path / "runs"
+    fabricate(runs, spec(batch_size=8, seed=0), final_ranks=[6] * 3)
+    md_dir = tmp_path / "t"
+    assert main(["claims", "--runs", str(runs), "--md", str(md_dir / "claims.md"), *bad]) == 1
+    err = capsys.readouterr().err
+    assert expected.format(md_dir=md_dir) in err, err
+    assert not md_dir.exists()
+
+
 def test_table_prints_a_row_per_claim_and_names_a_bad_file(tmp_path, capsys):
     from rankbias.cli import main
     runs = tmp_path / "runs"

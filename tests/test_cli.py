@@ -39,6 +39,32 @@ def test_train_writes_runs_and_shows_progress(tmp_path):
             "theory.parquet"]
 
 
+def test_a_declared_output_training_does_not_write_fails_naming_it(tmp_path):
+    """--expect-outputs (the train rule's declared outputs): what training wrote passes,
+    a file it did not write fails the command, named, after training."""
+    from rankbias.core.spec import load_pack
+    pack = write_pack(tmp_path / "p.json", [TINY])
+    run_json = tmp_path / "runs" / load_pack(pack)[0].run_id / "run.json"
+    r = rankbias("train", str(pack), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                 "--expect-outputs", str(run_json))
+    assert r.returncode == 0, r.stderr
+    ghost = tmp_path / "runs" / "0123456789ab" / "run.json"
+    r = rankbias("train", str(pack), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                 "--expect-outputs", str(run_json), str(ghost))
+    assert r.returncode == 1, r.stderr
+    assert f"1 declared output(s) were not written: {ghost}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_declared_output_outside_out_fails_before_training(tmp_path):
+    pack = write_pack(tmp_path / "p.json", [TINY])
+    elsewhere = tmp_path / "elsewhere" / "run.json"
+    r = rankbias("train", str(pack), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                 "--expect-outputs", str(elsewhere))
+    assert r.returncode == 1
+    assert f"--expect-outputs {elsewhere}: not under --out {tmp_path / 'runs'}" in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("bad, key", [({"model": "CNN-2-8"}, "model"), ({"arch": "transformer"}, "arch"),
                                       ({"lr": -0.1}, "lr"), ({"epochs": 0}, "epochs")])
 def test_bad_spec_is_a_clear_error_and_writes_nothing(tmp_path, bad, key):

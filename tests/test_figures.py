@@ -129,6 +129,27 @@ def test_no_runs_at_all_still_draws(world, tmp_path):
     assert (tmp_path / "fig4.pdf").exists()
 
 
+def test_cli_writes_the_pdf_where_given_and_checks_the_sidecars(world, tmp_path, capsys):
+    """The workflow names each declared output: --pdf goes where given; --provenance and
+    --page must be the PNG's sidecars, else the command fails naming the option, drawing
+    nothing."""
+    from rankbias.cli import main
+    cfg, runs, _ = world
+    png, pdf = tmp_path / "figs" / "fig4.png", tmp_path / "pdfs" / "f4.pdf"
+    args = ["figure", "fig4", "--config", str(cfg), "--runs", str(runs), "--out", str(png), "--pdf", str(pdf)]
+    assert main([*args, "--provenance", str(tmp_path / "fig4.provenance.json")]) == 1
+    assert (f"--provenance {tmp_path / 'fig4.provenance.json'}: expected "
+            f"{png.parent / 'fig4.provenance.json'}") in capsys.readouterr().err
+    assert main([*args, "--page", str(png.parent / "fig4.html")]) == 1
+    assert f"--page {png.parent / 'fig4.html'}: expected {png.parent / 'fig4.provenance.html'}" in capsys.readouterr().err
+    assert not png.parent.exists() and not pdf.parent.exists()
+    assert main([*args, "--provenance", str(png.parent / "fig4.provenance.json"),
+                 "--page", str(png.parent / "fig4.provenance.html")]) == 0
+    assert pdf.read_bytes().startswith(b"%PDF") and not png.with_suffix(".pdf").exists()
+    assert sorted(f.name for f in png.parent.iterdir()) == ["fig4.png", "fig4.provenance.html",
+                                                            "fig4.provenance.json"]
+
+
 def test_cli_rejects_an_unconfigured_figure(tmp_path):
     from rankbias.cli import main
     cfg = tmp_path / "c.yaml"

@@ -152,20 +152,3 @@ def test_gpu_workstation_profile_plans_cuda_jobs_one_per_gpu():
     assert all("--device cuda" in t and "--deterministic on" in t for t in trains)
     resources = [line for line in p.stdout.splitlines() if "resources:" in line and "device=cuda" in line]
     assert len(resources) == len(plan.packs) and all("gpu=1" in r for r in resources)
-
-
-@pytest.mark.slow
-def test_the_catalogs_test_convention_plans(tmp_path):
-    """`snakemake -n --directory .test` (the Snakemake workflow catalog's test run) finds
-    .test/config/config.yaml, the tiny config the tests use, and plans its jobs."""
-    import shutil
-    import subprocess
-    import sys
-    snakemake = Path(sys.executable).parent / "snakemake"
-    assert (ROOT / ".test/config/config.yaml").resolve() == (ROOT / ".test/config.yaml").resolve()
-    p = subprocess.run([str(snakemake), "-n", "--directory", ".test"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    shutil.rmtree(ROOT / ".test/.snakemake", ignore_errors=True)
-    assert p.returncode == 0, p.stdout + p.stderr
-    plan = sweep.plan_from_file(ROOT / ".test" / "config.yaml")
-    assert sum("rankbias train" in line for line in p.stdout.splitlines()) == len(plan.packs)

@@ -149,6 +149,18 @@ def test_plan_reads_its_config_from_the_environment_and_checks_it(tmp_path, monk
     assert "--config-env PLANNED: the environment variable is not set" in capsys.readouterr().err
 
 
+def test_the_run_plan_file_is_read_back_and_its_absence_is_no_error(tmp_path):
+    plan = G.run_plan({"abc": (["r1", "r2"], 3.0)}, 2, tmp_path / "runs")
+    G.write_plan(plan, tmp_path / "logs" / "run-plan.json")
+    assert G.read_plan(tmp_path / "logs" / "run-plan.json") == json.loads(json.dumps(plan))
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["run-plan.json"]   # no temporary left
+    assert G.read_plan(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert G.read_plan(tmp_path / "bad.json") is None
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert G.read_plan(tmp_path / "list.json") is None
+
+
 @pytest.mark.slow
 def test_the_workflow_prints_a_short_plan_command_and_sends_training_progress_to_the_terminal(tmp_path):
     wd = copy_repo(tmp_path / "repo")
@@ -176,11 +188,12 @@ def test_train_sends_rate_limited_lines_and_the_run_estimate_to_the_progress_fd(
     pid, run_ids = pack_id(members), [m.run_id for m in members]
     runs = tmp_path / "runs"
     plan = G.run_plan({pid: (run_ids, 4.0), "other": (["x"], 8.0)}, 1, runs)
+    G.write_plan(plan, tmp_path / "logs" / "run-plan.json")
     read, write = os.pipe()
-    env = dict(os.environ, **{G.RUN_PLAN: json.dumps(plan)})
     p = subprocess.run([sys.executable, "-m", "rankbias", "train", str(pack), "--out", str(runs),
-                        "--device", "cpu", "--progress-fd", str(write)], pass_fds=(write,),
-                       env=env, capture_output=True, text=True, timeout=300)
+                        "--device", "cpu", "--progress-fd", str(write),
+                        "--run-plan", str(tmp_path / "logs" / "run-plan.json")], pass_fds=(write,),
+                       capture_output=True, text=True, timeout=300)
     os.close(write)
     with os.fdopen(read) as f:
         shown = f.read().splitlines()

@@ -52,6 +52,44 @@ def test_end_to_end_builds_every_figure_and_the_claims(done):
         assert info["run_id"] == rid and info["spec"] == p.specs[rid].to_dict()
 
 
+def test_each_job_carries_the_timing_log_and_the_run_plan_in_its_command(done):
+    """The pipeline ran with the venv off PATH and no $RANKBIAS_TIMING (conftest.snakemake):
+    every job's command found `rankbias`, appended its line to the timing log, and each
+    training job read the run's plan file (--run-plan) for the whole run's line."""
+    wd, _ = done
+    assert "RANKBIAS_TIMING" not in os.environ
+    p = sweep.plan_from_file(wd / TEST_CONFIG)
+    rows = [json.loads(line) for line in (wd / "results" / "logs" / "timing.jsonl").read_text().splitlines()]
+    trained = {pid for pid in p.packs for r in rows if r["command"] == "train" and f"{pid}.json" in r["target"]}
+    drawn = {name for name in sweep.figure_names(p) for r in rows
+             if r["command"] == "figure" and r["target"].split()[:2] == ["figure", name]}
+    assert trained == set(p.packs) and drawn == set(sweep.figure_names(p)), rows
+    assert {r["command"] for r in rows} >= {"plan", "data", "claims"} and all(r["rc"] == 0 for r in rows)
+    assert set(json.loads((wd / "results" / "logs" / "run-plan.json").read_text())["packs"]) == set(p.packs)
+    for pid in p.packs:
+        log = (wd / "results" / "logs" / "train" / f"{pid}.log").read_text()
+        assert re.search(r"^\[run\] \d+/\d+ pack\(s\) trained, ", log, re.M), log[-2000:]
+
+
+def test_parsing_sets_nothing_in_the_environment_but_the_planned_config(tmp_path):
+    """What a job needs travels in its own command (a SLURM node or a container sees the
+    same): a parse, in Snakemake's own process, changes no environment variable but the
+    documented hand-off RANKBIAS_PLANNED_CONFIG."""
+    wd = copy_repo(tmp_path)
+    code = ("import atexit, json, os, sys\n"
+            "before = dict(os.environ)\n"
+            "atexit.register(lambda: print('CHANGED', json.dumps(sorted(\n"
+            "    k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k)))))\n"
+            "from snakemake.cli import main\n"
+            f"sys.argv = ['snakemake', '-n', '--cores', '1', '--configfile', {TEST_CONFIG!r}]\n"
+            "main()\n")
+    p = subprocess.run([str(BIN / "python"), "-c", code], cwd=wd, capture_output=True, text=True, timeout=600,
+                       check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "rule train_" in out, out[-3000:]
+    assert 'CHANGED ["RANKBIAS_PLANNED_CONFIG"]' in out, out[-3000:]
+
+
 def test_a_run_shared_by_two_figures_trains_once(done):
     wd, log = done
     p = sweep.plan_from_file(wd / TEST_CONFIG)
@@ -246,6 +284,21 @@ def test_a_job_parsed_again_reads_the_config_it_was_planned_with(done, tmp_path)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     prov = json.loads((wd / "results" / "figures" / "fig2.provenance.json").read_text())
     assert sorted(r["run_id"] for r in prov["runs"]) == sorted(planned.groups["fig2"])
+
+
+def test_the_catalogs_test_convention_plans_every_job(tmp_path):
+    """`snakemake -n --directory .test` (the Snakemake workflow catalog's test run) finds
+    .test/config/config.yaml, the tiny config, and plans every job of its pipeline: the
+    plan, the dataset, each pack's training, every figure, the claims and `all`."""
+    wd = copy_repo(tmp_path)
+    assert (wd / ".test/config/config.yaml").resolve() == (wd / TEST_CONFIG).resolve()
+    p = snakemake(wd, "-n", "--directory", ".test")
+    plan = sweep.plan_from_file(wd / TEST_CONFIG)
+    assert plan.packs and sweep.figure_names(plan)
+    expected = {"plan": 1, "data_synthetic": 1, **{f"train_{pid}": 1 for pid in plan.packs},
+                "figure": len(sweep.figure_names(plan)), "claims": 1, "all": 1}
+    assert planned_jobs(p.stdout + p.stderr) == expected, (p.stdout + p.stderr)[-3000:]
+    assert not (wd / ".test" / "results").exists() and not (wd / "results").exists()
 
 
 def test_bare_snakemake_uses_the_workstation_profile(done):

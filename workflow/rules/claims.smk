@@ -21,5 +21,6 @@ rule claims:
     # On the submitting host, never a compute node (which may be offline; see the SLURM profile).
     localrule: True
     shell:
-        "rankbias claims --config {input.config} --runs results/runs --out results/claims"
-        " > {log} 2>&1"
+        "rankbias claims --config {input.config} --runs results/runs"
+        " --md {output.md} --json {output.json} --html {output.html}"
+        " --metrics {output.metrics} --provenance {output.provenance} > {log} 2>&1"

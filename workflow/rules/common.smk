@@ -62,8 +62,6 @@ ON_GPU = PLAN.config["device"] == "cuda"
 # Per-shape GPU timings `make gpu-check` measured, where present: they set the training
 # jobs' time limits and priorities in place of the cost model (rankbias.plan.cluster).
 TIMINGS = load_timings() if ON_GPU else {}
-# Every job appends its start-up and run time here (`rankbias timing` sums them).
-os.environ.setdefault("RANKBIAS_TIMING", "results/logs/timing.jsonl")
 # Settings that change how a training job runs, never its results: they reach
 # `rankbias train` as resources, which (unlike params) are no rerun trigger, so
 # changing them retrains nothing.

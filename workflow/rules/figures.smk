@@ -33,4 +33,5 @@ rule figure:
     localrule: True
     shell:
         "rankbias figure {wildcards.fig} --config {input.config} --runs results/runs"
-        " --out {output.png} > {log} 2>&1"
+        " --out {output.png} --pdf {output.pdf} --provenance {output.provenance}"
+        " --page {output.page} > {log} 2>&1"

@@ -40,8 +40,10 @@ def _train_rule(pid):
             **resources_,
         params:
             pack=pid,
+            run_plan=progress.RUN_PLAN,
         shell:
             "OMP_NUM_THREADS={threads} rankbias train {input.pack} --out results/runs"
+            " --expect-outputs {output} --run-plan {params.run_plan}"
             " --checkpoint-dir results/packs/{params.pack} --checkpoint-every {resources.checkpoint_every}"
             " --data-dir data --device {resources.device} --graph {resources.graph}"
             " --deterministic {resources.deterministic}"
@@ -65,8 +67,9 @@ def train_slots():
 
 
 # When jobs are about to run (never in a dry run, --lint or --report): the cost model's
-# seconds of every pack still to train, printed as one estimate and passed to the
-# training jobs, each of which prints what is left when its pack is done.
+# seconds of every pack still to train, printed as one estimate and written to the file
+# each training job's command names (--run-plan, results/logs/run-plan.json), so a job
+# on a SLURM node reads it too; each prints what is left when its pack is done.
 onstart:
     _plan = progress.run_plan(
         {
@@ -81,6 +84,6 @@ onstart:
         train_slots(),
         "results/runs",
     )
-    os.environ[progress.RUN_PLAN] = json.dumps(_plan)
+    progress.write_plan(_plan, progress.RUN_PLAN)
     if progress.start_line(_plan):
         print(progress.start_line(_plan), file=sys.stderr, flush=True)

@@ -996,24 +996,54 @@ def metrics(result: dict) -> dict:
     return flat
 
 
-def outputs(result: dict, out_stem: str | Path) -> dict[Path, bytes]:
-    """OUT.md (the table), OUT.json (everything), OUT.html (the table) and
-    OUT.metrics.json (metrics()), rendered; the first two are what the provenance
-    record names."""
+# Each output of `rankbias claims` and its name beside the output stem OUT (OUT.md, ...).
+SUFFIXES = {"md": ".md", "json": ".json", "html": ".html", "metrics": ".metrics.json",
+            "provenance": ".provenance.json"}
+
+
+def output_paths(out_stem: str | Path, given: dict[str, str | Path | None] | None = None) -> dict[str, Path]:
+    """Where each output (SUFFIXES) goes: the path given for it (the workflow passes each
+    declared output), else OUT<suffix>. The provenance record is the table's sidecar
+    (provenance.sidecar_path of the .md) and names the JSON beside it, so a provenance
+    path other than that, or a JSON in another folder than the .md, is a ValueError
+    naming the option and what was expected."""
     out = Path(out_stem)
-    return {out.with_name(out.name + ".md"): markdown(result).encode(),
-            out.with_name(out.name + ".json"): json_bytes(result),
-            out.with_name(out.name + ".html"): html(result).encode(),
-            out.with_name(out.name + ".metrics.json"): json_bytes(metrics(result))}
+    chosen: dict[str, str | Path] = {k: v for k, v in (given or {}).items() if v}
+    unknown = set(chosen) - set(SUFFIXES)
+    if unknown:
+        raise ValueError(f"unknown claims output(s) {sorted(unknown)}; expected some of {list(SUFFIXES)}")
+    paths = {k: Path(chosen[k]) if k in chosen else out.with_name(out.name + suf) for k, suf in SUFFIXES.items()}
+    sidecar = provenance.sidecar_path(paths["md"])
+    if "provenance" not in chosen:
+        paths["provenance"] = sidecar
+    elif paths["provenance"] != sidecar:
+        raise ValueError(f"--provenance {paths['provenance']}: expected {sidecar}, the sidecar of "
+                         f"--md {paths['md']} (where `rankbias audit` looks for it)")
+    if paths["json"].parent != paths["md"].parent:
+        raise ValueError(f"--json {paths['json']}: expected in the folder of --md {paths['md']} "
+                         f"(its provenance record names the JSON beside it)")
+    return paths
 
 
-def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | Path) -> dict:
+def outputs(result: dict, paths: dict[str, Path]) -> dict[Path, bytes]:
+    """The .md (the table), the .json (everything), the .html (the table) and the
+    .metrics.json (metrics()) at `paths` (output_paths()), rendered; the first two are
+    what the provenance record names."""
+    return {paths["md"]: markdown(result).encode(),
+            paths["json"]: json_bytes(result),
+            paths["html"]: html(result).encode(),
+            paths["metrics"]: json_bytes(metrics(result))}
+
+
+def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | Path,
+               paths: dict[str, str | Path | None] | None = None) -> dict:
     """Judge the claims on the runs of `config_path` (every run in `runs_dir` without one)
     and write OUT.md, OUT.json, OUT.html, OUT.metrics.json and the provenance record
-    OUT.provenance.json as one set: all are rendered and written to temporaries first,
+    OUT.provenance.json (or the `paths` given for them, output_paths()) as one set: all
+    are checked before anything is judged, rendered and written to temporaries first,
     so an error replaces none of them. A run that fails verification is an error naming
     it, before anything is judged."""
-
+    where = output_paths(out, paths)
     if config_path is not None:
         p = sweep.plan_from_file(config_path)
         ids = list(p.specs)
@@ -1030,11 +1060,11 @@ def run_claims(config_path: str | Path | None, runs_dir: str | Path, out: str | 
     refuse_unverified(runs, "claims")
     result = judge(runs, rank["normalise"], rank["tol"], overrides, missing, rank["conv"],
                    rank.get("measure", M.DEFAULT_MEASURE))
-    files = outputs(result, out)
-    md, js = list(files)[:2]
+    files = outputs(result, where)
+    md, js = where["md"], where["json"]
     record = provenance.figure_provenance(runs, {"rank": rank, "claims": overrides,
                                                  "missing_runs": missing}, "claims")
-    files[provenance.sidecar_path(md)] = provenance.record_bytes(
+    files[where["provenance"]] = provenance.record_bytes(
         {md.name: files[md], js.name: files[js]}, record)
     atomic_write_set(files)
     return result
@@ -1055,8 +1085,14 @@ def register(subparsers) -> None:
                         "(default: every run in --runs, default settings)")
     p.add_argument("--runs", default="results/runs", help="runs directory (default: %(default)s)")
     p.add_argument("--out", default="results/claims", help="output stem (default: %(default)s)")
+    for kind, suffix in SUFFIXES.items():
+        p.add_argument(f"--{kind}", default=None, metavar="FILE",
+                       help=f"write the {kind} output here (default: OUT{suffix})"
+                            + ("; the JSON lies beside --md" if kind == "json" else "")
+                            + ("; it must be the sidecar of --md, <md stem>.provenance.json"
+                               if kind == "provenance" else ""))
     p.add_argument("--table", nargs="?", const="", metavar="CLAIMS_JSON",
-                   help="judge nothing: print the verdicts of CLAIMS_JSON (default: OUT.json) as a "
+                   help="judge nothing: print the verdicts of CLAIMS_JSON (default: --json, else OUT.json) as a "
                         "short table, a row per claim (what `dvc metrics show` prints in one row)")
     p.set_defaults(func=_cmd_claims)
 
@@ -1096,10 +1132,12 @@ def table(result: dict) -> str:
 
 def _cmd_claims(args: argparse.Namespace) -> int:
     if args.table is not None:
-        print(table(read_result(args.table or f"{args.out}.json")))
+        print(table(read_result(args.table or output_paths(args.out, {"json": args.json})["json"])))
         return 0
-    result = run_claims(args.config, args.runs, args.out)
+    given = {kind: getattr(args, kind) for kind in SUFFIXES}
+    result = run_claims(args.config, args.runs, args.out, given)
     for c in result["claims"]:
         print(f"{c['id']}: {c['verdict']:<12} {_intervals(c)}")
-    print(f"written: {args.out}.json, {args.out}.md, {args.out}.html, {args.out}.metrics.json")
+    where = output_paths(args.out, given)
+    print("written: " + ", ".join(str(where[k]) for k in ("json", "md", "html", "metrics")))
     return 0

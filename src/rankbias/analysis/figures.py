@@ -385,7 +385,27 @@ def collect(runs_dir: str | Path, run_ids: Sequence[str], normalise: str, tol: f
     return [load_run(run, normalise, tol, conv, measure) for run in runs], missing
 
 
-def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: str | Path) -> dict:
+def output_paths(png: str | Path, pdf: str | Path | None = None, record: str | Path | None = None,
+                 page: str | Path | None = None) -> dict[str, Path]:
+    """Where a figure's files go: the PNG, the PDF (`pdf`, else beside the PNG) and the
+    PNG's provenance sidecar and page, which lie beside it under its stem (where
+    `rankbias audit` looks): a `record` or `page` given (the workflow passes each declared
+    output) other than those is a ValueError naming the option and what was expected."""
+    png = Path(png)
+    paths = {"png": png, "pdf": Path(pdf) if pdf else png.with_suffix(".pdf"),
+             "provenance": provenance.sidecar_path(png), "page": provenance.page_path(png)}
+    for option, kind, given in (("--provenance", "provenance", record), ("--page", "page", page)):
+        if given and Path(given) != paths[kind]:
+            raise ValueError(f"{option} {given}: expected {paths[kind]}, beside --out {png} "
+                             f"(where `rankbias audit` looks for it)")
+    return paths
+
+
+def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: str | Path,
+                pdf: str | Path | None = None) -> dict:
+    """Draw figure `name` from the runs of `config_path` in `runs_dir` and write it as the
+    PNG `out` and the PDF `pdf` (else beside the PNG), with its provenance."""
+    where = output_paths(out, pdf)
     p = sweep.plan_from_file(config_path)
     if name not in figure_names(p):
         raise ValueError(f"figure: {name!r} is not configured in {config_path} "
@@ -405,16 +425,15 @@ def make_figure(name: str, config_path: str | Path, runs_dir: str | Path, out: s
         fig = draw_rank_vs_ratio(data, missing)
     else:
         fig = draw(name, data, missing)
-    out = Path(out)
-    pdf = out.with_suffix(".pdf")
     if name in SUMMARY:
         section = {"rank": rank, "figures": p.config["figures"], "extra": p.config["extra"],
                    "defaults": p.config["defaults"], "missing_runs": missing}
     else:
         section = {"rank": rank, "figure": p.config["figures"][name], "defaults": p.config["defaults"],
                    "missing_runs": missing}
-    _save(fig, out, pdf, [d.run for d in data], section, name)
-    return {"figure": name, "png": str(out), "pdf": str(pdf), "runs": len(data), "missing": missing,
+    _save(fig, where["png"], where["pdf"], [d.run for d in data], section, name)
+    return {"figure": name, "png": str(where["png"]), "pdf": str(where["pdf"]), "runs": len(data),
+            "missing": missing,
             "diverged": [d.run.run_id for d in data if d.diverged_epoch is not None]}
 
 
@@ -432,12 +451,19 @@ def register(subparsers) -> None:
     p.add_argument("--config", default="config/config.yaml", help="config file (default: %(default)s)")
     p.add_argument("--runs", default="results/runs", help="runs directory (default: %(default)s)")
     p.add_argument("--out", help="PNG path; the PDF goes beside it (default: results/figures/NAME.png)")
+    p.add_argument("--pdf", default=None, metavar="FILE", help="PDF path (default: beside the PNG)")
+    p.add_argument("--provenance", default=None, metavar="FILE",
+                   help="the provenance record's path, checked: it is the PNG's sidecar, "
+                        "<PNG stem>.provenance.json beside it")
+    p.add_argument("--page", default=None, metavar="FILE",
+                   help="the provenance page's path, checked: <PNG stem>.provenance.html beside the PNG")
     p.set_defaults(func=_cmd_figure)
 
 
 def _cmd_figure(args: argparse.Namespace) -> int:
     out = args.out or f"results/figures/{args.name}.png"
-    r = make_figure(args.name, args.config, args.runs, out)
+    output_paths(out, args.pdf, args.provenance, args.page)   # before anything is drawn
+    r = make_figure(args.name, args.config, args.runs, out, args.pdf)
     note = f", {len(r['missing'])} missing" if r["missing"] else ""
     note += f", {len(r['diverged'])} diverged" if r["diverged"] else ""
     print(f"{args.name}: {r['png']} and {r['pdf']} from {r['runs']} run(s){note}")

@@ -11,8 +11,9 @@ line (an epoch longer than that). So a running pack is heard from at least every
 
 The whole run's estimate: when the workflow starts (its ``onstart``), ``run_plan``
 takes the cost model's seconds (``rankbias.plan.cluster.estimate_seconds``) of every pack it
-will train and ``start_line`` prints the total; the plan reaches the training jobs in
-the environment (``RUN_PLAN``), and each job, when its pack is done, prints
+will train and ``start_line`` prints the total; ``write_plan`` stores the plan in a file
+(``RUN_PLAN``, results/logs/run-plan.json), which each training job's command names
+(`rankbias train --run-plan FILE`), and each job, when its pack is done, prints
 ``finished_line``: the packs done, the time so far and what is left, the cost model's
 seconds of the packs left at the pace the run has kept (wall time so far over the cost
 model's seconds of the packs done).
@@ -27,8 +28,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
-# The environment variable holding the run's plan (run_plan()) for its training jobs.
-RUN_PLAN = "RANKBIAS_RUN_PLAN"
+# The file holding the run's plan (run_plan()) for its training jobs: the workflow's
+# onstart writes it, each train rule's command names it (--run-plan).
+RUN_PLAN = "results/logs/run-plan.json"
 MIN_INTERVAL = 10.0
 MAX_SILENCE = 25.0
 
@@ -187,14 +189,23 @@ def finished_line(plan: Mapping, now: float | None = None) -> str | None:
             f"model's {duration(rest)} at this run's pace, x {pace:.2f})")
 
 
-def plan_from_environment() -> dict | None:
-    """The run's plan the workflow put in the environment (RUN_PLAN), or None."""
-    text = os.environ.get(RUN_PLAN)
-    if not text:
-        return None
+def write_plan(plan: Mapping, path: str | Path = RUN_PLAN) -> None:
+    """Store the run's plan (run_plan()) for its training jobs: written whole under a
+    temporary name, then renamed, so a job never reads half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(plan, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_plan(path: str | Path) -> dict | None:
+    """The run's plan write_plan() stored in `path`, or None where there is none (a
+    training job run outside the workflow) or it is not a plan: the plan only adds the
+    whole run's line, so its absence never fails a job."""
     try:
-        plan = json.loads(text)
-    except ValueError:
+        plan = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
         return None
     return plan if isinstance(plan, dict) and isinstance(plan.get("packs"), dict) else None
 

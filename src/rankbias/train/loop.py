@@ -44,7 +44,7 @@ from rankbias.core import timing
 from rankbias.train.engine import GRAPH_MODES, UPDATE_MODES, Pack, check_pack_memory
 from rankbias.train.models import LABEL_NOISE_SEED_OFFSET
 from rankbias.train.theory import TheoryRecorder
-from rankbias.plan.progress import MAX_SILENCE, PackProgress, duration, finished_line, open_fd, plan_from_environment
+from rankbias.plan.progress import MAX_SILENCE, PackProgress, duration, finished_line, open_fd, read_plan
 from rankbias.core.io import atomic_write_bytes
 from rankbias.store.results import write_run
 from rankbias.core.pack import PackSpec, load_pack, pack_id
@@ -330,7 +330,8 @@ def train_pack(specs: Sequence[RunSpec], out_dir: str | Path, device: str = "aut
                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 5,
                data_dir: str | Path | None = None, dataset=None, progress: bool = True,
                on_epoch=None, graph: str = "auto", device_memory_mb: int | None = None,
-               deterministic: bool = True, terminal=None, update: str = "fused") -> list[Path]:
+               deterministic: bool = True, terminal=None, update: str = "fused",
+               run_plan: dict | None = None) -> list[Path]:
     """Train one pack and write `out_dir/<run_id>/` for each member.
 
     First, before anything is allocated or locked, the pack's memory estimate must fit
@@ -342,8 +343,8 @@ def train_pack(specs: Sequence[RunSpec], out_dir: str | Path, device: str = "aut
     `deterministic` (the config key of that name) runs CUDA under rankbias.train.numerics'
     deterministic policy; the pack's `precision` sets fp32 or TF32. `terminal` (a text
     stream) gets the rate-limited progress lines of rankbias.plan.progress besides the full
-    ones on stderr, and, in a workflow run, the whole run's estimate when the pack is
-    done. `update` (fused|torch|columns) is the parameter update (engine.UPDATE_MODES; torch:
+    ones on stderr, and, given the whole run's plan (`run_plan`, rankbias.plan.progress.read_plan),
+    the whole run's estimate when the pack is done. `update` (fused|torch|columns) is the parameter update (engine.UPDATE_MODES; torch:
     torch.optim.SGD's operation order, bit for bit on the CPU). Raises PackLocked when
     another process trains the pack (`lock_path`), NondeterministicOp naming an op with no
     deterministic kernel, and Preempted after SIGTERM (with a checkpoint written).
@@ -361,7 +362,7 @@ def train_pack(specs: Sequence[RunSpec], out_dir: str | Path, device: str = "aut
         try:
             return _train_locked(members, out_dir, pid, checkpoint_dir, checkpoint_every, dev,
                                  data_dir, dataset, progress, on_epoch, graph, device_memory_mb, stop,
-                                 deterministic, terminal, update)
+                                 deterministic, terminal, update, run_plan)
         except RuntimeError as e:
             err = numerics.explain(e, f"pack {pid}")
             if err is e:
@@ -372,7 +373,8 @@ def train_pack(specs: Sequence[RunSpec], out_dir: str | Path, device: str = "aut
 def _train_locked(specs: PackSpec, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
                   dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
                   device_memory_mb: int | None, stop: threading.Event,
-                  deterministic: bool = True, terminal=None, update: str = "fused") -> list[Path]:
+                  deterministic: bool = True, terminal=None, update: str = "fused",
+                  run_plan: dict | None = None) -> list[Path]:
     shown = None
     if terminal is not None:
         shown = PackProgress(terminal, pid, specs.epochs)
@@ -380,7 +382,7 @@ def _train_locked(specs: PackSpec, out_dir: Path, pid: str, checkpoint_dir: Path
     try:
         return _train_epochs(specs, out_dir, pid, checkpoint_dir, checkpoint_every, dev, data_dir,
                              dataset, progress, on_epoch, graph, device_memory_mb, stop,
-                             deterministic, shown, update)
+                             deterministic, shown, update, run_plan)
     finally:
         if shown is not None:
             shown.stop()
@@ -389,7 +391,8 @@ def _train_locked(specs: PackSpec, out_dir: Path, pid: str, checkpoint_dir: Path
 def _train_epochs(specs: PackSpec, out_dir: Path, pid: str, checkpoint_dir: Path, checkpoint_every: int,
                   dev: torch.device, data_dir, dataset, progress: bool, on_epoch, graph: str,
                   device_memory_mb: int | None, stop: threading.Event, deterministic: bool,
-                  shown: PackProgress | None, update: str = "fused") -> list[Path]:
+                  shown: PackProgress | None, update: str = "fused",
+                  run_plan: dict | None = None) -> list[Path]:
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)   # graphs, streams and events use the current device
     # A given data_dir is the copy the workflow declared as the job's input: read only it.
@@ -516,8 +519,7 @@ def _train_epochs(specs: PackSpec, out_dir: Path, pid: str, checkpoint_dir: Path
         job = (timing.process_age() or 0.0)
         shown.say(f"[pack {pid}] done: {len(paths)} runs, {duration(wall)} of training, "
                   f"{duration(job)} in this job")
-        run = plan_from_environment()
-        line = finished_line(run) if run is not None and pid in run["packs"] else None
+        line = finished_line(run_plan) if run_plan is not None and pid in run_plan["packs"] else None
         if line is not None:
             shown.say(line)
             _log(progress, line)
@@ -590,7 +592,34 @@ def register(subparsers) -> None:
                         f"{MAX_SILENCE:g} s while it trains (pack, epoch, loss, mean rank, ETA), "
                         "to the open file descriptor FD (the workflow: the terminal, while "
                         "stderr goes to the job's log)")
+    p.add_argument("--run-plan", default=None, metavar="FILE",
+                   help="the whole run's plan (the workflow writes it when it starts): with "
+                        "--progress-fd, a pack done also prints the packs left and their estimate "
+                        "(a missing or unreadable FILE prints nothing more)")
+    p.add_argument("--expect-outputs", nargs="+", default=None, metavar="FILE",
+                   help="the files this command must write (the workflow rule's declared outputs): "
+                        "each must lie under --out, checked before anything trains, and must exist "
+                        "once training is done; a missing one fails the command, naming it")
     p.set_defaults(func=_cmd_train)
+
+
+def check_expected_under(expected: list[str], out: str | Path) -> None:
+    """--expect-outputs before training: every file lies under `out`; ValueError naming
+    the first that does not."""
+    root = Path(os.path.abspath(out))
+    for f in expected:
+        if not Path(os.path.abspath(f)).is_relative_to(root):
+            raise ValueError(f"--expect-outputs {f}: not under --out {out}; a pack writes only "
+                             f"{out}/<run_id>/ for each member")
+
+
+def check_expected_written(expected: list[str]) -> None:
+    """--expect-outputs after training: every file exists; ValueError naming the missing."""
+    missing = [f for f in expected if not Path(f).is_file()]
+    if missing:
+        raise ValueError(f"--expect-outputs: training is done but {len(missing)} declared output(s) "
+                         f"were not written: {', '.join(missing)} (expected <out>/<run_id>/run.json "
+                         f"of a member of the pack(s) given)")
 
 
 def graph_mode(arg: str | None) -> str:
@@ -614,6 +643,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--checkpoint-dir: give it only with a single pack file")
     if args.device_memory_mb is not None and args.device_memory_mb < 1:
         raise ValueError(f"--device-memory-mb: expected an integer >= 1, got {args.device_memory_mb}")
+    if args.expect_outputs:
+        check_expected_under(args.expect_outputs, args.out)
+    run_plan = read_plan(args.run_plan) if args.run_plan else None
     # Take a GPU slot before anything touches CUDA: CUDA_VISIBLE_DEVICES is read when
     # the driver starts, so concurrent jobs on one workstation each get their own GPU.
     ctx: contextlib.AbstractContextManager[int | None] = contextlib.nullcontext()
@@ -632,8 +664,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 train_pack(specs, args.out, args.device, args.checkpoint_dir, args.checkpoint_every,
                            args.data_dir, progress=not args.quiet, graph=graph,
                            device_memory_mb=args.device_memory_mb, deterministic=deterministic,
-                           terminal=terminal, update=args.update)
+                           terminal=terminal, update=args.update, run_plan=run_plan)
             except Preempted as e:
                 _warn(str(e))
                 return PREEMPTED_EXIT
+    if args.expect_outputs:
+        check_expected_written(args.expect_outputs)
     return 0
