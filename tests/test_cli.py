@@ -42,7 +42,7 @@ def test_train_writes_runs_and_shows_progress(tmp_path):
 def test_a_declared_output_training_does_not_write_fails_naming_it(tmp_path):
     """--expect-outputs (the train rule's declared outputs): what training wrote passes,
     a file it did not write fails the command, named, after training."""
-    from rankbias.core.spec import load_pack
+    from rankbias.core.pack import load_pack
     pack = write_pack(tmp_path / "p.json", [TINY])
     run_json = tmp_path / "runs" / load_pack(pack)[0].run_id / "run.json"
     r = rankbias("train", str(pack), "--out", str(tmp_path / "runs"), "--device", "cpu",
