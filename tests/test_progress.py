@@ -67,6 +67,24 @@ def test_heartbeat_repeats_the_latest_state_when_an_epoch_is_long():
     assert p.beat()
 
 
+def test_heartbeat_names_what_runs_before_the_first_epoch():
+    """A wide pack's epoch 0 (evaluation, spectra, lemma checks) takes minutes on a CPU:
+    the heartbeat says so, and the first epoch's clock starts when it is done."""
+    out, clock = io.StringIO(), Clock()
+    p = G.PackProgress(out, "abc", 20, min_interval=10, max_silence=25, clock=clock)
+    p.say("[pack abc] K=12 RES-5-500 on mnist, cpu: 20 epochs")
+    with p.during("epoch 0 (the fresh network)"):
+        clock.t = 30.0
+        assert p.beat()
+        assert out.getvalue().splitlines()[-1] == "[pack abc] epoch 0 (the fresh network) running for 30s"
+        clock.t = 300.0
+        assert p.beat()
+        assert out.getvalue().splitlines()[-1] == "[pack abc] epoch 0 (the fresh network) running for 5m00s"
+    clock.t = 330.0
+    assert p.beat()
+    assert out.getvalue().splitlines()[-1] == "[pack abc] epoch 1/20 running for 30s"
+
+
 def test_heartbeat_thread_keeps_a_slow_pack_heard_from():
     out = io.StringIO()
     p = G.PackProgress(out, "abc", 20, min_interval=0.02, max_silence=0.05).start()

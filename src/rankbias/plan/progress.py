@@ -24,7 +24,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -57,6 +58,7 @@ class PackProgress:
         self.last_emit: float | None = None
         self.state: tuple[int, float | None, float | None, float, float] | None = None
         self.next_epoch = 1         # the epoch a pack resumed from a checkpoint starts with
+        self.activity: str | None = None    # what runs before the first epoch (see `during`)
         self.said_at: float | None = None
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
@@ -106,14 +108,26 @@ class PackProgress:
         with self.lock:
             if self.last_emit is None or now - self.last_emit < self.max_silence:
                 return False
-            if self.state is None:      # the first epoch still running
+            if self.state is None:      # the first epoch (or what comes before it) still running
                 since = now - (self.said_at if self.said_at is not None else self.last_emit)
-                self._write(f"[pack {self.pack}] epoch {self.next_epoch}/{self.epochs} running for "
-                            f"{duration(since)}", now)
+                what = self.activity or f"epoch {self.next_epoch}/{self.epochs}"
+                self._write(f"[pack {self.pack}] {what} running for {duration(since)}", now)
                 return True
             epoch, loss, rank, eta, at = self.state
             self._write(self.line(epoch, loss, rank, max(0.0, eta - (now - at)), now - at), now)
             return True
+
+    @contextmanager
+    def during(self, activity: str) -> Iterator[None]:
+        """Name what runs before the first epoch (the fresh network's measurements, minutes
+        for a wide pack on a CPU) in the heartbeat's lines, from a clock started now."""
+        with self.lock:
+            self.activity, self.said_at = activity, self.clock()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.activity, self.said_at = None, self.clock()
 
     def start(self) -> PackProgress:
         def loop() -> None:

@@ -418,17 +418,20 @@ def _train_epochs(specs: PackSpec, out_dir: Path, pid: str, checkpoint_dir: Path
             _warn(msg + " (the checkpoint before the unreadable one)")
         else:
             _log(progress, msg)
-    else:
-        if had_checkpoint:
-            _warn(f"[pack {pid}] no readable checkpoint in {checkpoint_dir}; restarting from epoch 0")
-        info = rec.record(0, None, final=specs.epochs == 0)
-        _theory(thy, pack, rec, 0, "fresh")
-        _log(progress, f"[pack {pid}] K={pack.K} {specs.model} on {specs.dataset} ({pack.n} samples), "
-                       f"{dev.type}: epoch 0 mean rank {info['mean_rank']:.1f}")
-    if shown is not None:
+    elif had_checkpoint:
+        _warn(f"[pack {pid}] no readable checkpoint in {checkpoint_dir}; restarting from epoch 0")
+    if shown is not None:   # before epoch 0's measurements: minutes for a wide pack on a CPU
         shown.next_epoch = start + 1
         shown.say(f"[pack {pid}] K={pack.K} {specs.model} on {specs.dataset}, {dev.type}: "
                   + (f"resuming at epoch {start}/{specs.epochs}" if start else f"{specs.epochs} epochs"))
+    if found is None:
+        _log(progress, f"[pack {pid}] epoch 0: the fresh network's evaluation, spectra and lemma checks")
+        fresh = "epoch 0 (the fresh network: evaluation, spectra, lemma checks)"
+        with shown.during(fresh) if shown is not None else contextlib.nullcontext():
+            info = rec.record(0, None, final=specs.epochs == 0)
+            _theory(thy, pack, rec, 0, "fresh")
+        _log(progress, f"[pack {pid}] K={pack.K} {specs.model} on {specs.dataset} ({pack.n} samples), "
+                       f"{dev.type}: epoch 0 mean rank {info['mean_rank']:.1f}")
     t0 = time.perf_counter()
     reached = start       # epochs trained so far
 
