@@ -95,6 +95,21 @@ def test_run_json_records_the_policy(synthetic, tmp_path):
     assert rj["numerics"]["deterministic"] is True and rj["numerics"]["precision"] == "fp32"
     assert rj["provenance"]["numerics"] == rj["numerics"]
     assert rj["numerics"]["torch"] == torch.__version__
+    assert rj["numerics"]["cpu_threads"] == torch.get_num_threads()
+
+
+def test_the_cpu_thread_count_is_recorded_as_it_was(synthetic, tmp_path):
+    """On the CPU a pack's bytes can depend on torch's thread count, so run.json records
+    the count the pack trained with, not a default."""
+    spec = RunSpec(dataset="synthetic", arch="mlp", depth=1, width=8, epochs=1, batch_size=256,
+                   theory_batches=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        (run,) = train_pack([spec], tmp_path / "runs", device="cpu", dataset=synthetic, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((run / "run.json").read_text())["numerics"]["cpu_threads"] == 1
 
 
 def _on(ds, dev):

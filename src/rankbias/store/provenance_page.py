@@ -152,6 +152,7 @@ def render(record: Mapping[str, Any]) -> str:
         ("training images", _distinct(_mono((p.get("container") or {}).get("image_digest")) for p in provs)),
         ("determinism, precision", _distinct(f"deterministic={_e(n.get('deterministic'))}, "
                                              f"precision={_e(n.get('precision'))}" for n in numerics)),
+        ("CPU threads (training)", _distinct(_e(n.get("cpu_threads", "(not recorded)")) for n in numerics)),
         ("trained", _distinct(_e(p.get("created")) for p in provs)),
         ("wall time (per pack)", f"{min(walls):.1f}-{max(walls):.1f} s" if walls else "-"),
     ])]

@@ -76,9 +76,13 @@ def policy(deterministic: bool, precision: str, device_type: str) -> Iterator[di
 
 def describe(deterministic: bool, precision: str, device_type: str, device=None) -> dict:
     """What run.json and the provenance record of the policy, and with `device` the
-    GPU's name and its CUDA and cuDNN versions."""
+    GPU's name and its CUDA and cuDNN versions. `cpu_threads` is torch's intra-op thread
+    count: on the CPU a pack's bytes depend on it (a matmul's sums split differently),
+    so a run is reproduced bit for bit with the same count (the workflow gives every job
+    `train_threads`, by OMP_NUM_THREADS)."""
     import torch
     out: dict = {"deterministic": bool(deterministic), "precision": precision,
+                 "cpu_threads": torch.get_num_threads(),
                  "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                  "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
                  "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
