@@ -266,7 +266,8 @@ def timings_part(args, start: float) -> tuple[dict, bool]:
         mine = [k for k in shapes if any(c == name for c, _ in shapes[k])]
         steps_m = sum(1 for k in mine if k in rows)
         logged_m = sum(1 for k in mine if "logged_epoch_s" in rows.get(k, {}))
-        print(f"profile {name}: {len(plans[name].packs)} packs, {hours:.2f} GPU-hours ({steps_m} of "
+        unit = "GPU-hours" if device == "cuda" else f"{device.upper()}-hours"
+        print(f"profile {name}: {len(plans[name].packs)} packs, {hours:.2f} {unit} ({steps_m} of "
               f"{len(mine)} shapes' steps and {logged_m} logged epochs measured; * = cost model)", flush=True)
     doc = {"format": TIMINGS_FORMAT, "device": device_name(dev), "torch": torch.__version__,
            "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -97,6 +97,7 @@ def test_timing_run_on_the_cpu_writes_what_the_estimates_read(tmp_path, capsys):
     plan = sweep.plan_from_file(config)
     shapes = gpu_check.shapes_of({config: plan})
     assert f"profile {config}: {len(plan.packs)} packs" in text
+    assert "CPU-hours (" in text and "GPU-hours (" not in text      # the device timed, named
     n = len(shapes)
     assert f"({n} of {n} shapes' steps and {n} logged epochs measured" in text
     doc = json.loads(out.read_text())
