@@ -171,6 +171,38 @@ def test_lemma_rows_on_fresh_and_trained_networks(synthetic, tmp_path):
         assert sorted(set(l2["batch_size"])) == T.lemma2_sizes(16, synthetic.x_train.shape[0], False)
 
 
+def test_equal_networks_with_one_seed_are_measured_once(synthetic, monkeypatch):
+    """Members whose networks are equal and whose seed draws the same samples (a fresh
+    grid over lr) share their lemma rows; each copy equals the rows measured directly, and
+    a member with another seed or other parameters is measured on its own."""
+    base = {"dataset": "synthetic", "model": "MLP-2-16", "epochs": 1, "batch_size": 32}
+    specs = [RunSpec.from_dict({**base, "lr": 0.01, "seed": 0}), RunSpec.from_dict({**base, "lr": 0.05, "seed": 0}),
+             RunSpec.from_dict({**base, "lr": 0.01, "seed": 1}), RunSpec.from_dict({**base, "lr": 0.05, "seed": 0})]
+    X, Y, C = synthetic.x_train, synthetic.y_train, synthetic.num_classes
+
+    def params_of(spec):
+        torch.manual_seed(spec.seed)
+        return dict(build_net(spec, X.shape[1], C).named_parameters())
+    nets = [params_of(s) for s in specs[:2]] + [None, params_of(specs[3])]
+    nets[2] = nets[0]                        # member 2: member 0's network, but seed 1's samples
+    with torch.no_grad():                    # the last member: seed 0, other parameters
+        next(iter(nets[3].values())).add_(1e-3)
+    stacked = {n: torch.stack([net[n].detach() for net in nets]) for n in nets[0]}
+    assert all(torch.equal(stacked[n][0], stacked[n][1]) for n in stacked)
+
+    calls = []
+    measure = T.lemma_rows
+    monkeypatch.setattr(T, "lemma_rows", lambda fn, member, spec, *a: calls.append(spec.lr) or measure(fn, member, spec, *a))
+    rec = T.TheoryRecorder(specs, X, Y, C)
+    rec.check_lemmas("fresh", 0, stacked, [False] * 4)
+    assert len(calls) == 3                   # member 1 copied from member 0; 2 and 3 measured
+    for k, spec in enumerate(specs):
+        member = {n: t[k] for n, t in stacked.items()}
+        direct = measure(rec.fn, member, spec, X, Y, "fresh", 0)
+        pd.testing.assert_frame_equal(pd.DataFrame(rec.lemmas[k]), pd.DataFrame(direct))
+    assert not pd.DataFrame(rec.lemmas[2]).equals(pd.DataFrame(rec.lemmas[0]))     # another seed's samples
+
+
 def test_resumed_pack_measures_the_same_theory(synthetic, tmp_path):
     specs = _theory_pack(epochs=4)[:2]
     first, out = killed_and_resumed(specs, synthetic, tmp_path, kill_at=3, every=2)
