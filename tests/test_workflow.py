@@ -236,6 +236,12 @@ def test_parsing_imports_no_torch(done, configfile):
     assert ("Nothing to be done" in out) == (configfile == TEST_CONFIG), out[-3000:]
 
 
+# A dry run that stats an output twice while a running job replaces it stops with this
+# (Snakemake deletes a job's outputs before running it): a race of the two Snakemakes'
+# scans, not of the plan hand-off tested below.
+RACE = "Unable to obtain modification time of file"
+
+
 def test_running_jobs_read_the_config_they_were_planned_with(done, tmp_path):
     """Dry runs with another config while the figure and claims jobs run: every figure
     still draws all its planned runs, the claims miss none, and the pipeline is then
@@ -254,7 +260,10 @@ def test_running_jobs_read_the_config_they_were_planned_with(done, tmp_path):
             if time.monotonic() > deadline:
                 running.kill()
                 pytest.fail(f"the running pipeline did not finish in 20 min:\n{log_file.read_text()[-4000:]}")
-            snakemake(wd, "--configfile", other, "-n")
+            dry = snakemake(wd, "--configfile", other, "-n", check=False)
+            if dry.returncode != 0 and RACE in dry.stdout + dry.stderr:
+                continue    # Snakemake's own scan met an output the running job was replacing
+            assert dry.returncode == 0, (dry.stdout + dry.stderr)[-4000:]
             dry_runs += 1
     assert running.returncode == 0, log_file.read_text()[-4000:]
     assert dry_runs >= 2
