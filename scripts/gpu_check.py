@@ -266,7 +266,7 @@ def timings_part(args, start: float) -> tuple[dict, bool]:
         mine = [k for k in shapes if any(c == name for c, _ in shapes[k])]
         steps_m = sum(1 for k in mine if k in rows)
         logged_m = sum(1 for k in mine if "logged_epoch_s" in rows.get(k, {}))
-        unit = "GPU-hours" if device == "cuda" else f"{device.upper()}-hours"
+        unit = "GPU-hours" if device == "cuda" else "CPU-hours"
         print(f"profile {name}: {len(plans[name].packs)} packs, {hours:.2f} {unit} ({steps_m} of "
               f"{len(mine)} shapes' steps and {logged_m} logged epochs measured; * = cost model)", flush=True)
     doc = {"format": TIMINGS_FORMAT, "device": device_name(dev), "torch": torch.__version__,

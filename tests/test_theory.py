@@ -183,8 +183,8 @@ def test_equal_networks_with_one_seed_are_measured_once(synthetic, monkeypatch):
     def params_of(spec):
         torch.manual_seed(spec.seed)
         return dict(build_net(spec, X.shape[1], C).named_parameters())
-    nets = [params_of(s) for s in specs[:2]] + [None, params_of(specs[3])]
-    nets[2] = nets[0]                        # member 2: member 0's network, but seed 1's samples
+    first = params_of(specs[0])
+    nets = [first, params_of(specs[1]), first, params_of(specs[3])]   # member 2: member 0's network, seed 1's samples
     with torch.no_grad():                    # the last member: seed 0, other parameters
         next(iter(nets[3].values())).add_(1e-3)
     stacked = {n: torch.stack([net[n].detach() for net in nets]) for n in nets[0]}

@@ -425,8 +425,8 @@ def _train_epochs(specs: PackSpec, out_dir: Path, pid: str, checkpoint_dir: Path
         shown.say(f"[pack {pid}] K={pack.K} {specs.model} on {specs.dataset}, {dev.type}: "
                   + (f"resuming at epoch {start}/{specs.epochs}" if start else f"{specs.epochs} epochs"))
     if found is None:
-        _log(progress, f"[pack {pid}] epoch 0: the fresh network's evaluation, spectra and lemma checks")
         fresh = "epoch 0 (the fresh network: evaluation, spectra, lemma checks)"
+        _log(progress, f"[pack {pid}] {fresh}")
         with shown.during(fresh) if shown is not None else contextlib.nullcontext():
             info = rec.record(0, None, final=specs.epochs == 0)
             _theory(thy, pack, rec, 0, "fresh")

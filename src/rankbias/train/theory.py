@@ -285,18 +285,19 @@ class TheoryRecorder:
         momentum or weight decay (the initialisation depends on the seed alone), where the
         checks are most of epoch 0 (a 12-member RES-5-500 pack: minutes on one core)."""
         t0 = time.perf_counter()
-        measured: list[tuple[int, dict[str, torch.Tensor], list[dict]]] = []
+        measured: list[tuple[int, dict[str, torch.Tensor], list[dict]]] = []   # (seed, network, rows)
         for k, spec in enumerate(self.specs):
             if dead[k]:
                 continue
             member = {n: p.detach()[k] for n, p in params.items()}
-            twin = next((rows for j, other, rows in measured if self.specs[j].seed == spec.seed
+            twin = next((rows for seed, other, rows in measured if seed == spec.seed
                          and all(torch.equal(other[n], member[n]) for n in member)), None)
-            rows = ([dict(r) for r in twin] if twin is not None
-                    else lemma_rows(self.fn, member, spec, self.X, self.Y, stage, epoch))
             if twin is None:
-                measured.append((k, member, rows))
-            self.lemmas[k] += rows
+                rows = lemma_rows(self.fn, member, spec, self.X, self.Y, stage, epoch)
+                measured.append((spec.seed, member, rows))
+                self.lemmas[k] += rows
+            else:
+                self.lemmas[k] += [dict(r) for r in twin]
         self.seconds["lemmas"] += time.perf_counter() - t0
 
     def tables(self, k: int) -> dict[str, pd.DataFrame]:
